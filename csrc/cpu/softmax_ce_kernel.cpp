@@ -1,0 +1,148 @@
+// CPU kernels: rows in parallel, each row's max / sum-exp / loss / gradient from one read of it
+// (the later sweeps of a row hit the cache).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <limits>
+
+#include "../softmax_ce.h"
+
+namespace softmax_ce {
+namespace {
+
+// Upstream factor per row: a 0-d tensor broadcast (strides 0) or a (B, S) tensor.
+template <typename acc_t>
+struct Factor {
+  const acc_t* p;
+  int64_t sB, sS;
+  acc_t at(int64_t b, int64_t s) const { return p[b * sB + s * sS]; }
+};
+
+// kStats: compute lse and the loss from the logits; otherwise read lse.  kGrad: write the gradient.
+template <typename scalar_t, typename acc_t, bool kStats, bool kGrad>
+void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<acc_t>& P, acc_t* loss_out, acc_t* lse_io,
+             scalar_t* grad, Factor<acc_t> factor, std::atomic<bool>& bad) {
+  const int64_t C = L.C, S = L.S;
+  const acc_t W = P.weight ? *P.weight_sum : acc_t(C);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / S, s = r - b * S;
+      const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
+      scalar_t* gr = kGrad ? grad + b * L.g_sB + s * L.g_sS : nullptr;
+      auto xc = [&](int64_t c) { return static_cast<acc_t>(xr[c * L.x_sC]); };
+      const int64_t t = P.target[b * L.t_sB + s * L.t_sS];
+      if (t == P.ignore_index || target_out_of_range(t, C)) {
+        const bool ignored = t == P.ignore_index;
+        if (!ignored) bad.store(true, std::memory_order_relaxed);
+        if (kStats) loss_out[r] = lse_io[r] = ignored ? acc_t(0) : nan;
+        if (kGrad)
+          for (int64_t c = 0; c < C; ++c) gr[c * L.g_sC] = static_cast<scalar_t>(ignored ? acc_t(0) : nan);
+        continue;
+      }
+      const acc_t w_t = P.weight ? P.weight[t] : acc_t(1);
+      acc_t lse;
+      if (kStats) {
+        // NaN compares false, so it never becomes the max but poisons the sum, as in PyTorch.
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = xc(c);
+          m = v > m ? v : m;
+        }
+        acc_t sum = 0, sum_wx = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = xc(c);
+          sum += std::exp(v - m);
+          if (P.eps != acc_t(0)) sum_wx += (P.weight ? P.weight[c] : acc_t(1)) * v;
+        }
+        lse = m + std::log(sum);
+        lse_io[r] = lse;
+        loss_out[r] = row_loss<acc_t>(lse, xc(t), w_t, W, sum_wx, P.eps, C);
+      } else {
+        lse = lse_io[r];
+      }
+      if (kGrad) {
+        const RowGrad<acc_t> g(factor.at(b, s), w_t, W, P.eps, C);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t p = std::exp(xc(c) - lse);
+          gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, P.weight ? P.weight[c] : acc_t(1), c == t));
+        }
+      }
+    }
+  });
+}
+
+// Cold path: name the first offending target in row order, as PyTorch's message does.
+void raise_bad_target(const at::Tensor& target, int64_t C, int64_t ignore_index) {
+  const auto flat = target.reshape(-1);
+  const int64_t* t = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < flat.numel(); ++i)
+    TORCH_CHECK_INDEX(t[i] == ignore_index || !target_out_of_range(t[i], C), "Target ", t[i], " is out of bounds.");
+  TORCH_CHECK(false, "softmax_ce_ext: an out-of-range target was flagged but not found");
+}
+
+template <typename scalar_t, bool kStats, bool kGrad>
+void launch_typed(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowParams<acc_t> P{o.target.data_ptr<int64_t>(), o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
+                           o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr, o.ignore_index,
+                           static_cast<acc_t>(o.eps)};
+  Factor<acc_t> f{nullptr, 0, 0};
+  if (kGrad)
+    f = {o.factor.data_ptr<acc_t>(), o.factor.dim() ? o.factor.stride(0) : 0, o.factor.dim() ? o.factor.stride(1) : 0};
+  ce_rows<scalar_t, acc_t, kStats, kGrad>(o.logits.data_ptr<scalar_t>(), L, P,
+                                          kStats ? o.loss.data_ptr<acc_t>() : nullptr, o.lse.data_ptr<acc_t>(),
+                                          kGrad ? o.grad.data_ptr<scalar_t>() : nullptr, f, bad);
+}
+
+void launch_cpu(Mode mode, const RowLayout& L, const OpTensors& o) {
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.logits.scalar_type(), "softmax_ce_cpu", [&] {
+    switch (mode) {
+      case Mode::kStats: return launch_typed<scalar_t, true, false>(L, o, bad);
+      case Mode::kStatsGrad: return launch_typed<scalar_t, true, true>(L, o, bad);
+      case Mode::kGrad: return launch_typed<scalar_t, false, true>(L, o, bad);
+    }
+  });
+  if (bad.load()) raise_bad_target(o.target, L.C, o.ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                               const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                               double eps) {
+  return forward_op(launch_cpu, logits, target, weight, ignore_index, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_cpu(const at::Tensor& logits,
+                                                                    const at::Tensor& target,
+                                                                    const c10::optional<at::Tensor>& weight,
+                                                                    int64_t ignore_index, double eps,
+                                                                    const at::Tensor& grad_scale) {
+  return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale);
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                        const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                        double eps) {
+  return backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps);
+}
+
+void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_grad(grad, grad_output);
+  const double g = grad_output.item<double>();  // host memory: reading it costs no synchronisation
+  if (g != 1.0) grad.mul_(g);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("forward_backward", &forward_backward_cpu);
+  m.impl("backward", &backward_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
+}
+
+}  // namespace softmax_ce

@@ -1,0 +1,36 @@
+"""Loads the compiled ops and registers their fake (meta) kernels so torch.compile can trace them."""
+
+import torch
+
+from . import _C  # noqa: F401  (registers the softmax_ce_ext ops with the dispatcher)
+
+ops = torch.ops.softmax_ce_ext
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels accumulate in float32, or float64 for float64 logits."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_buffer(logits):
+    return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
+
+
+@torch.library.register_fake("softmax_ce_ext::forward")
+def _forward_fake(logits, target, weight, ignore_index, label_smoothing):
+    return _row_buffer(logits), _row_buffer(logits)
+
+
+@torch.library.register_fake("softmax_ce_ext::forward_backward")
+def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale):
+    return _row_buffer(logits), _row_buffer(logits), torch.empty_like(logits)
+
+
+@torch.library.register_fake("softmax_ce_ext::backward")
+def _backward_fake(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake("softmax_ce_ext::scale_grad_")
+def _scale_grad_fake(grad, grad_output):
+    return None

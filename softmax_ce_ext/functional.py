@@ -1,0 +1,29 @@
+"""Functional form: same signature and semantics as torch.nn.functional.cross_entropy."""
+
+from typing import Optional
+
+import torch
+from torch.nn import _reduction as _Reduction
+
+from .function import SoftmaxCrossEntropyFunction
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.cross_entropy with class-index targets, fused in one kernel pass."""
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if input.shape == target.shape:
+        # Probability targets (PyTorch's rule: same shape as the input).  Not fused yet: PyTorch computes them.
+        return torch.nn.functional.cross_entropy(
+            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
