@@ -17,7 +17,7 @@ struct RowLayout {
   int64_t x_sB, x_sC, x_sS;  // logits strides, in elements
   int64_t t_sB, t_sS;        // target strides (0 for an expanded target)
   int64_t g_sB, g_sC, g_sS;  // gradient strides (the gradient is laid out like dense logits)
-  int64_t rows() const { return B * S; }
+  C10_HOST_DEVICE int64_t rows() const { return B * S; }
 };
 
 // Everything a row needs besides its logits.  All pointers may be device pointers.

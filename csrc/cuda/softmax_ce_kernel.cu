@@ -3,9 +3,9 @@
 // inputs, transposed logits): one thread per row, so neighbouring threads read neighbouring positions.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cfloat>
@@ -186,7 +186,7 @@ void launch_typed(const RowLayout& L, const OpTensors& o) {
   acc_t* loss = kStats ? o.loss.data_ptr<acc_t>() : nullptr;
   acc_t* lse = o.lse.data_ptr<acc_t>();
   scalar_t* grad = kGrad ? o.grad.data_ptr<scalar_t>() : nullptr;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   // Classes contiguous, or a single row: a block walks the row.  Otherwise neighbouring rows are neighbours
@@ -252,11 +252,12 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   const int threads = 256;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((grad.numel() + threads - 1) / threads, sms * 8);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.get_device()));
+  const int64_t blocks = std::min<int64_t>((grad.numel() + threads - 1) / threads, int64_t{sms} * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scale_grad_kernel<scalar_t, acc_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    scale_grad_kernel<scalar_t, acc_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), grad.numel(), grad_output.data_ptr<acc_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,44 @@
+"""Reference values: PyTorch's own cross_entropy in float64 on the same (already rounded) inputs."""
+
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+
+# (rtol, atol as a fraction of the largest reference magnitude) for losses and gradients stored in each dtype.
+TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 8e-3),
+}
+
+
+def reference(x, target, grad_out, **kw):
+    """Loss and d(loss . grad_out)/dx from PyTorch in float64."""
+    xr = x.detach().double().requires_grad_()
+    weight = kw.pop("weight", None)
+    loss = F.cross_entropy(xr, target, None if weight is None else weight.double(), **kw)
+    (grad,) = torch.autograd.grad(loss, xr, grad_out.double())
+    return loss.detach(), grad
+
+
+def ours(x, target, grad_out, **kw):
+    xo = x.detach().clone().requires_grad_()
+    loss = softmax_ce_ext.cross_entropy(xo, target, **kw)
+    (grad,) = torch.autograd.grad(loss, xo, grad_out.to(loss.dtype))
+    return loss, grad
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    finite = expected[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
+    torch.testing.assert_close(
+        actual.double().cpu(),
+        expected.cpu(),
+        rtol=rtol,
+        atol=atol * max(scale, 1e-30),
+        equal_nan=True,  # e.g. a mean over targets that are all ignored is NaN in both
+        msg=lambda m: f"{what}: {m}",
+    )

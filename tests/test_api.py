@@ -1,0 +1,110 @@
+"""The drop-in surface: Module compatibility, argument forms, layouts, and the build itself."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext import CrossEntropyLoss, cross_entropy
+
+
+def test_module_is_a_torch_cross_entropy_loss():
+    w = torch.rand(5)
+    ours = CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=3, reduction="sum", label_smoothing=0.1)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    for attr in ("ignore_index", "reduction", "label_smoothing"):
+        assert getattr(ours, attr) == getattr(theirs, attr)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+def test_module_loads_torch_state_dict_and_follows_to():
+    theirs = torch.nn.CrossEntropyLoss(weight=torch.rand(5))
+    ours = CrossEntropyLoss(weight=torch.ones(5))
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.weight, theirs.weight)
+    ours = ours.to(torch.float64)
+    assert ours.weight.dtype == torch.float64
+    x, t = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+    torch.testing.assert_close(ours(x, t), theirs.double()(x, t))
+
+
+def test_module_follows_device(device):
+    m = CrossEntropyLoss(weight=torch.rand(4)).to(device)
+    assert m.weight.device.type == device
+    x, t = torch.randn(3, 4, device=device), torch.randint(0, 4, (3,), device=device)
+    torch.testing.assert_close(m(x, t), F.cross_entropy(x, t, m.weight))
+
+
+def test_uint8_targets_equal_int64(device):
+    x = torch.randn(8, 6, 3, device=device, requires_grad=True)
+    t = torch.randint(0, 6, (8, 3), device=device)
+    a = cross_entropy(x, t.to(torch.uint8))
+    b = cross_entropy(x, t)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])
+
+
+@pytest.mark.parametrize("size_average,reduce", [(None, False), (False, None), (True, True), (False, True)])
+def test_legacy_reduction_arguments(size_average, reduce):
+    x, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    expected = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    torch.testing.assert_close(cross_entropy(x, t, size_average=size_average, reduce=reduce), expected)
+
+
+def test_probability_targets_match_torch():
+    x, p = torch.randn(4, 3, 2), torch.softmax(torch.randn(4, 3, 2), 1)
+    torch.testing.assert_close(cross_entropy(x, p, label_smoothing=0.1), F.cross_entropy(x, p, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_strided_logits_need_no_copy_and_match(device, layout):
+    g = torch.Generator().manual_seed(0)
+    if layout == "transposed":  # (N, C) whose class dim has stride N
+        x = torch.randn(7, 40, generator=g).to(device).t()
+    elif layout == "channels_last":  # (N, C, H, W) whose class dim has stride 1 but rows are not contiguous
+        x = torch.randn(2, 6, 5, 4, generator=g).to(device).to(memory_format=torch.channels_last)
+    else:  # every other column: rows are strided
+        x = torch.randn(9, 20, generator=g).to(device)[:, ::2]
+    x.requires_grad_()
+    t = torch.randint(0, x.shape[1], (x.shape[0], *x.shape[2:]), generator=g).to(device)
+    ref = x.detach().contiguous().requires_grad_()
+    loss = cross_entropy(x, t, label_smoothing=0.1)
+    expected = F.cross_entropy(ref, t, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+def test_expanded_target(device):
+    x = torch.randn(5, 7, device=device)
+    t = torch.tensor([3], device=device).expand(5)
+    torch.testing.assert_close(cross_entropy(x, t), F.cross_entropy(x, t.contiguous()))
+
+
+def test_out_of_range_target_raises_index_error():
+    x = torch.randn(3, 4)
+    with pytest.raises(IndexError, match="Target 5 is out of bounds."):
+        cross_entropy(x, torch.tensor([0, 5, 1]))
+
+
+def _toolkit_matches_torch():
+    nvcc = os.environ.get("CUDA_HOME", "/usr/local/cuda") + "/bin/nvcc"
+    if torch.version.cuda is None or not (os.path.exists(nvcc) or shutil.which("nvcc")):
+        return False
+    out = subprocess.run([nvcc if os.path.exists(nvcc) else "nvcc", "--version"], capture_output=True, text=True)
+    return f"release {torch.version.cuda.split('.')[0]}." in out.stdout
+
+
+@pytest.mark.skipif(os.environ.get("FORCE_CPU") == "1", reason="CPU-only build was asked for")
+def test_cuda_kernels_built_wherever_a_matching_toolkit_exists():
+    """Guards CI: a toolkit matching torch's CUDA must give a CUDA build, so broken CUDA code fails the build."""
+    if not _toolkit_matches_torch():
+        pytest.skip("no CUDA toolkit matching torch's CUDA version here")
+    assert softmax_ce_ext.cuda_built(), softmax_ce_ext.build_info()
+    assert softmax_ce_ext.build_info()["backend"] == "cuda"

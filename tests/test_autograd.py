@@ -1,0 +1,151 @@
+"""Autograd behaviour: gradcheck, gradient accumulation, upstream scaling, no-grad paths, inputs untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext import CrossEntropyLoss, SoftmaxCrossEntropyFunction, cross_entropy
+from softmax_ce_ext import function as function_mod
+
+OPTIONS = [
+    dict(reduction="mean"),
+    dict(reduction="sum", label_smoothing=0.2),
+    dict(reduction="none", ignore_index=1),
+    dict(reduction="mean", ignore_index=0, label_smoothing=0.3, weighted=True),
+]
+
+
+def case(device, shape=(4, 5, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).to(device)
+    weight = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.1).to(device)
+    return x, target, weight
+
+
+def kwargs(opts, weight):
+    kw = dict(opts)
+    if kw.pop("weighted", False):
+        kw["weight"] = weight
+    return kw
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("form", ["function", "functional", "module"])
+def test_gradcheck(device, opts, form):
+    x, target, weight = case(device)
+    kw = kwargs(opts, weight)
+    if form == "function":
+        fn = lambda x: SoftmaxCrossEntropyFunction.apply(  # noqa: E731
+            x, target, kw.get("weight"), kw.get("ignore_index", -100), kw["reduction"], kw.get("label_smoothing", 0.0)
+        )
+    elif form == "functional":
+        fn = lambda x: cross_entropy(x, target, **kw)  # noqa: E731
+    else:
+        module = CrossEntropyLoss(**kw).to(device)
+        fn = lambda x: module(x, target)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_gradgradcheck(device, opts):
+    x, target, weight = case(device, shape=(3, 4))
+    kw = kwargs(opts, weight)
+    assert torch.autograd.gradgradcheck(lambda x: cross_entropy(x, target, **kw), (x,))
+
+
+def test_inputs_not_modified(device):
+    x, target, weight = case(device)
+    for kw in (dict(weight=weight, label_smoothing=0.1), dict(reduction="none")):
+        before = (x.detach().clone(), target.clone(), weight.clone())
+        loss = cross_entropy(x, target, **kw)
+        loss.backward(torch.rand_like(loss) + 0.5)
+        assert torch.equal(x.detach(), before[0])
+        assert torch.equal(target, before[1])
+        assert torch.equal(weight, before[2])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_grad_accumulates_into_existing_grad(device, reduction):
+    x, target, _ = case(device)
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, target, reduction=reduction).sum().backward()
+    x.grad = torch.full_like(x, 0.25)
+    cross_entropy(x, target, reduction=reduction).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad + 0.25)
+
+
+def test_scaled_and_summed_with_other_losses(device):
+    x, target, weight = case(device)
+    ref = x.detach().clone().requires_grad_()
+    (3.5 * F.cross_entropy(ref, target, weight) + (ref**2).sum() - F.cross_entropy(ref, target, reduction="sum")).backward()
+    (3.5 * cross_entropy(x, target, weight) + (x**2).sum() - cross_entropy(x, target, reduction="sum")).backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_backward_with_retain_graph(device, reduction):
+    x, target, _ = case(device)
+    loss = cross_entropy(x, target, reduction=reduction).sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+
+
+def test_upstream_gradient_of_one_returns_fused_gradient(device):
+    x, target, _ = case(device)
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, target).backward()
+    cross_entropy(x, target).backward()  # grad_output == 1: the fused gradient as the forward wrote it
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+class _OpSpy:
+    """Records which kernels ran, passing the calls through."""
+
+    def __init__(self, ops):
+        self._ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self._ops, name)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])
+def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode):
+    spy = _OpSpy(function_mod.ops)
+    monkeypatch.setattr(function_mod, "ops", spy)
+    x, target, _ = case(device)
+    if mode == "no_grad":
+        with torch.no_grad():
+            loss = cross_entropy(x, target)
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            loss = cross_entropy(x, target)
+    else:
+        loss = cross_entropy(x.detach(), target)
+    assert spy.calls == ["forward"]
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), target))
+
+
+def test_training_uses_one_fused_pass(device, monkeypatch):
+    spy = _OpSpy(function_mod.ops)
+    monkeypatch.setattr(function_mod, "ops", spy)
+    x, target, _ = case(device)
+    cross_entropy(x, target).backward()
+    assert spy.calls == ["forward_backward", "scale_grad_"]
+
+
+def test_reduction_none_recomputes_from_lse(device, monkeypatch):
+    spy = _OpSpy(function_mod.ops)
+    monkeypatch.setattr(function_mod, "ops", spy)
+    x, target, _ = case(device)
+    cross_entropy(x, target, reduction="none").sum().backward()
+    assert spy.calls == ["forward", "backward"]
+
+
+def test_cuda_built_flag_is_bool():
+    assert isinstance(softmax_ce_ext.cuda_built(), bool)
