@@ -95,9 +95,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, grad_wanted)
 
     @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, grad_wanted):
+    def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                grad_wanted=None):
         p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing)
-        want_grad = grad_wanted and ctx.needs_input_grad[0]
+        # torch.compile calls forward without going through apply above: then needs_input_grad decides.
+        want_grad = ctx.needs_input_grad[0] and grad_wanted is not False
         grad = None
         denom = p.total_weight() if reduction == "mean" else None
         if want_grad and reduction != "none":
