@@ -16,7 +16,7 @@
 namespace softmax_ce {
 namespace {
 
-constexpr int kMaxThreads = 1024;
+constexpr int kMaxThreads = 512;
 
 // Lowest finite value: an online max that starts here never computes (-inf) - (-inf).
 template <typename T>
