@@ -3,18 +3,21 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(softmax_ce_ext, m) {
+  // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
+  // the logits' dtype.  weight: (C,) in the accumulation dtype (float32; float64 for float64 logits) or None.
+  // Per-row outputs (B, S) are in the accumulation dtype.  status: {flag, value} of an out-of-range class
+  // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.
+
   // Per-row loss and log-sum-exp, reading each row once; no gradient.
-  // logits (B, C, S) any strides; target (B, S) int64; weight (C,) in the accumulation dtype or None.
-  // Returns loss (B, S) and lse (B, S) in the accumulation dtype (float32, or float64 for float64 logits).
   m.def(
-      "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing)"
-      " -> (Tensor loss, Tensor lse)");
-  // As forward, and in the same pass the gradient d(sum of row losses)/d logits times grad_scale
-  // (a 0-d tensor in the accumulation dtype: 1, or 1/total weight for a mean).  grad is contiguous (B, C, S).
+      "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+      " Tensor(a!) status) -> (Tensor loss, Tensor lse)");
+  // As forward, and in the same pass the gradient of the summed row losses times grad_scale (a 0-d tensor in
+  // the accumulation dtype: 1, or 1/total weight for a mean).  grad has the logits' strides when dense.
   m.def(
       "forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor grad_scale) -> (Tensor loss, Tensor lse, Tensor grad)");
-  // Gradient recomputed from saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
+      " Tensor grad_scale, Tensor(a!) status) -> (Tensor loss, Tensor lse, Tensor grad)");
+  // Gradient recomputed from the saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
   m.def(
       "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"
       " float label_smoothing) -> Tensor");

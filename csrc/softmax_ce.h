@@ -10,48 +10,76 @@
 
 namespace softmax_ce {
 
+inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 // Logits are viewed as (B, C, S): a row is one (b, s) pair, its C classes C-strided.
 // (N, C) input: B = N, S = 1.  (N, C, d1..dk) input: B = N, S = d1*...*dk.
 struct RowLayout {
   int64_t B, C, S;
   int64_t x_sB, x_sC, x_sS;  // logits strides, in elements
-  int64_t t_sB, t_sS;        // target strides (0 for an expanded target)
+  int64_t t_sB, t_sC, t_sS;  // target strides: (B, S) class indices (t_sC unused) or (B, C, S) probabilities
   int64_t g_sB, g_sC, g_sS;  // gradient strides (the gradient is laid out like dense logits)
   C10_HOST_DEVICE int64_t rows() const { return B * S; }
 };
 
 // Everything a row needs besides its logits.  All pointers may be device pointers.
-template <typename acc_t>
+template <typename scalar_t, typename acc_t, typename target_t = scalar_t>
 struct RowParams {
-  const int64_t* target;
+  const int64_t* index;     // class-index targets, or nullptr
+  const target_t* prob;     // probability targets (the logits' or the accumulation dtype), or nullptr
   const acc_t* weight;      // C class weights, or nullptr
-  const acc_t* weight_sum;  // sum of weight (only read when smoothing and weight)
+  const acc_t* weight_sum;  // sum of weight (read with class indices, smoothing and weight)
   int64_t ignore_index;
   acc_t eps;                // label smoothing, already clamped to [0, 1]
+  int64_t* status;          // CUDA: {flag, value} of an out-of-range target (CPU raises instead)
 };
 
-// Loss of one row from its statistics:
-//   (1-eps) * w_t * (lse - x_t) + eps/C * (W * lse - sum_c w_c x_c)
-// which is PyTorch's label-smoothed, weighted NLL of log_softmax (W = C, w = 1 unweighted).
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t row_loss(acc_t lse, acc_t x_t, acc_t w_t, acc_t W, acc_t sum_wx, acc_t eps,
-                                      int64_t C) {
-  acc_t loss = w_t * (lse - x_t);
-  if (eps == acc_t(0)) return loss;
-  return (acc_t(1) - eps) * loss + eps / acc_t(C) * (W * lse - sum_wx);
+// Class c's share a_c of the distributed part of a row's loss, sum_c a_c * (lse - x_c):
+// probabilities: w_c * ((1-eps) y_c + eps/C); class indices (the smoothing term, scaled by eps/C later): w_c.
+template <bool kProb, typename scalar_t, typename acc_t, typename target_t>
+C10_HOST_DEVICE inline acc_t class_coef(const RowParams<scalar_t, acc_t, target_t>& P, const target_t* yr,
+                                        int64_t y_sC, int64_t c, int64_t C) {
+  const acc_t w = P.weight ? P.weight[c] : acc_t(1);
+  if (!kProb) return w;
+  const acc_t y = static_cast<acc_t>(yr[c * y_sC]);
+  return w * (P.eps == acc_t(0) ? y : (acc_t(1) - P.eps) * y + P.eps / acc_t(C));
 }
 
-// d loss / d x_c = f * (p_c * p_mul - w_c * c_mul - [c == t] * t_sub), f being the upstream factor.
+// Row statistics.  m: the max; s: sum exp(x - m); A: sum a_c; D: sum a_c * (m - x_c).
+// Keeping D relative to the max makes sum a_c (lse - x_c) = A * (lse - m) + D a sum of non-negative terms:
+// no inf - inf for logits near the float range, no cancellation.
+template <typename acc_t>
+struct RowStats {
+  acc_t m, s, A, D;
+  C10_HOST_DEVICE acc_t spread(acc_t lse) const { return A * (lse - m) + D; }
+};
+
+// The row's loss.  Class index t: (1-eps) w_t (lse - x_t) + eps/C * spread.  Probabilities: spread.
+template <bool kProb, typename acc_t>
+C10_HOST_DEVICE inline acc_t row_loss(const RowStats<acc_t>& st, acc_t lse, acc_t x_t, acc_t w_t, acc_t eps,
+                                      int64_t C) {
+  if (kProb) return st.spread(lse);
+  const acc_t nll = w_t * (lse - x_t);
+  if (eps == acc_t(0)) return nll;
+  return (acc_t(1) - eps) * nll + eps / acc_t(C) * st.spread(lse);
+}
+
+// d loss / d x_c = f * (p_c * p_mul - a_c * c_mul - [c == t] * t_sub), f being the upstream factor.
 template <typename acc_t>
 struct RowGrad {
   acc_t p_mul, c_mul, t_sub;
-  C10_HOST_DEVICE RowGrad(acc_t f, acc_t w_t, acc_t W, acc_t eps, int64_t C) {
-    t_sub = f * (acc_t(1) - eps) * w_t;
-    c_mul = eps == acc_t(0) ? acc_t(0) : f * eps / acc_t(C);
-    p_mul = eps == acc_t(0) ? f * w_t : t_sub + c_mul * W;
+  // Class index t with weight w_t; W = sum of the class weights (C unweighted).
+  C10_HOST_DEVICE static RowGrad index(acc_t f, acc_t w_t, acc_t W, acc_t eps, int64_t C) {
+    RowGrad g;
+    g.t_sub = f * (acc_t(1) - eps) * w_t;
+    g.c_mul = eps == acc_t(0) ? acc_t(0) : f * eps / acc_t(C);
+    g.p_mul = eps == acc_t(0) ? f * w_t : g.t_sub + g.c_mul * W;
+    return g;
   }
-  C10_HOST_DEVICE acc_t at(acc_t p, acc_t w_c, bool is_target) const {
-    acc_t g = p * p_mul - w_c * c_mul;
+  // Probabilities: A = sum_c a_c.
+  C10_HOST_DEVICE static RowGrad prob(acc_t f, acc_t A) { return RowGrad{f * A, f, acc_t(0)}; }
+  C10_HOST_DEVICE acc_t at(acc_t p, acc_t a_c, bool is_target) const {
+    const acc_t g = p * p_mul - a_c * c_mul;
     return is_target ? g - t_sub : g;
   }
 };
@@ -60,17 +88,29 @@ struct RowGrad {
 C10_HOST_DEVICE inline bool target_out_of_range(int64_t t, int64_t C) { return t < 0 || t >= C; }
 
 // Validates the kernels' tensor contract and reads the layout off the tensors.
-// logits: (B, C, S), any strides; target: (B, S) int64, any strides; weight: (C,) contiguous in acc dtype.
+// logits: (B, C, S), any strides.  target: (B, S) int64 class indices, or (B, C, S) probabilities in the
+// logits' or the accumulation dtype; any strides.  weight: (C,) contiguous in the accumulation dtype.
 inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& target,
                                   const c10::optional<at::Tensor>& weight, const char* op) {
   TORCH_CHECK(logits.dim() == 3, op, ": expected logits viewed as (B, C, S), got ", logits.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": expected floating-point logits, got ",
               logits.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": expected int64 target, got ", target.scalar_type());
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
-              ": expected target of shape (", logits.size(0), ", ", logits.size(2), "), got ", target.sizes());
   TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(), " but logits on ",
               logits.device());
+  const bool prob = at::isFloatingType(target.scalar_type());
+  if (prob) {
+    const auto t = target.scalar_type();
+    TORCH_CHECK((t == logits.scalar_type() || t == acc_dtype(logits.scalar_type())) &&
+                    target.sizes() == logits.sizes(),
+                op, ": expected probability targets of shape ", logits.sizes(), " in ", logits.scalar_type(), " or ",
+                acc_dtype(logits.scalar_type()), ", got ", target.sizes(), " in ", t);
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": expected int64 class indices, got ",
+                target.scalar_type());
+    TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
+                ": expected class indices of shape (", logits.size(0), ", ", logits.size(2), "), got ",
+                target.sizes());
+  }
   if (weight.has_value()) {
     const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1) && weight->is_contiguous(), op,
@@ -79,12 +119,20 @@ inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& ta
     TORCH_CHECK(weight->device() == logits.device(), op, ": weight is on ", weight->device(), " but logits on ",
                 logits.device());
   }
-  return RowLayout{logits.size(0),   logits.size(1),   logits.size(2),   logits.stride(0),
-                   logits.stride(1), logits.stride(2), target.stride(0), target.stride(1),
-                   0,                0,                0};
+  return RowLayout{logits.size(0),
+                   logits.size(1),
+                   logits.size(2),
+                   logits.stride(0),
+                   logits.stride(1),
+                   logits.stride(2),
+                   target.stride(0),
+                   prob ? target.stride(1) : 0,
+                   prob ? target.stride(2) : target.stride(1),
+                   0,
+                   0,
+                   0};
 }
 
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---- Op bodies shared by the backends: checks and allocation here, the kernels behind `launch`. ----
 
@@ -93,7 +141,7 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad
 // What a backend's launch(mode, layout, tensors) receives.  factor is the gradient's upstream multiplier:
 // 0-d (broadcast to every row) or (B, S); both in the accumulation dtype.
 struct OpTensors {
-  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum;
+  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status;
   int64_t ignore_index;
   double eps;
 };
@@ -109,6 +157,13 @@ inline at::Tensor grad_like(const at::Tensor& logits, RowLayout& L) {
   L.g_sC = grad.stride(1);
   L.g_sS = grad.stride(2);
   return grad;
+}
+
+inline void check_status(const at::Tensor& status, const at::Tensor& logits) {
+  TORCH_CHECK(status.scalar_type() == at::kLong && status.numel() == 2 && status.is_contiguous() &&
+                  status.device() == logits.device(),
+              "expected a contiguous 2-element int64 status on ", logits.device(), ", got ", status.sizes(), " ",
+              status.scalar_type(), " on ", status.device());
 }
 
 inline OpTensors op_tensors(const at::Tensor& logits, const at::Tensor& target,
@@ -128,9 +183,11 @@ inline OpTensors op_tensors(const at::Tensor& logits, const at::Tensor& target,
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                               const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                              double eps) {
+                                              double eps, const at::Tensor& status) {
   RowLayout L = check_and_layout(logits, target, weight, "forward");
+  check_status(status, logits);
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
+  o.status = status;
   o.loss = row_buffer(logits);
   o.lse = row_buffer(logits);
   launch(Mode::kStats, L, o);
@@ -142,13 +199,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
                                                                    const at::Tensor& target,
                                                                    const c10::optional<at::Tensor>& weight,
                                                                    int64_t ignore_index, double eps,
-                                                                   const at::Tensor& grad_scale) {
+                                                                   const at::Tensor& grad_scale,
+                                                                   const at::Tensor& status) {
   RowLayout L = check_and_layout(logits, target, weight, "forward_backward");
+  check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
   TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == acc && grad_scale.device() == logits.device(),
               "forward_backward: expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
               grad_scale.sizes(), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
+  o.status = status;
   o.loss = row_buffer(logits);
   o.lse = row_buffer(logits);
   o.grad = grad_like(logits, L);
@@ -163,14 +223,14 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
                        int64_t ignore_index, double eps) {
   RowLayout L = check_and_layout(logits, target, weight, "backward");
   const auto acc = acc_dtype(logits.scalar_type());
-  TORCH_CHECK(grad_rows.sizes() == target.sizes() && grad_rows.scalar_type() == acc &&
-                  grad_rows.device() == logits.device(),
-              "backward: expected grad_rows of shape ", target.sizes(), " in ", acc, " on ", logits.device(),
-              ", got ", grad_rows.sizes(), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
-  TORCH_CHECK(lse.sizes() == target.sizes() && lse.is_contiguous() && lse.scalar_type() == acc &&
+  const std::vector<int64_t> rows{logits.size(0), logits.size(2)};
+  TORCH_CHECK(grad_rows.sizes() == rows && grad_rows.scalar_type() == acc && grad_rows.device() == logits.device(),
+              "backward: expected grad_rows of shape ", rows, " in ", acc, " on ", logits.device(), ", got ",
+              grad_rows.sizes(), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
+  TORCH_CHECK(lse.sizes() == rows && lse.is_contiguous() && lse.scalar_type() == acc &&
                   lse.device() == logits.device(),
-              "backward: expected a contiguous lse of shape ", target.sizes(), " in ", acc, " on ",
-              logits.device(), ", got ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
+              "backward: expected a contiguous lse of shape ", rows, " in ", acc, " on ", logits.device(),
+              ", got ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.lse = lse;
   o.grad = grad_like(logits, L);

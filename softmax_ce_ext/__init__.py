@@ -1,6 +1,7 @@
 """Fused softmax cross-entropy for PyTorch: a drop-in for F.cross_entropy / nn.CrossEntropyLoss."""
 
 from ._ops import _C
+from ._status import check_errors
 from .function import SoftmaxCrossEntropyFunction
 from .functional import cross_entropy
 from .modules import CrossEntropyLoss
@@ -22,4 +23,11 @@ def build_info() -> dict:
     return dict(BUILD)
 
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "SoftmaxCrossEntropyFunction", "cuda_built", "build_info"]
+__all__ = [
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "SoftmaxCrossEntropyFunction",
+    "check_errors",
+    "cuda_built",
+    "build_info",
+]

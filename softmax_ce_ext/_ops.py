@@ -17,12 +17,12 @@ def _row_buffer(logits):
 
 
 @torch.library.register_fake("softmax_ce_ext::forward")
-def _forward_fake(logits, target, weight, ignore_index, label_smoothing):
+def _forward_fake(logits, target, weight, ignore_index, label_smoothing, status):
     return _row_buffer(logits), _row_buffer(logits)
 
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward")
-def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale):
+def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status):
     return _row_buffer(logits), _row_buffer(logits), torch.empty_like(logits)
 
 

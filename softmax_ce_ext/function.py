@@ -10,79 +10,114 @@ import math
 
 import torch
 
+from . import _status
 from ._ops import acc_dtype, ops
 
 _REDUCTIONS = ("none", "mean", "sum")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _shape(t):
+    return list(t.shape)
 
 
 class _Prepared:
-    """Validated arguments, with the logits viewed as (B, C, S) and the target as (B, S) int64."""
-
-    __slots__ = ("x3", "t2", "weight", "ignore_index", "reduction", "eps", "acc")
+    """Validated arguments: logits viewed as (B, C, S); targets as (B, S) int64 or (B, C, S) probabilities.
+    Errors carry PyTorch's exception classes, and say what was expected and what came."""
 
     def __init__(self, input, target, weight, ignore_index, reduction, label_smoothing):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
         if not input.is_floating_point():
-            raise RuntimeError(f"cross_entropy: expected floating-point input, got {input.dtype}")
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(
-                f"cross_entropy: expected target of scalar type Long (class indices) or Byte, got {target.dtype}"
-            )
+            raise NotImplementedError(f"cross_entropy: expected floating-point logits, got {input.dtype}")
         if label_smoothing > 1.0:
             raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-        if input.dim() == 0:
-            raise RuntimeError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
-        if input.dim() == 1:
-            if target.dim() != 0:
-                raise RuntimeError(
-                    f"cross_entropy: an unbatched input of shape {tuple(input.shape)} expects a 0-d target, "
-                    f"got shape {tuple(target.shape)}"
-                )
-            batch, classes, spatial = 1, input.shape[0], 1
-        else:
-            batch, classes = input.shape[0], input.shape[1]
-            spatial = math.prod(input.shape[2:])
-            if target.dim() != input.dim() - 1:
-                raise RuntimeError(
-                    f"cross_entropy: input of shape {tuple(input.shape)} expects a target of shape "
-                    f"{(batch, *input.shape[2:])}, got {tuple(target.shape)}"
-                )
-            if target.shape[0] != batch:
-                raise ValueError(
-                    f"Expected input batch_size ({batch}) to match target batch_size ({target.shape[0]})."
-                )
-            if target.shape[1:] != input.shape[2:]:
-                raise RuntimeError(
-                    f"cross_entropy: expected target spatial size {tuple(input.shape[2:])}, "
-                    f"got {tuple(target.shape[1:])}"
-                )
         if target.device != input.device:
             raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
+        self.prob = input.shape == target.shape  # PyTorch's rule for class-probability targets
+        if self.prob and not target.is_floating_point():
+            raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
+        if input.dim() == 0:
+            raise RuntimeError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+        unbatched = input.dim() == 1
+        batch, classes = (1, input.shape[0]) if unbatched else (input.shape[0], input.shape[1])
+        spatial = math.prod(input.shape[2:])
         self.acc = acc_dtype(input.dtype)
+        if self.prob:
+            if ignore_index >= 0:
+                raise RuntimeError("ignore_index is not supported for floating point target")
+            if target.dtype not in (input.dtype, self.acc):
+                target = target.to(self.acc)  # the kernels read either dtype; never round a finer target
+            self.t = target.reshape(batch, classes, spatial)
+        else:
+            self._check_class_indices(input, target, batch)
+            self.t = target.reshape(batch, spatial).long()
+            if classes == 0 and target.numel():
+                _raise_no_classes(input, target, ignore_index)
         if weight is not None:
             if weight.dim() != 1 or weight.numel() != classes:
                 raise RuntimeError(
                     "weight tensor should be defined either for all "
-                    f"{classes} classes or no classes but got weight tensor of shape: {list(weight.shape)}"
+                    f"{classes} classes or no classes but got weight tensor of shape: {_shape(weight)}"
                 )
+            if not weight.is_floating_point():
+                raise RuntimeError(f"cross_entropy: expected a floating-point weight, got {weight.dtype}")
             if weight.device != input.device:
                 raise RuntimeError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
             weight = weight.detach().to(self.acc).contiguous()
         self.x3 = input.reshape(batch, classes, spatial)
-        self.t2 = target.reshape(batch, spatial).long()
         self.weight = weight
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.eps = max(float(label_smoothing), 0.0)  # PyTorch treats a negative smoothing as none
+        self.positions = batch * spatial
+        # 'none' keeps the target's layout: (N, d1..dk); an unbatched input gives a 0-d loss.
+        self.out_shape = () if unbatched else (input.shape[0], *input.shape[2:])
+        out = torch.promote_types(input.dtype, target.dtype) if self.prob else input.dtype
+        if out in _HALF and torch.is_autocast_enabled(input.device.type):
+            out = torch.float32  # autocast runs cross_entropy in float32; ours accumulates in it anyway
+        self.out_dtype = out
 
-    def total_weight(self):
-        """The mean's denominator: the summed weight of the non-ignored targets (their count if unweighted)."""
-        valid = self.t2 != self.ignore_index
+    @staticmethod
+    def _check_class_indices(input, target, batch):
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {str(target.dtype)[6:].capitalize()}")
+        if input.dim() <= 2:
+            if target.dim() > 1:
+                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+            if input.dim() == 1 and target.numel() != 1:
+                raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
+            if input.dim() == 2 and target.dim() == 0:
+                raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size (1).")
+        elif target.dim() != input.dim() - 1:
+            raise RuntimeError(
+                f"only batches of spatial targets supported ({input.dim()}D tensors) but got targets of dimension: "
+                f"{target.dim()}"
+            )
+        if input.dim() >= 2 and target.shape[0] != batch:
+            raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size ({target.shape[0]}).")
+        if input.dim() > 2 and target.shape[1:] != input.shape[2:]:
+            raise RuntimeError(f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}")
+
+    def mean_denominator(self):
+        """Class indices: the summed weight of the non-ignored targets (their count if unweighted), as a
+        device tensor.  Probabilities: the number of positions, as PyTorch divides them."""
+        if self.prob:
+            return None
+        valid = self.t != self.ignore_index
         if self.weight is None:
             return valid.sum(dtype=self.acc)
-        safe = torch.where(valid, self.t2, 0).clamp_(0, self.weight.numel() - 1)  # never index out of range
+        safe = torch.where(valid, self.t, 0).clamp_(0, self.weight.numel() - 1)  # never index out of range
         return torch.where(valid, self.weight[safe], 0).sum()
+
+
+def _raise_no_classes(input, target, ignore_index):
+    """C == 0 with targets: PyTorch's errors (a host read of the targets is fine on this degenerate path)."""
+    if input.dim() > 2:
+        raise RuntimeError(f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}")
+    live = target.reshape(-1)[target.reshape(-1) != ignore_index]
+    if live.numel():
+        raise IndexError(f"Target {int(live[0])} is out of bounds.")
 
 
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
@@ -90,74 +125,103 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
     @classmethod
     def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-        # forward runs with grad mode off, so whether a gradient will be wanted is read here.
-        grad_wanted = torch.is_grad_enabled() and input.requires_grad
-        return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, grad_wanted)
+        # forward runs with grad mode off, so whether a gradient can be wanted is read here.
+        return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, torch.is_grad_enabled())
 
     @staticmethod
     def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                 grad_wanted=None):
         p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing)
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
-        want_grad = ctx.needs_input_grad[0] and grad_wanted is not False
+        want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False
+        want_target_grad = p.prob and ctx.needs_input_grad[1] and grad_wanted is not False
+        status = _status.buffer_for(input.device)
+        denom = p.mean_denominator() if reduction == "mean" else None
         grad = None
-        denom = p.total_weight() if reduction == "mean" else None
-        if want_grad and reduction != "none":
-            grad_scale = denom.reciprocal() if denom is not None else torch.ones((), dtype=p.acc, device=input.device)
-            rows, lse, grad = ops.forward_backward(p.x3, p.t2, p.weight, p.ignore_index, p.eps, grad_scale)
+        if want_input_grad and reduction != "none":
+            if denom is not None:
+                grad_scale = denom.reciprocal()
+            else:
+                scale = 1.0 / max(p.positions, 1) if reduction == "mean" else 1.0
+                grad_scale = torch.full((), scale, dtype=p.acc, device=input.device)
+            rows, lse, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
         else:
-            rows, lse = ops.forward(p.x3, p.t2, p.weight, p.ignore_index, p.eps)
+            rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+        _status.launched(input.device)
 
         if reduction == "none":
-            out = rows.reshape(target.shape)
+            out = rows.reshape(p.out_shape)
         elif reduction == "sum":
             out = rows.sum()
         else:
-            out = rows.sum() / denom
-        out = out.to(input.dtype)
+            out = rows.sum() / (denom if denom is not None else p.positions)
+        out = out.to(p.out_dtype)
 
-        if want_grad:
-            ctx.save_for_backward(input, p.t2, p.weight, lse, denom)
+        if want_input_grad or want_target_grad:
+            ctx.save_for_backward(input, p.t, p.weight, lse, denom)
             ctx.grad_buf = grad  # consumed (scaled in place) by the first backward
-            ctx.reduction, ctx.ignore_index, ctx.eps = reduction, p.ignore_index, p.eps
-            ctx.x3_shape = tuple(p.x3.shape)
+            ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
+            ctx.x3_shape, ctx.positions, ctx.target_dtype = tuple(p.x3.shape), p.positions, target.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, t2, weight, lse, denom = ctx.saved_tensors
+        input, t, weight, lse, denom = ctx.saved_tensors
+        _status.poll(input.device)
         acc = acc_dtype(input.dtype)
         x3 = input.reshape(ctx.x3_shape)
+        rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
         g = grad_out.to(acc)
         if ctx.reduction == "none":
-            factor = g.reshape(t2.shape)
+            factor = g.reshape(rows_shape)
+        elif ctx.reduction == "mean":
+            factor = (g / denom if denom is not None else g / ctx.positions).expand(rows_shape)
         else:
-            factor = (g / denom if ctx.reduction == "mean" else g).expand(t2.shape)
+            factor = g.expand(rows_shape)
 
-        if torch.is_grad_enabled():  # create_graph=True: a composite that autograd can differentiate again
-            grad = _composite_grad(x3, t2, weight, factor, ctx.ignore_index, ctx.eps).to(input.dtype)
-        elif ctx.grad_buf is not None:
-            grad, ctx.grad_buf = ctx.grad_buf, None
-            ops.scale_grad_(grad, g.reshape(()))
-        else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
-            grad = ops.backward(factor, x3, t2, weight, lse, ctx.ignore_index, ctx.eps)
-        return grad.reshape(input.shape), None, None, None, None, None, None
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():  # create_graph=True: a composite that autograd can differentiate again
+                grad = _composite_grad(x3, t, weight, factor, ctx.ignore_index, ctx.eps, ctx.prob).to(input.dtype)
+            elif ctx.grad_buf is not None:
+                grad, ctx.grad_buf = ctx.grad_buf, None
+                ops.scale_grad_(grad, g.reshape(()))
+            else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
+                grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
+            grad_input = grad.reshape(input.shape)
+        if ctx.prob and ctx.needs_input_grad[1]:
+            grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(ctx.target_dtype).reshape(input.shape)
+        return grad_input, grad_target, None, None, None, None, None
 
 
-def _composite_grad(x3, t2, weight, factor, ignore_index, eps):
-    """The gradient as plain torch ops (for double backward); same algebra as RowGrad in csrc/softmax_ce.h."""
+def _class_weights(weight, classes, like):
+    return torch.ones((), dtype=like.dtype, device=like.device) if weight is None else weight.view(1, classes, 1)
+
+
+def _composite_grad(x3, t, weight, factor, ignore_index, eps, prob):
+    """The input gradient as plain torch ops (for double backward); the same algebra as RowGrad in
+    csrc/softmax_ce.h: f * (p * p_mul - a_c * c_mul - [c == t] * t_sub)."""
     x = x3.to(factor.dtype)
     classes = x.shape[1]
-    valid = t2 != ignore_index
-    tc = torch.where(valid, t2, 0)
     p = torch.exp(x - torch.logsumexp(x, dim=1, keepdim=True))
+    w = _class_weights(weight, classes, x)
+    f = factor.unsqueeze(1)
+    if prob:
+        a = w * ((1.0 - eps) * t.to(x.dtype) + eps / classes)
+        return f * (p * a.sum(1, keepdim=True) - a)
+    valid = t != ignore_index
+    tc = torch.where(valid, t, 0)
     onehot = torch.nn.functional.one_hot(tc, classes).movedim(-1, 1).to(x.dtype)
-    if weight is None:
-        w_c, w_t, w_sum = 1.0, torch.ones_like(factor), float(classes)
-    else:
-        w_c, w_t, w_sum = weight.view(1, classes, 1), weight[tc], weight.sum()
-    t_sub = factor * (1.0 - eps) * w_t
-    c_mul = factor * (eps / classes)
-    p_mul = t_sub + c_mul * w_sum
-    grad = p * p_mul.unsqueeze(1) - w_c * c_mul.unsqueeze(1) - onehot * t_sub.unsqueeze(1)
+    w_t = (onehot * w).sum(1, keepdim=True)
+    w_sum = w.sum() if weight is not None else float(classes)
+    t_sub = f * (1.0 - eps) * w_t
+    c_mul = f * (eps / classes)
+    grad = p * (t_sub + c_mul * w_sum) - w * c_mul - onehot * t_sub
     return grad * valid.unsqueeze(1)
+
+
+def _composite_target_grad(x3, weight, factor, eps):
+    """d loss / d y_c = -f * (1 - eps) * w_c * log_softmax(x)_c (probability targets that require grad)."""
+    x = x3.to(factor.dtype)
+    logp = x - torch.logsumexp(x, dim=1, keepdim=True)
+    return -factor.unsqueeze(1) * (1.0 - eps) * _class_weights(weight, x.shape[1], x) * logp

@@ -18,12 +18,7 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Drop-in for torch.nn.functional.cross_entropy with class-index targets, fused in one kernel pass."""
+    """Drop-in for torch.nn.functional.cross_entropy (class indices or probabilities), one fused kernel pass."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if input.shape == target.shape:
-        # Probability targets (PyTorch's rule: same shape as the input).  Not fused yet: PyTorch computes them.
-        return torch.nn.functional.cross_entropy(
-            input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
     return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)

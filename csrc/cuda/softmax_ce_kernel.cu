@@ -26,10 +26,15 @@ __device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
 template <>
 __device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
 
-// Running (max, sum of exp(x - max)) of a set of logits.
+// Online row statistics (see RowStats): the max m, sum exp(x - m), and for the spread term A = sum a_c and
+// D = sum a_c (m - x_c), re-based whenever the max grows.
 template <typename acc_t>
-struct MaxSum {
-  acc_t m, s;
+struct OnlineStats : RowStats<acc_t> {
+  using RowStats<acc_t>::m;
+  using RowStats<acc_t>::s;
+  using RowStats<acc_t>::A;
+  using RowStats<acc_t>::D;
+  __device__ OnlineStats() : RowStats<acc_t>{lowest<acc_t>(), acc_t(0), acc_t(0), acc_t(0)} {}
   __device__ void add(acc_t v) {  // NaN compares false and poisons s, as in PyTorch
     if (v > m) {
       s = s * exp(m - v) + acc_t(1);
@@ -38,9 +43,18 @@ struct MaxSum {
       s += exp(v - m);
     }
   }
-  __device__ void merge(acc_t om, acc_t os) {
+  __device__ void add(acc_t v, acc_t a) {
+    if (v > m && A != acc_t(0)) D += (v - m) * A;
+    add(v);
+    D += a * (m - v);
+    A += a;
+  }
+  __device__ void merge(acc_t om, acc_t os, acc_t oA, acc_t oD) {
     const acc_t nm = om > m ? om : m;
     s = (m == nm ? s : s * exp(m - nm)) + (om == nm ? os : os * exp(om - nm));
+    D = D + (A != acc_t(0) && m != nm ? (nm - m) * A : acc_t(0)) + oD +
+        (oA != acc_t(0) && om != nm ? (nm - om) * oA : acc_t(0));
+    A += oA;
     m = nm;
   }
   // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN.
@@ -56,115 +70,117 @@ struct Factor {
   __device__ acc_t at(int64_t b, int64_t s) const { return p[b * sB + s * sS]; }
 };
 
-// Reduce (m, s, sum_wx) over the block; every thread gets the result.
+// Reduce the statistics over the block; every thread gets the result.
 template <typename acc_t>
-__device__ void block_reduce(MaxSum<acc_t>& ms, acc_t& swx) {
-  __shared__ acc_t sh_m[32], sh_s[32], sh_w[32];
+__device__ void block_reduce(OnlineStats<acc_t>& st) {
+  __shared__ acc_t sh[4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  for (int off = 16; off > 0; off >>= 1) {
-    ms.merge(__shfl_xor_sync(0xffffffffu, ms.m, off), __shfl_xor_sync(0xffffffffu, ms.s, off));
-    swx += __shfl_xor_sync(0xffffffffu, swx, off);
-  }
-  if (lane == 0) sh_m[warp] = ms.m, sh_s[warp] = ms.s, sh_w[warp] = swx;
+  for (int off = 16; off > 0; off >>= 1)
+    st.merge(__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
+             __shfl_xor_sync(0xffffffffu, st.A, off), __shfl_xor_sync(0xffffffffu, st.D, off));
+  if (lane == 0) sh[0][warp] = st.m, sh[1][warp] = st.s, sh[2][warp] = st.A, sh[3][warp] = st.D;
   __syncthreads();
-  ms = {sh_m[0], sh_s[0]};
-  swx = sh_w[0];
-  for (int w = 1; w < nwarps; ++w) {  // same order in every thread: deterministic
-    ms.merge(sh_m[w], sh_s[w]);
-    swx += sh_w[w];
-  }
+  st.m = sh[0][0], st.s = sh[1][0], st.A = sh[2][0], st.D = sh[3][0];
+  for (int w = 1; w < nwarps; ++w) st.merge(sh[0][w], sh[1][w], sh[2][w], sh[3][w]);  // fixed order: deterministic
   __syncthreads();  // the shared slots are reused by the next row
 }
 
-// Handles an ignored or out-of-range row; returns true when the row is done.
-template <typename scalar_t, typename acc_t, bool kStats, bool kGrad>
-__device__ bool skip_row(int64_t t, const RowParams<acc_t>& P, const RowLayout& L, int64_t r, acc_t* loss,
-                         acc_t* lse_io, scalar_t* gr, int c0, int cstep) {
-  const bool ignored = t == P.ignore_index;
-  if (!ignored && !target_out_of_range(t, L.C)) return false;
-  // An out-of-range target is never read; it turns the row to NaN.
-  const acc_t v = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-  if (kStats && c0 == 0) loss[r] = lse_io[r] = v;
-  if (kGrad)
-    for (int64_t c = c0; c < L.C; c += cstep) gr[c * L.g_sC] = static_cast<scalar_t>(v);
-  return true;
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v) {
+  __shared__ acc_t sh[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  v = sh[0];
+  for (int w = 1; w < nwarps; ++w) v += sh[w];
+  __syncthreads();
+  return v;
 }
 
-template <typename scalar_t, typename acc_t, bool kStats, bool kGrad>
-__global__ void __launch_bounds__(kMaxThreads)
-    ce_row_block_kernel(const scalar_t* __restrict__ x, RowLayout L, RowParams<acc_t> P, acc_t* loss, acc_t* lse_io,
-                        scalar_t* __restrict__ grad, Factor<acc_t> factor) {
-  const acc_t W = P.weight ? *P.weight_sum : acc_t(L.C);
-  for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x) {
-    const int64_t b = r / L.S, s = r - b * L.S;
-    const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
-    scalar_t* gr = kGrad ? grad + b * L.g_sB + s * L.g_sS : nullptr;
-    const int64_t t = P.target[b * L.t_sB + s * L.t_sS];
-    if (skip_row<scalar_t, acc_t, kStats, kGrad>(t, P, L, r, loss, lse_io, gr, threadIdx.x, blockDim.x)) continue;
-    const acc_t w_t = P.weight ? P.weight[t] : acc_t(1);
-    acc_t lse;
-    if (kStats) {
-      MaxSum<acc_t> ms{lowest<acc_t>(), acc_t(0)};
-      acc_t swx = 0;
-      for (int64_t c = threadIdx.x; c < L.C; c += blockDim.x) {
-        const acc_t v = static_cast<acc_t>(xr[c * L.x_sC]);
-        ms.add(v);
-        if (P.eps != acc_t(0)) swx += (P.weight ? P.weight[c] : acc_t(1)) * v;
+// One row, its classes split over `lanes` cooperating threads (lane `lane`); reduce() combines them.
+template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb, typename Reduce,
+          typename Sum>
+__device__ void ce_row(const scalar_t* __restrict__ x, const RowLayout& L, const RowParams<scalar_t, acc_t, target_t>& P,
+                       acc_t* loss, acc_t* lse_io, scalar_t* __restrict__ grad, const Factor<acc_t>& factor,
+                       int64_t r, int lane, int lanes, Reduce reduce, Sum sum) {
+  const int64_t b = r / L.S, s = r - b * L.S;
+  const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
+  const target_t* yr = kProb ? P.prob + b * L.t_sB + s * L.t_sS : nullptr;
+  scalar_t* gr = kGrad ? grad + b * L.g_sB + s * L.g_sS : nullptr;
+  const bool spread = kProb || P.eps != acc_t(0);
+  int64_t t = -1;
+  if (!kProb) {
+    t = P.index[b * L.t_sB + s * L.t_sS];
+    const bool ignored = t == P.ignore_index;
+    if (ignored || target_out_of_range(t, L.C)) {
+      // An out-of-range target is never read: its row turns NaN and status records it.
+      if (!ignored && lane == 0) {
+        atomicExch(reinterpret_cast<unsigned long long*>(P.status + 1), static_cast<unsigned long long>(t));
+        atomicExch(reinterpret_cast<unsigned long long*>(P.status), 1ull);
       }
-      block_reduce(ms, swx);
-      lse = ms.lse();
-      if (threadIdx.x == 0) {
-        lse_io[r] = lse;
-        loss[r] = row_loss<acc_t>(lse, static_cast<acc_t>(xr[t * L.x_sC]), w_t, W, swx, P.eps, L.C);
-      }
-    } else {
-      lse = lse_io[r];
-    }
-    if (kGrad) {
-      const RowGrad<acc_t> g(factor.at(b, s), w_t, W, P.eps, L.C);
-      for (int64_t c = threadIdx.x; c < L.C; c += blockDim.x) {
-        const acc_t p = exp(static_cast<acc_t>(xr[c * L.x_sC]) - lse);
-        gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, P.weight ? P.weight[c] : acc_t(1), c == t));
-      }
+      const acc_t v = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+      if (kStats && lane == 0) loss[r] = lse_io[r] = v;
+      if (kGrad)
+        for (int64_t c = lane; c < L.C; c += lanes) gr[c * L.g_sC] = static_cast<scalar_t>(v);
+      return;
     }
   }
-}
-
-template <typename scalar_t, typename acc_t, bool kStats, bool kGrad>
-__global__ void ce_row_thread_kernel(const scalar_t* __restrict__ x, RowLayout L, RowParams<acc_t> P, acc_t* loss,
-                                     acc_t* lse_io, scalar_t* __restrict__ grad, Factor<acc_t> factor) {
-  const acc_t W = P.weight ? *P.weight_sum : acc_t(L.C);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < L.rows(); r += stride) {
-    const int64_t b = r / L.S, s = r - b * L.S;
-    const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
-    scalar_t* gr = kGrad ? grad + b * L.g_sB + s * L.g_sS : nullptr;
-    const int64_t t = P.target[b * L.t_sB + s * L.t_sS];
-    if (skip_row<scalar_t, acc_t, kStats, kGrad>(t, P, L, r, loss, lse_io, gr, 0, 1)) continue;
-    const acc_t w_t = P.weight ? P.weight[t] : acc_t(1);
-    acc_t lse;
-    if (kStats) {
-      MaxSum<acc_t> ms{lowest<acc_t>(), acc_t(0)};
-      acc_t swx = 0;
-      for (int64_t c = 0; c < L.C; ++c) {
-        const acc_t v = static_cast<acc_t>(xr[c * L.x_sC]);
-        ms.add(v);
-        if (P.eps != acc_t(0)) swx += (P.weight ? P.weight[c] : acc_t(1)) * v;
-      }
-      lse = ms.lse();
+  const acc_t w_t = !kProb && P.weight ? P.weight[t] : acc_t(1);
+  OnlineStats<acc_t> st;
+  acc_t lse;
+  if (kStats) {
+    for (int64_t c = lane; c < L.C; c += lanes) {
+      const acc_t v = static_cast<acc_t>(xr[c * L.x_sC]);
+      if (spread)
+        st.add(v, class_coef<kProb>(P, yr, L.t_sC, c, L.C));
+      else
+        st.add(v);
+    }
+    reduce(st);
+    lse = st.lse();
+    if (lane == 0) {
       lse_io[r] = lse;
-      loss[r] = row_loss<acc_t>(lse, static_cast<acc_t>(xr[t * L.x_sC]), w_t, W, swx, P.eps, L.C);
-    } else {
-      lse = lse_io[r];
+      loss[r] = row_loss<kProb>(st, lse, kProb ? acc_t(0) : static_cast<acc_t>(xr[t * L.x_sC]), w_t, P.eps, L.C);
     }
-    if (kGrad) {
-      const RowGrad<acc_t> g(factor.at(b, s), w_t, W, P.eps, L.C);
-      for (int64_t c = 0; c < L.C; ++c) {
-        const acc_t p = exp(static_cast<acc_t>(xr[c * L.x_sC]) - lse);
-        gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, P.weight ? P.weight[c] : acc_t(1), c == t));
-      }
+  } else {
+    lse = lse_io[r];
+    if (kProb) {
+      for (int64_t c = lane; c < L.C; c += lanes) st.A += class_coef<kProb>(P, yr, L.t_sC, c, L.C);
+      st.A = sum(st.A);
     }
   }
+  if (kGrad) {
+    const acc_t f = factor.at(b, s);
+    const acc_t W = P.weight ? *P.weight_sum : acc_t(L.C);
+    const RowGrad<acc_t> g = kProb ? RowGrad<acc_t>::prob(f, st.A) : RowGrad<acc_t>::index(f, w_t, W, P.eps, L.C);
+    for (int64_t c = lane; c < L.C; c += lanes) {
+      const acc_t p = exp(static_cast<acc_t>(xr[c * L.x_sC]) - lse);
+      const acc_t a = spread ? class_coef<kProb>(P, yr, L.t_sC, c, L.C) : acc_t(0);
+      gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, a, c == t));
+    }
+  }
+}
+
+// Classes contiguous: a block walks each row.
+template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
+__global__ void __launch_bounds__(kMaxThreads)
+    ce_row_block_kernel(const scalar_t* __restrict__ x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P, acc_t* loss,
+                        acc_t* lse_io, scalar_t* __restrict__ grad, Factor<acc_t> factor) {
+  for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x)
+    ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
+        x, L, P, loss, lse_io, grad, factor, r, threadIdx.x, blockDim.x,
+        [](OnlineStats<acc_t>& st) { block_reduce(st); }, [](acc_t v) { return block_sum(v); });
+}
+
+// Classes strided (K-dim or transposed logits): a thread per row, so a warp reads neighbouring positions.
+template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
+__global__ void ce_row_thread_kernel(const scalar_t* __restrict__ x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P,
+                                     acc_t* loss, acc_t* lse_io, scalar_t* __restrict__ grad, Factor<acc_t> factor) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < L.rows(); r += stride)
+    ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
+        x, L, P, loss, lse_io, grad, factor, r, 0, 1, [](OnlineStats<acc_t>&) {}, [](acc_t v) { return v; });
 }
 
 int row_block_threads(int64_t C) {
@@ -173,12 +189,16 @@ int row_block_threads(int64_t C) {
   return threads;
 }
 
-template <typename scalar_t, bool kStats, bool kGrad>
+template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 void launch_typed(const RowLayout& L, const OpTensors& o) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowParams<acc_t> P{o.target.data_ptr<int64_t>(), o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
-                           o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr, o.ignore_index,
-                           static_cast<acc_t>(o.eps)};
+  const RowParams<scalar_t, acc_t, target_t> P{kProb ? nullptr : o.target.data_ptr<int64_t>(),
+                                               kProb ? o.target.data_ptr<target_t>() : nullptr,
+                                     o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
+                                     o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr,
+                                     o.ignore_index,
+                                     static_cast<acc_t>(o.eps),
+                                     o.status.defined() ? o.status.data_ptr<int64_t>() : nullptr};
   Factor<acc_t> f{nullptr, 0, 0};
   if (kGrad)
     f = {o.factor.data_ptr<acc_t>(), o.factor.dim() ? o.factor.stride(0) : 0, o.factor.dim() ? o.factor.stride(1) : 0};
@@ -189,32 +209,48 @@ void launch_typed(const RowLayout& L, const OpTensors& o) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
-  // Classes contiguous, or a single row: a block walks the row.  Otherwise neighbouring rows are neighbours
-  // in memory, and a thread per row keeps the warp's loads coalesced.
+  // Classes contiguous, or few rows: a block walks a row.  Otherwise neighbouring rows are neighbours in
+  // memory, and a thread per row keeps the warp's loads coalesced.
   if (L.x_sC == 1 || rows < 1024) {
     const int threads = row_block_threads(L.C);
     const int64_t blocks = std::min<int64_t>(rows, kMaxGrid);
-    ce_row_block_kernel<scalar_t, acc_t, kStats, kGrad>
+    ce_row_block_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>
         <<<blocks, threads, 0, stream>>>(x, L, P, loss, lse, grad, f);
   } else {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((rows + threads - 1) / threads, kMaxGrid);
-    ce_row_thread_kernel<scalar_t, acc_t, kStats, kGrad>
+    ce_row_thread_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>
         <<<blocks, threads, 0, stream>>>(x, L, P, loss, lse, grad, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, typename target_t, bool kProb>
+void launch_modes(Mode mode, const RowLayout& L, const OpTensors& o) {
+  switch (mode) {
+    case Mode::kStats: return launch_typed<scalar_t, target_t, true, false, kProb>(L, o);
+    case Mode::kStatsGrad: return launch_typed<scalar_t, target_t, true, true, kProb>(L, o);
+    case Mode::kGrad: return launch_typed<scalar_t, target_t, false, true, kProb>(L, o);
+  }
+}
+
+// Probability targets come in the logits' dtype or in the accumulation dtype (no rounding of float32 targets).
+void launch_dtypes(Mode mode, const RowLayout& L, const OpTensors& o) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.logits.scalar_type(), "softmax_ce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (!o.target.is_floating_point())
+      launch_modes<scalar_t, scalar_t, false>(mode, L, o);
+    else if (o.target.scalar_type() == o.logits.scalar_type())
+      launch_modes<scalar_t, scalar_t, true>(mode, L, o);
+    else
+      launch_modes<scalar_t, acc_t, true>(mode, L, o);
+  });
+}
+
 void launch_cuda(Mode mode, const RowLayout& L, const OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.logits.scalar_type(), "softmax_ce_cuda", [&] {
-    switch (mode) {
-      case Mode::kStats: return launch_typed<scalar_t, true, false>(L, o);
-      case Mode::kStatsGrad: return launch_typed<scalar_t, true, true>(L, o);
-      case Mode::kGrad: return launch_typed<scalar_t, false, true>(L, o);
-    }
-  });
+  launch_dtypes(mode, L, o);
 }
 
 // grad *= g unless g == 1; g is read on the device, so the host never waits for it.
@@ -229,16 +265,17 @@ __global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const 
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                 const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                double eps) {
-  return forward_op(launch_cuda, logits, target, weight, ignore_index, eps);
+                                                double eps, const at::Tensor& status) {
+  return forward_op(launch_cuda, logits, target, weight, ignore_index, eps, status);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_cuda(const at::Tensor& logits,
                                                                      const at::Tensor& target,
                                                                      const c10::optional<at::Tensor>& weight,
                                                                      int64_t ignore_index, double eps,
-                                                                     const at::Tensor& grad_scale) {
-  return forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale);
+                                                                     const at::Tensor& grad_scale,
+                                                                     const at::Tensor& status) {
+  return forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status);
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
