@@ -46,12 +46,8 @@ class _Prepared:
         if self.prob:
             if ignore_index >= 0:
                 raise RuntimeError("ignore_index is not supported for floating point target")
-            if target.dtype not in (input.dtype, self.acc):
-                target = target.to(self.acc)  # the kernels read either dtype; never round a finer target
-            self.t = target.reshape(batch, classes, spatial)
         else:
             self._check_class_indices(input, target, batch)
-            self.t = target.reshape(batch, spatial).long()
             if classes == 0 and target.numel():
                 _raise_no_classes(input, target, ignore_index)
         if weight is not None:
@@ -64,9 +60,8 @@ class _Prepared:
                 raise RuntimeError(f"cross_entropy: expected a floating-point weight, got {weight.dtype}")
             if weight.device != input.device:
                 raise RuntimeError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
-            weight = weight.detach().to(self.acc).contiguous()
-        self.x3 = input.reshape(batch, classes, spatial)
-        self.weight = weight
+        self.x3_shape = (batch, classes, spatial)
+        self.x3, self.t, self.weight = kernel_views(input, target, weight, self.x3_shape, self.prob)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.eps = max(float(label_smoothing), 0.0)  # PyTorch treats a negative smoothing as none
@@ -109,6 +104,23 @@ class _Prepared:
             return valid.sum(dtype=self.acc)
         safe = torch.where(valid, self.t, 0).clamp_(0, self.weight.numel() - 1)  # never index out of range
         return torch.where(valid, self.weight[safe], 0).sum()
+
+
+def kernel_views(input, target, weight, x3_shape, prob):
+    """What the kernels take: logits (B, C, S); targets (B, S) int64 or (B, C, S) in the logits' or the
+    accumulation dtype; weight contiguous in the accumulation dtype.  Views where possible, never of the logits
+    a copy.  Rebuilt in backward from the saved inputs (torch.compile cannot save views of inputs)."""
+    acc = acc_dtype(input.dtype)
+    batch, classes, spatial = x3_shape
+    if prob:
+        if target.dtype not in (input.dtype, acc):
+            target = target.to(acc)  # the kernels read either dtype; never round a finer target
+        target = target.detach().reshape(batch, classes, spatial)
+    else:
+        target = target.reshape(batch, spatial).long()
+    if weight is not None:
+        weight = weight.detach().to(acc).contiguous()
+    return input.reshape(x3_shape), target, weight
 
 
 def _raise_no_classes(input, target, ignore_index):
@@ -158,18 +170,18 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         out = out.to(p.out_dtype)
 
         if want_input_grad or want_target_grad:
-            ctx.save_for_backward(input, p.t, p.weight, lse, denom)
+            ctx.save_for_backward(input, target, weight, lse, denom)
             ctx.grad_buf = grad  # consumed (scaled in place) by the first backward
             ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
-            ctx.x3_shape, ctx.positions, ctx.target_dtype = tuple(p.x3.shape), p.positions, target.dtype
+            ctx.x3_shape, ctx.positions = p.x3_shape, p.positions
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, t, weight, lse, denom = ctx.saved_tensors
+        input, target, weight, lse, denom = ctx.saved_tensors
         _status.poll(input.device)
         acc = acc_dtype(input.dtype)
-        x3 = input.reshape(ctx.x3_shape)
+        x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
         g = grad_out.to(acc)
         if ctx.reduction == "none":
@@ -190,7 +202,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         if ctx.prob and ctx.needs_input_grad[1]:
-            grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(ctx.target_dtype).reshape(input.shape)
+            grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(target.dtype).reshape(input.shape)
         return grad_input, grad_target, None, None, None, None, None
 
 

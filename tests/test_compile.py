@@ -1,0 +1,100 @@
+"""torch.compile (fullgraph, dynamic shapes), torch.library.opcheck on every op, CUDA graph capture."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext import cross_entropy
+from softmax_ce_ext._ops import ops
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _case(device, shape=(6, 9), dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype).to(device)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).to(device)
+    return x, t
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="none", label_smoothing=0.1), dict(reduction="sum")],
+                         ids=["mean", "none-smoothing", "sum"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compile_fullgraph_forward_and_backward(device, kw, dynamic):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, t: cross_entropy(x, t, **kw).sum(), fullgraph=True, dynamic=dynamic)
+    for shape in ((6, 9), (11, 9), (4, 9, 3)):  # a new batch size, then a K-dim input
+        x, t = _case(device, shape)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a = fn(xa, t)
+        b = F.cross_entropy(xb, t, **kw).sum()
+        torch.testing.assert_close(a, b)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_compile_probability_targets(device):
+    torch._dynamo.reset()
+    x, _ = _case(device)
+    y = torch.softmax(torch.randn_like(x), 1)
+    fn = torch.compile(lambda x, y: cross_entropy(x, y, label_smoothing=0.1), fullgraph=True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(fn(xa, y), F.cross_entropy(xb, y, label_smoothing=0.1))
+
+
+def _op_samples(device):
+    """Arguments for every op, in each target kind and dtype family."""
+    samples = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x = torch.randn(4, 7, 3, dtype=dtype, device=device)
+        idx = torch.randint(0, 7, (4, 3), device=device)
+        prob = torch.softmax(torch.randn(4, 7, 3, device=device), 1).to(dtype)
+        w = torch.rand(7, dtype=acc, device=device)
+        status = torch.zeros(2, dtype=torch.int64, device=device)
+        scale = torch.tensor(0.5, dtype=acc, device=device)
+        for target, weight in ((idx, None), (idx, w), (prob, w)):
+            ignore = 2 if target is idx else -100
+            samples.append((ops.forward, (x, target, weight, ignore, 0.1, status)))
+            samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, status)))
+            _, lse = ops.forward(x, target, weight, ignore, 0.1, status)
+            rows = torch.rand(4, 3, dtype=acc, device=device)
+            samples.append((ops.backward, (rows, x, target, weight, lse, ignore, 0.1)))
+        samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
+    return samples
+
+
+def test_opcheck_every_op(device):
+    samples = _op_samples(device)
+    assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.scale_grad_}
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_cuda_graph_captures_forward_and_backward():
+    if not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()):
+        pytest.skip("needs CUDA")
+    x, t = _case("cuda", (64, 1000))
+    x.requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (allocations, lazy init) outside the capture
+        for _ in range(2):
+            x.grad = None
+            cross_entropy(x, t, label_smoothing=0.1).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = cross_entropy(x, t, label_smoothing=0.1)
+        loss.backward()
+    x.data.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(ref, t, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, ref.grad)

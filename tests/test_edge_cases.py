@@ -1,0 +1,156 @@
+"""Edge cases: the same values as PyTorch, NaN/inf exactly where PyTorch gives them; better where PyTorch's
+half-precision intermediates overflow."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softmax_ce_ext import CrossEntropyLoss, cross_entropy
+
+INF, NAN = math.inf, math.nan
+
+
+def both(x, target, grad=True, **kw):
+    """(ours, PyTorch's) loss and input gradient on the same input."""
+    out = []
+    for fn in (cross_entropy, F.cross_entropy):
+        xi = x.detach().clone().requires_grad_(grad)
+        loss = fn(xi, target, **kw)
+        g = None
+        if grad:
+            (g,) = torch.autograd.grad(loss.sum(), xi)
+        out.append((loss, g))
+    return out
+
+
+def same(a, b):
+    torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction,expected", [("mean", NAN), ("sum", 0.0)])
+def test_empty_batch(device, reduction, expected):
+    x = torch.randn(0, 5, device=device)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    (ours, g), (theirs, _) = both(x, t, reduction=reduction)
+    same(ours, theirs)
+    same(ours, torch.tensor(expected, device=device))
+    assert g.shape == (0, 5)
+
+
+def test_empty_batch_none(device):
+    x, t = torch.randn(0, 5, 3, device=device), torch.zeros(0, 3, dtype=torch.long, device=device)
+    (ours, _), (theirs, _) = both(x, t, reduction="none")
+    assert ours.shape == theirs.shape == (0, 3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_every_target_ignored(device, reduction, smoothing):
+    x, t = torch.randn(4, 6, device=device), torch.full((4,), -100, device=device)
+    (ours, g), (theirs, gt) = both(x, t, reduction=reduction, label_smoothing=smoothing)
+    same(ours, theirs)
+    assert torch.equal(g, torch.zeros_like(g))
+    same(g, gt)
+
+
+@pytest.mark.parametrize("weights", [[0.0] * 5, [1.0, -2.0, 0.5, -1.0, 3.0]], ids=["all-zero", "negative"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_unusual_weights(device, weights, reduction, smoothing):
+    x, t = torch.randn(6, 5, device=device), torch.tensor([0, 1, 2, 3, 4, 1], device=device)
+    w = torch.tensor(weights, device=device)
+    (ours, g), (theirs, gt) = both(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+    same(ours, theirs)
+    same(g, gt)
+
+
+@pytest.mark.parametrize("smoothing", [-0.5, 1.0])
+def test_smoothing_limits(device, smoothing):
+    x, t = torch.randn(5, 7, device=device), torch.randint(0, 7, (5,), device=device)
+    (ours, g), (theirs, gt) = both(x, t, label_smoothing=smoothing)
+    same(ours, theirs)
+    same(g, gt)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_unbatched_input(device, reduction):
+    x = torch.randn(5, device=device)
+    (ours, g), (theirs, gt) = both(x, torch.tensor(2, device=device), reduction=reduction, label_smoothing=0.1)
+    assert ours.shape == theirs.shape == ()
+    same(ours, theirs)
+    same(g, gt)
+    # A 1-element target is accepted too (PyTorch's forward does; its backward fails, ours matches the 0-d form).
+    (ours1, g1), _ = both(x, torch.tensor([2], device=device), grad=False, reduction=reduction)
+    same(ours1, F.cross_entropy(x, torch.tensor([2], device=device), reduction=reduction))
+    xg = x.clone().requires_grad_()
+    cross_entropy(xg, torch.tensor([2], device=device), reduction=reduction).sum().backward()
+    same(xg.grad, F.softmax(x, 0) - F.one_hot(torch.tensor(2, device=device), 5))
+
+
+def test_single_class(device):
+    x, t = torch.randn(4, 1, 3, device=device), torch.zeros(4, 3, dtype=torch.long, device=device)
+    (ours, g), (theirs, gt) = both(x, t, label_smoothing=0.2)
+    same(ours, theirs)
+    same(g, gt)
+
+
+# Rows of logits and target, for PyTorch's IEEE behaviour.
+SPECIAL_ROWS = {
+    "-inf non-target": ([0.0, -INF, 1.0, 2.0], 0),
+    "-inf target": ([0.0, -INF, 1.0, 2.0], 1),
+    "all -inf": ([-INF] * 4, 1),
+    "+inf": ([0.0, INF, 1.0, 2.0], 0),
+    "nan": ([0.0, NAN, 1.0, 2.0], 0),
+    "+-1e4": ([1e4, -1e4, 0.0, 3.0], 1),
+    "+-3e38": ([3e38, -3e38, 1.0, 2.0], 2),
+    "+-3e38 target max": ([3e38, -3e38, 1.0, 2.0], 0),
+}
+
+
+@pytest.mark.parametrize("row", list(SPECIAL_ROWS), ids=list(SPECIAL_ROWS))
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_special_values(device, row, smoothing, reduction):
+    values, target = SPECIAL_ROWS[row]
+    x = torch.tensor([values, [0.5, 0.25, -1.0, 2.0]], device=device)  # a normal second row
+    t = torch.tensor([target, 3], device=device)
+    (ours, g), (theirs, gt) = both(x, t, reduction=reduction, label_smoothing=smoothing)
+    same(ours, theirs)
+    same(g, gt)
+
+
+def test_half_precision_beats_pytorch_overflow(device):
+    """PyTorch's float16 intermediates overflow here; the true loss, 3000, fits float16."""
+    x = torch.tensor([[0.0, -3000.0]] * 40, dtype=torch.float16, device=device)
+    t = torch.ones(40, dtype=torch.long, device=device)
+    assert cross_entropy(x, t).item() == 3000.0
+    assert torch.equal(cross_entropy(x, t, reduction="none"), torch.full((40,), 3000.0, dtype=torch.float16, device=device))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "permuted-4d"])
+def test_strided_logits_and_expanded_target(device, layout):
+    g = torch.Generator().manual_seed(1)
+    if layout == "transposed":
+        x = torch.randn(9, 6, generator=g).to(device).t()  # (6, 9): class stride 6... rows strided
+        t = torch.tensor([4], device=device).expand(6)
+    else:
+        x = torch.randn(3, 5, 4, 7, generator=g).to(device).permute(0, 3, 1, 2)  # (3, 7, 5, 4), class stride 1
+        t = torch.tensor([[[2]]], device=device).expand(3, 5, 4)
+    assert not x.is_contiguous() and 0 in t.stride()
+    for kw in (dict(), dict(label_smoothing=0.2, reduction="none")):
+        xa = x.detach().clone().requires_grad_()
+        xb = x.detach().contiguous().requires_grad_()
+        a = cross_entropy(xa, t, **kw)
+        b = cross_entropy(xb, t.contiguous(), **kw)
+        torch.testing.assert_close(a, b)
+        a.sum().backward()
+        b.sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def test_module_edge_case_matches(device):
+    m = CrossEntropyLoss(ignore_index=0, label_smoothing=0.1, reduction="sum").to(device)
+    x, t = torch.randn(5, 3, 2, device=device), torch.zeros(5, 2, dtype=torch.long, device=device)
+    same(m(x, t), torch.nn.CrossEntropyLoss(ignore_index=0, label_smoothing=0.1, reduction="sum")(x, t))

@@ -1,0 +1,94 @@
+"""Bad input: PyTorch's exception class, and a message that says what was expected and what came."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext import CrossEntropyLoss, cross_entropy
+
+
+def long(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+# (name, input, target, kwargs, exception class, message pattern)
+CASES = [
+    ("target above C", torch.randn(3, 4), long(0, 5, 1), {}, IndexError, r"Target 5 is out of bounds\."),
+    ("negative target", torch.randn(3, 4), long(0, -3, 1), {}, IndexError, r"Target -3 is out of bounds\."),
+    ("huge target", torch.randn(3, 4), long(0, 2**40, 1), {}, IndexError, r"Target 1099511627776 is out of bounds\."),
+    ("K-dim target above C", torch.randn(2, 4, 3), long(0, 1, 2, 3, 9, 1).view(2, 3), {}, IndexError, r"Target 9 "),
+    ("float class target", torch.randn(3, 4), torch.rand(3), {}, RuntimeError, r"Long or Byte, but got Float"),
+    ("int32 class target", torch.randn(3, 4), long(0, 1, 2).int(), {}, RuntimeError, r"Long or Byte, but got Int"),
+    ("long target of the input's shape", torch.randn(3, 4), torch.zeros(3, 4, dtype=torch.long), {},
+     RuntimeError, r"Expected floating point type for target with class probabilities, got torch.int64"),
+    ("batch size mismatch", torch.randn(3, 4), long(0, 1, 2, 3), {}, ValueError,
+     r"Expected input batch_size \(3\) to match target batch_size \(4\)"),
+    ("weight of the wrong size", torch.randn(3, 4), long(0, 1, 2), dict(weight=torch.ones(5)), RuntimeError,
+     r"all 4 classes or no classes but got weight tensor of shape: \[5\]"),
+    ("weight of the wrong shape", torch.randn(3, 4), long(0, 1, 2), dict(weight=torch.ones(2, 2)), RuntimeError,
+     r"all 4 classes or no classes but got weight tensor of shape: \[2, 2\]"),
+    ("label_smoothing above 1", torch.randn(3, 4), long(0, 1, 2), dict(label_smoothing=1.5), RuntimeError,
+     r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
+    ("ignore_index with probabilities", torch.randn(3, 4), torch.rand(3, 4), dict(ignore_index=1), RuntimeError,
+     r"ignore_index is not supported for floating point target"),
+    ("unknown reduction", torch.randn(3, 4), long(0, 1, 2), dict(reduction="avg"), ValueError,
+     r"avg is not a valid value for reduction"),
+    ("K-dim spatial mismatch", torch.randn(2, 3, 4, 5), torch.zeros(2, 4, 6, dtype=torch.long), {}, RuntimeError,
+     r"size mismatch \(got input: \[2, 3, 4, 5\] , target: \[2, 4, 6\]"),
+    ("K-dim rank mismatch", torch.randn(2, 3, 4, 5), torch.zeros(2, 4, dtype=torch.long), {}, RuntimeError,
+     r"only batches of spatial targets supported \(4D tensors\) but got targets of dimension: 2"),
+    ("2-D target for 2-D input", torch.randn(3, 4), torch.zeros(3, 1, dtype=torch.long), {}, RuntimeError,
+     r"0D or 1D target tensor expected, multi-target not supported"),
+    ("integer logits", torch.ones(3, 4, dtype=torch.long), long(0, 1, 2), {}, NotImplementedError, r"Long|int64"),
+    ("C = 0", torch.randn(3, 0), long(0, 0, 0), {}, IndexError, r"Target 0 is out of bounds\."),
+    ("1-D input, 2 targets", torch.randn(4), long(1, 2), {}, ValueError,
+     r"For 1D input, 1D target must have size 1, but got target size: 2"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("form", ["functional", "module", "torch"])
+def test_bad_input(device, case, form):
+    _, x, t, kw, exc, pattern = case
+    x, t = x.to(device), t.to(device)
+    if "weight" in kw:
+        kw = dict(kw, weight=kw["weight"].to(device))
+    if form == "torch":  # the reference: PyTorch raises the same class (CPU: CUDA asserts on bad targets)
+        if device == "cuda":
+            pytest.skip("PyTorch's CUDA kernels assert instead of raising")
+        with pytest.raises(exc):
+            F.cross_entropy(x, t, **kw)
+        return
+    with pytest.raises(exc, match=pattern):
+        if form == "functional":
+            cross_entropy(x, t, **kw)
+        else:
+            CrossEntropyLoss(**kw)(x, t)
+        softmax_ce_ext.check_errors()  # CUDA reports out-of-range targets lazily; this waits for them
+
+
+def test_cuda_out_of_range_target_keeps_the_context_alive():
+    if not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()):
+        pytest.skip("needs CUDA")
+    x = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    bad = torch.randint(0, 1000, (64,), device="cuda")
+    bad[17] = 1000
+    loss = cross_entropy(x, bad)  # no host synchronisation here
+    assert torch.isnan(loss).item()
+    with pytest.raises(IndexError, match=r"Target 1000 is out of bounds\."):
+        softmax_ce_ext.check_errors()
+    # The context still works, and the error was consumed.
+    good = torch.randint(0, 1000, (64,), device="cuda")
+    torch.testing.assert_close(cross_entropy(x, good), F.cross_entropy(x, good))
+    softmax_ce_ext.check_errors()
+
+
+def test_cuda_error_surfaces_on_a_later_call_without_waiting():
+    if not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()):
+        pytest.skip("needs CUDA")
+    x = torch.randn(8, 10, device="cuda")
+    cross_entropy(x, torch.full((8,), 12, device="cuda"))
+    torch.cuda.synchronize()  # let the status copy land; the next call sees it without waiting itself
+    with pytest.raises(IndexError, match=r"Target 12 is out of bounds\."):
+        cross_entropy(x, torch.zeros(8, dtype=torch.long, device="cuda"))

@@ -1,0 +1,113 @@
+"""Probability targets (the target has the input's shape): fused, with weight and label smoothing."""
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close, ours, reference
+from softmax_ce_ext import cross_entropy
+
+SHAPES = [
+    ((6, 11), "odd class count"),
+    ((4, 1000), "classification-sized rows"),
+    ((7,), "unbatched"),
+    ((3, 9, 5), "one extra dim: strided classes"),
+    ((2, 5, 3, 4), "two extra dims"),
+]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(shape, dtype, device, target_dtype=None):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype)).encode()))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).to(device)
+    class_dim = 0 if len(shape) == 1 else 1
+    y = torch.softmax(torch.randn(shape, generator=g) * 2, class_dim).to(target_dtype or dtype).to(device)
+    w = (torch.rand(shape[class_dim], generator=g) + 0.2).to(dtype).to(device)
+    return x, y, w, g
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=[str(s) for s, _ in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_matches_torch(device, shape, dtype, reduction, weighted, smoothing):
+    x, y, w, g = make(shape, dtype, device)
+    kw = dict(reduction=reduction, label_smoothing=smoothing)
+    if weighted:
+        kw["weight"] = w
+    loss_shape = () if reduction != "none" or len(shape) == 1 else (shape[0], *shape[2:])
+    grad_out = (torch.rand(loss_shape, generator=g) + 0.5).to(dtype).to(device)
+    ref_loss, ref_grad = reference(x, y.double(), grad_out, **kw)
+    loss, grad = ours(x, y, grad_out, **kw)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+def test_float32_targets_with_bfloat16_logits_are_not_rounded(device):
+    """Targets finer than the logits are read as they are (the kernels take the accumulation dtype)."""
+    x, y, _, g = make((5, 33), torch.bfloat16, device, target_dtype=torch.float32)
+    expected = F.cross_entropy(x.double(), y.double())
+    torch.testing.assert_close(cross_entropy(x, y).double(), expected, rtol=4e-3, atol=0)
+    assert cross_entropy(x, y).dtype == torch.float32  # PyTorch promotes bf16 with fp32 to fp32
+    assert F.cross_entropy(x, y).dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradient_flows_to_targets(device, reduction):
+    x, y, w, _ = make((4, 6), torch.float64, device)
+    y.requires_grad_()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, y: cross_entropy(x, y, w, reduction=reduction, label_smoothing=0.1), (x, y)
+    )
+
+
+def test_gradgradcheck(device):
+    x, y, w, _ = make((3, 5), torch.float64, device)
+    x.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: cross_entropy(x, y, w, label_smoothing=0.2), (x,))
+
+
+def test_edge_values(device):
+    x = torch.tensor([[0.0, -float("inf"), 1.0], [3e38, -3e38, 0.0]], device=device)
+    for y in (torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5]], device=device),
+              torch.tensor([[0.5, 0.2, 0.3], [1.0, 0.0, 0.0]], device=device)):
+        torch.testing.assert_close(
+            cross_entropy(x, y, reduction="none"), F.cross_entropy(x, y, reduction="none"), equal_nan=True
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_returns_float32_without_copying_the_logits(device, dtype, monkeypatch):
+    from softmax_ce_ext import function as function_mod
+
+    seen = []
+    real = function_mod.ops
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+
+            def call(*args):
+                seen.append(args[0].dtype if name != "backward" else args[1].dtype)
+                return op(*args)
+
+            return call
+
+    monkeypatch.setattr(function_mod, "ops", Spy())
+    x, y, _, _ = make((6, 9), dtype, device)
+    t = torch.randint(0, 9, (6,), device=device)
+    x.requires_grad_()
+    with torch.autocast(device_type=device, dtype=dtype):
+        for target in (t, y):
+            loss = cross_entropy(x, target)
+            expected = F.cross_entropy(x, target)
+            assert loss.dtype == expected.dtype == torch.float32
+            torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.dtype == dtype
+    assert seen and all(d == dtype for d in seen)  # the kernels saw the half-precision logits themselves
