@@ -22,7 +22,7 @@ build: $(VENV)/.built
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja pybind11 pytest numpy setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" ninja pybind11 pytest hypothesis numpy setuptools wheel
 	@# The checkout itself is the package: a .pth puts it on the venv's path (in-place, incremental builds).
 	$(PY) -c "import sysconfig, pathlib; pathlib.Path(sysconfig.get_paths()['purelib'], 'softmax_ce_ext_dev.pth').write_text('$(CURDIR)\n')"
 	touch $@

@@ -23,6 +23,8 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
       " float label_smoothing) -> Tensor");
   // grad *= grad_output (a 0-d tensor), skipping the pass when grad_output == 1: decided where the data lives.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // The sum of per-row values (a 0-d tensor of their dtype) in an order that does not depend on the thread count.
+  m.def("sum_rows(Tensor values) -> Tensor");
 }
 
 namespace {

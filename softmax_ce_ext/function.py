@@ -101,9 +101,9 @@ class _Prepared:
             return None
         valid = self.t != self.ignore_index
         if self.weight is None:
-            return valid.sum(dtype=self.acc)
+            return ops.sum_rows(valid.to(self.acc))
         safe = torch.where(valid, self.t, 0).clamp_(0, self.weight.numel() - 1)  # never index out of range
-        return torch.where(valid, self.weight[safe], 0).sum()
+        return ops.sum_rows(torch.where(valid, self.weight[safe], 0))
 
 
 def kernel_views(input, target, weight, x3_shape, prob):
@@ -164,9 +164,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             out = rows.reshape(p.out_shape)
         elif reduction == "sum":
-            out = rows.sum()
+            out = ops.sum_rows(rows)
         else:
-            out = rows.sum() / (denom if denom is not None else p.positions)
+            out = ops.sum_rows(rows) / (denom if denom is not None else p.positions)
         out = out.to(p.out_dtype)
 
         if want_input_grad or want_target_grad:

@@ -63,12 +63,13 @@ def _op_samples(device):
             rows = torch.rand(4, 3, dtype=acc, device=device)
             samples.append((ops.backward, (rows, x, target, weight, lse, ignore, 0.1)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
+        samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
     return samples
 
 
 def test_opcheck_every_op(device):
     samples = _op_samples(device)
-    assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.scale_grad_}
+    assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.scale_grad_, ops.sum_rows}
     for op, args in samples:
         torch.library.opcheck(op, args)
 

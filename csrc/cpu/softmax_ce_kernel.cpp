@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <limits>
+#include <vector>
 
 #include "../softmax_ce.h"
 
@@ -170,6 +171,28 @@ void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
   if (g != 1.0) grad.mul_(g);
 }
 
+// Fixed blocks summed in parallel, then the block sums in order, all in double: the same bits on any number
+// of threads (at::sum's split depends on it).
+at::Tensor sum_rows_cpu(const at::Tensor& values) {
+  const at::Tensor flat = values.contiguous().view(-1);
+  constexpr int64_t kBlock = 4096;
+  const int64_t n = flat.numel(), blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(blocks, 0.0);
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(flat.scalar_type(), "sum_rows_cpu", [&] {
+    const scalar_t* v = flat.data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double s = 0;
+        for (int64_t i = b * kBlock, e = std::min(n, i + kBlock); i < e; ++i) s += v[i];
+        partial[b] = s;
+      }
+    });
+  });
+  for (double p : partial) total += p;
+  return at::scalar_tensor(total, flat.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
@@ -177,6 +200,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("forward_backward", &forward_backward_cpu);
   m.impl("backward", &backward_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
+  m.impl("sum_rows", &sum_rows_cpu);
 }
 
 }  // namespace softmax_ce
