@@ -22,10 +22,10 @@ grep -E "softmax_ce_ext build|real" "$OUT/build.log"
 grep -E "bytes spill" "$OUT/build.log" | sort | uniq -c | sed 's/^/  /' | head -20
 
 echo "== CUDA tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout 300 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark"
-timeout 150 $PY benchmarks/bench.py --device cuda 2>&1 | tee "$OUT/bench.log"
+timeout 120 $PY benchmarks/bench.py --device cuda 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -16,3 +16,9 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same random state: failures reproduce."""
+    torch.manual_seed(0)

@@ -59,8 +59,11 @@ def test_every_target_ignored(device, reduction, smoothing):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 def test_unusual_weights(device, weights, reduction, smoothing):
-    x, t = torch.randn(6, 5, device=device), torch.tensor([0, 1, 2, 3, 4, 1], device=device)
-    w = torch.tensor(weights, device=device)
+    # float64: mixed-sign weights make the weighted sums cancel, which float32 would blur for both sides.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
+    t = torch.tensor([0, 1, 2, 3, 4, 1], device=device)
+    w = torch.tensor(weights, dtype=torch.float64, device=device)
     (ours, g), (theirs, gt) = both(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
     same(ours, theirs)
     same(g, gt)
@@ -133,7 +136,7 @@ def test_half_precision_beats_pytorch_overflow(device):
 def test_strided_logits_and_expanded_target(device, layout):
     g = torch.Generator().manual_seed(1)
     if layout == "transposed":
-        x = torch.randn(9, 6, generator=g).to(device).t()  # (6, 9): class stride 6... rows strided
+        x = torch.randn(9, 6, generator=g).to(device).t()  # (6, 9), the class dim strided (stride 6)
         t = torch.tensor([4], device=device).expand(6)
     else:
         x = torch.randn(3, 5, 4, 7, generator=g).to(device).permute(0, 3, 1, 2)  # (3, 7, 5, 4), class stride 1

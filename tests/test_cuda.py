@@ -1,0 +1,75 @@
+"""CUDA-only robustness: more than 2**31 elements, and no host synchronisation on the forward/backward path.
+Skipped without a GPU; benchmarks/gpu_check.sh runs them on the GPU machine."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext import cross_entropy
+
+pytestmark = pytest.mark.skipif(
+    not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()), reason="CUDA kernels not built or no GPU"
+)
+
+
+def _free_gib():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(65536, 32769), (2, 8, 2**27 + 1)],
+    ids=["rows-across-2^31", "k-dim-across-2^31"],
+)
+def test_more_than_2_31_elements(shape):
+    """bf16 logits + gradient: 8.6 GB.  Rows at the far end (offsets past 2**31) are checked against torch."""
+    if _free_gib() < 12:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    assert torch.Size(shape).numel() > 2**31
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda")
+    loss = cross_entropy(x, t, reduction="sum")
+    loss.backward()
+    softmax_ce_ext.check_errors()
+    if len(shape) == 2:
+        tail_x, tail_t, tail_g = x.detach()[-3:].float(), t[-3:], x.grad[-3:].float()
+    else:
+        tail_x, tail_t, tail_g = x.detach()[-1, :, -5:].float(), t[-1, -5:], x.grad[-1, :, -5:].float()
+        tail_x, tail_g = tail_x.t(), tail_g.t()  # (positions, classes)
+    expected = F.softmax(tail_x, 1) - F.one_hot(tail_t, tail_x.shape[1]).float()
+    torch.testing.assert_close(tail_g, expected, rtol=2e-2, atol=2e-3)
+    per_row = cross_entropy(x.detach(), t, reduction="none")
+    torch.testing.assert_close(per_row.reshape(-1)[-3:].float(),
+                               F.cross_entropy(tail_x[-3:], tail_t.reshape(-1)[-3:], reduction="none"),
+                               rtol=2e-2, atol=2e-2)
+    del x, loss, per_row
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kind", ["index", "weighted-smoothed", "probability"])
+def test_no_host_synchronisation(reduction, kind):
+    x = torch.randn(256, 1000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if kind == "probability":
+        target = torch.softmax(torch.randn(256, 1000, device="cuda"), 1).bfloat16()
+        kw = dict(reduction=reduction)
+    else:
+        target = torch.randint(0, 1000, (256,), device="cuda")
+        kw = dict(reduction=reduction)
+        if kind == "weighted-smoothed":
+            kw.update(weight=torch.rand(1000, device="cuda"), label_smoothing=0.1, ignore_index=3)
+    for _ in range(2):  # the first call sets up the status buffer (pinned memory), outside the check
+        loss = cross_entropy(x, target, **kw)
+        grad_out = torch.rand_like(loss)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = cross_entropy(x, target, **kw)
+            loss.backward(grad_out)
+            with torch.no_grad():
+                cross_entropy(x, target, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
