@@ -1,24 +1,125 @@
-"""First benchmark: softmax_ce_ext against torch eager, forward and forward+backward (mean reduction).
+"""Benchmark softmax_ce_ext against torch eager, torch.compile and the fused peers installed, on this machine.
 
-Bytes the op must move (the floor), with E the logits' element size:
-  fwd      N*C*E      read the logits once
-  fwd+bwd  2*N*C*E    read the logits once, write the gradient once
-% of floor = (bytes / copy bandwidth) / measured time, the copy bandwidth being measured in this run
-(a large copy, counting bytes read + written).  The full CLI has its own issue; this is the first cut.
+Bytes the op must move (its floor), for logits of N*C elements of E bytes:
+  fwd       1 pass  = N*C*E     read the logits once (no gradient)
+  fwd+bwd   2 passes = 2*N*C*E   read the logits once, write the gradient once (reduction mean or sum)
+  none+bwd  3 passes = 3*N*C*E   reduction='none' with an upstream gradient per row: read the logits in the
+                                 forward, read them again and write the gradient in the backward
+% of floor = (passes * N*C*E / copy bandwidth) / measured time, where the copy bandwidth is measured in the
+same run (a large copy, counting the bytes read and written).  Targets, per-row losses and the like are a
+rounding error next to the logits and are not counted.
+
+Each timed configuration is also checked against a float64 PyTorch reference (max error relative to the
+largest reference value, for the loss and the gradient); a mismatch marks the row and makes the exit code 1.
 """
 
 import argparse
+import csv
+import json
+import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import softmax_ce_ext
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import softmax_ce_ext  # noqa: E402
+from providers import PROVIDERS  # noqa: E402
 
-GPU_SHAPES = ["8192x32000", "8192x128256", "65536x1000", "16x21x512x512"]
-CPU_SHAPES = ["4096x32000", "65536x1000", "8x21x128x128"]
+PRESETS = {
+    "llm": {"cuda": ["8192x32000", "8192x128256", "4096x256000"], "cpu": ["8192x32000", "8192x128256", "4096x256000"]},
+    "classification": {"cuda": ["65536x1000"], "cpu": ["65536x1000"]},
+    "segmentation": {"cuda": ["16x21x512x512"], "cpu": ["8x21x256x256"]},
+    "quick": {"cuda": ["64x1000", "4x5x16x16"], "cpu": ["64x1000", "4x5x16x16"]},
+    "default": {
+        "cuda": ["8192x32000", "8192x128256", "4096x256000", "65536x1000", "16x21x512x512"],
+        "cpu": ["4096x32000", "65536x1000", "8x21x256x256"],
+    },
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+MODES = {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3}
+# Largest normalised error accepted per dtype (the loss and gradient are stored in it).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+FIELDS = ["shape", "dtype", "mode", "provider", "status", "ms", "gbps", "pct_floor", "floor_ms", "passes",
+          "speedup_vs_torch", "peak_extra_x", "loss_err", "grad_err", "ok", "note"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, never a traceback
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_shape(text):
+    try:
+        dims = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if len(dims) < 2 or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"malformed shape {text!r}: expected NxC or NxCxD1..., e.g. 8192x32000")
+    return dims
+
+
+def build_parser():
+    p = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when a GPU is visible and the CUDA kernels are built, else CPU")
+    p.add_argument("--shapes", nargs="+", default=["default"], metavar="SHAPE",
+                   help=f"presets ({', '.join(PRESETS)}) or shapes like 8192x32000 or 16x21x512x512 "
+                        "(N x C x d1...); 'default' fits the device (about a minute)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
+                   help="logit dtypes (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--mode", nargs="+", choices=list(MODES), default=["fwd", "fwd+bwd"],
+                   help="fwd: forward without autograd; fwd+bwd: forward+backward; none+bwd: reduction='none' "
+                        "with a random upstream gradient")
+    p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="reduction for fwd and fwd+bwd")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of targets set to ignore_index (-100)")
+    p.add_argument("--providers", nargs="+", default=["ours", "torch", "compile", "liger", "flash_attn"],
+                   choices=list(PROVIDERS), help="absent peers are listed as skipped")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: enough for ~0.3 s on CUDA, "
+                                                          "~1 s on CPU, at least 3)")
+    p.add_argument("--json", type=Path, help="write the results as JSON")
+    p.add_argument("--csv", type=Path, help="write the results as CSV")
+    p.add_argument("--plot", type=Path, help="write a PNG of time and %% of floor (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    return p
+
+
+def resolve(args, parser):
+    cuda_ok = torch.cuda.is_available() and softmax_ce_ext.cuda_built()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if cuda_ok else "cpu"
+    if device == "cuda" and not cuda_ok:
+        why = "no GPU is visible" if not torch.cuda.is_available() else "softmax_ce_ext was built without CUDA"
+        parser.error(f"--device cuda: {why}")
+    shapes = []
+    for item in args.shapes:
+        if item in PRESETS:
+            shapes += [parse_shape(s) for s in PRESETS[item][device]]
+        elif item[:1].isdigit():
+            try:
+                shapes.append(parse_shape(item))
+            except argparse.ArgumentTypeError as e:
+                parser.error(str(e))
+        else:
+            parser.error(f"unknown preset {item!r}: choose from {', '.join(PRESETS)} or give a shape like 8192x32000")
+    if not 0.0 <= args.ignore_frac < 1.0:
+        parser.error(f"--ignore-frac must be in [0, 1), got {args.ignore_frac}")
+    if args.plot and importlib_missing("matplotlib"):
+        parser.error("--plot needs matplotlib (pip install matplotlib)")
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
+    return device, shapes, dtypes
+
+
+def importlib_missing(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
 
 
 def sync(device):
@@ -26,99 +127,271 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, reps, warmup=2):
-    for _ in range(warmup):
+def timed(fn, device):
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    sync(device)
-    samples = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def copy_bandwidth(device):
-    """GB/s of a large copy, counting bytes read + written."""
-    n = (1 << 28) if device == "cuda" else (1 << 26)  # 1 GiB / 256 MiB of float32
+    """GB/s of a large copy, bytes read + written (1 GiB on CUDA, 256 MiB on CPU)."""
+    n = (1 << 28) if device == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, reps=10)
-    return 2 * src.numel() * 4 / ms / 1e6
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    ms = statistics.median(timed(lambda: dst.copy_(src), device) for _ in range(10))
+    return 2 * n * 4 / ms / 1e6
 
 
-def parse_shape(text):
-    dims = tuple(int(v) for v in text.lower().split("x"))
-    if len(dims) < 2:
-        raise argparse.ArgumentTypeError(f"expected a shape like 8192x32000, got {text!r}")
-    return dims
+class Progress:
+    def __init__(self, total, enabled):
+        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, label):
+        self.done += 1
+        if self.enabled:
+            width = 24
+            filled = int(width * self.done / self.total)
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                  f"{time.perf_counter() - self.t0:5.0f}s {label:<48}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled:
+            print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--shapes", nargs="+", type=parse_shape, help="N x C [x d1 ...]; default fits the device")
-    ap.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES))
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
-    args = ap.parse_args()
+class Case:
+    """One shape/dtype: inputs (several copies when one would sit in cache), targets, upstream gradient."""
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() and softmax_ce_ext.cuda_built() else "cpu"
-    if device == "cuda" and not (torch.cuda.is_available() and softmax_ce_ext.cuda_built()):
-        ap.error("--device cuda needs a visible GPU and a CUDA build of softmax_ce_ext")
-    shapes = args.shapes or [parse_shape(s) for s in (GPU_SHAPES if device == "cuda" else CPU_SHAPES)]
-    dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16", "float32"] if device == "cuda" else ["float32"]))]
-    reps = args.reps or (20 if device == "cuda" else 3)
+    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        copies = max(1, min(8, math.ceil(cache_bytes / self.nbytes)))
+        base = torch.randn(shape, generator=g).mul_(2).to(device=device, dtype=dtype)
+        self.inputs = [base] + [base.clone() for _ in range(copies - 1)]
+        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+        if ignore_frac:
+            t[torch.rand(t.shape, generator=g) < ignore_frac] = -100
+        self.target = t.to(device)
+        self.row_grad = torch.rand(t.shape, generator=g).add_(0.5).to(device=device, dtype=dtype)
 
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+def run_once(fn, x, case, mode):
+    """One call: returns (loss, grad or None)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return fn(x, case.target), None
+    x = x.detach().requires_grad_()
+    loss = fn(x, case.target)
+    loss.backward(case.row_grad if mode == "none+bwd" else None)
+    return loss.detach(), x.grad
+
+
+def reference_errors(case, mode, opts, loss, grad):
+    """Normalised max errors of loss and gradient against PyTorch in float64, a chunk of rows at a time."""
+    x, t = case.inputs[0], case.target
+    reduction = "none" if mode == "none+bwd" else opts["reduction"]
+    n = x.shape[0]
+    chunk = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))
+    valid = (t != opts["ignore_index"]).sum().item()
+    scale = 1.0 / valid if reduction == "mean" else 1.0  # mean: every chunk divides by the global count
+    ref_loss_parts, grad_err, grad_max = [], 0.0, 0.0
+    for i in range(0, n, chunk):
+        xs = x[i:i + chunk].detach().double().requires_grad_(grad is not None)
+        per_row = F.cross_entropy(xs, t[i:i + chunk], reduction="none", ignore_index=opts["ignore_index"],
+                                  label_smoothing=opts["label_smoothing"])
+        ref_loss_parts.append(per_row.detach())
+        if grad is not None:
+            upstream = case.row_grad[i:i + chunk].double() if reduction == "none" else torch.full_like(per_row, scale)
+            (rg,) = torch.autograd.grad(per_row, xs, upstream)
+            grad_err = max(grad_err, (grad[i:i + chunk].double() - rg).abs().max().item())
+            grad_max = max(grad_max, rg.abs().max().item())
+    ref_rows = torch.cat(ref_loss_parts)
+    ref = ref_rows if reduction == "none" else ref_rows.sum() * scale
+    loss_err = ((loss.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return loss_err, (grad_err / max(grad_max, 1e-30) if grad is not None else None)
+
+
+def measure(provider, case, mode, opts, reps, budget_ms):
+    fn = provider.make(opts)
+    # Correctness first, on a fresh copy (in-place peers overwrite their input), which also warms up.
+    loss, grad = run_once(fn, case.inputs[0].clone() if provider.inplace else case.inputs[0], case, mode)
+    loss_err, grad_err = reference_errors(case, mode, opts, loss, grad)
+    del loss, grad
+    inputs = [x.clone() for x in case.inputs] if provider.inplace else case.inputs
+    counter = [0]
+
+    def step():
+        x = inputs[counter[0] % len(inputs)]
+        counter[0] += 1
+        run_once(fn, x, case, mode)
+
+    step()
+    sync(case.device)
+    first = timed(step, case.device)
+    n = reps or max(3, min(200, int(budget_ms / max(first, 1e-3))))
+    ms = statistics.median(timed(step, case.device) for _ in range(n))
+    peak = None
+    if case.device == "cuda":
+        sync("cuda")
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync("cuda")
+        peak = (torch.cuda.max_memory_allocated() - base) / case.nbytes
+    return ms, peak, loss_err, grad_err
+
+
+def header_lines(device, bw):
+    info = softmax_ce_ext.build_info()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({cpu_name()})"
+    build = "CUDA, archs " + info["archs"] if info["backend"] == "cuda" else "CPU-only"
+    return [
+        f"softmax_ce_ext {softmax_ce_ext.__version__} ({build}); torch {torch.__version__}",
+        f"device: {name}; threads: {torch.get_num_threads()}; copy bandwidth {bw:.1f} GB/s (read + write, this run)",
+        "floor: fwd = N*C*E bytes (1 pass); fwd+bwd = 2*N*C*E (2 passes); none+bwd = 3*N*C*E (3 passes); "
+        "% of floor = floor time / measured time",
+    ]
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def fmt(row):
+    def num(key, spec, suffix="", width=0):
+        v = row[key]
+        text = format(v, spec) + suffix if isinstance(v, (int, float)) else "-"
+        return text.rjust(width)
+
+    return (f"{row['shape']:>16} {row['dtype']:>8} {row['mode']:>8} {row['provider']:>10} {num('ms', '.3f', '', 9)} "
+            f"{num('gbps', '.1f', '', 8)} {num('pct_floor', '.1f', '%', 8)} {num('speedup_vs_torch', '.2f', 'x', 8)} "
+            f"{num('peak_extra_x', '.2f', 'x', 6)} {num('loss_err', '.1e', '', 9)} {num('grad_err', '.1e', '', 9)} "
+            f"{'' if row['ok'] else 'MISMATCH '}{row['note']}")
+
+
+TABLE_HEAD = (f"{'shape':>16} {'dtype':>8} {'mode':>8} {'provider':>10} {'ms':>9} {'GB/s':>8} {'%floor':>8} "
+              f"{'vs torch':>8} {'peak+':>6} {'loss err':>9} {'grad err':>9}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device, shapes, dtypes = resolve(args, parser)
     bw = copy_bandwidth(device)
-    print(f"softmax_ce_ext {softmax_ce_ext.__version__} build {softmax_ce_ext.build_info()}")
-    print(f"torch {torch.__version__} on {name}; copy bandwidth {bw:.1f} GB/s (read + write)")
-    print("floor bytes: fwd = N*C*E (read logits once), fwd+bwd = 2*N*C*E (+ write gradient once)")
-    print(f"{'shape':>16} {'dtype':>9} {'mode':>8} {'provider':>9} {'ms':>9} {'GB/s':>7} {'% floor':>8} {'vs eager':>8} {'max rel err':>11}")
+    for line in header_lines(device, bw):
+        print(line)
+    print(TABLE_HEAD, flush=True)
+    cache_bytes = 2 * torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 64 << 20
+    budget_ms = 300.0 if device == "cuda" else 1000.0
+    configs = [(s, d, m) for s in shapes for d in dtypes for m in args.mode]
+    progress = Progress(len(configs) * len(args.providers), not args.no_progress)
+    rows, failed = [], False
+    for shape, dtype, mode in configs:
+        case = Case(shape, dtype, device, args.ignore_frac, cache_bytes)
+        opts = dict(reduction="none" if mode == "none+bwd" else args.reduction, ignore_index=-100,
+                    label_smoothing=args.label_smoothing)
+        passes = MODES[mode]
+        floor_ms = passes * case.nbytes / bw / 1e6
+        results = []
+        for name in args.providers:
+            provider = PROVIDERS[name]
+            progress.step(f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {mode} {name}")
+            row = dict(shape="x".join(map(str, shape)), dtype=str(dtype)[6:], mode=mode, provider=name,
+                       status="ok", ms=None, gbps=None, pct_floor=None, floor_ms=floor_ms, passes=passes,
+                       speedup_vs_torch=None, peak_extra_x=None, loss_err=None, grad_err=None, ok=True, note="")
+            reason = provider.unavailable(device, shape, opts)
+            if reason:
+                row.update(status="skipped", note=f"skipped: {reason}")
+            else:
+                try:
+                    ms, peak, loss_err, grad_err = measure(provider, case, mode, opts, args.reps, budget_ms)
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row.update(status="skipped", note="skipped: out of memory")
+                else:
+                    tol = TOLERANCE[dtype]
+                    ok = loss_err <= tol and (grad_err is None or grad_err <= tol)
+                    failed |= not ok
+                    row.update(ms=ms, gbps=passes * case.nbytes / ms / 1e6, pct_floor=100 * floor_ms / ms,
+                               peak_extra_x=peak, loss_err=loss_err, grad_err=grad_err, ok=ok,
+                               note="" if ok else f"tolerance {tol:.0e}")
+            results.append(row)
+        eager = next((r["ms"] for r in results if r["provider"] == "torch" and r["ms"]), None)
+        for row in results:
+            if eager and row["ms"]:
+                row["speedup_vs_torch"] = eager / row["ms"]
+            progress.close()
+            print(fmt(row), flush=True)
+        rows += results
+        del case
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    progress.close()
+    write_outputs(args, rows, header_lines(device, bw), bw, device)
+    if failed:
+        print("correctness check FAILED for the rows marked MISMATCH", file=sys.stderr)
+    return 1 if failed else 0
 
-    for shape in shapes:
-        classes = shape[1]
-        for dtype in dtypes:
-            g = torch.Generator(device=device).manual_seed(0)
-            x = torch.randn(shape, device=device, dtype=dtype, generator=g)
-            target = torch.randint(0, classes, (shape[0], *shape[2:]), device=device, generator=g)
-            nbytes = x.numel() * x.element_size()
-            for mode, passes in (("fwd", 1), ("fwd+bwd", 2)):
-                results = {}
-                for provider, fn_ce in (("torch", F.cross_entropy), ("ours", softmax_ce_ext.cross_entropy)):
-                    if mode == "fwd":
-                        def run(fn_ce=fn_ce):
-                            with torch.no_grad():
-                                return fn_ce(x, target)
-                    else:
-                        xg = x.detach().requires_grad_()
 
-                        def run(fn_ce=fn_ce, xg=xg):
-                            xg.grad = None
-                            loss = fn_ce(xg, target)
-                            loss.backward()
-                            return loss
-                    results[provider] = (time_ms(run, device, reps), run().float())
-                ref = results["torch"][1]
-                for provider, (ms, loss) in results.items():
-                    err = ((loss - ref).abs() / ref.abs().clamp_min(1e-30)).item()
-                    floor_ms = passes * nbytes / bw / 1e6
-                    print(
-                        f"{'x'.join(map(str, shape)):>16} {str(dtype)[6:]:>9} {mode:>8} {provider:>9} {ms:9.3f} "
-                        f"{passes * nbytes / ms / 1e6:7.1f} {100 * floor_ms / ms:7.1f}% "
-                        f"{results['torch'][0] / ms:7.2f}x {err:11.2e}"
-                    )
+def write_outputs(args, rows, header, bw, device):
+    meta = dict(version=softmax_ce_ext.__version__, build=softmax_ce_ext.build_info(), torch=torch.__version__,
+                device=device, device_name=header[1], threads=torch.get_num_threads(), copy_gbps=bw,
+                date=time.strftime("%Y-%m-%d"), floor="fwd 1 pass, fwd+bwd 2, none+bwd 3 passes of N*C*E bytes")
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        plot(args.plot, rows, header)
+
+
+def plot(path, rows, header):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed_rows = [r for r in rows if r["ms"]]
+    configs = sorted({(r["shape"], r["dtype"], r["mode"]) for r in timed_rows}, key=str)
+    providers = sorted({r["provider"] for r in timed_rows})
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.4 * len(configs)), 8))
+    width = 0.8 / max(1, len(providers))
+    for k, name in enumerate(providers):
+        by = {(r["shape"], r["dtype"], r["mode"]): r for r in timed_rows if r["provider"] == name}
+        xs = [i + k * width for i in range(len(configs))]
+        axes[0].bar(xs, [by[c]["ms"] if c in by else 0 for c in configs], width, label=name)
+        axes[1].bar(xs, [by[c]["pct_floor"] if c in by else 0 for c in configs], width, label=name)
+    labels = ["\n".join(c) for c in configs]
+    for ax, ylabel in zip(axes, ("median ms", "% of memory floor")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], labels, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    axes[1].axhline(100, color="grey", lw=0.5)
+    fig.suptitle(header[1], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

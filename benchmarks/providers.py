@@ -1,0 +1,98 @@
+"""The cross-entropy implementations the benchmark compares: ours, torch eager, torch.compile, and fused peers
+found installed (Liger's Triton kernel, flash-attn's Triton kernel).  Each builds a loss function
+fn(logits, target) -> loss for given options, or says why it cannot run here."""
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+
+
+class Provider:
+    name = ""
+    inplace = False  # the backward overwrites the logits with the gradient
+
+    def unavailable(self, device, shape, opts):
+        """None when it can run; else the reason it is skipped."""
+        return None
+
+    def make(self, opts):
+        raise NotImplementedError
+
+
+class Ours(Provider):
+    name = "ours"
+
+    def make(self, opts):
+        return lambda x, t: softmax_ce_ext.cross_entropy(x, t, **opts)
+
+
+class TorchEager(Provider):
+    name = "torch"
+
+    def make(self, opts):
+        return lambda x, t: F.cross_entropy(x, t, **opts)
+
+
+class TorchCompile(Provider):
+    name = "compile"
+
+    def make(self, opts):
+        import torch._dynamo
+
+        # Every shape/dtype recompiles; a low limit would silently fall back to eager and time that instead.
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, 1024)
+        return torch.compile(lambda x, t: F.cross_entropy(x, t, **opts))
+
+
+class _TritonPeer(Provider):
+    module = ""
+
+    def unavailable(self, device, shape, opts):
+        if importlib.util.find_spec(self.module.split(".")[0]) is None:
+            return f"{self.module.split('.')[0]} not installed"
+        if device != "cuda":
+            return "Triton kernel: CUDA only"
+        if len(shape) != 2:
+            return "2-D logits only"
+        if opts.get("weight") is not None:
+            return "no class weights"
+        return None
+
+
+class Liger(_TritonPeer):
+    name = "liger"
+    module = "liger_kernel"
+    inplace = True
+
+    def make(self, opts):
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+
+        loss = LigerCrossEntropyLoss(
+            ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"], reduction=opts["reduction"]
+        )
+
+        def fn(x, t):
+            out = loss(x, t)
+            return out[0] if isinstance(out, tuple) else out
+
+        return fn
+
+
+class FlashAttn(_TritonPeer):
+    name = "flash_attn"
+    module = "flash_attn"
+
+    def make(self, opts):
+        from flash_attn.losses.cross_entropy import CrossEntropyLoss
+
+        return CrossEntropyLoss(
+            ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"], reduction=opts["reduction"]
+        )
+
+
+PROVIDERS = {p.name: p for p in (Ours(), TorchEager(), TorchCompile(), Liger(), FlashAttn())}

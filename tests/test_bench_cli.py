@@ -1,0 +1,77 @@
+"""The benchmark CLI: a quick CPU run writes JSON and CSV whose rows all pass their correctness check; bad
+arguments give one line on stderr and exit code 2."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import softmax_ce_ext
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_quick_run_writes_json_and_csv(tmp_path):
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    r = bench("--device", "cpu", "--shapes", "quick", "--mode", "fwd", "fwd+bwd", "none+bwd", "--providers", "ours",
+              "torch", "compile", "liger", "--reps", "3", "--ignore-frac", "0.2", "--label-smoothing", "0.1",
+              "--json", str(out_json), "--csv", str(out_csv), "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "copy bandwidth" in r.stdout and "floor:" in r.stdout
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["copy_gbps"] > 0 and data["meta"]["torch"] == torch.__version__
+    rows = data["rows"]
+    assert len(rows) == 2 * 3 * 4  # shapes x modes x providers
+    timed = [row for row in rows if row["status"] == "ok"]
+    assert {row["provider"] for row in timed} == {"ours", "torch", "compile"}
+    assert all(row["status"] == "skipped" and row["note"] for row in rows if row["provider"] == "liger")
+    for row in timed:
+        assert row["ok"] and row["ms"] > 0 and row["pct_floor"] > 0 and row["loss_err"] < 1e-4
+        assert row["passes"] == {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3}[row["mode"]]
+        assert (row["grad_err"] is None) == (row["mode"] == "fwd")
+        if row["provider"] == "torch":
+            assert row["speedup_vs_torch"] == pytest.approx(1.0)
+    with out_csv.open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {"shape", "dtype", "mode", "provider", "ms", "pct_floor", "loss_err", "grad_err", "ok"} <= set(csv_rows[0])
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--shapes", "huge"], "unknown preset 'huge'"),
+        (["--shapes", "8192xabc"], "malformed shape '8192xabc'"),
+        (["--shapes", "8192"], "malformed shape '8192'"),
+        (["--mode", "backwards"], "invalid choice"),
+        (["--ignore-frac", "1.5"], "--ignore-frac must be in [0, 1)"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    r = bench("--device", "cpu", *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cuda_without_cuda_exits_2():
+    if torch.cuda.is_available() and softmax_ce_ext.cuda_built():
+        pytest.skip("CUDA is available here")
+    r = bench("--device", "cuda")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--device cuda" in r.stderr
+
+
+def test_help_explains_the_byte_formula():
+    r = bench("--help")
+    assert r.returncode == 0
+    assert "2*N*C*E" in r.stdout and "--providers" in r.stdout
