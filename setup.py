@@ -90,7 +90,9 @@ def extensions():
         os.environ["CUDA_HOME"] = cuda_home
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/softmax_ce.cpp", "csrc/cpu/softmax_ce_kernel.cpp"]
+    # The AVX2 / AVX-512 files set their own instruction set (#pragma), so the default flags stay portable.
+    sources = ["csrc/softmax_ce.cpp", "csrc/cpu/softmax_ce_kernel.cpp", "csrc/cpu/softmax_ce_kernel_avx2.cpp",
+               "csrc/cpu/softmax_ce_kernel_avx512.cpp"]
     cxx = ["-O3"]
     info = {"backend": "cuda" if use_cuda else "cpu", "why": why, "archs": ""}
     if use_cuda:

@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/softmax_ce_cpu_isa.h"
+
 TORCH_LIBRARY(softmax_ce_ext, m) {
   // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
   // the logits' dtype.  weight: (C,) in the accumulation dtype (float32; float64 for float64 logits) or None.
@@ -39,4 +41,8 @@ bool cuda_built() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled into this build.");
+  m.def("cpu_isa", &softmax_ce::cpu_isa, "The instruction set the CPU kernels use now.");
+  m.def("cpu_isas", &softmax_ce::cpu_isas, "The instruction sets this CPU can run, best first.");
+  m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
+  m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
 }

@@ -150,9 +150,12 @@ inline at::Tensor row_buffer(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(2)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
 }
 
+// A backend's allocator for the gradient buffer (nullptr: at::empty_like).
+using GradAlloc = at::Tensor (*)(const at::Tensor& logits);
+
 // The gradient takes the logits' strides when they are dense (no copy-back for permuted inputs).
-inline at::Tensor grad_like(const at::Tensor& logits, RowLayout& L) {
-  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Preserve);
+inline at::Tensor grad_like(const at::Tensor& logits, RowLayout& L, GradAlloc alloc) {
+  at::Tensor grad = alloc ? alloc(logits) : at::empty_like(logits, at::MemoryFormat::Preserve);
   L.g_sB = grad.stride(0);
   L.g_sC = grad.stride(1);
   L.g_sS = grad.stride(2);
@@ -200,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
                                                                    const c10::optional<at::Tensor>& weight,
                                                                    int64_t ignore_index, double eps,
                                                                    const at::Tensor& grad_scale,
-                                                                   const at::Tensor& status) {
+                                                                   const at::Tensor& status,
+                                                                   GradAlloc alloc = nullptr) {
   RowLayout L = check_and_layout(logits, target, weight, "forward_backward");
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
@@ -211,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
   o.status = status;
   o.loss = row_buffer(logits);
   o.lse = row_buffer(logits);
-  o.grad = grad_like(logits, L);
+  o.grad = grad_like(logits, L, alloc);
   o.factor = grad_scale;
   launch(Mode::kStatsGrad, L, o);
   return {o.loss, o.lse, o.grad};
@@ -220,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
 template <typename Launch>
 at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Tensor& logits,
                        const at::Tensor& target, const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
-                       int64_t ignore_index, double eps) {
+                       int64_t ignore_index, double eps, GradAlloc alloc = nullptr) {
   RowLayout L = check_and_layout(logits, target, weight, "backward");
   const auto acc = acc_dtype(logits.scalar_type());
   const std::vector<int64_t> rows{logits.size(0), logits.size(2)};
@@ -233,7 +237,7 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
               ", got ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.lse = lse;
-  o.grad = grad_like(logits, L);
+  o.grad = grad_like(logits, L, alloc);
   o.factor = grad_rows;
   launch(Mode::kGrad, L, o);
   return o.grad;

@@ -5,13 +5,60 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <limits>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../softmax_ce.h"
+#include "softmax_ce_cpu_isa.h"
+#include "softmax_ce_simd_args.h"
 
 namespace softmax_ce {
 namespace {
+
+// ---- Instruction-set choice: the vectorised kernels (float32/bfloat16/float16 logits, class indices) come
+// built for AVX-512 and AVX2; everything else, and CPUs without AVX2, take the portable kernel below.
+
+bool cpu_can(const std::string& name) {
+#if !(defined(__x86_64__) || defined(__i386__))
+  return name == "generic";
+#else
+  __builtin_cpu_init();
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_can("avx2");
+  if (name == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return name == "generic";
+#endif
+}
+
+const SimdKernels* isa_kernels(const std::string& name) {
+  if (name == "avx512") return &kSimdAvx512;
+  if (name == "avx2") return &kSimdAvx2;
+  return nullptr;
+}
+
+std::atomic<const SimdKernels*>& current_isa() {
+  static std::atomic<const SimdKernels*> isa{[] {
+    const char* env = std::getenv("SOFTMAX_CE_CPU_ISA");
+    const std::string want = env ? env : "";
+    if (!want.empty()) {
+      TORCH_CHECK(cpu_can(want), "SOFTMAX_CE_CPU_ISA=", want, ": expected one of this CPU's instruction sets (",
+                  c10::Join(", ", cpu_isas()), ")");
+      return isa_kernels(want);
+    }
+    return isa_kernels(cpu_isas().front());
+  }()};
+  return isa;
+}
 
 // Upstream factor per row: a 0-d tensor broadcast (strides 0) or a (B, S) tensor.
 template <typename acc_t>
@@ -98,9 +145,54 @@ void raise_bad_target(const at::Tensor& target, int64_t C, int64_t ignore_index)
   TORCH_CHECK(false, "softmax_ce_ext: an out-of-range target was flagged but not found");
 }
 
+// The vectorised path, when the instruction set, dtype and layout allow: rows whose classes are contiguous,
+// or (K-dim inputs) blocks of contiguous positions.  Returns false to leave the work to the portable kernel.
+template <typename scalar_t, bool kStats, bool kGrad>
+bool launch_simd(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
+  const SimdKernels* k = current_isa().load();
+  if (k == nullptr) return false;
+  const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1);
+  const bool columns = !rows && L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1);
+  if (!rows && !columns) return false;
+  SimdArgs a{};
+  a.dtype = std::is_same_v<scalar_t, float>       ? SimdDtype::kFloat
+            : std::is_same_v<scalar_t, at::BFloat16> ? SimdDtype::kBFloat16
+                                                     : SimdDtype::kHalf;
+  a.stats = kStats;
+  a.grad = kGrad;
+  a.x = o.logits.data_ptr();
+  a.g = kGrad ? o.grad.data_ptr() : nullptr;
+  a.target = o.target.data_ptr<int64_t>();
+  a.weight = o.weight.defined() ? o.weight.data_ptr<float>() : nullptr;
+  a.weight_sum = o.weight_sum.defined() ? o.weight_sum.item<float>() : static_cast<float>(L.C);
+  a.eps = static_cast<float>(o.eps);
+  a.ignore_index = o.ignore_index;
+  a.loss = kStats ? o.loss.data_ptr<float>() : nullptr;
+  a.lse = o.lse.data_ptr<float>();
+  if (kGrad) {
+    a.factor = o.factor.data_ptr<float>();
+    a.f_sB = o.factor.dim() ? o.factor.stride(0) : 0;
+    a.f_sS = o.factor.dim() ? o.factor.stride(1) : 0;
+  }
+  a.B = L.B, a.C = L.C, a.S = L.S;
+  a.x_sB = L.x_sB, a.x_sC = L.x_sC, a.x_sS = L.x_sS, a.t_sB = L.t_sB, a.t_sS = L.t_sS;
+  a.g_sB = L.g_sB, a.g_sC = L.g_sC, a.g_sS = L.g_sS;
+  int flag = 0;
+  a.bad = &flag;
+  const int64_t work = std::max<int64_t>(L.C, 1) * (rows ? 1 : k->width);  // elements per item
+  const int64_t items = rows ? L.rows() : L.B * ((L.S + k->width - 1) / k->width);
+  auto fn = rows ? k->rows : k->columns;
+  at::parallel_for(0, items, std::max<int64_t>(1, 32768 / work), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  if (__atomic_load_n(&flag, __ATOMIC_RELAXED)) bad.store(true);
+  return true;
+}
+
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 void launch_typed(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (!kProb && !std::is_same_v<scalar_t, double>) {
+    if (launch_simd<scalar_t, kStats, kGrad>(L, o, bad)) return;
+  }
   const RowParams<scalar_t, acc_t, target_t> P{kProb ? nullptr : o.target.data_ptr<int64_t>(),
                                                kProb ? o.target.data_ptr<target_t>() : nullptr,
                                      o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
@@ -144,6 +236,73 @@ void launch_cpu(Mode mode, const RowLayout& L, const OpTensors& o) {
   if (bad.load()) raise_bad_target(o.target, L.C, o.ignore_index);
 }
 
+// Gradient buffers of many MiB: in 2 MiB pages, and kept for reuse once freed.  A fresh buffer costs a page
+// fault per page touched plus the kernel's zeroing, which for an LLM-sized gradient takes longer than the
+// whole kernel; a training loop frees each step's gradient (zero_grad) and asks for the same size again.
+// At most kCacheBlocks freed blocks are kept (SOFTMAX_CE_CPU_GRAD_CACHE=0: none); empty_grad_cache() drops them.
+class GradBlockCache {
+ public:
+  static GradBlockCache& get() {
+    static GradBlockCache* cache = new GradBlockCache();  // never destroyed: deleters may run at exit
+    return *cache;
+  }
+  void* take(size_t len) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (it->second == len) {
+        void* p = it->first;
+        free_.erase(it);
+        return p;
+      }
+    return nullptr;
+  }
+  void give(void* p, size_t len) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (enabled_ && free_.size() < kCacheBlocks) {
+        free_.emplace_back(p, len);
+        return;
+      }
+    }
+    std::free(p);
+  }
+  void clear() {
+    std::vector<std::pair<void*, size_t>> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      drop.swap(free_);
+    }
+    for (auto& block : drop) std::free(block.first);
+  }
+
+ private:
+  static constexpr size_t kCacheBlocks = 2;
+  GradBlockCache() {
+    const char* env = std::getenv("SOFTMAX_CE_CPU_GRAD_CACHE");
+    enabled_ = !(env && std::string(env) == "0");
+  }
+  std::mutex mu_;
+  std::vector<std::pair<void*, size_t>> free_;
+  bool enabled_ = true;
+};
+
+at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
+#if defined(__linux__)
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t bytes = static_cast<size_t>(logits.numel()) * logits.element_size();
+  if (logits.is_contiguous() && bytes >= 4 * kHuge) {
+    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = GradBlockCache::get().take(len);
+    if (p == nullptr && posix_memalign(&p, kHuge, len) == 0)
+      madvise(p, len, MADV_HUGEPAGE);  // a hint: without transparent huge pages they are simply 4 KiB
+    if (p != nullptr)
+      return at::from_blob(p, logits.sizes(), [len](void* q) { GradBlockCache::get().give(q, len); },
+                           logits.options());
+  }
+#endif
+  return at::empty_like(logits, at::MemoryFormat::Preserve);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                double eps, const at::Tensor& status) {
@@ -156,13 +315,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_cpu(const at::Te
                                                                     int64_t ignore_index, double eps,
                                                                     const at::Tensor& grad_scale,
                                                                     const at::Tensor& status) {
-  return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status);
+  return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
+                             grad_alloc_cpu);
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
                         const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
                         double eps) {
-  return backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps);
+  return backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps, grad_alloc_cpu);
 }
 
 void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
@@ -194,6 +354,28 @@ at::Tensor sum_rows_cpu(const at::Tensor& values) {
 }
 
 }  // namespace
+
+void empty_grad_cache() { GradBlockCache::get().clear(); }
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> out;
+  for (const char* name : {"avx512", "avx2", "generic"})
+    if (cpu_can(name)) out.emplace_back(name);
+  return out;
+}
+
+std::string cpu_isa() {
+  const SimdKernels* k = current_isa().load();
+  return k ? k->name : "generic";
+}
+
+std::string set_cpu_isa(const std::string& name) {
+  TORCH_CHECK_VALUE(cpu_can(name), "set_cpu_isa: expected one of this CPU's instruction sets (",
+                    c10::Join(", ", cpu_isas()), "), got '", name, "'");
+  std::string previous = cpu_isa();
+  current_isa().store(isa_kernels(name));
+  return previous;
+}
 
 TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("forward", &forward_cpu);

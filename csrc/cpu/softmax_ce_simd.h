@@ -1,0 +1,346 @@
+// The CPU hot loops, written once over a W-lane float vector (GCC vector extensions) and compiled once per
+// instruction set by the files that include it, each after its own `#pragma GCC target`.  Nothing here but
+// always-inline intrinsics and code with internal linkage: the linker can never hand a function built for
+// AVX-512 to a caller on a CPU without it.  Same algebra as csrc/softmax_ce.h (RowGrad, row_loss).
+#include <immintrin.h>
+
+#include "softmax_ce_simd_args.h"
+
+#ifndef SCE_SIMD_WIDTH
+#error "define SCE_SIMD_WIDTH (8 or 16) before including softmax_ce_simd.h"
+#endif
+
+namespace softmax_ce {
+namespace {
+
+constexpr int W = SCE_SIMD_WIDTH;
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int vi __attribute__((vector_size(4 * W)));
+typedef unsigned vu __attribute__((vector_size(4 * W)));
+typedef unsigned short vu16 __attribute__((vector_size(2 * W)));
+
+constexpr float kInf = __builtin_inff();
+constexpr float kNaN = __builtin_nanf("");
+
+inline vf splat(float v) { return vf{} + v; }
+inline float max1(float m, float v) { return v > m ? v : m; }  // NaN never wins, as in PyTorch's max
+inline vf vmax(vf m, vf v) { return v > m ? v : m; }
+
+// exp(x) = 2^n e^r: n = round(x log2 e), r = x - n ln2 computed in two exact-ish steps (Cody-Waite, so large
+// |x| keeps its low bits), |r| <= ln2/2, e^r = 1 + r + r^2 P(r) (Cephes' expf polynomial).  About 1 ulp;
+// exp(-inf) = 0 exactly and NaN stays NaN.  The arguments here are x - max <= 0.
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLog2e = 1.44269504088896341f;
+
+inline vf exp_reduced(vf x, vf n) {
+  const vf r = x - n * kLn2Hi - n * kLn2Lo;
+  const vf p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                1.6666665459e-1f) * r + 5.0000001201e-1f;
+  return p * (r * r) + r + 1.0f;
+}
+
+#if SCE_SIMD_WIDTH == 16
+inline vf vexp(vf x) {  // AVX-512: rounding and the 2^n scaling (with underflow to 0) are single instructions
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), (__m512)x);  // -inf -> -104 (exp 0); NaN stays
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vf)_mm512_scalef_ps((__m512)exp_reduced((vf)xc, (vf)n), n);
+}
+#else
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.33654475f);
+  const vf xc = x < lo ? lo : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+  const vf t = xc * kLog2e + magic;
+  const vf p = exp_reduced(xc, t - magic);
+  const vf res = (vf)((vi)p + (((vi)t - (vi)magic) << 23));
+  const vf zero_below = x < lo ? splat(0.0f) : res;
+  return x != x ? x : zero_below;
+}
+#endif
+
+inline float exp1(float x) {
+  vf v = splat(x);
+  return vexp(v)[0];
+}
+
+inline float hmax(vf v) {
+  float m = -kInf;
+  for (int i = 0; i < W; ++i) m = max1(m, v[i]);
+  return m;
+}
+inline float hsum(vf v) {  // fixed order: deterministic
+  float s = 0;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+// Loads and stores of the three dtypes, whole vectors and single elements.
+struct F32 {
+  using raw = float;
+  static vf load(const raw* p) {
+    vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(raw* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+  static float get(const raw* p) { return *p; }
+  static void put(raw* p, float v) { *p = v; }
+};
+
+struct BF16 {
+  using raw = unsigned short;
+  static vf load(const raw* p) {
+    vu16 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void store(raw* p, vf v) {  // round to nearest even; NaN stays a (quiet) NaN
+    const vu u = (vu)v;
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = v != v ? (vu{} + 0x7FC0u) : r;
+    const vu16 h = __builtin_convertvector(r, vu16);
+    __builtin_memcpy(p, &h, sizeof h);
+  }
+  static float get(const raw* p) {
+    const unsigned u = static_cast<unsigned>(*p) << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static void put(raw* p, float v) {
+    vf s = splat(v);
+    raw h[W];
+    store(h, s);
+    *p = h[0];
+  }
+};
+
+struct F16 {
+  using raw = unsigned short;
+  static vf load(const raw* p) {
+#if SCE_SIMD_WIDTH == 16
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#endif
+  }
+  static void store(raw* p, vf v) {
+#if SCE_SIMD_WIDTH == 16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#endif
+  }
+  static float get(const raw* p) { return _cvtsh_ss(*p); }
+  static void put(raw* p, float v) { *p = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+};
+
+inline bool out_of_range(int64_t t, int64_t C) { return t < 0 || t >= C; }
+
+// The gradient coefficients of one row (RowGrad::index): f * (p * p_mul - w_c * c_mul - [c == t] * t_sub).
+struct Coef {
+  float p_mul, c_mul, t_sub;
+};
+inline Coef coef(float f, float w_t, float W_sum, float eps, int64_t C) {
+  Coef k;
+  k.t_sub = f * (1.0f - eps) * w_t;
+  k.c_mul = eps == 0.0f ? 0.0f : f * eps / static_cast<float>(C);
+  k.p_mul = eps == 0.0f ? f * w_t : k.t_sub + k.c_mul * W_sum;
+  return k;
+}
+inline float row_loss(float lse, float m, float x_t, float w_t, float A, float D, float eps, int64_t C) {
+  const float nll = w_t * (lse - x_t);
+  if (eps == 0.0f) return nll;
+  return (1.0f - eps) * nll + eps / static_cast<float>(C) * (A * (lse - m) + D);
+}
+
+// ---- Rows whose classes are contiguous: three sweeps over the row (max; sum-exp; gradient), the later two
+// from cache.
+template <class T, bool kSpread>
+void row_contiguous(const SimdArgs& a, int64_t r) {
+  using raw = typename T::raw;
+  const int64_t C = a.C, b = r / a.S, s = r - b * a.S;
+  const raw* x = static_cast<const raw*>(a.x) + b * a.x_sB + s * a.x_sS;
+  raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s * a.g_sS : nullptr;
+  const int64_t t = a.target[b * a.t_sB + s * a.t_sS];
+  if (t == a.ignore_index || out_of_range(t, C)) {
+    const bool ignored = t == a.ignore_index;
+    if (!ignored) __atomic_store_n(a.bad, 1, __ATOMIC_RELAXED);
+    const float v = ignored ? 0.0f : kNaN;
+    if (a.stats) a.loss[r] = a.lse[r] = v;
+    if (g) {
+      int64_t c = 0;
+      for (; c + W <= C; c += W) T::store(g + c, splat(v));
+      for (; c < C; ++c) T::put(g + c, v);
+    }
+    return;
+  }
+  const float w_t = a.weight ? a.weight[t] : 1.0f;
+  float lse;
+  if (a.stats) {
+    vf vm = splat(-kInf);
+    int64_t c = 0;
+    for (; c + W <= C; c += W) vm = vmax(vm, T::load(x + c));
+    float m = hmax(vm);
+    for (; c < C; ++c) m = max1(m, T::get(x + c));
+    const vf mm = splat(m);
+    vf vs = {}, vA = {}, vD = {};
+    for (c = 0; c + W <= C; c += W) {
+      const vf v = T::load(x + c);
+      vs += vexp(v - mm);
+      if (kSpread) {
+        const vf w = a.weight ? F32::load(a.weight + c) : splat(1.0f);
+        vA += w;
+        vD += w * (mm - v);
+      }
+    }
+    float sum = hsum(vs), A = hsum(vA), D = hsum(vD);
+    for (; c < C; ++c) {
+      const float v = T::get(x + c);
+      sum += exp1(v - m);
+      if (kSpread) {
+        const float w = a.weight ? a.weight[c] : 1.0f;
+        A += w;
+        D += w * (m - v);
+      }
+    }
+    lse = m + __builtin_logf(sum);
+    a.lse[r] = lse;
+    a.loss[r] = row_loss(lse, m, T::get(x + t), w_t, A, D, a.eps, C);
+  } else {
+    lse = a.lse[r];
+  }
+  if (g) {
+    const Coef k = coef(a.factor[b * a.f_sB + s * a.f_sS], w_t, a.weight_sum, a.eps, C);
+    const vf vl = splat(lse), vp = splat(k.p_mul), vc = splat(k.c_mul);
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      vf gv = vexp(T::load(x + c) - vl) * vp;
+      if (kSpread) gv -= (a.weight ? F32::load(a.weight + c) : splat(1.0f)) * vc;
+      T::store(g + c, gv);
+    }
+    for (; c < C; ++c)
+      T::put(g + c, exp1(T::get(x + c) - lse) * k.p_mul - (a.weight ? a.weight[c] : 1.0f) * k.c_mul);
+    // The target class, recomputed with its one-hot term.
+    T::put(g + t, exp1(T::get(x + t) - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
+  }
+}
+
+template <class T, bool kSpread>
+void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) row_contiguous<T, kSpread>(a, r);
+}
+
+// ---- Positions contiguous, classes strided (K-dim inputs): W positions at a time, one lane each, walking
+// the classes; the block of W*C values stays in cache between the sweeps.
+template <class T>
+vf load_lanes(const typename T::raw* p, int n) {
+  if (n == W) return T::load(p);
+  vf v = splat(0.0f);
+  for (int i = 0; i < n; ++i) v[i] = T::get(p + i);
+  return v;
+}
+template <class T>
+void store_lanes(typename T::raw* p, vf v, int n) {
+  if (n == W) return T::store(p, v);
+  for (int i = 0; i < n; ++i) T::put(p + i, v[i]);
+}
+
+template <class T, bool kSpread>
+void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
+  using raw = typename T::raw;
+  const int64_t C = a.C;
+  const raw* x = static_cast<const raw*>(a.x) + b * a.x_sB + s0;
+  raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s0 : nullptr;
+  float* loss = a.loss + b * a.S + s0;
+  float* lse_io = a.lse + b * a.S + s0;
+  int64_t t[W];
+  vi ok = {}, tv = {};       // lanes with a valid target; the target class per lane
+  vf fill = {}, vwt = {};    // what invalid lanes get (0 ignored, NaN out of range); w_t per lane
+  for (int i = 0; i < W; ++i) {
+    t[i] = i < n ? a.target[b * a.t_sB + (s0 + i) * a.t_sS] : a.ignore_index;
+    const bool ignored = t[i] == a.ignore_index, bad = !ignored && out_of_range(t[i], C);
+    if (bad) __atomic_store_n(a.bad, 1, __ATOMIC_RELAXED);
+    ok[i] = ignored || bad ? 0 : -1;
+    fill[i] = bad ? kNaN : 0.0f;
+    tv[i] = ok[i] ? static_cast<int>(t[i]) : -1;
+    vwt[i] = ok[i] ? (a.weight ? a.weight[t[i]] : 1.0f) : 0.0f;
+  }
+  vf vlse = {};
+  if (a.stats) {
+    vf vm = splat(-kInf);
+    for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n));
+    vf vs = {}, vA = {}, vD = {};
+    for (int64_t c = 0; c < C; ++c) {
+      const vf v = load_lanes<T>(x + c * a.x_sC, n);
+      vs += vexp(v - vm);
+      if (kSpread) {
+        const float w = a.weight ? a.weight[c] : 1.0f;
+        vA += w;
+        vD += w * (vm - v);
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      if (!ok[i]) {
+        loss[i] = lse_io[i] = fill[i];
+        vlse[i] = 0.0f;
+        continue;
+      }
+      vlse[i] = vm[i] + __builtin_logf(vs[i]);
+      lse_io[i] = vlse[i];
+      loss[i] = row_loss(vlse[i], vm[i], T::get(x + t[i] * a.x_sC + i), vwt[i], vA[i], vD[i], a.eps, C);
+    }
+  } else {
+    for (int i = 0; i < W; ++i) vlse[i] = i < n && ok[i] ? lse_io[i] : 0.0f;
+  }
+  if (g) {
+    vf vp = {}, vc = {}, vt = {};
+    for (int i = 0; i < n; ++i) {
+      if (!ok[i]) continue;
+      const Coef k = coef(a.factor[b * a.f_sB + (s0 + i) * a.f_sS], vwt[i], a.weight_sum, a.eps, C);
+      vp[i] = k.p_mul, vc[i] = k.c_mul, vt[i] = k.t_sub;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const vf v = load_lanes<T>(x + c * a.x_sC, n);
+      vf gv = vexp(v - vlse) * vp - (a.weight ? a.weight[c] : 1.0f) * vc;
+      gv = tv == static_cast<int>(c) ? gv - vt : gv;
+      gv = ok ? gv : fill;
+      store_lanes<T>(g + c * a.g_sC, gv, n);
+    }
+  }
+}
+
+template <class T, bool kSpread>
+void columns_impl(const SimdArgs& a, int64_t begin, int64_t end) {
+  const int64_t per_b = (a.S + W - 1) / W;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t b = k / per_b, s0 = (k - b * per_b) * W;
+    column_block<T, kSpread>(a, b, s0, static_cast<int>(a.S - s0 < W ? a.S - s0 : W));
+  }
+}
+
+// One entry per kernel: dispatch on dtype and on whether the loss has a term over every class.
+void rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+  const bool spread = a.eps != 0.0f;
+  switch (a.dtype) {
+    case SimdDtype::kFloat: return spread ? rows_impl<F32, true>(a, begin, end) : rows_impl<F32, false>(a, begin, end);
+    case SimdDtype::kBFloat16:
+      return spread ? rows_impl<BF16, true>(a, begin, end) : rows_impl<BF16, false>(a, begin, end);
+    case SimdDtype::kHalf: return spread ? rows_impl<F16, true>(a, begin, end) : rows_impl<F16, false>(a, begin, end);
+  }
+}
+
+void columns_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+  const bool spread = a.eps != 0.0f;
+  switch (a.dtype) {
+    case SimdDtype::kFloat:
+      return spread ? columns_impl<F32, true>(a, begin, end) : columns_impl<F32, false>(a, begin, end);
+    case SimdDtype::kBFloat16:
+      return spread ? columns_impl<BF16, true>(a, begin, end) : columns_impl<BF16, false>(a, begin, end);
+    case SimdDtype::kHalf:
+      return spread ? columns_impl<F16, true>(a, begin, end) : columns_impl<F16, false>(a, begin, end);
+  }
+}
+
+}  // namespace
+}  // namespace softmax_ce

@@ -1,0 +1,45 @@
+// The interface between the CPU dispatcher and the per-instruction-set kernels: plain data only, so the
+// files built with AVX2/AVX-512 flags share no inline code (and no linker choice) with the rest.
+#pragma once
+
+#include <cstdint>
+
+namespace softmax_ce {
+
+enum class SimdDtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+// Class-index targets, float accumulation (float32 / bfloat16 / float16 logits).
+struct SimdArgs {
+  SimdDtype dtype;
+  bool stats, grad;  // compute loss + lse from the logits (else read lse); write the gradient
+  const void* x;
+  void* g;
+  const int64_t* target;
+  const float* weight;  // C class weights, or nullptr
+  float weight_sum;     // sum of weight (C when unweighted)
+  float eps;            // label smoothing in [0, 1]
+  int64_t ignore_index;
+  float* loss;          // (B, S) contiguous
+  float* lse;           // (B, S) contiguous
+  const float* factor;  // upstream factor, read at b * f_sB + s * f_sS
+  int64_t f_sB, f_sS;
+  int64_t B, C, S;
+  int64_t x_sB, x_sC, x_sS, t_sB, t_sS, g_sB, g_sC, g_sS;
+  int* bad;  // set to 1 when a target is outside [0, C) and not ignore_index
+};
+
+// rows(a, begin, end): rows r in [begin, end) whose classes are contiguous (x_sC == g_sC == 1).
+// columns(a, begin, end): blocks of `width` positions, block k = (b, s0 = (k % blocks_per_b) * width), for
+// inputs whose positions are contiguous (x_sS == g_sS == 1) and classes strided.
+struct SimdKernels {
+  const char* name;
+  int width;
+  void (*rows)(const SimdArgs&, int64_t, int64_t);
+  void (*columns)(const SimdArgs&, int64_t, int64_t);
+};
+
+// Data, not functions: looking them up runs no code built for an instruction set the CPU may lack.
+extern const SimdKernels kSimdAvx2;    // AVX2 + FMA + F16C, 8 lanes
+extern const SimdKernels kSimdAvx512;  // AVX-512 F/BW/VL/DQ, 16 lanes
+
+}  // namespace softmax_ce
