@@ -93,7 +93,9 @@ def extensions():
     # The AVX2 / AVX-512 files set their own instruction set (#pragma), so the default flags stay portable.
     sources = ["csrc/softmax_ce.cpp", "csrc/cpu/softmax_ce_kernel.cpp", "csrc/cpu/softmax_ce_kernel_avx2.cpp",
                "csrc/cpu/softmax_ce_kernel_avx512.cpp"]
-    cxx = ["-O3"]
+    # at::parallel_for is a header template over OpenMP: without -fopenmp its pragma is ignored and every
+    # CPU kernel runs on one thread.
+    cxx = ["-O3", "-fopenmp"]
     info = {"backend": "cuda" if use_cuda else "cpu", "why": why, "archs": ""}
     if use_cuda:
         archs, arch_why = cuda_archs(torch)
@@ -106,10 +108,11 @@ def extensions():
             sources + ["csrc/cuda/softmax_ce_kernel.cu"],
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
         )
     else:
         say(f"building CPU-only kernels: {why}")
-        ext = CppExtension("softmax_ce_ext._C", sources, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("softmax_ce_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     (ROOT / "softmax_ce_ext" / "_build_info.py").write_text(f"# Written by setup.py.\nBUILD = {info!r}\n")
     return [ext]
 

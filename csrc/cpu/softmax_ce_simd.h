@@ -154,6 +154,27 @@ inline float row_loss(float lse, float m, float x_t, float w_t, float A, float D
   return (1.0f - eps) * nll + eps / static_cast<float>(C) * (A * (lse - m) + D);
 }
 
+// The first n (< W) lanes of a vector from memory, the rest `fill`; and the first n lanes back.
+template <class T>
+vf load_lanes(const typename T::raw* p, int n, float fill) {
+  if (n == W) return T::load(p);
+  vf v = splat(fill);
+  for (int i = 0; i < n; ++i) v[i] = T::get(p + i);
+  return v;
+}
+template <class T>
+void store_lanes(typename T::raw* p, vf v, int n) {
+  if (n == W) return T::store(p, v);
+  typename T::raw tmp[W];
+  T::store(tmp, v);
+  __builtin_memcpy(p, tmp, n * sizeof(tmp[0]));
+}
+inline vi lanes_below(int n) {
+  vi m;
+  for (int i = 0; i < W; ++i) m[i] = i < n ? -1 : 0;
+  return m;
+}
+
 // ---- Rows whose classes are contiguous: three sweeps over the row (max; sum-exp; gradient), the later two
 // from cache.
 template <class T, bool kSpread>
@@ -176,51 +197,70 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
     return;
   }
   const float w_t = a.weight ? a.weight[t] : 1.0f;
+  const int64_t full = C - C % W;  // classes in whole vectors; the last `tail` go in one padded vector
+  const int tail = static_cast<int>(C - full);
+  const vi in_tail = lanes_below(tail);
+  auto weights = [&](int64_t c, int n) { return a.weight ? load_lanes<F32>(a.weight + c, n, 0.0f) : splat(1.0f); };
   float lse;
   if (a.stats) {
-    vf vm = splat(-kInf);
-    int64_t c = 0;
-    for (; c + W <= C; c += W) vm = vmax(vm, T::load(x + c));
-    float m = hmax(vm);
-    for (; c < C; ++c) m = max1(m, T::get(x + c));
-    const vf mm = splat(m);
+    // One pass: per chunk of kChunk vectors (in L1), its max; when the running max m grows, the sums so far
+    // are re-based (s *= e^(m_old - m), D += (m - m_old) A); then the chunk's exps.  m starts at the lowest
+    // finite value, so exp(-inf - m) is 0, never (-inf) - (-inf).
+    constexpr int kChunk = 16;
+    float m = -__FLT_MAX__;
     vf vs = {}, vA = {}, vD = {};
-    for (c = 0; c + W <= C; c += W) {
-      const vf v = T::load(x + c);
-      vs += vexp(v - mm);
+    auto rebase = [&](float cmax) {
+      if (!(cmax > m)) return;
+      vs *= exp1(m - cmax);
+      if (kSpread) vD += vA == 0.0f ? splat(0.0f) : (cmax - m) * vA;  // no inf * 0 on the first chunk
+      m = cmax;
+    };
+    auto accumulate = [&](vf v, vf w, vi lanes) {
+      vs += vexp(v - m);
       if (kSpread) {
-        const vf w = a.weight ? F32::load(a.weight + c) : splat(1.0f);
+        w = lanes ? w : splat(0.0f);
         vA += w;
-        vD += w * (mm - v);
+        vD += lanes ? w * (m - v) : splat(0.0f);
       }
+    };
+    const vi all = lanes_below(W);
+    int64_t c = 0;
+    for (; c + kChunk * W <= full; c += kChunk * W) {
+      vf cm = T::load(x + c);
+      for (int j = 1; j < kChunk; ++j) cm = vmax(cm, T::load(x + c + j * W));
+      rebase(hmax(cm));
+      for (int j = 0; j < kChunk; ++j) accumulate(T::load(x + c + j * W), kSpread ? weights(c + j * W, W) : vf{}, all);
     }
-    float sum = hsum(vs), A = hsum(vA), D = hsum(vD);
-    for (; c < C; ++c) {
-      const float v = T::get(x + c);
-      sum += exp1(v - m);
-      if (kSpread) {
-        const float w = a.weight ? a.weight[c] : 1.0f;
-        A += w;
-        D += w * (m - v);
-      }
+    for (; c < full; c += W) {
+      const vf v = T::load(x + c);
+      rebase(hmax(v));
+      accumulate(v, kSpread ? weights(c, W) : vf{}, all);
     }
-    lse = m + __builtin_logf(sum);
+    if (tail) {  // padding: -inf adds exp(-inf) = 0 to the sum, and nothing to A or D
+      const vf v = load_lanes<T>(x + full, tail, -kInf);
+      rebase(hmax(v));
+      accumulate(v, kSpread ? weights(full, tail) : vf{}, in_tail);
+    }
+    // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
+    lse = m + __builtin_logf(hsum(vs));
     a.lse[r] = lse;
-    a.loss[r] = row_loss(lse, m, T::get(x + t), w_t, A, D, a.eps, C);
+    a.loss[r] = row_loss(lse, m, T::get(x + t), w_t, hsum(vA), hsum(vD), a.eps, C);
   } else {
     lse = a.lse[r];
   }
   if (g) {
     const Coef k = coef(a.factor[b * a.f_sB + s * a.f_sS], w_t, a.weight_sum, a.eps, C);
     const vf vl = splat(lse), vp = splat(k.p_mul), vc = splat(k.c_mul);
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
+    for (int64_t c = 0; c < full; c += W) {
       vf gv = vexp(T::load(x + c) - vl) * vp;
-      if (kSpread) gv -= (a.weight ? F32::load(a.weight + c) : splat(1.0f)) * vc;
+      if (kSpread) gv -= weights(c, W) * vc;
       T::store(g + c, gv);
     }
-    for (; c < C; ++c)
-      T::put(g + c, exp1(T::get(x + c) - lse) * k.p_mul - (a.weight ? a.weight[c] : 1.0f) * k.c_mul);
+    if (tail) {
+      vf gv = vexp(load_lanes<T>(x + full, tail, 0.0f) - vl) * vp;
+      if (kSpread) gv -= weights(full, tail) * vc;
+      store_lanes<T>(g + full, gv, tail);
+    }
     // The target class, recomputed with its one-hot term.
     T::put(g + t, exp1(T::get(x + t) - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
   }
@@ -233,19 +273,6 @@ void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
 
 // ---- Positions contiguous, classes strided (K-dim inputs): W positions at a time, one lane each, walking
 // the classes; the block of W*C values stays in cache between the sweeps.
-template <class T>
-vf load_lanes(const typename T::raw* p, int n) {
-  if (n == W) return T::load(p);
-  vf v = splat(0.0f);
-  for (int i = 0; i < n; ++i) v[i] = T::get(p + i);
-  return v;
-}
-template <class T>
-void store_lanes(typename T::raw* p, vf v, int n) {
-  if (n == W) return T::store(p, v);
-  for (int i = 0; i < n; ++i) T::put(p + i, v[i]);
-}
-
 template <class T, bool kSpread>
 void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   using raw = typename T::raw;
@@ -269,10 +296,10 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   vf vlse = {};
   if (a.stats) {
     vf vm = splat(-kInf);
-    for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n));
+    for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n, 0.0f));
     vf vs = {}, vA = {}, vD = {};
     for (int64_t c = 0; c < C; ++c) {
-      const vf v = load_lanes<T>(x + c * a.x_sC, n);
+      const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
       vs += vexp(v - vm);
       if (kSpread) {
         const float w = a.weight ? a.weight[c] : 1.0f;
@@ -301,7 +328,7 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
       vp[i] = k.p_mul, vc[i] = k.c_mul, vt[i] = k.t_sub;
     }
     for (int64_t c = 0; c < C; ++c) {
-      const vf v = load_lanes<T>(x + c * a.x_sC, n);
+      const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
       vf gv = vexp(v - vlse) * vp - (a.weight ? a.weight[c] : 1.0f) * vc;
       gv = tv == static_cast<int>(c) ? gv - vt : gv;
       gv = ok ? gv : fill;
