@@ -63,6 +63,25 @@ inline float exp1(float x) {
   return vexp(v)[0];
 }
 
+// log(x) for the sums of exponentials here (x >= 1, or NaN): x = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// log(x) = e ln2 + log(m), log(1 + f) by Cephes' logf polynomial (about 1 ulp).  NaN stays NaN.
+inline vf vlog(vf x) {
+  const vi bits = (vi)x;
+  vf e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf);
+  vf m = (vf)((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+  const vi small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const vf z = m * m;
+  vf y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m +
+              1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m +
+        3.3333331174e-1f) * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  const vf r = m + y + 0.693359375f * e;
+  return x != x ? x : r;
+}
+
 inline float hmax(vf v) {
   float m = -kInf;
   for (int i = 0; i < W; ++i) m = max1(m, v[i]);
@@ -281,19 +300,24 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s0 : nullptr;
   float* loss = a.loss + b * a.S + s0;
   float* lse_io = a.lse + b * a.S + s0;
-  int64_t t[W];
-  vi ok = {}, tv = {};       // lanes with a valid target; the target class per lane
-  vf fill = {}, vwt = {};    // what invalid lanes get (0 ignored, NaN out of range); w_t per lane
-  for (int i = 0; i < W; ++i) {
-    t[i] = i < n ? a.target[b * a.t_sB + (s0 + i) * a.t_sS] : a.ignore_index;
-    const bool ignored = t[i] == a.ignore_index, bad = !ignored && out_of_range(t[i], C);
+  vi ok = {}, tv = {};  // lanes with a valid target; the target class per lane (-1 where none)
+  vf fill = {}, vwt = {}, vxt = {};  // what invalid lanes get (0 ignored, NaN out of range); w_t; x_t
+  for (int i = 0; i < n; ++i) {
+    const int64_t t = a.target[b * a.t_sB + (s0 + i) * a.t_sS];
+    const bool ignored = t == a.ignore_index, bad = !ignored && out_of_range(t, C);
     if (bad) __atomic_store_n(a.bad, 1, __ATOMIC_RELAXED);
-    ok[i] = ignored || bad ? 0 : -1;
-    fill[i] = bad ? kNaN : 0.0f;
-    tv[i] = ok[i] ? static_cast<int>(t[i]) : -1;
-    vwt[i] = ok[i] ? (a.weight ? a.weight[t[i]] : 1.0f) : 0.0f;
+    if (ignored || bad) {
+      fill[i] = bad ? kNaN : 0.0f;
+      tv[i] = -1;
+      continue;
+    }
+    ok[i] = -1;
+    tv[i] = static_cast<int>(t);
+    vwt[i] = a.weight ? a.weight[t] : 1.0f;
+    vxt[i] = T::get(x + t * a.x_sC + i);
   }
-  vf vlse = {};
+  for (int i = n; i < W; ++i) tv[i] = -1;
+  vf vlse;
   if (a.stats) {
     vf vm = splat(-kInf);
     for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n, 0.0f));
@@ -307,32 +331,32 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
         vD += w * (vm - v);
       }
     }
-    for (int i = 0; i < n; ++i) {
-      if (!ok[i]) {
-        loss[i] = lse_io[i] = fill[i];
-        vlse[i] = 0.0f;
-        continue;
-      }
-      vlse[i] = vm[i] + __builtin_logf(vs[i]);
-      lse_io[i] = vlse[i];
-      loss[i] = row_loss(vlse[i], vm[i], T::get(x + t[i] * a.x_sC + i), vwt[i], vA[i], vD[i], a.eps, C);
-    }
+    vlse = vm + vlog(vs);
+    vf vloss = vwt * (vlse - vxt);
+    if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * (vlse - vm) + vD);
+    store_lanes<F32>(loss, ok ? vloss : fill, n);
+    store_lanes<F32>(lse_io, ok ? vlse : fill, n);
   } else {
-    for (int i = 0; i < W; ++i) vlse[i] = i < n && ok[i] ? lse_io[i] : 0.0f;
+    vlse = load_lanes<F32>(lse_io, n, 0.0f);
   }
   if (g) {
-    vf vp = {}, vc = {}, vt = {};
-    for (int i = 0; i < n; ++i) {
-      if (!ok[i]) continue;
-      const Coef k = coef(a.factor[b * a.f_sB + (s0 + i) * a.f_sS], vwt[i], a.weight_sum, a.eps, C);
-      vp[i] = k.p_mul, vc[i] = k.c_mul, vt[i] = k.t_sub;
+    vf f;  // the upstream factor per lane: broadcast, contiguous, or strided
+    if (a.f_sS == 0) {
+      f = splat(a.factor[b * a.f_sB]);
+    } else if (a.f_sS == 1) {
+      f = load_lanes<F32>(a.factor + b * a.f_sB + s0, n, 0.0f);
+    } else {
+      f = vf{};
+      for (int i = 0; i < n; ++i) f[i] = a.factor[b * a.f_sB + (s0 + i) * a.f_sS];
     }
+    const vf vt = f * (1.0f - a.eps) * vwt;  // the same algebra as coef(), per lane
+    const vf vc = a.eps == 0.0f ? splat(0.0f) : f * (a.eps / static_cast<float>(C));
+    const vf vp = a.eps == 0.0f ? f * vwt : vt + vc * a.weight_sum;
     for (int64_t c = 0; c < C; ++c) {
       const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
       vf gv = vexp(v - vlse) * vp - (a.weight ? a.weight[c] : 1.0f) * vc;
       gv = tv == static_cast<int>(c) ? gv - vt : gv;
-      gv = ok ? gv : fill;
-      store_lanes<T>(g + c * a.g_sC, gv, n);
+      store_lanes<T>(g + c * a.g_sC, ok ? gv : fill, n);
     }
   }
 }
