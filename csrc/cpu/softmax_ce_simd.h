@@ -243,21 +243,17 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
       }
     };
     const vi all = lanes_below(W);
-    int64_t c = 0;
-    for (; c + kChunk * W <= full; c += kChunk * W) {
+    for (int64_t c = 0; c < full; c += kChunk * W) {  // the last chunk may be short
+      const int64_t end = c + kChunk * W < full ? c + kChunk * W : full;
       vf cm = T::load(x + c);
-      for (int j = 1; j < kChunk; ++j) cm = vmax(cm, T::load(x + c + j * W));
+      for (int64_t j = c + W; j < end; j += W) cm = vmax(cm, T::load(x + j));
+      if (end == full && tail) cm = vmax(cm, load_lanes<T>(x + full, tail, -kInf));
       rebase(hmax(cm));
-      for (int j = 0; j < kChunk; ++j) accumulate(T::load(x + c + j * W), kSpread ? weights(c + j * W, W) : vf{}, all);
-    }
-    for (; c < full; c += W) {
-      const vf v = T::load(x + c);
-      rebase(hmax(v));
-      accumulate(v, kSpread ? weights(c, W) : vf{}, all);
+      for (int64_t j = c; j < end; j += W) accumulate(T::load(x + j), kSpread ? weights(j, W) : vf{}, all);
     }
     if (tail) {  // padding: -inf adds exp(-inf) = 0 to the sum, and nothing to A or D
       const vf v = load_lanes<T>(x + full, tail, -kInf);
-      rebase(hmax(v));
+      if (full == 0) rebase(hmax(v));
       accumulate(v, kSpread ? weights(full, tail) : vf{}, in_tail);
     }
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
