@@ -25,7 +25,16 @@ echo "== CUDA tests"
 timeout 300 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== benchmark"
-timeout 120 $PY benchmarks/bench.py --device cuda 2>&1 | tee "$OUT/bench.log"
+echo "== benchmark (every kernel, checked against float64; then torch.compile on the LLM shape)"
+# Peers: Liger is not on the GPU image; carry it as a wheel in .whl (see the device README) to include it.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+timeout 150 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
+  --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd --providers ours torch liger flash_attn \
+  --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x128256 --dtype bfloat16 \
+  --mode fwd fwd+bwd --providers compile --json "$OUT/bench_compile.json" 2>&1 | tee "$OUT/bench_compile.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -14,6 +14,21 @@ def cuda_built() -> bool:
     return bool(_C.cuda_built())
 
 
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use: "avx512", "avx2" or "generic" (SOFTMAX_CE_CPU_ISA picks one)."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Use another of this CPU's instruction sets (see _C.cpu_isas()); returns the previous one."""
+    return _C.set_cpu_isa(name)
+
+
+def empty_grad_cache() -> None:
+    """Free the large CPU gradient blocks kept for reuse (SOFTMAX_CE_CPU_GRAD_CACHE=0 keeps none)."""
+    _C.empty_grad_cache()
+
+
 def build_info() -> dict:
     """What setup.py built: backend ('cuda' or 'cpu'), why, and the CUDA archs."""
     try:
@@ -30,4 +45,7 @@ __all__ = [
     "check_errors",
     "cuda_built",
     "build_info",
+    "cpu_isa",
+    "set_cpu_isa",
+    "empty_grad_cache",
 ]
