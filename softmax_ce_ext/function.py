@@ -180,24 +180,26 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         input, target, weight, lse, denom = ctx.saved_tensors
         _status.poll(input.device)
-        acc = acc_dtype(input.dtype)
+        g = grad_out.to(acc_dtype(input.dtype))
+        fused = ctx.needs_input_grad[0] and ctx.grad_buf is not None and not torch.is_grad_enabled()
+        grad_input = grad_target = None
+        if fused:  # the training path: the forward's gradient, times grad_out in place (skipped when it is 1)
+            grad, ctx.grad_buf = ctx.grad_buf, None
+            ops.scale_grad_(grad, g.reshape(()))
+            grad_input = grad.reshape(input.shape)
+            if not (ctx.prob and ctx.needs_input_grad[1]):
+                return grad_input, None, None, None, None, None, None
         x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
-        g = grad_out.to(acc)
         if ctx.reduction == "none":
             factor = g.reshape(rows_shape)
         elif ctx.reduction == "mean":
             factor = (g / denom if denom is not None else g / ctx.positions).expand(rows_shape)
         else:
             factor = g.expand(rows_shape)
-
-        grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and not fused:
             if torch.is_grad_enabled():  # create_graph=True: a composite that autograd can differentiate again
                 grad = _composite_grad(x3, t, weight, factor, ctx.ignore_index, ctx.eps, ctx.prob).to(input.dtype)
-            elif ctx.grad_buf is not None:
-                grad, ctx.grad_buf = ctx.grad_buf, None
-                ops.scale_grad_(grad, g.reshape(()))
             else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
