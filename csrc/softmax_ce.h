@@ -146,6 +146,32 @@ struct OpTensors {
   double eps;
 };
 
+// Upstream factor per row: a 0-d tensor broadcast (strides 0) or a (B, S) tensor.
+template <typename acc_t>
+struct Factor {
+  const acc_t* p;
+  int64_t sB, sS;
+  C10_HOST_DEVICE acc_t at(int64_t b, int64_t s) const { return p[b * sB + s * sS]; }
+};
+
+template <typename acc_t>
+Factor<acc_t> factor_of(const OpTensors& o) {
+  if (!o.factor.defined()) return {nullptr, 0, 0};
+  return {o.factor.data_ptr<acc_t>(), o.factor.dim() ? o.factor.stride(0) : 0, o.factor.dim() ? o.factor.stride(1) : 0};
+}
+
+// The kernels' view of the tensors (pointers may be device pointers).
+template <typename scalar_t, typename acc_t, typename target_t>
+RowParams<scalar_t, acc_t, target_t> row_params(const OpTensors& o, bool prob) {
+  return {prob ? nullptr : o.target.data_ptr<int64_t>(),
+          prob ? o.target.data_ptr<target_t>() : nullptr,
+          o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
+          o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr,
+          o.ignore_index,
+          static_cast<acc_t>(o.eps),
+          o.status.defined() ? o.status.data_ptr<int64_t>() : nullptr};
+}
+
 inline at::Tensor row_buffer(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(2)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
 }

@@ -60,14 +60,6 @@ std::atomic<const SimdKernels*>& current_isa() {
   return isa;
 }
 
-// Upstream factor per row: a 0-d tensor broadcast (strides 0) or a (B, S) tensor.
-template <typename acc_t>
-struct Factor {
-  const acc_t* p;
-  int64_t sB, sS;
-  acc_t at(int64_t b, int64_t s) const { return p[b * sB + s * sS]; }
-};
-
 // kStats: compute lse and the loss from the logits; otherwise read lse.  kGrad: write the gradient.
 // kProb: probability targets (B, C, S); otherwise class indices (B, S).
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
@@ -193,16 +185,8 @@ void launch_typed(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad
   if constexpr (!kProb && !std::is_same_v<scalar_t, double>) {
     if (launch_simd<scalar_t, kStats, kGrad>(L, o, bad)) return;
   }
-  const RowParams<scalar_t, acc_t, target_t> P{kProb ? nullptr : o.target.data_ptr<int64_t>(),
-                                               kProb ? o.target.data_ptr<target_t>() : nullptr,
-                                     o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
-                                     o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr,
-                                     o.ignore_index,
-                                     static_cast<acc_t>(o.eps),
-                                     nullptr};
-  Factor<acc_t> f{nullptr, 0, 0};
-  if (kGrad)
-    f = {o.factor.data_ptr<acc_t>(), o.factor.dim() ? o.factor.stride(0) : 0, o.factor.dim() ? o.factor.stride(1) : 0};
+  const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);
+  const Factor<acc_t> f = factor_of<acc_t>(o);
   ce_rows<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(o.logits.data_ptr<scalar_t>(), L, P,
                                                  kStats ? o.loss.data_ptr<acc_t>() : nullptr, o.lse.data_ptr<acc_t>(),
                                                  kGrad ? o.grad.data_ptr<scalar_t>() : nullptr, f, bad);

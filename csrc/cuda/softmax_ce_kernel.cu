@@ -63,13 +63,6 @@ struct OnlineStats : RowStats<acc_t> {
   }
 };
 
-template <typename acc_t>
-struct Factor {
-  const acc_t* p;
-  int64_t sB, sS;
-  __device__ acc_t at(int64_t b, int64_t s) const { return p[b * sB + s * sS]; }
-};
-
 // Reduce the statistics over the block; every thread gets the result.
 template <typename acc_t>
 __device__ void block_reduce(OnlineStats<acc_t>& st) {
@@ -192,16 +185,8 @@ int row_block_threads(int64_t C) {
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 void launch_typed(const RowLayout& L, const OpTensors& o) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowParams<scalar_t, acc_t, target_t> P{kProb ? nullptr : o.target.data_ptr<int64_t>(),
-                                               kProb ? o.target.data_ptr<target_t>() : nullptr,
-                                     o.weight.defined() ? o.weight.data_ptr<acc_t>() : nullptr,
-                                     o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr,
-                                     o.ignore_index,
-                                     static_cast<acc_t>(o.eps),
-                                     o.status.defined() ? o.status.data_ptr<int64_t>() : nullptr};
-  Factor<acc_t> f{nullptr, 0, 0};
-  if (kGrad)
-    f = {o.factor.data_ptr<acc_t>(), o.factor.dim() ? o.factor.stride(0) : 0, o.factor.dim() ? o.factor.stride(1) : 0};
+  const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);
+  const Factor<acc_t> f = factor_of<acc_t>(o);
   const scalar_t* x = o.logits.data_ptr<scalar_t>();
   acc_t* loss = kStats ? o.loss.data_ptr<acc_t>() : nullptr;
   acc_t* lse = o.lse.data_ptr<acc_t>();
