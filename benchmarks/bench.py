@@ -335,10 +335,10 @@ def main(argv=None):
                                note="" if ok else f"tolerance {tol:.0e}")
             results.append(row)
         eager = next((r["ms"] for r in results if r["provider"] == "torch" and r["ms"]), None)
+        progress.close()  # clear the progress line before the rows
         for row in results:
             if eager and row["ms"]:
                 row["speedup_vs_torch"] = eager / row["ms"]
-            progress.close()
             print(fmt(row), flush=True)
         rows += results
         del case

@@ -42,6 +42,10 @@ _cuda = {}
 _cpu_buffer = None
 
 
+def _index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _tracing():
     return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
@@ -55,7 +59,7 @@ def buffer_for(device: torch.device) -> torch.Tensor:
         return _cpu_buffer
     if torch.compiler.is_compiling():
         return torch.zeros(2, dtype=torch.int64, device=device)  # traced code: no lazy check (rows turn NaN)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     status = _cuda.get(index)
     if status is None:
         status = _cuda[index] = _DeviceStatus(torch.device("cuda", index))
@@ -68,7 +72,7 @@ def launched(device: torch.device) -> None:
     """After a forward launch on `device`: start the non-blocking copy of its status."""
     if device.type != "cuda" or _tracing():
         return
-    status = _cuda[device.index if device.index is not None else torch.cuda.current_device()]
+    status = _cuda[_index(device)]
     status.host.copy_(status.buffer, non_blocking=True)
     status.event.record()
     status.pending = True
@@ -79,7 +83,7 @@ def launched(device: torch.device) -> None:
 def poll(device: torch.device) -> None:
     """Raise a flagged error on `device` if its copy has already arrived (never waits)."""
     if device.type == "cuda" and not _tracing():
-        status = _cuda.get(device.index if device.index is not None else torch.cuda.current_device())
+        status = _cuda.get(_index(device))
         if status is not None:
             status.raise_if_flagged(wait=False)
 
