@@ -23,6 +23,14 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def(
       "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"
       " float label_smoothing) -> Tensor");
+  // In-place forms for inplace_backward=True: the gradient is written over the logits (same strides), which
+  // are destroyed; no gradient buffer is allocated.
+  m.def(
+      "forward_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
+      " float label_smoothing, Tensor grad_scale, Tensor(b!) status) -> (Tensor loss, Tensor lse)");
+  m.def(
+      "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse,"
+      " int ignore_index, float label_smoothing) -> ()");
   // grad *= grad_output (a 0-d tensor), skipping the pass when grad_output == 1: decided where the data lives.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   // The sum of per-row values (a 0-d tensor of their dtype) in an order that does not depend on the thread count.

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <c10/macros/Macros.h>
 
@@ -188,6 +189,24 @@ inline at::Tensor grad_like(const at::Tensor& logits, RowLayout& L, GradAlloc al
   return grad;
 }
 
+// The in-place ops write the gradient over the logits, with the logits' strides: every element is read, then
+// overwritten, by the thread that owns it, so the kernels need no second buffer.
+inline at::Tensor grad_over_logits(const at::Tensor& logits, const at::Tensor& target, RowLayout& L,
+                                   const char* op) {
+  TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes, op,
+              ": expected logits whose elements do not overlap in memory (the gradient is written over them), got "
+              "strides ", logits.strides());
+  if (target.is_floating_point()) {
+    const auto overlap = at::get_overlap_status(logits, target);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+                ": expected probability targets in memory of their own, got targets that share the logits'");
+  }
+  L.g_sB = L.x_sB;
+  L.g_sC = L.x_sC;
+  L.g_sS = L.x_sS;
+  return logits;
+}
+
 inline void check_status(const at::Tensor& status, const at::Tensor& logits) {
   TORCH_CHECK(status.scalar_type() == at::kLong && status.numel() == 2 && status.is_contiguous() &&
                   status.device() == logits.device(),
@@ -230,18 +249,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
                                                                    int64_t ignore_index, double eps,
                                                                    const at::Tensor& grad_scale,
                                                                    const at::Tensor& status,
-                                                                   GradAlloc alloc = nullptr) {
-  RowLayout L = check_and_layout(logits, target, weight, "forward_backward");
+                                                                   GradAlloc alloc = nullptr, bool inplace = false) {
+  const char* op = inplace ? "forward_backward_" : "forward_backward";
+  RowLayout L = check_and_layout(logits, target, weight, op);
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
   TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == acc && grad_scale.device() == logits.device(),
-              "forward_backward: expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
+              op, ": expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
               grad_scale.sizes(), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.status = status;
   o.loss = row_buffer(logits);
   o.lse = row_buffer(logits);
-  o.grad = grad_like(logits, L, alloc);
+  o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
   o.factor = grad_scale;
   launch(Mode::kStatsGrad, L, o);
   return {o.loss, o.lse, o.grad};
@@ -250,20 +270,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
 template <typename Launch>
 at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Tensor& logits,
                        const at::Tensor& target, const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
-                       int64_t ignore_index, double eps, GradAlloc alloc = nullptr) {
-  RowLayout L = check_and_layout(logits, target, weight, "backward");
+                       int64_t ignore_index, double eps, GradAlloc alloc = nullptr, bool inplace = false) {
+  const char* op = inplace ? "backward_" : "backward";
+  RowLayout L = check_and_layout(logits, target, weight, op);
   const auto acc = acc_dtype(logits.scalar_type());
   const std::vector<int64_t> rows{logits.size(0), logits.size(2)};
   TORCH_CHECK(grad_rows.sizes() == rows && grad_rows.scalar_type() == acc && grad_rows.device() == logits.device(),
-              "backward: expected grad_rows of shape ", rows, " in ", acc, " on ", logits.device(), ", got ",
+              op, ": expected grad_rows of shape ", rows, " in ", acc, " on ", logits.device(), ", got ",
               grad_rows.sizes(), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
   TORCH_CHECK(lse.sizes() == rows && lse.is_contiguous() && lse.scalar_type() == acc &&
                   lse.device() == logits.device(),
-              "backward: expected a contiguous lse of shape ", rows, " in ", acc, " on ", logits.device(),
+              op, ": expected a contiguous lse of shape ", rows, " in ", acc, " on ", logits.device(),
               ", got ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.lse = lse;
-  o.grad = grad_like(logits, L, alloc);
+  o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
   o.factor = grad_rows;
   launch(Mode::kGrad, L, o);
   return o.grad;

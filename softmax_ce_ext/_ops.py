@@ -31,6 +31,16 @@ def _backward_fake(grad_rows, logits, target, weight, lse, ignore_index, label_s
     return torch.empty_like(logits)
 
 
+@torch.library.register_fake("softmax_ce_ext::forward_backward_")
+def _forward_backward_inplace_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status):
+    return _row_buffer(logits), _row_buffer(logits)
+
+
+@torch.library.register_fake("softmax_ce_ext::backward_")
+def _backward_inplace_fake(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing):
+    return None
+
+
 @torch.library.register_fake("softmax_ce_ext::scale_grad_")
 def _scale_grad_fake(grad, grad_output):
     return None

@@ -4,6 +4,9 @@ Training (mean/sum): the forward writes the gradient of the loss in the same pas
 backward only multiplies it by grad_output, in place, and skips even that when grad_output == 1 (checked
 on the device, so the host never waits).  reduction='none': the forward writes no gradient; the backward
 recomputes it from the logits and the saved log-sum-exp (one read + one write instead of two of each).
+
+inplace_backward=True (opt-in): the gradient is written over the logits instead of a new buffer (in the
+forward for mean/sum, in the backward for 'none'), so the logits are destroyed; they must not be a leaf.
 """
 
 import math
@@ -133,20 +136,26 @@ def _raise_no_classes(input, target, ignore_index):
 
 
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
-    """apply(input, target, weight=None, ignore_index=-100, reduction='mean', label_smoothing=0.0)."""
+    """apply(input, target, weight=None, ignore_index=-100, reduction='mean', label_smoothing=0.0,
+    inplace_backward=False)."""
 
     @classmethod
-    def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              inplace_backward=False):
         # forward runs with grad mode off, so whether a gradient can be wanted is read here.
-        return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, torch.is_grad_enabled())
+        return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, bool(inplace_backward),
+                             torch.is_grad_enabled())
 
     @staticmethod
     def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                grad_wanted=None):
+                inplace_backward=False, grad_wanted=None):
         p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing)
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
         want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False
         want_target_grad = p.prob and ctx.needs_input_grad[1] and grad_wanted is not False
+        inplace = bool(inplace_backward) and want_input_grad  # without a gradient the logits are left alone
+        if inplace:
+            p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
         denom = p.mean_denominator() if reduction == "mean" else None
         grad = None
@@ -156,7 +165,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 scale = 1.0 / max(p.positions, 1) if reduction == "mean" else 1.0
                 grad_scale = torch.full((), scale, dtype=p.acc, device=input.device)
-            rows, lse, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
+            if inplace:  # the input now holds the gradient, and is saved as such below
+                rows, lse = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
+                torch.autograd.graph.increment_version(input)
+            else:
+                rows, lse, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
         else:
             rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
         _status.launched(input.device)
@@ -172,8 +185,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if want_input_grad or want_target_grad:
             ctx.save_for_backward(input, target, weight, lse, denom)
             ctx.grad_buf = grad  # consumed (scaled in place) by the first backward
+            ctx.grad_in_input = inplace and reduction != "none"  # the saved input is the gradient, once
             ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
-            ctx.x3_shape, ctx.positions = p.x3_shape, p.positions
+            ctx.x3_shape, ctx.positions, ctx.inplace = p.x3_shape, p.positions, inplace
         return out
 
     @staticmethod
@@ -181,14 +195,20 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         input, target, weight, lse, denom = ctx.saved_tensors
         _status.poll(input.device)
         g = grad_out.to(acc_dtype(input.dtype))
-        fused = ctx.needs_input_grad[0] and ctx.grad_buf is not None and not torch.is_grad_enabled()
+        if ctx.inplace:
+            _check_inplace_backward(ctx)
+        fused = ctx.needs_input_grad[0] and not torch.is_grad_enabled()
+        fused = fused and (ctx.grad_buf is not None or ctx.grad_in_input)
         grad_input = grad_target = None
         if fused:  # the training path: the forward's gradient, times grad_out in place (skipped when it is 1)
-            grad, ctx.grad_buf = ctx.grad_buf, None
+            if ctx.grad_in_input:
+                grad, ctx.grad_in_input = input, False
+            else:
+                grad, ctx.grad_buf = ctx.grad_buf, None
             ops.scale_grad_(grad, g.reshape(()))
             grad_input = grad.reshape(input.shape)
             if not (ctx.prob and ctx.needs_input_grad[1]):
-                return grad_input, None, None, None, None, None, None
+                return grad_input, None, None, None, None, None, None, None
         x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
         if ctx.reduction == "none":
@@ -200,12 +220,51 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and not fused:
             if torch.is_grad_enabled():  # create_graph=True: a composite that autograd can differentiate again
                 grad = _composite_grad(x3, t, weight, factor, ctx.ignore_index, ctx.eps, ctx.prob).to(input.dtype)
+            elif ctx.inplace:  # reduction='none', in place: the gradient overwrites the saved logits
+                ops.backward_(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
+                torch.autograd.graph.increment_version(input)  # a second backward now fails autograd's check
+                grad = x3
             else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         if ctx.prob and ctx.needs_input_grad[1]:
             grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(target.dtype).reshape(input.shape)
-        return grad_input, grad_target, None, None, None, None, None
+        return grad_input, grad_target, None, None, None, None, None, None
+
+
+def _inplace_view(input, x3_shape, want_target_grad):
+    """The (B, C, S) view that inplace_backward=True writes the gradient into; refuses what it would corrupt."""
+    if input.is_leaf:
+        raise RuntimeError(
+            "cross_entropy: inplace_backward=True writes the gradient over the logits, so they must not be a leaf "
+            "tensor that requires grad (its .grad would share their memory); got a leaf. Pass the output of the "
+            "last layer, or use inplace_backward=False"
+        )
+    if want_target_grad:
+        raise RuntimeError(
+            "cross_entropy: inplace_backward=True destroys the logits, which the gradient of probability targets "
+            "needs; got targets that require grad"
+        )
+    try:
+        return input.view(x3_shape)
+    except RuntimeError:
+        raise RuntimeError(
+            f"cross_entropy: inplace_backward=True needs logits viewable as {tuple(x3_shape)} without a copy, got "
+            f"shape {_shape(input)} with strides {input.stride()}"
+        ) from None
+
+
+def _check_inplace_backward(ctx):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "cross_entropy: inplace_backward=True destroys the logits, which a double backward (create_graph=True) "
+            "needs; use inplace_backward=False"
+        )
+    if ctx.reduction != "none" and not ctx.grad_in_input:
+        raise RuntimeError(
+            "cross_entropy: inplace_backward=True wrote the gradient over the logits and the first backward handed "
+            "it out; a second backward (retain_graph=True) cannot recompute it"
+        )
 
 
 def _class_weights(weight, classes, like):

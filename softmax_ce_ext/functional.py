@@ -17,8 +17,15 @@ def cross_entropy(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
+    *,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
-    """Drop-in for torch.nn.functional.cross_entropy (class indices or probabilities), one fused kernel pass."""
+    """Drop-in for torch.nn.functional.cross_entropy (class indices or probabilities), one fused kernel pass.
+
+    inplace_backward=True (opt-in, not in PyTorch) writes the gradient over `input` instead of a new buffer:
+    the logits are destroyed by the call (mean/sum) or by the backward ('none').  `input` must not be a leaf."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    return SoftmaxCrossEntropyFunction.apply(
+        input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward
+    )

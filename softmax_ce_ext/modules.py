@@ -6,7 +6,16 @@ from .functional import cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """Drop-in for torch.nn.CrossEntropyLoss; isinstance checks and saved state_dicts carry over."""
+    """Drop-in for torch.nn.CrossEntropyLoss; isinstance checks and saved state_dicts carry over.
+
+    inplace_backward=True (keyword-only, opt-in): the gradient is written over the logits; see cross_entropy."""
+
+    def __init__(self, *args, inplace_backward: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inplace_backward = inplace_backward
+
+    def extra_repr(self) -> str:
+        return "inplace_backward=True" if self.inplace_backward else ""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
@@ -16,4 +25,5 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            inplace_backward=self.inplace_backward,
         )

@@ -35,6 +35,21 @@ def test_compile_fullgraph_forward_and_backward(device, kw, dynamic):
         torch.testing.assert_close(xa.grad, xb.grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_inplace_backward(device, reduction):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, t: cross_entropy(x * 2, t, reduction=reduction, inplace_backward=True).sum(),
+                       fullgraph=True)
+    x, t = _case(device, (6, 9))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = fn(xa, t)
+    b = F.cross_entropy(xb * 2, t, reduction=reduction).sum()
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
 def test_compile_probability_targets(device):
     torch._dynamo.reset()
     x, _ = _case(device)
@@ -62,6 +77,8 @@ def _op_samples(device):
             _, lse = ops.forward(x, target, weight, ignore, 0.1, status)
             rows = torch.rand(4, 3, dtype=acc, device=device)
             samples.append((ops.backward, (rows, x, target, weight, lse, ignore, 0.1)))
+            samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status)))
+            samples.append((ops.backward_, (rows, x.clone(), target, weight, lse, ignore, 0.1)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
     return samples
@@ -69,7 +86,8 @@ def _op_samples(device):
 
 def test_opcheck_every_op(device):
     samples = _op_samples(device)
-    assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.scale_grad_, ops.sum_rows}
+    assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.forward_backward_,
+                                         ops.backward_, ops.scale_grad_, ops.sum_rows}
     for op, args in samples:
         torch.library.opcheck(op, args)
 

@@ -309,6 +309,22 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, c
   return backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps, grad_alloc_cpu);
 }
 
+std::tuple<at::Tensor, at::Tensor> forward_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                                const c10::optional<at::Tensor>& weight,
+                                                                int64_t ignore_index, double eps,
+                                                                const at::Tensor& grad_scale,
+                                                                const at::Tensor& status) {
+  auto out = forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status, nullptr,
+                                 /*inplace=*/true);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+void backward_inplace_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                         const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                         double eps) {
+  backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps, nullptr, /*inplace=*/true);
+}
+
 void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_grad(grad, grad_output);
   const double g = grad_output.item<double>();  // host memory: reading it costs no synchronisation
@@ -365,6 +381,8 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("forward_backward", &forward_backward_cpu);
   m.impl("backward", &backward_cpu);
+  m.impl("forward_backward_", &forward_backward_inplace_cpu);
+  m.impl("backward_", &backward_inplace_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("sum_rows", &sum_rows_cpu);
 }

@@ -216,6 +216,7 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
     return;
   }
   const float w_t = a.weight ? a.weight[t] : 1.0f;
+  const float x_t = T::get(x + t);  // read before the gradient sweep, which may overwrite it (in-place ops)
   const int64_t full = C - C % W;  // classes in whole vectors; the last `tail` go in one padded vector
   const int tail = static_cast<int>(C - full);
   const vi in_tail = lanes_below(tail);
@@ -259,7 +260,7 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
     lse = m + __builtin_logf(hsum(vs));
     a.lse[r] = lse;
-    a.loss[r] = row_loss(lse, m, T::get(x + t), w_t, hsum(vA), hsum(vD), a.eps, C);
+    a.loss[r] = row_loss(lse, m, x_t, w_t, hsum(vA), hsum(vD), a.eps, C);
   } else {
     lse = a.lse[r];
   }
@@ -277,7 +278,7 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
       store_lanes<T>(g + full, gv, tail);
     }
     // The target class, recomputed with its one-hot term.
-    T::put(g + t, exp1(T::get(x + t) - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
+    T::put(g + t, exp1(x_t - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
   }
 }
 

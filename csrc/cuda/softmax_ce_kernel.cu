@@ -120,6 +120,8 @@ __device__ void ce_row(const scalar_t* __restrict__ x, const RowLayout& L, const
     }
   }
   const acc_t w_t = !kProb && P.weight ? P.weight[t] : acc_t(1);
+  // Read before the block's barrier: an in-place gradient sweep may overwrite it afterwards.
+  const acc_t x_t = !kProb && kStats && lane == 0 ? static_cast<acc_t>(xr[t * L.x_sC]) : acc_t(0);
   OnlineStats<acc_t> st;
   acc_t lse;
   if (kStats) {
@@ -134,7 +136,7 @@ __device__ void ce_row(const scalar_t* __restrict__ x, const RowLayout& L, const
     lse = st.lse();
     if (lane == 0) {
       lse_io[r] = lse;
-      loss[r] = row_loss<kProb>(st, lse, kProb ? acc_t(0) : static_cast<acc_t>(xr[t * L.x_sC]), w_t, P.eps, L.C);
+      loss[r] = row_loss<kProb>(st, lse, x_t, w_t, P.eps, L.C);
     }
   } else {
     lse = lse_io[r];
@@ -269,6 +271,22 @@ at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, 
   return backward_op(launch_cuda, grad_rows, logits, target, weight, lse, ignore_index, eps);
 }
 
+std::tuple<at::Tensor, at::Tensor> forward_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                                const c10::optional<at::Tensor>& weight,
+                                                                int64_t ignore_index, double eps,
+                                                                const at::Tensor& grad_scale,
+                                                                const at::Tensor& status) {
+  auto out = forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status, nullptr,
+                                 /*inplace=*/true);
+  return {std::get<0>(out), std::get<1>(out)};
+}
+
+void backward_inplace_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
+                         const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
+                         double eps) {
+  backward_op(launch_cuda, grad_rows, logits, target, weight, lse, ignore_index, eps, nullptr, /*inplace=*/true);
+}
+
 void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_grad(grad, grad_output);
   if (grad.numel() == 0) return;
@@ -295,6 +313,8 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("forward_backward", &forward_backward_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("forward_backward_", &forward_backward_inplace_cuda);
+  m.impl("backward_", &backward_inplace_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("sum_rows", &sum_rows_cuda);
 }
