@@ -281,13 +281,13 @@ def fmt(row):
         text = format(v, spec) + suffix if isinstance(v, (int, float)) else "-"
         return text.rjust(width)
 
-    return (f"{row['shape']:>16} {row['dtype']:>8} {row['mode']:>8} {row['provider']:>10} {num('ms', '.3f', '', 9)} "
+    return (f"{row['shape']:>16} {row['dtype']:>8} {row['mode']:>8} {row['provider']:>12} {num('ms', '.3f', '', 9)} "
             f"{num('gbps', '.1f', '', 8)} {num('pct_floor', '.1f', '%', 8)} {num('speedup_vs_torch', '.2f', 'x', 8)} "
             f"{num('peak_extra_x', '.2f', 'x', 6)} {num('loss_err', '.1e', '', 9)} {num('grad_err', '.1e', '', 9)} "
             f"{'' if row['ok'] else 'MISMATCH '}{row['note']}")
 
 
-TABLE_HEAD = (f"{'shape':>16} {'dtype':>8} {'mode':>8} {'provider':>10} {'ms':>9} {'GB/s':>8} {'%floor':>8} "
+TABLE_HEAD = (f"{'shape':>16} {'dtype':>8} {'mode':>8} {'provider':>12} {'ms':>9} {'GB/s':>8} {'%floor':>8} "
               f"{'vs torch':>8} {'peak+':>6} {'loss err':>9} {'grad err':>9}")
 
 

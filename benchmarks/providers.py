@@ -29,6 +29,17 @@ class Ours(Provider):
         return lambda x, t: softmax_ce_ext.cross_entropy(x, t, **opts)
 
 
+class OursInplace(Provider):
+    """inplace_backward=True: the gradient overwrites the logits (a view stands in for the last layer's output,
+    which is not a leaf)."""
+
+    name = "ours_inplace"
+    inplace = True
+
+    def make(self, opts):
+        return lambda x, t: softmax_ce_ext.cross_entropy(x.view_as(x), t, inplace_backward=True, **opts)
+
+
 class TorchEager(Provider):
     name = "torch"
 
@@ -95,4 +106,4 @@ class FlashAttn(_TritonPeer):
         )
 
 
-PROVIDERS = {p.name: p for p in (Ours(), TorchEager(), TorchCompile(), Liger(), FlashAttn())}
+PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), TorchEager(), TorchCompile(), Liger(), FlashAttn())}
