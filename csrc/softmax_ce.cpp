@@ -3,6 +3,10 @@
 #include <torch/library.h>
 
 #include "cpu/softmax_ce_cpu_isa.h"
+#include "softmax_ce_tuning.h"
+
+#include <atomic>
+#include <cstdlib>
 
 TORCH_LIBRARY(softmax_ce_ext, m) {
   // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
@@ -47,10 +51,65 @@ bool cuda_built() {
 }
 }  // namespace
 
+namespace softmax_ce {
+namespace {
+const char* const kPathNames[] = {"auto", "stream", "legacy"};
+
+CudaPath parse_path(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kPathNames[i]) return static_cast<CudaPath>(i);
+  TORCH_CHECK_VALUE(false, "set_cuda_tuning: expected path 'auto', 'stream' or 'legacy', got '", name, "'");
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoi(v) : fallback;
+}
+
+struct TuningState {
+  std::atomic<int> path, slice_kb, cluster_max;
+  TuningState()
+      : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
+                                                                    : CudaPath::kAuto)),
+        slice_kb(env_int("SOFTMAX_CE_CUDA_SLICE_KB", 72)),
+        cluster_max(env_int("SOFTMAX_CE_CUDA_CLUSTER_MAX", 16)) {}
+};
+
+TuningState& state() {
+  static TuningState s;
+  return s;
+}
+}  // namespace
+
+CudaTuning cuda_tuning() {
+  TuningState& s = state();
+  return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load()};
+}
+
+std::tuple<std::string, int, int> set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max) {
+  TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
+                    slice_kb);
+  TORCH_CHECK_VALUE(cluster_max == 1 || cluster_max == 2 || cluster_max == 4 || cluster_max == 8 || cluster_max == 16,
+                    "set_cuda_tuning: expected cluster_max 1, 2, 4, 8 or 16, got ", cluster_max);
+  const CudaTuning old = cuda_tuning();
+  TuningState& s = state();
+  s.path = static_cast<int>(parse_path(path));
+  s.slice_kb = slice_kb;
+  s.cluster_max = cluster_max;
+  return {kPathNames[static_cast<int>(old.path)], old.slice_kb, old.cluster_max};
+}
+}  // namespace softmax_ce
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled into this build.");
   m.def("cpu_isa", &softmax_ce::cpu_isa, "The instruction set the CPU kernels use now.");
   m.def("cpu_isas", &softmax_ce::cpu_isas, "The instruction sets this CPU can run, best first.");
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
+  m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
+        "slice_kb, cluster_max; returns the previous three.");
+  m.def("cuda_tuning", [] {
+    const auto t = softmax_ce::cuda_tuning();
+    return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max);
+  }, "The current (path, slice_kb, cluster_max).");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
 }

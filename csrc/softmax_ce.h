@@ -295,7 +295,6 @@ inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_outp
   TORCH_CHECK(grad_output.numel() == 1 && grad_output.scalar_type() == acc && grad_output.device() == grad.device(),
               "scale_grad_: expected a one-element grad_output in ", acc, " on ", grad.device(), ", got ",
               grad_output.sizes(), " ", grad_output.scalar_type(), " on ", grad_output.device());
-  TORCH_CHECK(grad.is_non_overlapping_and_dense(), "scale_grad_: expected a dense gradient buffer");
 }
 
 }  // namespace softmax_ce

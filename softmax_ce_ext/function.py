@@ -103,8 +103,8 @@ class _Prepared:
         if self.prob:
             return None
         valid = self.t != self.ignore_index
-        if self.weight is None:
-            return ops.sum_rows(valid.to(self.acc))
+        if self.weight is None:  # an exact integer count: no float copy of the mask (K-dim: ~5% of the traffic)
+            return valid.sum(dtype=torch.int64).to(self.acc)
         safe = torch.where(valid, self.t, 0).clamp_(0, self.weight.numel() - 1)  # never index out of range
         return ops.sum_rows(torch.where(valid, self.weight[safe], 0))
 

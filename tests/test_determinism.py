@@ -26,7 +26,7 @@ def _case(shape, device, dtype=torch.float32):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_same_bits_run_after_run(device, cpu_isa, shape, reduction):
+def test_same_bits_run_after_run(device, kernel_path, shape, reduction):
     x, t, w = _case(shape, device)
     first = run(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
     for _ in range(3):
@@ -37,7 +37,7 @@ def test_same_bits_run_after_run(device, cpu_isa, shape, reduction):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", ["cpu"])
-def test_cpu_bits_do_not_depend_on_thread_count(device, cpu_isa, shape, dtype):
+def test_cpu_bits_do_not_depend_on_thread_count(device, kernel_path, shape, dtype):
     x, t, w = _case(shape, "cpu", dtype)
     before = torch.get_num_threads()
     try:

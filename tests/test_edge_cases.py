@@ -47,7 +47,7 @@ def test_empty_batch_none(device):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
-def test_every_target_ignored(device, cpu_isa, reduction, smoothing):
+def test_every_target_ignored(device, kernel_path, reduction, smoothing):
     x, t = torch.randn(4, 6, device=device), torch.full((4,), -100, device=device)
     (ours, g), (theirs, gt) = both(x, t, reduction=reduction, label_smoothing=smoothing)
     same(ours, theirs)
@@ -58,7 +58,7 @@ def test_every_target_ignored(device, cpu_isa, reduction, smoothing):
 @pytest.mark.parametrize("weights", [[0.0] * 5, [1.0, -2.0, 0.5, -1.0, 3.0]], ids=["all-zero", "negative"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
-def test_unusual_weights(device, cpu_isa, weights, reduction, smoothing):
+def test_unusual_weights(device, kernel_path, weights, reduction, smoothing):
     # float64: mixed-sign weights make the weighted sums cancel, which float32 would blur for both sides.
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 5, generator=g, dtype=torch.float64).to(device)
@@ -115,7 +115,7 @@ SPECIAL_ROWS = {
 @pytest.mark.parametrize("row", list(SPECIAL_ROWS), ids=list(SPECIAL_ROWS))
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_special_values(device, cpu_isa, row, smoothing, reduction):
+def test_special_values(device, kernel_path, row, smoothing, reduction):
     values, target = SPECIAL_ROWS[row]
     x = torch.tensor([values, [0.5, 0.25, -1.0, 2.0]], device=device)  # a normal second row
     t = torch.tensor([target, 3], device=device)
@@ -124,7 +124,7 @@ def test_special_values(device, cpu_isa, row, smoothing, reduction):
     same(g, gt)
 
 
-def test_half_precision_beats_pytorch_overflow(device, cpu_isa):
+def test_half_precision_beats_pytorch_overflow(device, kernel_path):
     """PyTorch's float16 intermediates overflow here; the true loss, 3000, fits float16."""
     x = torch.tensor([[0.0, -3000.0]] * 40, dtype=torch.float16, device=device)
     t = torch.ones(40, dtype=torch.long, device=device)
@@ -133,7 +133,7 @@ def test_half_precision_beats_pytorch_overflow(device, cpu_isa):
 
 
 @pytest.mark.parametrize("layout", ["transposed", "permuted-4d"])
-def test_strided_logits_and_expanded_target(device, cpu_isa, layout):
+def test_strided_logits_and_expanded_target(device, kernel_path, layout):
     g = torch.Generator().manual_seed(1)
     if layout == "transposed":
         x = torch.randn(9, 6, generator=g).to(device).t()  # (6, 9), the class dim strided (stride 6)

@@ -36,7 +36,7 @@ def _case(device, layout, dtype, opts, seed=0):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_gradient_written_over_the_logits(device, cpu_isa, dtype, layout, reduction, opts):
+def test_gradient_written_over_the_logits(device, kernel_path, dtype, layout, reduction, opts):
     x, target, kw = _case(device, layout, dtype, opts)
     kw["reduction"] = reduction
     leaf = x.clone().requires_grad_()

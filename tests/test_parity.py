@@ -47,7 +47,7 @@ def make_case(shape, dtype, device, ignore_index, frac, seed):
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("ignore", IGNORES, ids=[f"ignore{i}-{f}" for i, f, _ in IGNORES])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_matches_torch(device, cpu_isa, shape, dtype, reduction, weighted, ignore, smoothing):
+def test_matches_torch(device, kernel_path, shape, dtype, reduction, weighted, ignore, smoothing):
     ignore_index, frac, _ = ignore
     x, target, weight, g = make_case(shape, dtype, device, ignore_index, frac, seed=zlib.crc32(repr((shape, reduction, ignore)).encode()))
     kw = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=smoothing)

@@ -49,7 +49,7 @@ def _grad(fn, x, target, grad_out, **kw):
 
 @SETTINGS
 @given(problem=problems())
-def test_matches_float64_reference(device, cpu_isa, problem):
+def test_matches_float64_reference(device, kernel_path, problem):
     x, target, kw, g = problem
     loss_shape = target.shape if kw["reduction"] == "none" else ()
     grad_out = (torch.rand(loss_shape, generator=g, dtype=torch.float64) + 0.5).to(x.dtype)

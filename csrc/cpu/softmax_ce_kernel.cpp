@@ -99,22 +99,29 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
           const acc_t v = xc(c);
           st.m = v > st.m ? v : st.m;
         }
+        // Summed in double: one float accumulator over a 50k-class row drifts by ~1e-5 (the SIMD paths keep
+        // one per lane, and stay at float accuracy).
+        double s_sum = 0, A_sum = 0, D_sum = 0;
         for (int64_t c = 0; c < C; ++c) {
           const acc_t v = xc(c);
-          st.s += std::exp(v - st.m);
+          s_sum += std::exp(v - st.m);
           if (spread) {
             const acc_t a = ac(c);
-            st.A += a;
-            st.D += a * (st.m - v);
+            A_sum += a;
+            D_sum += a * (st.m - v);
           }
         }
+        st.s = static_cast<acc_t>(s_sum), st.A = static_cast<acc_t>(A_sum), st.D = static_cast<acc_t>(D_sum);
         lse = st.m + std::log(st.s);
         lse_io[r] = lse;
         loss_out[r] = row_loss<kProb>(st, lse, kProb ? acc_t(0) : xc(t), w_t, P.eps, C);
       } else {
         lse = lse_io[r];
-        if (kProb)
-          for (int64_t c = 0; c < C; ++c) st.A += ac(c);
+        if (kProb) {
+          double A_sum = 0;
+          for (int64_t c = 0; c < C; ++c) A_sum += ac(c);
+          st.A = static_cast<acc_t>(A_sum);
+        }
       }
       if (kGrad) {
         const acc_t f = factor.at(b, s);

@@ -1,6 +1,8 @@
-// CUDA kernels.  Rows whose classes are contiguous: one block per row, an online max/sum so the row is
-// read once from memory (the gradient sweep re-reads it from L2).  Rows whose classes are strided (K-dim
-// inputs, transposed logits): one thread per row, so neighbouring threads read neighbouring positions.
+// CUDA kernels.  Contiguous rows with class-index targets in float/bfloat16/half: the fast kernels of
+// softmax_ce_rows.cuh.  Everything else (probability targets, float64, classes strided as in K-dim inputs or
+// transposed logits), and all of it under path 'legacy': the general kernels here.  Contiguous classes: one
+// block per row, an online max/sum (the gradient sweep re-reads the row from L2).  Strided classes: one
+// thread per row, so neighbouring threads read neighbouring positions.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,90 +14,21 @@
 #include <limits>
 
 #include "../softmax_ce.h"
+#include "../softmax_ce_tuning.h"
+#include "softmax_ce_columns.cuh"
+#include "softmax_ce_rows.cuh"
+#include "softmax_ce_stats.cuh"
 
 namespace softmax_ce {
 namespace {
 
 constexpr int kMaxThreads = 512;
 
-// Lowest finite value: an online max that starts here never computes (-inf) - (-inf).
-template <typename T>
-__device__ __forceinline__ T lowest();
-template <>
-__device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
-template <>
-__device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
-
-// Online row statistics (see RowStats): the max m, sum exp(x - m), and for the spread term A = sum a_c and
-// D = sum a_c (m - x_c), re-based whenever the max grows.
-template <typename acc_t>
-struct OnlineStats : RowStats<acc_t> {
-  using RowStats<acc_t>::m;
-  using RowStats<acc_t>::s;
-  using RowStats<acc_t>::A;
-  using RowStats<acc_t>::D;
-  __device__ OnlineStats() : RowStats<acc_t>{lowest<acc_t>(), acc_t(0), acc_t(0), acc_t(0)} {}
-  __device__ void add(acc_t v) {  // NaN compares false and poisons s, as in PyTorch
-    if (v > m) {
-      s = s * exp(m - v) + acc_t(1);
-      m = v;
-    } else {
-      s += exp(v - m);
-    }
-  }
-  __device__ void add(acc_t v, acc_t a) {
-    if (v > m && A != acc_t(0)) D += (v - m) * A;
-    add(v);
-    D += a * (m - v);
-    A += a;
-  }
-  __device__ void merge(acc_t om, acc_t os, acc_t oA, acc_t oD) {
-    const acc_t nm = om > m ? om : m;
-    s = (m == nm ? s : s * exp(m - nm)) + (om == nm ? os : os * exp(om - nm));
-    D = D + (A != acc_t(0) && m != nm ? (nm - m) * A : acc_t(0)) + oD +
-        (oA != acc_t(0) && om != nm ? (nm - om) * oA : acc_t(0));
-    A += oA;
-    m = nm;
-  }
-  // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN.
-  __device__ acc_t lse() const {
-    return m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : m + log(s);
-  }
-};
-
-// Reduce the statistics over the block; every thread gets the result.
-template <typename acc_t>
-__device__ void block_reduce(OnlineStats<acc_t>& st) {
-  __shared__ acc_t sh[4][32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  for (int off = 16; off > 0; off >>= 1)
-    st.merge(__shfl_xor_sync(0xffffffffu, st.m, off), __shfl_xor_sync(0xffffffffu, st.s, off),
-             __shfl_xor_sync(0xffffffffu, st.A, off), __shfl_xor_sync(0xffffffffu, st.D, off));
-  if (lane == 0) sh[0][warp] = st.m, sh[1][warp] = st.s, sh[2][warp] = st.A, sh[3][warp] = st.D;
-  __syncthreads();
-  st.m = sh[0][0], st.s = sh[1][0], st.A = sh[2][0], st.D = sh[3][0];
-  for (int w = 1; w < nwarps; ++w) st.merge(sh[0][w], sh[1][w], sh[2][w], sh[3][w]);  // fixed order: deterministic
-  __syncthreads();  // the shared slots are reused by the next row
-}
-
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t sh[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  v = sh[0];
-  for (int w = 1; w < nwarps; ++w) v += sh[w];
-  __syncthreads();
-  return v;
-}
-
 // One row, its classes split over `lanes` cooperating threads (lane `lane`); reduce() combines them.
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb, typename Reduce,
           typename Sum>
-__device__ void ce_row(const scalar_t* __restrict__ x, const RowLayout& L, const RowParams<scalar_t, acc_t, target_t>& P,
-                       acc_t* loss, acc_t* lse_io, scalar_t* __restrict__ grad, const Factor<acc_t>& factor,
+__device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, acc_t, target_t>& P,
+                       acc_t* loss, acc_t* lse_io, scalar_t* grad, const Factor<acc_t>& factor,
                        int64_t r, int lane, int lanes, Reduce reduce, Sum sum) {
   const int64_t b = r / L.S, s = r - b * L.S;
   const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
@@ -160,8 +93,8 @@ __device__ void ce_row(const scalar_t* __restrict__ x, const RowLayout& L, const
 // Classes contiguous: a block walks each row.
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 __global__ void __launch_bounds__(kMaxThreads)
-    ce_row_block_kernel(const scalar_t* __restrict__ x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P, acc_t* loss,
-                        acc_t* lse_io, scalar_t* __restrict__ grad, Factor<acc_t> factor) {
+    ce_row_block_kernel(const scalar_t* x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P, acc_t* loss,
+                        acc_t* lse_io, scalar_t* grad, Factor<acc_t> factor) {
   for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x)
     ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
         x, L, P, loss, lse_io, grad, factor, r, threadIdx.x, blockDim.x,
@@ -170,8 +103,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // Classes strided (K-dim or transposed logits): a thread per row, so a warp reads neighbouring positions.
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
-__global__ void ce_row_thread_kernel(const scalar_t* __restrict__ x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P,
-                                     acc_t* loss, acc_t* lse_io, scalar_t* __restrict__ grad, Factor<acc_t> factor) {
+__global__ void ce_row_thread_kernel(const scalar_t* x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P,
+                                     acc_t* loss, acc_t* lse_io, scalar_t* grad, Factor<acc_t> factor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < L.rows(); r += stride)
     ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
@@ -184,9 +117,140 @@ int row_block_threads(int64_t C) {
   return threads;
 }
 
+int sm_count(int device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// slice_rows, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
+template <typename T>
+bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
+                       cudaStream_t stream) {
+  int major = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, smem_optin - 2048);  // 2 KiB static
+  const int max_cluster = major >= 9 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
+  auto kernel = rows::slice_rows_kernel<T>;
+  for (int n = 1; n <= max_cluster; n *= 2) {
+    const int64_t slice = (chunks + n - 1) / n;
+    if (slice * 16 > budget) continue;
+    const int bytes = static_cast<int>(slice * 16);
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    if (n > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = n;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(n);
+    cfg.blockDim = dim3(rows::kSliceThreads);
+    cfg.dynamicSmemBytes = bytes;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = n > 1 ? 1 : 0;
+    int resident = 0;  // clusters (or CTAs) that fit on the device at once: the persistent grid
+    if (n > 1) {
+      if (cudaOccupancyMaxActiveClusters(&resident, kernel, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();  // this cluster size cannot run here: try a larger one
+        resident = 0;
+      }
+    } else {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, rows::kSliceThreads, bytes));
+      resident *= sm_count(device);
+    }
+    if (resident <= 0) continue;
+    cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(a.L.rows(), resident) * n));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, slice));
+    return true;
+  }
+  return false;
+}
+
+// The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.
+template <typename scalar_t, bool kStats, bool kGrad>
+bool launch_fast_rows(const RowLayout& L, const OpTensors& o) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return false;
+  } else {
+    const CudaTuning tune = cuda_tuning();
+    if (tune.path == CudaPath::kLegacy || L.x_sC != 1 || (kGrad && L.g_sC != 1)) return false;
+    using T = scalar_t;
+    const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
+                          row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
+                          o.lse.data_ptr<float>(), factor_of<float>(o)};
+    constexpr int E = chunks::Chunk<T>::E;
+    const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
+    const int device = o.logits.get_device();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t rows_n = L.rows();
+    constexpr int64_t kMaxGrid = (1LL << 31) - 1;
+    if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
+      const int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
+      const dim3 grid(static_cast<unsigned>(blocks)), block(rows::kWarpRowThreads);
+      if (chunks <= 64)
+        rows::warp_rows_kernel<T, 2, kStats, kGrad><<<grid, block, 0, stream>>>(a);
+      else if (chunks <= 128)
+        rows::warp_rows_kernel<T, 4, kStats, kGrad><<<grid, block, 0, stream>>>(a);
+      else
+        rows::warp_rows_kernel<T, 8, kStats, kGrad><<<grid, block, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
+    }
+    if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream))
+      return true;
+    int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads
+    while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
+    rows::stream_rows_kernel<T, kStats, kGrad>
+        <<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
+// The K-dim kernel (softmax_ce_columns.cuh) when positions are contiguous and every chunk 16-byte aligned.
+template <typename scalar_t, bool kStats, bool kGrad>
+bool launch_fast_columns(const RowLayout& L, const OpTensors& o) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return false;
+  } else {
+    using T = scalar_t;
+    auto aligned = [](const void* p, int64_t sC, int64_t sB) {
+      return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (sC * sizeof(T)) % 16 == 0 && (sB * sizeof(T)) % 16 == 0;
+    };
+    if (cuda_tuning().path == CudaPath::kLegacy || L.S < 2 || L.C < 1 || L.C > columns::kMaxClasses ||
+        L.x_sS != 1 || !aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) ||
+        (kGrad && (L.g_sS != 1 || !aligned(o.grad.data_ptr(), L.g_sC, L.g_sB))))
+      return false;
+    const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
+                          row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
+                          o.lse.data_ptr<float>(), factor_of<float>(o)};
+    int threads = 128;
+    while (threads > 32 && int64_t{threads} * L.C * 16 > columns::kBlockBudget) threads /= 2;
+    const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
+    const int device = o.logits.get_device();
+    auto kernel = columns::columns_kernel<T, kStats, kGrad>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    constexpr int E = chunks::Chunk<T>::E;
+    const int64_t items = L.B * ((L.S + E - 1) / E);
+    const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{std::max(per_sm, 1)} * sm_count(device));
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 void launch_typed(const RowLayout& L, const OpTensors& o) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (!kProb) {
+    if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;
+    if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
+  }
   const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);
   const Factor<acc_t> f = factor_of<acc_t>(o);
   const scalar_t* x = o.logits.data_ptr<scalar_t>();
@@ -291,10 +355,12 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_grad(grad, grad_output);
   if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
+  if (!grad.is_non_overlapping_and_dense()) {  // in place over strided logits: ATen walks the strides
+    grad.mul_(grad_output);
+    return;
+  }
   const int threads = 256;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.get_device()));
-  const int64_t blocks = std::min<int64_t>((grad.numel() + threads - 1) / threads, int64_t{sms} * 8);
+  const int64_t blocks = std::min<int64_t>((grad.numel() + threads - 1) / threads, int64_t{sm_count(grad.get_device())} * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scale_grad_kernel<scalar_t, acc_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -1,0 +1,120 @@
+// 16-byte chunks of a row: the unit every fast CUDA kernel loads and stores (E elements of 4 or 2 bytes).
+// A row that does not start on 16 bytes is read as the aligned chunks covering it: chunk k holds elements
+// k*E - shift ... k*E - shift + E-1, and the lanes outside [0, C) are masked.  Those chunks never cross a
+// 16-byte boundary of the allocation, so they stay inside it.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace softmax_ce {
+namespace chunks {
+
+template <typename T>
+struct Chunk;
+
+template <>
+struct Chunk<float> {
+  static constexpr int E = 4;
+  __device__ static void unpack(const uint4& u, float (&v)[E]) {
+    v[0] = __uint_as_float(u.x), v[1] = __uint_as_float(u.y), v[2] = __uint_as_float(u.z), v[3] = __uint_as_float(u.w);
+  }
+  __device__ static uint4 pack(const float (&v)[E]) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  }
+};
+
+// bfloat16 is the high half of a float: widening is a shift; narrowing rounds to nearest even, as c10 does.
+template <>
+struct Chunk<c10::BFloat16> {
+  static constexpr int E = 8;
+  __device__ static void unpack(const uint4& u, float (&v)[E]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[2 * i] = __uint_as_float(w[i] << 16), v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+  __device__ static uint32_t pair(float a, float b) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ static uint4 pack(const float (&v)[E]) {
+    return make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
+  }
+};
+
+template <>
+struct Chunk<c10::Half> {
+  static constexpr int E = 8;
+  __device__ static void unpack(const uint4& u, float (&v)[E]) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static uint32_t pair(float a, float b) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  __device__ static uint4 pack(const float (&v)[E]) {
+    return make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
+  }
+};
+
+// Where a row's chunks start: the aligned chunk holding element 0, and how many elements precede it there.
+template <typename T>
+struct RowChunks {
+  const uint4* base;
+  int shift;
+  int64_t count;  // chunks covering elements [0, C)
+  __device__ RowChunks(const T* row, int64_t C) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(row);
+    base = reinterpret_cast<const uint4*>(a & ~uintptr_t(15));
+    shift = static_cast<int>((a & 15) / sizeof(T));
+    count = (C + shift + Chunk<T>::E - 1) / Chunk<T>::E;
+  }
+  __device__ int64_t first_class(int64_t k) const { return k * Chunk<T>::E - shift; }
+};
+
+// Loads that stream (the logits are read once per kernel) and stores that should not push them out of L2.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
+__device__ __forceinline__ void store_stream(uint4* p, const uint4& v) { __stcs(p, v); }
+
+// 2^x in one special-function instruction (relative error about 2^-22; results below 2^-126 flush to 0).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 16 bytes from global to shared memory without passing through registers (sm_80+), and the wait for them.
+__device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Stores chunk k of a gradient row (values v for classes first .. first+E-1): one 16-byte store when the
+// chunk lies inside [0, C) and the gradient row has the logits' alignment; element by element otherwise.
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* grow, const RowChunks<T>& xk, bool same_shift, int64_t k, int64_t C,
+                                            const float (&v)[Chunk<T>::E]) {
+  constexpr int E = Chunk<T>::E;
+  const int64_t first = xk.first_class(k);
+  if (same_shift && first >= 0 && first + E <= C) {
+    store_stream(reinterpret_cast<uint4*>(grow + first), Chunk<T>::pack(v));
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e)
+    if (first + e >= 0 && first + e < C) grow[first + e] = static_cast<T>(v[e]);
+}
+
+}  // namespace chunks
+}  // namespace softmax_ce

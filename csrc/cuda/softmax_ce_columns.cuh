@@ -1,0 +1,118 @@
+// Fast CUDA kernel for K-dim inputs (N, C, d1..dk): classes strided by S, positions contiguous.  A thread
+// owns E neighbouring positions, i.e. one 16-byte chunk per class, and copies its C chunks into its own
+// slots of shared memory (cp.async: all C loads in flight at once, no registers held); then walks them for
+// an online max/sum per position and again for the gradient, so the logits are read from memory once.
+// Class-index targets; float, bfloat16, half; logits and gradient aligned to 16 bytes with S*E-byte class
+// strides (else the general thread-per-row kernel runs).  No barrier: each thread touches only its slots.
+#pragma once
+
+#include "softmax_ce_chunks.cuh"
+#include "softmax_ce_rows.cuh"
+
+namespace softmax_ce {
+namespace columns {
+using namespace chunks;
+using rows::Args;
+using rows::kInf;
+
+// Shared memory per thread: C chunks.  Threads per block shrink as C grows; beyond kMaxClasses, the general kernel.
+constexpr int kMaxClasses = 192;
+constexpr int kBlockBudget = 96 * 1024;
+
+template <typename T, bool kStats, bool kGrad>
+__global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
+  constexpr int E = Chunk<T>::E;
+  extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
+  const RowLayout& L = a.L;
+  const int64_t C = L.C, S = L.S, per_b = (S + E - 1) / E;
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const bool spread = a.P.eps != 0.f;
+  const float* w = a.P.weight;
+  const float W = w ? *a.P.weight_sum : static_cast<float>(C);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * nt;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * nt + tid; item < L.B * per_b; item += stride) {
+    const int64_t b = item / per_b, s0 = (item - b * per_b) * E;
+    const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
+    const T* x = a.x + b * L.x_sB + s0;
+    T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
+    for (int64_t c = 0; c < C; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
+    auto chunk = [&](int64_t c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
+    int64_t t[E];
+    bool ok[E];
+    float w_t[E], fill[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      t[i] = i < n ? a.P.index[b * L.t_sB + (s0 + i) * L.t_sS] : a.P.ignore_index;
+      const bool ignored = t[i] == a.P.ignore_index, bad = !ignored && target_out_of_range(t[i], C);
+      if (bad) rows::flag_bad_target(a.P.status, t[i]);
+      ok[i] = !ignored && !bad;
+      fill[i] = bad ? NAN : 0.f;
+      w_t[i] = ok[i] && w ? w[t[i]] : 1.f;
+    }
+    copy_async_wait_all();
+    float lse[E];
+    if (kStats) {
+      float m[E], s[E], D[E];
+#pragma unroll
+      for (int i = 0; i < E; ++i) m[i] = -FLT_MAX, s[i] = 0.f, D[i] = 0.f;
+      for (int64_t c = 0; c < C; ++c) {
+        float v[E];
+        chunk(c, v);
+#pragma unroll
+        for (int i = 0; i < E; ++i) {  // NaN never becomes the max; it poisons s, as in PyTorch
+          const float nm = v[i] > m[i] ? v[i] : m[i];
+          s[i] = s[i] * ex2((m[i] - nm) * kLog2e) + ex2((v[i] - nm) * kLog2e);
+          m[i] = nm;
+        }
+      }
+      if (spread) {  // the smoothing term, sum_c a_c (m - x_c), once each max is final
+        for (int64_t c = 0; c < C; ++c) {
+          float v[E];
+          chunk(c, v);
+          const float ac = w ? w[c] : 1.f;
+#pragma unroll
+          for (int i = 0; i < E; ++i) D[i] += ac != 0.f ? ac * (m[i] - v[i]) : 0.f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        lse[i] = rows::lse_of(m[i], s[i]);
+        if (i < n) {
+          const int64_t r = b * S + s0 + i;
+          const float x_t = ok[i] ? static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]) : 0.f;
+          a.loss[r] = ok[i] ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, lse[i], x_t, w_t[i], a.P.eps, C)
+                            : fill[i];
+          a.lse[r] = ok[i] ? lse[i] : fill[i];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) lse[i] = i < n ? a.lse[b * S + s0 + i] : 0.f;
+    }
+    if (kGrad) {
+      RowGrad<float> rg[E];
+#pragma unroll
+      for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t[i], W, a.P.eps, C);
+      for (int64_t c = 0; c < C; ++c) {
+        float v[E];
+        chunk(c, v);
+        const float ac = spread ? (w ? w[c] : 1.f) : 0.f;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const float gv = ex2((v[i] - lse[i]) * kLog2e) * rg[i].p_mul - ac * rg[i].c_mul - (c == t[i] ? rg[i].t_sub : 0.f);
+          v[i] = ok[i] ? gv : fill[i];
+        }
+        if (n == E) {
+          store_stream(reinterpret_cast<uint4*>(g + c * L.g_sC), Chunk<T>::pack(v));
+        } else {
+#pragma unroll
+          for (int i = 0; i < E; ++i)
+            if (i < n) g[c * L.g_sC + i] = static_cast<T>(v[i]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace columns
+}  // namespace softmax_ce

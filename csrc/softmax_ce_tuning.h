@@ -1,0 +1,23 @@
+// Which CUDA kernel family handles contiguous rows, and the shared-memory slice limits: settable at run time
+// (softmax_ce_ext._C.set_cuda_tuning) so one GPU session can compare them; defaults from the environment
+// (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, SOFTMAX_CE_CUDA_CLUSTER_MAX).
+#pragma once
+
+#include <string>
+#include <tuple>
+
+namespace softmax_ce {
+
+enum class CudaPath { kAuto, kStream, kLegacy };
+
+struct CudaTuning {
+  CudaPath path;
+  int slice_kb;     // largest shared-memory slice of a row per CTA, KiB
+  int cluster_max;  // largest cluster of CTAs sharing a row (1: no clusters)
+};
+
+CudaTuning cuda_tuning();
+// Returns the previous (path, slice_kb, cluster_max).
+std::tuple<std::string, int, int> set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max);
+
+}  // namespace softmax_ce

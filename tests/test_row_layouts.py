@@ -1,0 +1,103 @@
+"""Rows the fast kernels treat specially (16-byte chunks, a warp or a cluster per row): sizes at the kernels'
+boundaries, rows that do not start on 16 bytes, a gradient aligned differently from the logits, long rows
+with special values.  Every kernel path of the device (conftest.KERNEL_PATHS)."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import assert_close, reference
+from softmax_ce_ext import cross_entropy
+
+# (N, C, why)
+SIZES = [
+    (6, 3, "fewer classes than a 16-byte chunk"),
+    (5, 1021, "float32: the longest row a warp holds (256 chunks at the worst alignment)"),
+    (5, 1022, "float32: one class more, the next kernel"),
+    (5, 2041, "2-byte dtypes: the longest row a warp holds"),
+    (5, 2042, "2-byte dtypes: one class more, the next kernel"),
+    (3, 50257, "GPT-2's vocabulary: odd, so most rows start off a 16-byte boundary"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _logits(n, c, dtype, device, offset, seed):
+    """offset: the rows start `offset` elements into a wider buffer (misaligned starts, a row stride of
+    c + offset); the gradient, allocated dense, is then aligned differently from the logits."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, c + offset, generator=g) * 3).to(dtype).to(device)
+    x = base[:, offset:]
+    t = torch.randint(0, c, (n,), generator=g).to(device)
+    t[0] = c - 1  # the last class, in the last chunk
+    return x, t, g
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{n}x{c}" for n, c, _ in SIZES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1, weighted=True)], ids=["plain", "smoothed-weighted"])
+def test_training_and_none(device, kernel_path, size, dtype, offset, kw):
+    n, c, _ = size
+    x, t, g = _logits(n, c, dtype, device, offset, seed=c + offset)
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = (torch.rand(c, generator=g) + 0.2).to(device)
+    scale = x.abs().max().item()
+    for reduction in ("mean", "none"):
+        grad_out = (torch.rand(() if reduction == "mean" else (n,), generator=g) + 0.5).to(dtype).to(device)
+        xo = x.detach().clone().requires_grad_()
+        loss = cross_entropy(xo, t, reduction=reduction, **kw)
+        (grad,) = torch.autograd.grad(loss, xo, grad_out)
+        ref_loss, ref_grad = reference(x, t, grad_out, reduction=reduction, **kw)
+        assert_close(loss, ref_loss, dtype, f"{reduction} loss", logit_scale=scale)
+        assert_close(grad, ref_grad, dtype, f"{reduction} grad", logit_scale=scale)
+    ref_rows, _ = reference(x, t, torch.ones(n, device=device), reduction="none", **kw)
+    with torch.no_grad():  # the forward-only kernels
+        rows = cross_entropy(x, t, reduction="none", **kw)
+    assert_close(rows, ref_rows, dtype, "no-grad loss", logit_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_written_over_misaligned_logits(device, kernel_path, dtype):
+    """inplace_backward with rows off 16-byte boundaries: neighbouring rows share chunks."""
+    x, t, _ = _logits(7, 50257, dtype, device, 1, seed=3)
+    holder = torch.zeros(7, 50258, dtype=dtype, device=device)
+    holder[:, 1:] = x
+    out = holder.requires_grad_()[:, 1:]  # a non-leaf view: each row starts one element into its buffer row
+    cross_entropy(out, t, inplace_backward=True, reduction="sum").backward()
+    _, ref_grad = reference(x, t, torch.ones((), device=device), reduction="sum")
+    scale = x.abs().max().item()
+    assert_close(out.detach(), ref_grad, dtype, "gradient left in the logits", logit_scale=scale)
+    assert_close(holder.grad[:, 1:], ref_grad, dtype, "grad", logit_scale=scale)
+    assert torch.equal(holder.detach()[:, 0], torch.zeros_like(holder[:, 0]))  # the row heads are not touched
+
+
+# A long row (several chunks per thread, several CTAs of a cluster) with the values of test_edge_cases'
+# special rows placed in different chunks.
+LONG_SPECIAL = {
+    "-inf scattered": lambda x: x.index_fill_(0, torch.tensor([0, 7, 1000, 2999]), -math.inf),
+    "all -inf": lambda x: x.fill_(-math.inf),
+    "+inf": lambda x: x.index_fill_(0, torch.tensor([1500]), math.inf),
+    "nan": lambda x: x.index_fill_(0, torch.tensor([2999]), math.nan),
+    "+-3e38": lambda x: x.index_fill_(0, torch.tensor([5]), 3e38).index_fill_(0, torch.tensor([2000]), -3e38),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_SPECIAL), ids=list(LONG_SPECIAL))
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_long_rows_special_values(device, kernel_path, case, reduction):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3000, generator=g)
+    LONG_SPECIAL[case](x[1])
+    x = x.to(device)
+    t = torch.tensor([4, 1000, 2999], device=device)
+    results = []
+    for fn in (cross_entropy, torch.nn.functional.cross_entropy):
+        xi = x.clone().requires_grad_()
+        loss = fn(xi, t, reduction=reduction, label_smoothing=0.1)
+        (gi,) = torch.autograd.grad(loss.sum(), xi)
+        results.append((loss, gi))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, equal_nan=True, rtol=1e-5, atol=1e-6)
