@@ -326,6 +326,10 @@ def main(argv=None):
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row.update(status="skipped", note="skipped: out of memory")
+                except Exception as e:  # one provider's failure is a row, not the end of the run
+                    failed |= name.startswith("ours")  # a peer's limitation is not our failure
+                    first = (str(e).splitlines() or [""])[0][:160]
+                    row.update(status="error", ok=False, note=f"error: {type(e).__name__}: {first}")
                 else:
                     tol = TOLERANCE[dtype]
                     ok = loss_err <= tol and (grad_err is None or grad_err <= tol)

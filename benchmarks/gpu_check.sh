@@ -1,40 +1,79 @@
 #!/usr/bin/env bash
-# The one prepared GPU call: build in place against the machine's torch, run the CUDA tests, run a short
-# benchmark.  Under 5 minutes on an H100/H200.  Logs go to $OUT (set by the device tool) or ./gpu_check_out.
-#   device run:  bash benchmarks/gpu_check.sh
+# The one prepared GPU call: build in place against the machine's torch, run the CUDA tests (every CUDA kernel
+# family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
+# (set by the device tool) or ./gpu_check_out.  About 5-8 minutes on an H100/H200; each part has a timeout.
+#   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
+#   parts:       GPU_CHECK_PARTS="build smoke sanitize tests bench variants compile"
+#                (default: build smoke tests bench variants)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
+PARTS=" ${GPU_CHECK_PARTS:-build smoke tests bench variants} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 status=0
+part() { [[ "$PARTS" == *" $1 "* ]]; }
+stamp() { echo "== $1 ($(date -u +%T))"; }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1; } \
   2>&1 | tee "$OUT/env.log"
 
-echo "== build (ptxas -v: registers and spills per kernel)"
-if ! (time SCE_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v -e .) > "$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+if part build; then
+  stamp "build (ptxas -v: registers and spills per kernel)"
+  if ! (time SCE_PTXAS_VERBOSE=1 timeout 300 $PY -m pip install --no-build-isolation --no-deps -v -e .) > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  grep -E "softmax_ce_ext build|^real" "$OUT/build.log"
+  grep -E "bytes spill" "$OUT/build.log" | sed 's/.*ptxas info *: *//' | sort | uniq -c | sed 's/^/  /' | head -20
 fi
-grep -E "softmax_ce_ext build|real" "$OUT/build.log"
-grep -E "bytes spill" "$OUT/build.log" | sort | uniq -c | sed 's/^/  /' | head -20
-
-echo "== CUDA tests"
-timeout 300 $PY -m pytest -q -p no:cacheprovider -k "cuda" tests 2>&1 | tee "$OUT/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== benchmark (every kernel, checked against float64; then torch.compile on the LLM shape)"
-# Peers: Liger is not on the GPU image; carry it as a wheel in .whl (see the device README) to include it.
+# Liger is not on the GPU image: carried as a wheel in .whl (see the device README).
 if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-timeout 150 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
-  --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd --providers ours torch liger flash_attn \
-  --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x128256 --dtype bfloat16 \
-  --mode fwd fwd+bwd --providers compile --json "$OUT/bench_compile.json" 2>&1 | tee "$OUT/bench_compile.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if part smoke; then
+  stamp "smoke: every CUDA kernel family on four shapes"
+  timeout 60 $PY benchmarks/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part sanitize; then
+  stamp "compute-sanitizer memcheck, then racecheck, on the smoke script"
+  timeout 240 compute-sanitizer --tool memcheck --print-limit 20 $PY benchmarks/cuda_smoke.py > "$OUT/memcheck.log" 2>&1
+  tail -15 "$OUT/memcheck.log"
+  timeout 240 compute-sanitizer --tool racecheck --print-limit 20 $PY benchmarks/cuda_smoke.py > "$OUT/racecheck.log" 2>&1
+  tail -15 "$OUT/racecheck.log"
+fi
+
+if part tests; then
+  stamp "CUDA tests (every CUDA kernel family)"
+  timeout 170 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" tests 2>&1 | tee "$OUT/tests.log" | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part bench; then
+  stamp "benchmark: ours and the peers, every timed row checked against float64"
+  timeout 170 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
+    --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd --providers ours ours_inplace torch liger flash_attn \
+    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part variants; then
+  stamp "our CUDA kernel families side by side (auto, without clusters, streaming, legacy)"
+  timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
+    --mode fwd+bwd --providers ours ours_nocluster ours_stream ours_legacy --json "$OUT/variants.json" 2>&1 \
+    | tee "$OUT/variants.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part compile; then
+  stamp "torch.compile on the LLM shape"
+  timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x128256 --dtype bfloat16 \
+    --mode fwd fwd+bwd --providers ours compile --json "$OUT/bench_compile.json" 2>&1 | tee "$OUT/bench_compile.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+stamp "done, status $status"
 exit $status

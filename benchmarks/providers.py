@@ -40,6 +40,27 @@ class OursInplace(Provider):
         return lambda x, t: softmax_ce_ext.cross_entropy(x.view_as(x), t, inplace_backward=True, **opts)
 
 
+class OursTuned(Provider):
+    """Ours with another CUDA kernel family for contiguous rows (softmax_ce_ext._C.set_cuda_tuning), to compare
+    the families in one run."""
+
+    def __init__(self, name, tuning):
+        self.name, self.tuning = name, tuning
+
+    def unavailable(self, device, shape, opts):
+        return None if device == "cuda" else "a CUDA kernel family"
+
+    def make(self, opts):
+        def fn(x, t):
+            previous = softmax_ce_ext._C.set_cuda_tuning(*self.tuning)
+            try:
+                return softmax_ce_ext.cross_entropy(x, t, **opts)
+            finally:
+                softmax_ce_ext._C.set_cuda_tuning(*previous)
+
+        return fn
+
+
 class TorchEager(Provider):
     name = "torch"
 
@@ -81,14 +102,11 @@ class Liger(_TritonPeer):
     inplace = True
 
     def make(self, opts):
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-
-        loss = LigerCrossEntropyLoss(
-            ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"], reduction=opts["reduction"]
-        )
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
 
         def fn(x, t):
-            out = loss(x, t)
+            out = LigerCrossEntropyFunction.apply(x, t, None, opts["ignore_index"], 0.0, opts["label_smoothing"],
+                                                  opts["reduction"])
             return out[0] if isinstance(out, tuple) else out
 
         return fn
@@ -106,4 +124,6 @@ class FlashAttn(_TritonPeer):
         )
 
 
-PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), TorchEager(), TorchCompile(), Liger(), FlashAttn())}
+VARIANTS = (OursTuned("ours_stream", ("stream", 72, 16)), OursTuned("ours_legacy", ("legacy", 72, 16)),
+            OursTuned("ours_nocluster", ("auto", 72, 1)))
+PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

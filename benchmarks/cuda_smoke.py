@@ -1,0 +1,54 @@
+"""A quick look at every CUDA kernel family before the full tests: one line per (family, shape, dtype) with
+the largest loss and gradient errors against float64 PyTorch.  Small enough to run under compute-sanitizer
+(gpu_check.sh's 'sanitize' part).  Exit code 1 if any error exceeds its dtype's tolerance."""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext import _C
+
+FAMILIES = {"auto": ("auto", 72, 16), "clusters": ("auto", 1, 16), "no-slices": ("auto", 1, 1),
+            "stream": ("stream", 72, 16), "legacy": ("legacy", 72, 16)}
+# (shape, why): a warp row, a misaligned odd vocabulary, a cluster-sized row, K-dim (columns kernel)
+SHAPES = [((64, 1000), "warp rows"), ((8, 50257), "odd vocabulary"), ((4, 32000), "slices"),
+          ((2, 21, 16, 16), "k-dim")]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def errors(shape, dtype, inplace):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).cuda()
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).cuda()
+    ref_x = x.double().requires_grad_()
+    ref = F.cross_entropy(ref_x, t, label_smoothing=0.1)
+    ref.backward()
+    leaf = x.clone().requires_grad_()
+    logits = leaf.clone() if inplace else leaf
+    loss = softmax_ce_ext.cross_entropy(logits, t, label_smoothing=0.1, inplace_backward=inplace)
+    loss.backward()
+    softmax_ce_ext.check_errors()
+    torch.cuda.synchronize()
+    scale = ref_x.grad.abs().max().item()
+    return abs(loss.item() - ref.item()) / abs(ref.item()), (leaf.grad.double() - ref_x.grad).abs().max().item() / scale
+
+
+def main():
+    bad = False
+    for family, tuning in FAMILIES.items():
+        _C.set_cuda_tuning(*tuning)
+        for shape, why in SHAPES:
+            for dtype in TOL:
+                for inplace in (False, True):
+                    le, ge = errors(shape, dtype, inplace)
+                    ok = le <= TOL[dtype] and ge <= TOL[dtype]
+                    bad |= not ok
+                    print(f"{family:>9} {'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'inplace' if inplace else '':>7}"
+                          f" loss {le:.1e} grad {ge:.1e} {'' if ok else 'MISMATCH'}  ({why})", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
