@@ -18,11 +18,12 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def(
       "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
       " Tensor(a!) status) -> (Tensor loss, Tensor lse)");
-  // As forward, and in the same pass the gradient of the summed row losses times grad_scale (a 0-d tensor in
-  // the accumulation dtype: 1, or 1/total weight for a mean).  grad has the logits' strides when dense.
+  // The training pass: the sum of the row losses (0-d, accumulation dtype; no per-row buffers where the kernel
+  // can avoid them) and, in the same pass, its gradient times grad_scale (a 0-d tensor in the accumulation
+  // dtype: 1, or 1/total weight for a mean).  grad has the logits' strides when dense.
   m.def(
       "forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor grad_scale, Tensor(a!) status) -> (Tensor loss, Tensor lse, Tensor grad)");
+      " Tensor grad_scale, Tensor(a!) status) -> (Tensor loss_sum, Tensor grad)");
   // Gradient recomputed from the saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
   m.def(
       "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"
@@ -31,7 +32,7 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // are destroyed; no gradient buffer is allocated.
   m.def(
       "forward_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
-      " float label_smoothing, Tensor grad_scale, Tensor(b!) status) -> (Tensor loss, Tensor lse)");
+      " float label_smoothing, Tensor grad_scale, Tensor(b!) status) -> Tensor loss_sum");
   m.def(
       "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse,"
       " int ignore_index, float label_smoothing) -> ()");

@@ -141,8 +141,10 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad
 
 // What a backend's launch(mode, layout, tensors) receives.  factor is the gradient's upstream multiplier:
 // 0-d (broadcast to every row) or (B, S); both in the accumulation dtype.
+// kStatsGrad leaves loss/lse to the backend (it may need no per-row buffers) and gets back loss_sum, the
+// 0-d sum of the row losses, summed in an order that does not depend on the thread count.
 struct OpTensors {
-  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status;
+  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status, loss_sum;
   int64_t ignore_index;
   double eps;
 };
@@ -243,13 +245,11 @@ std::tuple<at::Tensor, at::Tensor> forward_op(Launch launch, const at::Tensor& l
 }
 
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::Tensor& logits,
-                                                                   const at::Tensor& target,
-                                                                   const c10::optional<at::Tensor>& weight,
-                                                                   int64_t ignore_index, double eps,
-                                                                   const at::Tensor& grad_scale,
-                                                                   const at::Tensor& status,
-                                                                   GradAlloc alloc = nullptr, bool inplace = false) {
+std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
+                                                       const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                       double eps, const at::Tensor& grad_scale,
+                                                       const at::Tensor& status, GradAlloc alloc = nullptr,
+                                                       bool inplace = false) {
   const char* op = inplace ? "forward_backward_" : "forward_backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
   check_status(status, logits);
@@ -259,12 +259,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_op(Launch launch
               grad_scale.sizes(), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.status = status;
-  o.loss = row_buffer(logits);
-  o.lse = row_buffer(logits);
   o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
   o.factor = grad_scale;
   launch(Mode::kStatsGrad, L, o);
-  return {o.loss, o.lse, o.grad};
+  if (!o.loss_sum.defined()) o.loss_sum = at::zeros({}, logits.options().dtype(acc));  // no rows
+  return {o.loss_sum, o.grad};
+}
+
+// The per-row loss and lse buffers of a kStatsGrad launch that wants them.
+inline void row_outputs(OpTensors& o) {
+  o.loss = row_buffer(o.logits);
+  o.lse = row_buffer(o.logits);
 }
 
 template <typename Launch>

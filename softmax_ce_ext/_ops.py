@@ -23,7 +23,7 @@ def _forward_fake(logits, target, weight, ignore_index, label_smoothing, status)
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward")
 def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status):
-    return _row_buffer(logits), _row_buffer(logits), torch.empty_like(logits)
+    return logits.new_empty((), dtype=acc_dtype(logits.dtype)), torch.empty_like(logits)
 
 
 @torch.library.register_fake("softmax_ce_ext::backward")
@@ -33,7 +33,7 @@ def _backward_fake(grad_rows, logits, target, weight, lse, ignore_index, label_s
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward_")
 def _forward_backward_inplace_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status):
-    return _row_buffer(logits), _row_buffer(logits)
+    return logits.new_empty((), dtype=acc_dtype(logits.dtype))
 
 
 @torch.library.register_fake("softmax_ce_ext::backward_")

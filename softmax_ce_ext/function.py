@@ -165,22 +165,21 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 scale = 1.0 / max(p.positions, 1) if reduction == "mean" else 1.0
                 grad_scale = torch.full((), scale, dtype=p.acc, device=input.device)
+            # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
+            lse = None
             if inplace:  # the input now holds the gradient, and is saved as such below
-                rows, lse = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
+                total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
                 torch.autograd.graph.increment_version(input)
             else:
-                rows, lse, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
+                total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
         else:
             rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+            total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows)
         _status.launched(input.device)
 
-        if reduction == "none":
-            out = rows.reshape(p.out_shape)
-        elif reduction == "sum":
-            out = ops.sum_rows(rows)
-        else:
-            out = ops.sum_rows(rows) / (denom if denom is not None else p.positions)
-        out = out.to(p.out_dtype)
+        if reduction == "mean":
+            total = total / (denom if denom is not None else p.positions)
+        out = total.to(p.out_dtype)
 
         if want_input_grad or want_target_grad:
             ctx.save_for_backward(input, target, weight, lse, denom)
@@ -225,6 +224,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 torch.autograd.graph.increment_version(input)  # a second backward now fails autograd's check
                 grad = x3
             else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
+                if lse is None:  # the training pass kept no lse: one more read of the logits for it
+                    _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, _status.buffer_for(input.device))
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         if ctx.prob and ctx.needs_input_grad[1]:

@@ -92,3 +92,26 @@ def test_cuda_error_surfaces_on_a_later_call_without_waiting():
     torch.cuda.synchronize()  # let the status copy land; the next call sees it without waiting itself
     with pytest.raises(IndexError, match=r"Target 12 is out of bounds\."):
         cross_entropy(x, torch.zeros(8, dtype=torch.long, device="cuda"))
+
+
+@pytest.mark.parametrize("layout", ["rows", "k-dim"])
+def test_cuda_gradient_ops_with_an_out_of_range_target(layout):
+    """The gradient-only ops (reduction='none''s backward, called before the forward's report lands, and
+    under torch.compile never polled) meet the bad target again: NaN rows, a live context, no second report."""
+    if not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()):
+        pytest.skip("needs CUDA")
+    from softmax_ce_ext._ops import ops
+
+    shape, tshape = ((64, 1000), (64,)) if layout == "rows" else ((2, 5, 8, 8), (2, 8, 8))
+    x = torch.randn(shape, device="cuda")
+    bad = torch.zeros(tshape, dtype=torch.long, device="cuda")
+    bad.view(-1)[17] = shape[1]
+    x3 = x.reshape(shape[0], shape[1], -1)
+    t2 = bad.reshape(shape[0], -1)
+    lse = torch.zeros(t2.shape, device="cuda")
+    grad = ops.backward(torch.ones(t2.shape, device="cuda"), x3, t2, None, lse, -100, 0.0)
+    torch.cuda.synchronize()  # an illegal address would surface here
+    row = grad.movedim(1, -1).reshape(-1, shape[1])[17]
+    assert torch.isnan(row).all()
+    softmax_ce_ext.check_errors()  # the gradient ops report nothing themselves
+    torch.testing.assert_close(cross_entropy(x, torch.zeros_like(bad)), F.cross_entropy(x, torch.zeros_like(bad)))

@@ -147,7 +147,7 @@ void raise_bad_target(const at::Tensor& target, int64_t C, int64_t ignore_index)
 // The vectorised path, when the instruction set, dtype and layout allow: rows whose classes are contiguous,
 // or (K-dim inputs) blocks of contiguous positions.  Returns false to leave the work to the portable kernel.
 template <typename scalar_t, bool kStats, bool kGrad>
-bool launch_simd(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
+bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const SimdKernels* k = current_isa().load();
   if (k == nullptr) return false;
   const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1);
@@ -187,7 +187,7 @@ bool launch_simd(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad)
 }
 
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
-void launch_typed(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
+void launch_typed(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (!kProb && !std::is_same_v<scalar_t, double>) {
     if (launch_simd<scalar_t, kStats, kGrad>(L, o, bad)) return;
@@ -200,7 +200,7 @@ void launch_typed(const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad
 }
 
 template <typename scalar_t, typename target_t, bool kProb>
-void launch_modes(Mode mode, const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
+void launch_modes(Mode mode, const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   switch (mode) {
     case Mode::kStats: return launch_typed<scalar_t, target_t, true, false, kProb>(L, o, bad);
     case Mode::kStatsGrad: return launch_typed<scalar_t, target_t, true, true, kProb>(L, o, bad);
@@ -209,7 +209,7 @@ void launch_modes(Mode mode, const RowLayout& L, const OpTensors& o, std::atomic
 }
 
 // Probability targets come in the logits' dtype or in the accumulation dtype (no rounding of float32 targets).
-void launch_dtypes(Mode mode, const RowLayout& L, const OpTensors& o, std::atomic<bool>& bad) {
+void launch_dtypes(Mode mode, const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.logits.scalar_type(), "softmax_ce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (!o.target.is_floating_point())
@@ -221,10 +221,14 @@ void launch_dtypes(Mode mode, const RowLayout& L, const OpTensors& o, std::atomi
   });
 }
 
-void launch_cpu(Mode mode, const RowLayout& L, const OpTensors& o) {
+at::Tensor sum_rows_cpu(const at::Tensor& values);
+
+void launch_cpu(Mode mode, const RowLayout& L, OpTensors& o) {
+  if (mode == Mode::kStatsGrad) row_outputs(o);
   std::atomic<bool> bad{false};
   launch_dtypes(mode, L, o, bad);
   if (bad.load()) raise_bad_target(o.target, L.C, o.ignore_index);
+  if (mode == Mode::kStatsGrad) o.loss_sum = sum_rows_cpu(o.loss);
 }
 
 // Gradient buffers of many MiB: in 2 MiB pages, and kept for reuse once freed.  A fresh buffer costs a page
@@ -300,12 +304,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
   return forward_op(launch_cpu, logits, target, weight, ignore_index, eps, status);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_cpu(const at::Tensor& logits,
-                                                                    const at::Tensor& target,
-                                                                    const c10::optional<at::Tensor>& weight,
-                                                                    int64_t ignore_index, double eps,
-                                                                    const at::Tensor& grad_scale,
-                                                                    const at::Tensor& status) {
+std::tuple<at::Tensor, at::Tensor> forward_backward_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                        double eps, const at::Tensor& grad_scale,
+                                                        const at::Tensor& status) {
   return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
                              grad_alloc_cpu);
 }
@@ -316,14 +318,11 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, c
   return backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps, grad_alloc_cpu);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                                const c10::optional<at::Tensor>& weight,
-                                                                int64_t ignore_index, double eps,
-                                                                const at::Tensor& grad_scale,
-                                                                const at::Tensor& status) {
-  auto out = forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status, nullptr,
-                                 /*inplace=*/true);
-  return {std::get<0>(out), std::get<1>(out)};
+at::Tensor forward_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                       const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                                       const at::Tensor& grad_scale, const at::Tensor& status) {
+  return std::get<0>(forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
+                                         nullptr, /*inplace=*/true));
 }
 
 void backward_inplace_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,

@@ -30,6 +30,8 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
   const float* w = a.P.weight;
   const float W = w ? *a.P.weight_sum : static_cast<float>(C);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * nt;
+  const bool partial = a.loss_partials != nullptr;
+  float loss_acc = 0.f;  // this thread's positions, in its fixed order
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * nt + tid; item < L.B * per_b; item += stride) {
     const int64_t b = item / per_b, s0 = (item - b * per_b) * E;
     const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
           chunk(c, v);
           const float ac = w ? w[c] : 1.f;
 #pragma unroll
-          for (int i = 0; i < E; ++i) D[i] += ac != 0.f ? ac * (m[i] - v[i]) : 0.f;
+          for (int i = 0; i < E; ++i) D[i] += ac * (m[i] - v[i]);  // 0 * -inf is NaN, as in PyTorch
         }
       }
 #pragma unroll
@@ -80,9 +82,14 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
         if (i < n) {
           const int64_t r = b * S + s0 + i;
           const float x_t = ok[i] ? static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]) : 0.f;
-          a.loss[r] = ok[i] ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, lse[i], x_t, w_t[i], a.P.eps, C)
-                            : fill[i];
-          a.lse[r] = ok[i] ? lse[i] : fill[i];
+          const float loss =
+              ok[i] ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, lse[i], x_t, w_t[i], a.P.eps, C) : fill[i];
+          if (partial) {
+            loss_acc += loss;
+          } else {
+            a.loss[r] = loss;
+            a.lse[r] = ok[i] ? lse[i] : fill[i];
+          }
         }
       }
     } else {
@@ -111,6 +118,10 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
         }
       }
     }
+  }
+  if (partial) {  // every thread of the CTA gets here: the loop above has no early exit
+    const float total = block_sum(loss_acc);
+    if (tid == 0) a.loss_partials[blockIdx.x] = total;
   }
 }
 

@@ -41,7 +41,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
     const bool ignored = t == P.ignore_index;
     if (ignored || target_out_of_range(t, L.C)) {
       // An out-of-range target is never read: its row turns NaN and status records it.
-      if (!ignored && lane == 0) {
+      if (!ignored && lane == 0 && P.status != nullptr) {  // null in the gradient-only ops
         atomicExch(reinterpret_cast<unsigned long long*>(P.status + 1), static_cast<unsigned long long>(t));
         atomicExch(reinterpret_cast<unsigned long long*>(P.status), 1ull);
       }
@@ -131,14 +131,22 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, smem_optin - 2048);  // 2 KiB static
-  const int max_cluster = major >= 9 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
   auto kernel = rows::slice_rows_kernel<T>;
+  cudaFuncAttributes fa;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  // Clusters need the kernel's sm_90 code: PTX of an older arch, JIT-compiled, has the one-CTA version.
+  const int max_cluster = major >= 9 && fa.ptxVersion >= 90 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
+  // One value for every launch (never lowered under another thread's launch or a captured graph).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_optin - 2048)));
   for (int n = 1; n <= max_cluster; n *= 2) {
     const int64_t slice = (chunks + n - 1) / n;
     if (slice * 16 > budget) continue;
     const int bytes = static_cast<int>(slice * 16);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-    if (n > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    if (n > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();  // no 16-CTA clusters here
+      break;
+    }
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = n;
@@ -171,7 +179,7 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
 
 // The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.
 template <typename scalar_t, bool kStats, bool kGrad>
-bool launch_fast_rows(const RowLayout& L, const OpTensors& o) {
+bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     return false;
   } else {
@@ -180,7 +188,7 @@ bool launch_fast_rows(const RowLayout& L, const OpTensors& o) {
     using T = scalar_t;
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
-                          o.lse.data_ptr<float>(), factor_of<float>(o)};
+                          o.lse.data_ptr<float>(), factor_of<float>(o), nullptr};
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
@@ -210,43 +218,58 @@ bool launch_fast_rows(const RowLayout& L, const OpTensors& o) {
   }
 }
 
-// The K-dim kernel (softmax_ce_columns.cuh) when positions are contiguous and every chunk 16-byte aligned.
+// The K-dim kernel (softmax_ce_columns.cuh) applies: positions contiguous, every chunk 16-byte aligned.
+template <typename T, bool kGrad>
+bool columns_apply(const RowLayout& L, const OpTensors& o) {
+  auto aligned = [](const void* p, int64_t sC, int64_t sB) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (sC * sizeof(T)) % 16 == 0 && (sB * sizeof(T)) % 16 == 0;
+  };
+  return !std::is_same_v<T, double> && cuda_tuning().path != CudaPath::kLegacy && L.S >= 2 && L.C >= 1 &&
+         L.C <= columns::kMaxClasses && L.x_sS == 1 && aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) &&
+         (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB)));
+}
+
+// The K-dim kernel.  In the training pass (no per-row buffers) each CTA writes one partial loss sum: the
+// positions' loss and lse rows would add ~10% to the floor's bytes, and their memory to the peak.
 template <typename scalar_t, bool kStats, bool kGrad>
-bool launch_fast_columns(const RowLayout& L, const OpTensors& o) {
+bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     return false;
   } else {
     using T = scalar_t;
-    auto aligned = [](const void* p, int64_t sC, int64_t sB) {
-      return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (sC * sizeof(T)) % 16 == 0 && (sB * sizeof(T)) % 16 == 0;
-    };
-    if (cuda_tuning().path == CudaPath::kLegacy || L.S < 2 || L.C < 1 || L.C > columns::kMaxClasses ||
-        L.x_sS != 1 || !aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) ||
-        (kGrad && (L.g_sS != 1 || !aligned(o.grad.data_ptr(), L.g_sC, L.g_sB))))
-      return false;
-    const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
-                          row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
-                          o.lse.data_ptr<float>(), factor_of<float>(o)};
+    if (!columns_apply<T, kGrad>(L, o)) return false;
     int threads = 128;
     while (threads > 32 && int64_t{threads} * L.C * 16 > columns::kBlockBudget) threads /= 2;
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
     auto kernel = columns::columns_kernel<T, kStats, kGrad>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, columns::kBlockBudget));
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
     const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{std::max(per_sm, 1)} * sm_count(device));
+    const bool partial = kStats && kGrad && !o.loss.defined();
+    at::Tensor partials;
+    if (partial) partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
+    const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
+                          row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
+                          partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
+                          partial ? partials.data_ptr<float>() : nullptr};
     kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (partial) o.loss_sum = partials.sum();  // a fixed grid on a given device: a fixed order
     return true;
   }
 }
 
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
-void launch_typed(const RowLayout& L, const OpTensors& o) {
+void launch_typed(const RowLayout& L, OpTensors& o) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (!kProb) {
+    if (kStats && kGrad && !o.loss.defined() && launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
+  }
+  if (kStats && kGrad && !o.loss.defined()) row_outputs(o);  // every other kernel writes per-row loss and lse
   if constexpr (!kProb) {
     if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;
     if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
@@ -277,7 +300,7 @@ void launch_typed(const RowLayout& L, const OpTensors& o) {
 }
 
 template <typename scalar_t, typename target_t, bool kProb>
-void launch_modes(Mode mode, const RowLayout& L, const OpTensors& o) {
+void launch_modes(Mode mode, const RowLayout& L, OpTensors& o) {
   switch (mode) {
     case Mode::kStats: return launch_typed<scalar_t, target_t, true, false, kProb>(L, o);
     case Mode::kStatsGrad: return launch_typed<scalar_t, target_t, true, true, kProb>(L, o);
@@ -286,7 +309,7 @@ void launch_modes(Mode mode, const RowLayout& L, const OpTensors& o) {
 }
 
 // Probability targets come in the logits' dtype or in the accumulation dtype (no rounding of float32 targets).
-void launch_dtypes(Mode mode, const RowLayout& L, const OpTensors& o) {
+void launch_dtypes(Mode mode, const RowLayout& L, OpTensors& o) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.logits.scalar_type(), "softmax_ce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (!o.target.is_floating_point())
@@ -298,10 +321,11 @@ void launch_dtypes(Mode mode, const RowLayout& L, const OpTensors& o) {
   });
 }
 
-void launch_cuda(Mode mode, const RowLayout& L, const OpTensors& o) {
+void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
   launch_dtypes(mode, L, o);
+  if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) o.loss_sum = o.loss.sum();  // fixed order per device
 }
 
 // grad *= g unless g == 1; g is read on the device, so the host never waits for it.
@@ -320,12 +344,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
   return forward_op(launch_cuda, logits, target, weight, ignore_index, eps, status);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_backward_cuda(const at::Tensor& logits,
-                                                                     const at::Tensor& target,
-                                                                     const c10::optional<at::Tensor>& weight,
-                                                                     int64_t ignore_index, double eps,
-                                                                     const at::Tensor& grad_scale,
-                                                                     const at::Tensor& status) {
+std::tuple<at::Tensor, at::Tensor> forward_backward_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                         double eps, const at::Tensor& grad_scale,
+                                                         const at::Tensor& status) {
   return forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status);
 }
 
@@ -335,14 +357,11 @@ at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, 
   return backward_op(launch_cuda, grad_rows, logits, target, weight, lse, ignore_index, eps);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                                const c10::optional<at::Tensor>& weight,
-                                                                int64_t ignore_index, double eps,
-                                                                const at::Tensor& grad_scale,
-                                                                const at::Tensor& status) {
-  auto out = forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status, nullptr,
-                                 /*inplace=*/true);
-  return {std::get<0>(out), std::get<1>(out)};
+at::Tensor forward_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                                        const at::Tensor& grad_scale, const at::Tensor& status) {
+  return std::get<0>(forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status,
+                                         nullptr, /*inplace=*/true));
 }
 
 void backward_inplace_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,

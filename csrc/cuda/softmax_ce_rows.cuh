@@ -29,9 +29,10 @@ struct Args {
   T* grad;  // may equal x (in-place ops): every element is read before its owner overwrites it
   RowLayout L;
   RowParams<T, float, T> P;
-  float* loss;
+  float* loss;  // per-row outputs; both nullptr when the kernel writes loss_partials instead
   float* lse;
   Factor<float> factor;
+  float* loss_partials;  // one partial loss sum per CTA (the K-dim training pass), or nullptr
 };
 
 constexpr int kWarpRowThreads = 256;
@@ -56,7 +57,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// status is null for the gradient-only ops (the forward that came first already reported the target).
 __device__ __forceinline__ void flag_bad_target(int64_t* status, int64_t t) {
+  if (status == nullptr) return;
   atomicExch(reinterpret_cast<unsigned long long*>(status + 1), static_cast<unsigned long long>(t));
   atomicExch(reinterpret_cast<unsigned long long*>(status), 1ull);
 }
@@ -94,10 +97,11 @@ struct ChunkStats {
     for (int e = 0; e < E; ++e) s += ex2((v[e] - m) * kLog2e);
     if (spread) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
+      for (int e = 0; e < E; ++e) {  // lanes outside the row hold -inf: skipped, not 0 * inf
+        const bool in_row = first + e >= 0 && first + e < C;
         const float a = class_weight(w, first + e, C);
         A += a;
-        D += a != 0.f ? a * (m - v[e]) : 0.f;
+        D += in_row ? a * (m - v[e]) : 0.f;
       }
     }
   }
@@ -197,7 +201,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
           if (spread) {
             const float ac = class_weight(w, first + e, C);
             A += ac;
-            D += ac != 0.f ? ac * (m - v[j][e]) : 0.f;
+            D += first + e >= 0 && first + e < C ? ac * (m - v[j][e]) : 0.f;  // PyTorch: 0 * -inf is NaN
           }
           const float ev = ex2((v[j][e] - m) * kLog2e);
           sum += ev;
@@ -326,9 +330,10 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   cg::cluster_group cluster = cg::this_cluster();
   rank = cluster.block_rank();
   n = cluster.num_blocks();
+  if (n > 1) cluster.sync();  // every CTA of the cluster has started before anyone writes to its shared memory
 #endif
-  int parity = 0;
-  for (int64_t r = blockIdx.x / n; r < L.rows(); r += gridDim.x / n, parity ^= 1) {
+  int parity = 0;  // flips once per exchange, so a CTA two exchanges ahead never overwrites a slot in use
+  for (int64_t r = blockIdx.x / n; r < L.rows(); r += gridDim.x / n) {
     const int64_t b = r / L.S, s = r - b * L.S;
     const T* xr = a.x + b * L.x_sB + s * L.x_sS;
     T* gr = a.grad + b * L.g_sB + s * L.g_sS;
@@ -361,6 +366,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         const float4 pq = peer[parity][q];
         st.merge(pq.x, pq.y, pq.z, pq.w);
       }
+      parity ^= 1;
     }
 #endif
     const float lse = lse_of(st.m, st.s);
