@@ -46,6 +46,15 @@ C10_HOST_DEVICE inline acc_t class_coef(const RowParams<scalar_t, acc_t, target_
   return w * (P.eps == acc_t(0) ? y : (acc_t(1) - P.eps) * y + P.eps / acc_t(C));
 }
 
+// eps / C: on the GPU a 2-ulp division without the IEEE slow-path subroutine (its saved registers spilled).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t per_class(acc_t eps, int64_t C) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<acc_t, float>) return __fdividef(eps, static_cast<float>(C));
+#endif
+  return eps / acc_t(C);
+}
+
 // Row statistics.  m: the max; s: sum exp(x - m); A: sum a_c; D: sum a_c * (m - x_c).
 // Keeping D relative to the max makes sum a_c (lse - x_c) = A * (lse - m) + D a sum of non-negative terms:
 // no inf - inf for logits near the float range, no cancellation.
@@ -62,7 +71,7 @@ C10_HOST_DEVICE inline acc_t row_loss(const RowStats<acc_t>& st, acc_t lse, acc_
   if (kProb) return st.spread(lse);
   const acc_t nll = w_t * (lse - x_t);
   if (eps == acc_t(0)) return nll;
-  return (acc_t(1) - eps) * nll + eps / acc_t(C) * st.spread(lse);
+  return (acc_t(1) - eps) * nll + per_class(eps, C) * st.spread(lse);
 }
 
 // d loss / d x_c = f * (p_c * p_mul - a_c * c_mul - [c == t] * t_sub), f being the upstream factor.
@@ -73,7 +82,7 @@ struct RowGrad {
   C10_HOST_DEVICE static RowGrad index(acc_t f, acc_t w_t, acc_t W, acc_t eps, int64_t C) {
     RowGrad g;
     g.t_sub = f * (acc_t(1) - eps) * w_t;
-    g.c_mul = eps == acc_t(0) ? acc_t(0) : f * eps / acc_t(C);
+    g.c_mul = eps == acc_t(0) ? acc_t(0) : f * per_class(eps, C);
     g.p_mul = eps == acc_t(0) ? f * w_t : g.t_sub + g.c_mul * W;
     return g;
   }

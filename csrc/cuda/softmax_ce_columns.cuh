@@ -20,7 +20,7 @@ constexpr int kMaxClasses = 192;
 constexpr int kBlockBudget = 96 * 1024;
 
 template <typename T, bool kStats, bool kGrad>
-__global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
+__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -33,24 +33,27 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
   const bool partial = a.loss_partials != nullptr;
   float loss_acc = 0.f;  // this thread's positions, in its fixed order
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * nt + tid; item < L.B * per_b; item += stride) {
-    const int64_t b = item / per_b, s0 = (item - b * per_b) * E;
+    const int64_t b = static_cast<uint32_t>(item) / static_cast<uint32_t>(per_b);  // < 2^31 items: see the launcher
+    const int64_t s0 = (item - b * per_b) * E;
     const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
     const T* x = a.x + b * L.x_sB + s0;
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
     for (int64_t c = 0; c < C; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
     auto chunk = [&](int64_t c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
-    int64_t t[E];
-    bool ok[E];
-    float w_t[E], fill[E];
+    // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
+    // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
+    constexpr int kIgnored = -1, kBad = -2;
+    int t[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      t[i] = i < n ? a.P.index[b * L.t_sB + (s0 + i) * L.t_sS] : a.P.ignore_index;
-      const bool ignored = t[i] == a.P.ignore_index, bad = !ignored && target_out_of_range(t[i], C);
-      if (bad) rows::flag_bad_target(a.P.status, t[i]);
-      ok[i] = !ignored && !bad;
-      fill[i] = bad ? NAN : 0.f;
-      w_t[i] = ok[i] && w ? w[t[i]] : 1.f;
+      const int64_t ti = i < n ? a.P.index[b * L.t_sB + (s0 + i) * L.t_sS] : a.P.ignore_index;
+      const bool ignored = ti == a.P.ignore_index, bad = !ignored && target_out_of_range(ti, C);
+      if (bad) rows::flag_bad_target(a.P.status, ti);
+      t[i] = ignored ? kIgnored : bad ? kBad : static_cast<int>(ti);
     }
+    auto ok = [&](int i) { return t[i] >= 0; };
+    auto fill = [&](int i) { return t[i] == kBad ? NAN : 0.f; };
+    auto w_t = [&](int i) { return ok(i) && w ? w[t[i]] : 1.f; };
     copy_async_wait_all();
     float lse[E];
     if (kStats) {
@@ -81,14 +84,14 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
         lse[i] = rows::lse_of(m[i], s[i]);
         if (i < n) {
           const int64_t r = b * S + s0 + i;
-          const float x_t = ok[i] ? static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]) : 0.f;
+          const float x_t = ok(i) ? static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]) : 0.f;
           const float loss =
-              ok[i] ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, lse[i], x_t, w_t[i], a.P.eps, C) : fill[i];
+              ok(i) ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, lse[i], x_t, w_t(i), a.P.eps, C) : fill(i);
           if (partial) {
             loss_acc += loss;
           } else {
             a.loss[r] = loss;
-            a.lse[r] = ok[i] ? lse[i] : fill[i];
+            a.lse[r] = ok(i) ? lse[i] : fill(i);
           }
         }
       }
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
     if (kGrad) {
       RowGrad<float> rg[E];
 #pragma unroll
-      for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t[i], W, a.P.eps, C);
+      for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t(i), W, a.P.eps, C);
       for (int64_t c = 0; c < C; ++c) {
         float v[E];
         chunk(c, v);
@@ -107,7 +110,7 @@ __global__ void __launch_bounds__(128) columns_kernel(Args<T> a) {
 #pragma unroll
         for (int i = 0; i < E; ++i) {
           const float gv = ex2((v[i] - lse[i]) * kLog2e) * rg[i].p_mul - ac * rg[i].c_mul - (c == t[i] ? rg[i].t_sub : 0.f);
-          v[i] = ok[i] ? gv : fill[i];
+          v[i] = ok(i) ? gv : fill(i);
         }
         if (n == E) {
           store_stream(reinterpret_cast<uint4*>(g + c * L.g_sC), Chunk<T>::pack(v));

@@ -184,7 +184,8 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     return false;
   } else {
     const CudaTuning tune = cuda_tuning();
-    if (tune.path == CudaPath::kLegacy || L.x_sC != 1 || (kGrad && L.g_sC != 1)) return false;
+    constexpr int64_t kMaxRows = (1LL << 31) - 1;  // the fast kernels index rows in 32 bits (split_row)
+    if (tune.path == CudaPath::kLegacy || L.x_sC != 1 || (kGrad && L.g_sC != 1) || L.rows() > kMaxRows) return false;
     using T = scalar_t;
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
@@ -224,7 +225,10 @@ bool columns_apply(const RowLayout& L, const OpTensors& o) {
   auto aligned = [](const void* p, int64_t sC, int64_t sB) {
     return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (sC * sizeof(T)) % 16 == 0 && (sB * sizeof(T)) % 16 == 0;
   };
+  constexpr int64_t E = 16 / sizeof(T);
+  const int64_t items = L.B * ((L.S + E - 1) / E);  // indexed in 32 bits by the kernel
   return !std::is_same_v<T, double> && cuda_tuning().path != CudaPath::kLegacy && L.S >= 2 && L.C >= 1 &&
+         items < (1LL << 31) &&
          L.C <= columns::kMaxClasses && L.x_sS == 1 && aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) &&
          (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB)));
 }

@@ -36,7 +36,7 @@ struct Args {
 };
 
 constexpr int kWarpRowThreads = 256;
-constexpr int kStreamThreads = 512;
+constexpr int kStreamThreads = 256;  // 512 capped registers at 128 and spilled on sm_80
 constexpr int kSliceThreads = 256;
 constexpr int kMaxCluster = 16;
 constexpr float kInf = INFINITY;
@@ -150,6 +150,16 @@ __device__ __forceinline__ bool same_alignment(const T* x, const T* g) {
   return (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(g) & 15);
 }
 
+// Row r = (b, s).  The launcher sends only fewer than 2^31 rows here: a 32-bit division is a few instructions
+// where a 64-bit one is a called subroutine (whose saved registers spilled).
+struct RowIndex {
+  int64_t b, s;
+};
+__device__ __forceinline__ RowIndex split_row(int64_t r, int64_t S) {
+  const uint32_t b = static_cast<uint32_t>(r) / static_cast<uint32_t>(S);
+  return {b, r - int64_t{b} * S};
+}
+
 __device__ __forceinline__ float lse_of(float m, float s) { return m == kInf ? NAN : m + logf(s); }
 
 // ---- warp_rows: a warp per row, VPT chunks per lane in registers.
@@ -163,7 +173,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
   const float* w = a.P.weight;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < L.rows(); r += warps) {
-    const int64_t b = r / L.S, s = r - b * L.S;
+    const auto [b, s] = split_row(r, L.S);
     const T* xr = a.x + b * L.x_sB + s * L.x_sS;
     T* gr = kGrad ? a.grad + b * L.g_sB + s * L.g_sS : nullptr;
     const RowChunks<T> xk(xr, C);
@@ -247,7 +257,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
   const bool spread = a.P.eps != 0.f;
   const float* w = a.P.weight;
   for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x) {
-    const int64_t b = r / L.S, s = r - b * L.S;
+    const auto [b, s] = split_row(r, L.S);
     const T* xr = a.x + b * L.x_sB + s * L.x_sS;
     T* gr = kGrad ? a.grad + b * L.g_sB + s * L.g_sS : nullptr;
     const RowChunks<T> xk(xr, C);
@@ -334,7 +344,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
 #endif
   int parity = 0;  // flips once per exchange, so a CTA two exchanges ahead never overwrites a slot in use
   for (int64_t r = blockIdx.x / n; r < L.rows(); r += gridDim.x / n) {
-    const int64_t b = r / L.S, s = r - b * L.S;
+    const auto [b, s] = split_row(r, L.S);
     const T* xr = a.x + b * L.x_sB + s * L.x_sS;
     T* gr = a.grad + b * L.g_sB + s * L.g_sS;
     const RowChunks<T> xk(xr, C);

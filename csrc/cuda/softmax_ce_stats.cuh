@@ -55,7 +55,7 @@ struct OnlineStats : RowStats<acc_t> {
 
 // Reduce the statistics over the block; every thread gets the result.
 template <typename acc_t>
-__device__ inline void block_reduce(OnlineStats<acc_t>& st) {
+__device__ __forceinline__ void block_reduce(OnlineStats<acc_t>& st) {
   __shared__ acc_t sh[4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
   for (int off = 16; off > 0; off >>= 1)
@@ -69,7 +69,7 @@ __device__ inline void block_reduce(OnlineStats<acc_t>& st) {
 }
 
 template <typename acc_t>
-__device__ inline acc_t block_sum(acc_t v) {
+__device__ __forceinline__ acc_t block_sum(acc_t v) {
   __shared__ acc_t sh[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
