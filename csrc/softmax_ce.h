@@ -56,22 +56,25 @@ C10_HOST_DEVICE inline acc_t per_class(acc_t eps, int64_t C) {
 }
 
 // Row statistics.  m: the max; s: sum exp(x - m); A: sum a_c; D: sum a_c * (m - x_c).
-// Keeping D relative to the max makes sum a_c (lse - x_c) = A * (lse - m) + D a sum of non-negative terms:
-// no inf - inf for logits near the float range, no cancellation.
+// Keeping D relative to the max makes sum a_c (lse - x_c) = A * log(s) + D a sum of non-negative terms:
+// no inf - inf for logits near the float range, no cancellation.  (A == 0: no term over the classes, even
+// where log(s) is -inf, as for C == 0.)
 template <typename acc_t>
 struct RowStats {
   acc_t m, s, A, D;
-  C10_HOST_DEVICE acc_t spread(acc_t lse) const { return A * (lse - m) + D; }
+  C10_HOST_DEVICE acc_t spread(acc_t log_s) const { return A == acc_t(0) ? D : A * log_s + D; }
 };
 
-// The row's loss.  Class index t: (1-eps) w_t (lse - x_t) + eps/C * spread.  Probabilities: spread.
+// The row's loss, from log_s = log(s) (lse = m + log_s).  Class index t: (1-eps) w_t ((m - x_t) + log_s) +
+// eps/C * spread; (m - x_t) first, as PyTorch does, is exact where x_t is the max: a loss near 0 keeps its
+// digits instead of one ulp of |lse|.  Probabilities: spread.
 template <bool kProb, typename acc_t>
-C10_HOST_DEVICE inline acc_t row_loss(const RowStats<acc_t>& st, acc_t lse, acc_t x_t, acc_t w_t, acc_t eps,
+C10_HOST_DEVICE inline acc_t row_loss(const RowStats<acc_t>& st, acc_t log_s, acc_t x_t, acc_t w_t, acc_t eps,
                                       int64_t C) {
-  if (kProb) return st.spread(lse);
-  const acc_t nll = w_t * (lse - x_t);
+  if (kProb) return st.spread(log_s);
+  const acc_t nll = w_t * ((st.m - x_t) + log_s);
   if (eps == acc_t(0)) return nll;
-  return (acc_t(1) - eps) * nll + per_class(eps, C) * st.spread(lse);
+  return (acc_t(1) - eps) * nll + per_class(eps, C) * st.spread(log_s);
 }
 
 // d loss / d x_c = f * (p_c * p_mul - a_c * c_mul - [c == t] * t_sub), f being the upstream factor.
@@ -302,6 +305,14 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
   o.factor = grad_rows;
   launch(Mode::kGrad, L, o);
   return o.grad;
+}
+
+inline void check_valid_weight_sum(const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
+  TORCH_CHECK(target.dim() == 2 && target.scalar_type() == at::kLong,
+              "valid_weight_sum: expected (B, S) int64 class indices, got ", target.sizes(), " ", target.scalar_type());
+  TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->is_contiguous() && weight->is_floating_point() &&
+                                      weight->device() == target.device()),
+              "valid_weight_sum: expected a contiguous 1-d floating weight on ", target.device());
 }
 
 inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {

@@ -102,11 +102,8 @@ class _Prepared:
         device tensor.  Probabilities: the number of positions, as PyTorch divides them."""
         if self.prob:
             return None
-        valid = self.t != self.ignore_index
-        if self.weight is None:  # an exact integer count: no float copy of the mask (K-dim: ~5% of the traffic)
-            return valid.sum(dtype=torch.int64).to(self.acc)
-        safe = torch.where(valid, self.t, 0).clamp_(0, self.weight.numel() - 1)  # never index out of range
-        return ops.sum_rows(torch.where(valid, self.weight[safe], 0))
+        # One read of the targets, no mask or gathered weights in memory (K-dim: they were ~0.1-0.4x the logits).
+        return ops.valid_weight_sum(self.t, self.weight, self.ignore_index).to(self.acc)
 
 
 def kernel_views(input, target, weight, x3_shape, prob):
@@ -225,7 +222,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad = x3
             else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
                 if lse is None:  # the training pass kept no lse: one more read of the logits for it
-                    _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, _status.buffer_for(input.device))
+                    scratch = torch.zeros(2, dtype=torch.int64, device=input.device)  # reported once, by the forward
+                    _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, scratch)
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         if ctx.prob and ctx.needs_input_grad[1]:

@@ -37,7 +37,7 @@ def assert_close(actual, expected, dtype, what, logit_scale=0.0, scale_floor=0.0
     values smaller than the terms they are computed from."""
     rtol, atol = TOL[dtype]
     acc_eps = 2.0**-53 if dtype == torch.float64 else 2.0**-24
-    atol = atol + 8 * acc_eps * logit_scale
+    logit_atol = 8 * acc_eps * logit_scale  # absolute, like the error it bounds (not scaled by the result)
     too_big = expected.abs() > torch.finfo(dtype).max  # beyond the dtype's range the right answer is inf
     expected = torch.where(too_big, expected.sign() * float("inf"), expected)
     finite = expected[expected.isfinite()]
@@ -46,7 +46,7 @@ def assert_close(actual, expected, dtype, what, logit_scale=0.0, scale_floor=0.0
         actual.double().cpu(),
         expected.cpu(),
         rtol=rtol,
-        atol=atol * max(scale, 1e-30),
+        atol=atol * max(scale, 1e-30) + logit_atol,
         equal_nan=True,  # e.g. a mean over targets that are all ignored is NaN in both
         msg=lambda m: f"{what}: {m}",
     )

@@ -24,9 +24,10 @@ def _free_gib():
     ids=["rows-across-2^31", "k-dim-across-2^31"],
 )
 def test_more_than_2_31_elements(shape):
-    """bf16 logits + gradient: 8.6 GB.  Rows at the far end (offsets past 2**31) are checked against torch."""
-    if _free_gib() < 12:
-        pytest.skip("needs 12 GiB of free GPU memory")
+    """bf16 logits + gradient: 8.6 GB, plus int64 targets and, for the K-dim case (odd positions: the general
+    kernel), per-position rows: ~13 GB.  Rows at the far end (offsets past 2**31) are checked against torch."""
+    if _free_gib() < 14:
+        pytest.skip("needs 14 GiB of free GPU memory")
     assert torch.Size(shape).numel() > 2**31
     torch.manual_seed(0)
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -91,7 +92,9 @@ def test_peak_memory_of_a_training_step(layout, inplace):
         h = torch.randn(16, k, 256 * 256, device="cuda")
         w = torch.randn(21, k, device="cuda", requires_grad=True)
         t = torch.randint(0, 21, (16, 256, 256), device="cuda")
-        layer = lambda: (w @ h).view(16, 21, 256, 256)  # a 1x1 convolution, without cuDNN's workspace  # noqa: E731
+        # A 1x1 convolution as a batched product: no cuDNN workspace, and (unlike w @ h, which folds the batch
+        # and copies the gradient back) no copy of the gradient in its backward.
+        layer = lambda: torch.bmm(w.expand(16, -1, -1), h).view(16, 21, 256, 256)  # noqa: E731
     for _ in range(2):  # the second step runs with the allocator warm
         w.grad = None
         logits = layer()
@@ -103,6 +106,5 @@ def test_peak_memory_of_a_training_step(layout, inplace):
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / nbytes
         del logits
-    # K-dim: the mean's count of non-ignored targets builds a bool mask of 1/(4C) of float32 logits (0.012x).
-    allowed = (0.01 if layout == "rows" else 0.02) if inplace else 1.01
+    allowed = 0.01 if inplace else 1.01
     assert extra <= allowed, f"peak extra memory {extra:.3f}x the logits"

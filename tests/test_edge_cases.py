@@ -157,3 +157,20 @@ def test_module_edge_case_matches(device):
     m = CrossEntropyLoss(ignore_index=0, label_smoothing=0.1, reduction="sum").to(device)
     x, t = torch.randn(5, 3, 2, device=device), torch.zeros(5, 2, dtype=torch.long, device=device)
     same(m(x, t), torch.nn.CrossEntropyLoss(ignore_index=0, label_smoothing=0.1, reduction="sum")(x, t))
+
+
+@pytest.mark.parametrize("layout", ["dense", "strided", "empty"])
+def test_mean_denominator_op(device, layout):
+    """valid_weight_sum: the count (or summed weight) of the targets that are not ignore_index, with no mask in
+    memory; an out-of-range target counts, and weighs 0 (its row is an error anyway)."""
+    from softmax_ce_ext._ops import ops
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.randint(-1, 8, (6, 70), generator=g)  # -1: ignore_index below; 7: out of range for 7 classes
+    t = {"dense": t, "strided": t.t(), "empty": t[:0]}[layout].to(device)
+    w = (torch.rand(7, generator=g, dtype=torch.float64)).to(device)
+    count = ops.valid_weight_sum(t, None, -1)
+    assert count.dtype == torch.int64 and count.item() == (t != -1).sum().item()
+    valid = (t != -1) & (t < 7)
+    expected = torch.where(valid, w[t.clamp(0, 6)], 0).sum()
+    torch.testing.assert_close(ops.valid_weight_sum(t, w, -1), expected, rtol=1e-12, atol=0)

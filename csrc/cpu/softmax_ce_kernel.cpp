@@ -112,9 +112,10 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
           }
         }
         st.s = static_cast<acc_t>(s_sum), st.A = static_cast<acc_t>(A_sum), st.D = static_cast<acc_t>(D_sum);
-        lse = st.m + std::log(st.s);
+        const acc_t log_s = std::log(st.s);
+        lse = st.m + log_s;
         lse_io[r] = lse;
-        loss_out[r] = row_loss<kProb>(st, lse, kProb ? acc_t(0) : xc(t), w_t, P.eps, C);
+        loss_out[r] = row_loss<kProb>(st, log_s, kProb ? acc_t(0) : xc(t), w_t, P.eps, C);
       } else {
         lse = lse_io[r];
         if (kProb) {
@@ -359,6 +360,42 @@ at::Tensor sum_rows_cpu(const at::Tensor& values) {
   return at::scalar_tensor(total, flat.options());
 }
 
+// Fixed blocks of targets, each summed in order, then the blocks in order: independent of the thread count.
+at::Tensor valid_weight_sum_cpu(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                int64_t ignore_index) {
+  check_valid_weight_sum(target, weight);
+  constexpr int64_t kBlock = 4096;
+  const int64_t B = target.size(0), S = target.size(1), n = B * S, blocks = (n + kBlock - 1) / kBlock;
+  const int64_t* t = target.data_ptr<int64_t>();
+  const int64_t sB = target.stride(0), sS = target.stride(1);
+  if (!weight.has_value()) {
+    std::vector<int64_t> partial(blocks, 0);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t k = b0; k < b1; ++k)
+        for (int64_t i = k * kBlock, e = std::min(n, i + kBlock); i < e; ++i)
+          partial[k] += t[(i / S) * sB + (i % S) * sS] != ignore_index;
+    });
+    int64_t total = 0;
+    for (int64_t p : partial) total += p;
+    return at::scalar_tensor(total, target.options());
+  }
+  std::vector<double> partial(blocks, 0.0);
+  const int64_t C = weight->numel();
+  AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "valid_weight_sum_cpu", [&] {
+    const scalar_t* w = weight->data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t k = b0; k < b1; ++k)
+        for (int64_t i = k * kBlock, e = std::min(n, i + kBlock); i < e; ++i) {
+          const int64_t c = t[(i / S) * sB + (i % S) * sS];
+          if (c != ignore_index && c >= 0 && c < C) partial[k] += w[c];
+        }
+    });
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return at::scalar_tensor(total, weight->options());
+}
+
 }  // namespace
 
 void empty_grad_cache() { GradBlockCache::get().clear(); }
@@ -391,6 +428,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("backward_", &backward_inplace_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("sum_rows", &sum_rows_cpu);
+  m.impl("valid_weight_sum", &valid_weight_sum_cpu);
 }
 
 }  // namespace softmax_ce

@@ -167,10 +167,11 @@ inline Coef coef(float f, float w_t, float W_sum, float eps, int64_t C) {
   k.p_mul = eps == 0.0f ? f * w_t : k.t_sub + k.c_mul * W_sum;
   return k;
 }
-inline float row_loss(float lse, float m, float x_t, float w_t, float A, float D, float eps, int64_t C) {
-  const float nll = w_t * (lse - x_t);
+// As row_loss in softmax_ce.h: (m - x_t) + log(s), exact where x_t is the max.
+inline float row_loss(float log_s, float m, float x_t, float w_t, float A, float D, float eps, int64_t C) {
+  const float nll = w_t * ((m - x_t) + log_s);
   if (eps == 0.0f) return nll;
-  return (1.0f - eps) * nll + eps / static_cast<float>(C) * (A * (lse - m) + D);
+  return (1.0f - eps) * nll + eps / static_cast<float>(C) * (A == 0.0f ? D : A * log_s + D);
 }
 
 // The first n (< W) lanes of a vector from memory, the rest `fill`; and the first n lanes back.
@@ -258,9 +259,10 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
       accumulate(v, kSpread ? weights(full, tail) : vf{}, in_tail);
     }
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
-    lse = m + __builtin_logf(hsum(vs));
+    const float log_s = __builtin_logf(hsum(vs));
+    lse = m + log_s;
     a.lse[r] = lse;
-    a.loss[r] = row_loss(lse, m, x_t, w_t, hsum(vA), hsum(vD), a.eps, C);
+    a.loss[r] = row_loss(log_s, m, x_t, w_t, hsum(vA), hsum(vD), a.eps, C);
   } else {
     lse = a.lse[r];
   }
@@ -328,9 +330,10 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
         vD += w * (vm - v);
       }
     }
-    vlse = vm + vlog(vs);
-    vf vloss = vwt * (vlse - vxt);
-    if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * (vlse - vm) + vD);
+    const vf vlog_s = vlog(vs);
+    vlse = vm + vlog_s;
+    vf vloss = vwt * ((vm - vxt) + vlog_s);  // as row_loss: exact where x_t is the max
+    if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * vlog_s + vD);
     store_lanes<F32>(loss, ok ? vloss : fill, n);
     store_lanes<F32>(lse_io, ok ? vlse : fill, n);
   } else {

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
           const int64_t r = b * S + s0 + i;
           const float x_t = ok(i) ? static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]) : 0.f;
           const float loss =
-              ok(i) ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, lse[i], x_t, w_t(i), a.P.eps, C) : fill(i);
+              ok(i) ? row_loss<false>(RowStats<float>{m[i], s[i], W, D[i]}, logf(s[i]), x_t, w_t(i), a.P.eps, C) : fill(i);
           if (partial) {
             loss_acc += loss;
           } else {

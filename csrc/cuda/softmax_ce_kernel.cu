@@ -69,7 +69,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
     lse = st.lse();
     if (lane == 0) {
       lse_io[r] = lse;
-      loss[r] = row_loss<kProb>(st, lse, x_t, w_t, P.eps, L.C);
+      loss[r] = row_loss<kProb>(st, log(st.s), x_t, w_t, P.eps, L.C);
     }
   } else {
     lse = lse_io[r];
@@ -392,6 +392,58 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Partial counts / weight sums per CTA over a grid fixed by the size alone, then summed: no mask in memory,
+// the same bits on any device.
+template <typename sum_t, typename w_t>
+__global__ void valid_weight_sum_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
+                                        const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
+  sum_t acc = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = sS == 1 && sB == S ? t[i] : t[(i / S) * sB + (i % S) * sS];  // dense: no division
+    if (c == ignore_index) continue;
+    if (w == nullptr)
+      acc += 1;
+    else if (c >= 0 && c < C)
+      acc += static_cast<sum_t>(w[c]);
+  }
+  __shared__ sum_t sh[32];
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sum_t total = 0;
+    for (int k = 0; k < static_cast<int>(blockDim.x >> 5); ++k) total += sh[k];
+    partial[blockIdx.x] = total;
+  }
+}
+
+at::Tensor valid_weight_sum_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                 int64_t ignore_index) {
+  check_valid_weight_sum(target, weight);
+  const int64_t B = target.size(0), S = target.size(1), n = B * S;
+  const auto out_dtype = weight.has_value() ? weight->scalar_type() : at::kLong;
+  if (n == 0) return at::zeros({}, target.options().dtype(out_dtype));
+  const c10::cuda::CUDAGuard guard(target.device());
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 1024);
+  at::Tensor partial = at::empty({blocks}, target.options().dtype(out_dtype));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (!weight.has_value()) {
+    valid_weight_sum_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
+        target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, nullptr, 0, ignore_index,
+        partial.data_ptr<int64_t>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "valid_weight_sum_cuda", [&] {
+      valid_weight_sum_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
+          target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, weight->data_ptr<scalar_t>(),
+          weight->numel(), ignore_index, partial.data_ptr<scalar_t>());
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return partial.sum();
+}
+
 at::Tensor sum_rows_cuda(const at::Tensor& values) {
   return values.sum();  // CUDA's reduction order is fixed for a given size and device
 }
@@ -406,6 +458,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CUDA, m) {
   m.impl("backward_", &backward_inplace_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("sum_rows", &sum_rows_cuda);
+  m.impl("valid_weight_sum", &valid_weight_sum_cuda);
 }
 
 }  // namespace softmax_ce

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
       inv_s = 1.f / sum;
       if (lane == 0) {
         a.lse[r] = lse;
-        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, lse, x_t, w_t, a.P.eps, C);
+        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
       }
     } else {
       lse = a.lse[r];
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
       lse = lse_of(st.m, st.s);
       if (tid == 0) {
         a.lse[r] = lse;
-        a.loss[r] = row_loss<false>(st, lse, x_t, w_t, a.P.eps, C);
+        a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
       }
     } else {
       lse = a.lse[r];
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int64_t kt = (t + xk.shift) / E;
     if (tid == 0 && kt >= k0 && kt < k1) {  // the CTA holding x_t writes the loss; its staged copy is intact
       const float x_t = static_cast<float>(reinterpret_cast<const T*>(staged)[(kt - k0) * E + (t + xk.shift) % E]);
-      a.loss[r] = row_loss<false>(st, lse, x_t, w_t, a.P.eps, C);
+      a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
     }
     if (tid == 0 && rank == 0) a.lse[r] = lse;
     const float W = w ? *a.P.weight_sum : static_cast<float>(C);
