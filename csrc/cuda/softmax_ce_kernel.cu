@@ -11,7 +11,11 @@
 #include <torch/library.h>
 
 #include <cfloat>
+#include <functional>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "../softmax_ce.h"
 #include "../softmax_ce_tuning.h"
@@ -117,36 +121,64 @@ int row_block_threads(int64_t C) {
   return threads;
 }
 
-int sm_count(int device) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+// Host-side launch facts (function attributes, occupancy) computed once per device, kernel and configuration:
+// the driver calls behind them cost microseconds on every launch otherwise.
+int launch_fact(int device, const void* kernel, int64_t a, int64_t b, const std::function<int()>& compute) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int64_t, int64_t>, int> facts;
+  const auto key = std::make_tuple(device, kernel, a, b);
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = facts.find(key);
+    if (it != facts.end()) return it->second;
+  }
+  const int value = compute();
+  const std::lock_guard<std::mutex> lock(mu);
+  facts.emplace(key, value);
+  return value;
 }
+enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3 };
+
+int device_attr(int device, cudaDeviceAttr attr) {
+  return launch_fact(device, nullptr, attr, 0, [&] {
+    int v = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
+    return v;
+  });
+}
+
+int sm_count(int device) { return device_attr(device, cudaDevAttrMultiProcessorCount); }
 
 // slice_rows, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
 template <typename T>
 bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
                        cudaStream_t stream) {
-  int major = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int smem_optin = device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, smem_optin - 2048);  // 2 KiB static
   auto kernel = rows::slice_rows_kernel<T>;
-  cudaFuncAttributes fa;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  const void* key = reinterpret_cast<const void*>(kernel);
   // Clusters need the kernel's sm_90 code: PTX of an older arch, JIT-compiled, has the one-CTA version.
-  const int max_cluster = major >= 9 && fa.ptxVersion >= 90 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
+  const int ptx = launch_fact(device, key, kFactPtx, 0, [&] {
+    cudaFuncAttributes fa;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    return fa.ptxVersion;
+  });
+  const int max_cluster = device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9 && ptx >= 90 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
   // One value for every launch (never lowered under another thread's launch or a captured graph).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem_optin - 2048)));
+  launch_fact(device, key, kFactSmem, 0, [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin - 2048));
+    return 1;
+  });
   for (int n = 1; n <= max_cluster; n *= 2) {
     const int64_t slice = (chunks + n - 1) / n;
     if (slice * 16 > budget) continue;
     const int bytes = static_cast<int>(slice * 16);
-    if (n > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    const bool cluster16 = n <= 8 || launch_fact(device, key, kFactCluster16, 0, [&] {
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) return 1;
       (void)cudaGetLastError();  // no 16-CTA clusters here
-      break;
-    }
+      return 0;
+    });
+    if (!cluster16) break;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = n;
@@ -159,16 +191,20 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
     cfg.stream = stream;
     cfg.attrs = attr;
     cfg.numAttrs = n > 1 ? 1 : 0;
-    int resident = 0;  // clusters (or CTAs) that fit on the device at once: the persistent grid
-    if (n > 1) {
-      if (cudaOccupancyMaxActiveClusters(&resident, kernel, &cfg) != cudaSuccess) {
-        (void)cudaGetLastError();  // this cluster size cannot run here: try a larger one
-        resident = 0;
+    // Clusters (or CTAs) that fit on the device at once: the persistent grid.
+    const int resident = launch_fact(device, key, n, bytes, [&] {
+      int r = 0;
+      if (n > 1) {
+        if (cudaOccupancyMaxActiveClusters(&r, kernel, &cfg) != cudaSuccess) {
+          (void)cudaGetLastError();  // this cluster size cannot run here: try a larger one
+          r = 0;
+        }
+      } else {
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, rows::kSliceThreads, bytes));
+        r *= sm_count(device);
       }
-    } else {
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, rows::kSliceThreads, bytes));
-      resident *= sm_count(device);
-    }
+      return r;
+    });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(a.L.rows(), resident) * n));
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, slice));
@@ -247,9 +283,16 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
     auto kernel = columns::columns_kernel<T, kStats, kGrad>;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, columns::kBlockBudget));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    const void* key = reinterpret_cast<const void*>(kernel);
+    launch_fact(device, key, kFactSmem, 0, [&] {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, columns::kBlockBudget));
+      return 1;
+    });
+    const int per_sm = launch_fact(device, key, threads, smem, [&] {
+      int r = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));
+      return r;
+    });
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
     const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{std::max(per_sm, 1)} * sm_count(device));
