@@ -75,3 +75,28 @@ def test_help_explains_the_byte_formula():
     r = bench("--help")
     assert r.returncode == 0
     assert "2*N*C*E" in r.stdout and "--providers" in r.stdout
+
+
+def test_gpu_check_script_is_sound():
+    """The one prepared GPU call cannot be debugged cheaply on the device: its shell parses, its smoke script
+    compiles, and every provider, shape preset and part it names exists."""
+    import re
+
+    root = BENCH.parent
+    script = (root / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(root / "gpu_check.sh")], capture_output=True).returncode == 0
+    subprocess.run([sys.executable, "-m", "py_compile", str(root / "cuda_smoke.py")], check=True)
+    sys.path.insert(0, str(root))
+    try:
+        from bench import PRESETS
+        from providers import PROVIDERS
+    finally:
+        sys.path.remove(str(root))
+    for names in re.findall(r"--providers ([\w ]+?) --", script):
+        assert set(names.split()) <= set(PROVIDERS), names
+    for presets in re.findall(r"--shapes ([\w ]+?) (?:\\|--)", script):
+        assert all(p in PRESETS or p[0].isdigit() for p in presets.split()), presets
+    parts = set(re.search(r'GPU_CHECK_PARTS="([\w ]+)"', script).group(1).split())
+    assert parts == set(re.findall(r"^if part (\w+); then", script, re.M)), parts
+    for test_file in re.findall(r"tests/test_\w+\.py", script):
+        assert (root.parent / test_file).exists(), test_file
