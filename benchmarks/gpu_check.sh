@@ -4,6 +4,8 @@
 # (set by the device tool) or ./gpu_check_out.  About 5-9 minutes on an H100/H200; each part has a timeout
 # (their sum stays under the device tool's 600 s per call).
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
+#   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
+#     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #   parts:       GPU_CHECK_PARTS="build smoke sanitize tests bench variants grid compile", run in that order
 #                (default: build smoke tests bench variants grid)
 set -uo pipefail
