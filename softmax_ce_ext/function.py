@@ -176,6 +176,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
         if reduction == "mean":
             total = total / (denom if denom is not None else p.positions)
+            if denom is not None and p.weight is not None and p.eps > 0:
+                # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
+                # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
+                total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
         out = total.to(p.out_dtype)
 
         if want_input_grad or want_target_grad:

@@ -92,7 +92,7 @@ def test_gpu_check_script_is_sound():
         from providers import PROVIDERS
     finally:
         sys.path.remove(str(root))
-    for names in re.findall(r"--providers ([\w ]+?) --", script):
+    for names in re.findall(r"--providers ([\w ]+?) (?:\\|--)", script):
         assert set(names.split()) <= set(PROVIDERS), names
     for presets in re.findall(r"--shapes ([\w ]+?) (?:\\|--)", script):
         assert all(p in PRESETS or p[0].isdigit() for p in presets.split()), presets

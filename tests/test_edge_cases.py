@@ -159,6 +159,18 @@ def test_module_edge_case_matches(device):
     same(m(x, t), torch.nn.CrossEntropyLoss(ignore_index=0, label_smoothing=0.1, reduction="sum")(x, t))
 
 
+@pytest.mark.parametrize("shape", [(4, 4), (2, 4, 3)], ids=["rows", "k-dim"])
+def test_mean_over_targets_of_zero_weight_with_smoothing(device, kernel_path, shape):
+    """Every target's weight is 0: PyTorch's NLL mean is 0/0 = NaN, so its smoothed loss is NaN, not inf."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g).to(device)
+    t = torch.full((shape[0], *shape[2:]), 2, dtype=torch.long, device=device)
+    w = torch.tensor([0.0, 1.0, 0.0, 2.0], device=device)
+    (ours, g_ours), (theirs, g_theirs) = both(x, t, weight=w, label_smoothing=0.1)
+    same(ours, theirs)
+    same(g_ours, g_theirs)
+
+
 @pytest.mark.parametrize("layout", ["dense", "strided", "empty"])
 def test_mean_denominator_op(device, layout):
     """valid_weight_sum: the count (or summed weight) of the targets that are not ignore_index, with no mask in

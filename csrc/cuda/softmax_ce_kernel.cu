@@ -73,7 +73,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
     lse = st.lse();
     if (lane == 0) {
       lse_io[r] = lse;
-      loss[r] = row_loss<kProb>(st, log(st.s), x_t, w_t, P.eps, L.C);
+      loss[r] = row_loss<kProb>(st, st.log_s(), x_t, w_t, P.eps, L.C);
     }
   } else {
     lse = lse_io[r];

@@ -47,7 +47,10 @@ struct OnlineStats : RowStats<acc_t> {
     A += oA;
     m = nm;
   }
-  // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN.
+  // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (add() kept s finite instead).
+  __device__ acc_t log_s() const {
+    return m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : log(s);
+  }
   __device__ acc_t lse() const {
     return m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : m + log(s);
   }
