@@ -368,12 +368,14 @@ at::Tensor valid_weight_sum_cpu(const at::Tensor& target, const c10::optional<at
   const int64_t B = target.size(0), S = target.size(1), n = B * S, blocks = (n + kBlock - 1) / kBlock;
   const int64_t* t = target.data_ptr<int64_t>();
   const int64_t sB = target.stride(0), sS = target.stride(1);
+  const bool dense = sS == 1 && sB == S;
+  auto target_at = [&](int64_t i) { return dense ? t[i] : t[(i / S) * sB + (i % S) * sS]; };  // dense: no division
   if (!weight.has_value()) {
     std::vector<int64_t> partial(blocks, 0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t k = b0; k < b1; ++k)
         for (int64_t i = k * kBlock, e = std::min(n, i + kBlock); i < e; ++i)
-          partial[k] += t[(i / S) * sB + (i % S) * sS] != ignore_index;
+          partial[k] += target_at(i) != ignore_index;
     });
     int64_t total = 0;
     for (int64_t p : partial) total += p;
@@ -386,7 +388,7 @@ at::Tensor valid_weight_sum_cpu(const at::Tensor& target, const c10::optional<at
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t k = b0; k < b1; ++k)
         for (int64_t i = k * kBlock, e = std::min(n, i + kBlock); i < e; ++i) {
-          const int64_t c = t[(i / S) * sB + (i % S) * sS];
+          const int64_t c = target_at(i);
           if (c != ignore_index && c >= 0 && c < C) partial[k] += w[c];
         }
     });

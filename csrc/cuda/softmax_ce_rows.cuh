@@ -124,27 +124,6 @@ __device__ __forceinline__ void grad_chunk(float (&out)[E], const float (&p)[E],
   }
 }
 
-// The row's class-index target; false (after writing what such a row gets) when it is ignored or out of range.
-// writer: the thread that writes the row's loss/lse and status; [k0, k1) step dk: the chunks this thread fills.
-template <typename T, bool kStats, bool kGrad>
-__device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, int64_t t, bool writer, T* gr,
-                                          const RowChunks<T>& xk, bool same_shift, int64_t k0, int64_t k1, int64_t dk) {
-  const bool ignored = t == a.P.ignore_index;
-  if (!ignored && !target_out_of_range(t, a.L.C)) return true;
-  const float fill = ignored ? 0.f : NAN;
-  if (writer) {
-    if (!ignored) flag_bad_target(a.P.status, t);
-    if (kStats) a.loss[r] = a.lse[r] = fill;
-  }
-  if (kGrad) {
-    float v[Chunk<T>::E];
-#pragma unroll
-    for (int e = 0; e < Chunk<T>::E; ++e) v[e] = fill;
-    for (int64_t k = k0; k < k1; k += dk) store_chunk(gr, xk, same_shift, k, a.L.C, v);
-  }
-  return false;
-}
-
 template <typename T>
 __device__ __forceinline__ bool same_alignment(const T* x, const T* g) {
   return (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(g) & 15);
@@ -160,6 +139,47 @@ __device__ __forceinline__ RowIndex split_row(int64_t r, int64_t S) {
   return {b, r - int64_t{b} * S};
 }
 
+// What every row kernel knows of row r: its (b, s), logits, gradient row, chunks and class-index target.
+template <typename T, bool kGrad>
+struct Row {
+  int64_t b, s;
+  const T* x;
+  T* g;  // nullptr without a gradient
+  RowChunks<T> xk;
+  bool same_shift;  // the gradient row has the logits' 16-byte alignment
+  int64_t t;
+  __device__ Row(const Args<T>& a, int64_t r)
+      : b(split_row(r, a.L.S).b),
+        s(r - b * a.L.S),
+        x(a.x + b * a.L.x_sB + s * a.L.x_sS),
+        g(kGrad ? a.grad + b * a.L.g_sB + s * a.L.g_sS : nullptr),
+        xk(x, a.L.C),
+        same_shift(!kGrad || same_alignment(x, g)),
+        t(a.P.index[b * a.L.t_sB + s * a.L.t_sS]) {}
+};
+
+// The row's class-index target; false (after writing what such a row gets) when it is ignored or out of range.
+// writer: the thread that writes the row's loss/lse and status; [k0, k1) step dk: the chunks this thread fills.
+template <typename T, bool kStats, bool kGrad>
+__device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row<T, kGrad>& row, bool writer,
+                                          int64_t k0, int64_t k1, int64_t dk) {
+  const int64_t t = row.t;
+  const bool ignored = t == a.P.ignore_index;
+  if (!ignored && !target_out_of_range(t, a.L.C)) return true;
+  const float fill = ignored ? 0.f : NAN;
+  if (writer) {
+    if (!ignored) flag_bad_target(a.P.status, t);
+    if (kStats) a.loss[r] = a.lse[r] = fill;
+  }
+  if (kGrad) {
+    float v[Chunk<T>::E];
+#pragma unroll
+    for (int e = 0; e < Chunk<T>::E; ++e) v[e] = fill;
+    for (int64_t k = k0; k < k1; k += dk) store_chunk(row.g, row.xk, row.same_shift, k, a.L.C, v);
+  }
+  return false;
+}
+
 __device__ __forceinline__ float lse_of(float m, float s) { return m == kInf ? NAN : m + logf(s); }
 
 // ---- warp_rows: a warp per row, VPT chunks per lane in registers.
@@ -173,13 +193,9 @@ __global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
   const float* w = a.P.weight;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < L.rows(); r += warps) {
-    const auto [b, s] = split_row(r, L.S);
-    const T* xr = a.x + b * L.x_sB + s * L.x_sS;
-    T* gr = kGrad ? a.grad + b * L.g_sB + s * L.g_sS : nullptr;
-    const RowChunks<T> xk(xr, C);
-    const bool same_shift = !kGrad || same_alignment(xr, gr);
-    const int64_t t = a.P.index[b * L.t_sB + s * L.t_sS];
-    if (!valid_row<T, kStats, kGrad>(a, r, t, lane == 0, gr, xk, same_shift, lane, xk.count, 32)) continue;
+    const Row<T, kGrad> row(a, r);
+    const auto& [b, s, xr, gr, xk, same_shift, t] = row;
+    if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) continue;
     const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
     float v[VPT][E];
 #pragma unroll
@@ -257,13 +273,9 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
   const bool spread = a.P.eps != 0.f;
   const float* w = a.P.weight;
   for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x) {
-    const auto [b, s] = split_row(r, L.S);
-    const T* xr = a.x + b * L.x_sB + s * L.x_sS;
-    T* gr = kGrad ? a.grad + b * L.g_sB + s * L.g_sS : nullptr;
-    const RowChunks<T> xk(xr, C);
-    const bool same_shift = !kGrad || same_alignment(xr, gr);
-    const int64_t t = a.P.index[b * L.t_sB + s * L.t_sS];
-    if (!valid_row<T, kStats, kGrad>(a, r, t, tid == 0, gr, xk, same_shift, tid, xk.count, nt)) continue;
+    const Row<T, kGrad> row(a, r);
+    const auto& [b, s, xr, gr, xk, same_shift, t] = row;
+    if (!valid_row<T, kStats, kGrad>(a, r, row, tid == 0, tid, xk.count, nt)) continue;
     const float w_t = w ? w[t] : 1.f;
     float lse;
     if (kStats) {
@@ -344,16 +356,11 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
 #endif
   int parity = 0;  // flips once per exchange, so a CTA two exchanges ahead never overwrites a slot in use
   for (int64_t r = blockIdx.x / n; r < L.rows(); r += gridDim.x / n) {
-    const auto [b, s] = split_row(r, L.S);
-    const T* xr = a.x + b * L.x_sB + s * L.x_sS;
-    T* gr = a.grad + b * L.g_sB + s * L.g_sS;
-    const RowChunks<T> xk(xr, C);
-    const bool same_shift = same_alignment(xr, gr);
+    const Row<T, true> row(a, r);
+    const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     const int64_t k0 = rank * slice, k1 = k0 + slice < xk.count ? k0 + slice : xk.count;
-    const int64_t t = a.P.index[b * L.t_sB + s * L.t_sS];
     // Every CTA of the cluster reads the same target, so all of them skip the exchange below together.
-    if (!valid_row<T, true, true>(a, r, t, rank == 0 && tid == 0, gr, xk, same_shift, k0 + tid, k1, kSliceThreads))
-      continue;
+    if (!valid_row<T, true, true>(a, r, row, rank == 0 && tid == 0, k0 + tid, k1, kSliceThreads)) continue;
     for (int64_t k = k0 + tid; k < k1; k += kSliceThreads) copy_async16(&staged[k - k0], xk.base + k);
     copy_async_wait_all();
     __syncthreads();
