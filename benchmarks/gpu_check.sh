@@ -9,6 +9,7 @@
 #   parts:       GPU_CHECK_PARTS="build smoke sanitize tests bench variants grid compile", run in that order
 #                (default: build smoke tests bench variants; then, on the still-warm machine, a second call
 #                GPU_CHECK_PARTS="grid compile" reuses the build: the full parity grid and torch.compile)
+#   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -72,8 +73,7 @@ fi
 if part variants; then
   stamp "our CUDA kernel families side by side (auto, without clusters, streaming, legacy)"
   timeout 45 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
-    --mode fwd+bwd --providers ours ours_nocluster ours_stream ours_legacy --json "$OUT/variants.json" 2>&1 \
-    | tee "$OUT/variants.log"
+    --mode fwd+bwd --providers ours ours_nocluster ours_stream ours_legacy 2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -88,7 +88,7 @@ fi
 if part compile; then
   stamp "torch.compile on the LLM shape"
   timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x128256 --dtype bfloat16 \
-    --mode fwd fwd+bwd --providers ours compile --json "$OUT/bench_compile.json" 2>&1 | tee "$OUT/bench_compile.log"
+    --mode fwd fwd+bwd --providers ours compile 2>&1 | tee "$OUT/bench_compile.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 stamp "done, status $status"
