@@ -1,0 +1,92 @@
+"""Where the CUDA time goes: the fwd+bwd kernels under each tuning (slice size, cluster limit, family), timed with
+the launches queued behind a GPU spin, and each tuning's gradient compared with the default's.  --ncu: run one
+call of each profiled configuration, once, for `ncu` (benchmarks/gpu_check.sh, part 'probe')."""
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+import softmax_ce_ext
+from softmax_ce_ext import _C
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench import copy_bandwidth, timed  # noqa: E402
+
+SWEEP_SHAPES = [(8192, 32000), (8192, 128256), (4096, 256000)]
+DEFAULT = ("auto", 72, 16)
+TUNINGS = [DEFAULT, ("auto", 48, 16), ("auto", 32, 16), ("auto", 24, 16), ("auto", 16, 16), ("auto", 8, 16),
+           ("auto", 72, 1), ("stream", 72, 16)]
+# (shape, dtype, mode, why): one launch of each main kernel for the profiler.
+NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4"),
+             ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2"),
+             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows"),
+             ((16, 21, 512, 512), torch.float32, "fwd+bwd", "K-dim columns"),
+             ((8192, 32000), torch.bfloat16, "fwd", "streaming forward")]
+
+
+def inputs(shape, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=g).mul_(2).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda", generator=g)
+    return x, t
+
+
+def call(x, t, mode):
+    if mode == "fwd":
+        with torch.no_grad():
+            return softmax_ce_ext.cross_entropy(x, t), None
+    x = x.detach().requires_grad_()
+    loss = softmax_ce_ext.cross_entropy(x, t)
+    loss.backward()
+    return loss, x.grad
+
+
+def sweep(reps):
+    bw = copy_bandwidth("cuda")
+    print(f"sweep: fwd+bwd, mean; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
+    print(f"{'shape':>12} {'dtype':>8} {'tuning':>16} {'ms':>7} {'%floor':>7} {'grad diff':>9}")
+    for shape in SWEEP_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            x, t = inputs(shape, dtype)
+            floor = 2 * x.numel() * x.element_size() / bw / 1e6
+            _C.set_cuda_tuning(*DEFAULT)
+            _, ref = call(x, t, "fwd+bwd")
+            for tune in TUNINGS:
+                _C.set_cuda_tuning(*tune)
+                _, g = call(x, t, "fwd+bwd")
+                diff = (g.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+                del g
+                ms = statistics.median(timed(lambda: call(x, t, "fwd+bwd"), "cuda", 1.0) for _ in range(reps))
+                print(f"{'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'/'.join(map(str, tune)):>16} "
+                      f"{ms:7.3f} {100 * floor / ms:6.1f}% {diff:9.1e}", flush=True)
+            _C.set_cuda_tuning(*DEFAULT)
+            del x, t, ref
+            torch.cuda.empty_cache()
+
+
+def ncu_cases():
+    for shape, dtype, mode, why in NCU_CASES:
+        x, t = inputs(shape, dtype)
+        torch.cuda.synchronize()
+        print(f"ncu case: {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode} ({why})", flush=True)
+        call(x, t, mode)
+        torch.cuda.synchronize()
+        del x, t
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--ncu", action="store_true", help="one call of each profiled configuration")
+    p.add_argument("--reps", type=int, default=15)
+    args = p.parse_args()
+    if args.ncu:
+        ncu_cases()
+    else:
+        sweep(args.reps)
+
+
+if __name__ == "__main__":
+    main()
