@@ -1,6 +1,8 @@
 """Where the CUDA time goes: the fwd+bwd kernels under each tuning (slice size, cluster limit, family), timed with
 the launches queued behind a GPU spin, and each tuning's gradient compared with the default's.  --ncu: run one
-call of each profiled configuration, once, for `ncu` (benchmarks/gpu_check.sh, part 'probe')."""
+call of each profiled configuration, once, for `ncu`; --profile: every kernel one call launches, with its
+device time (torch.profiler), for the shapes where the small kernels around the main one weigh most
+(benchmarks/gpu_check.sh, part 'probe')."""
 
 import argparse
 import statistics
@@ -77,13 +79,40 @@ def ncu_cases():
         torch.cuda.empty_cache()
 
 
+PROFILE_CASES = [((65536, 1000), torch.bfloat16, "fwd+bwd"), ((65536, 1000), torch.float32, "fwd"),
+                 ((16, 21, 512, 512), torch.float32, "fwd+bwd"), ((8192, 128256), torch.bfloat16, "fwd+bwd")]
+
+
+def profile_cases():
+    from torch.profiler import ProfilerActivity, profile
+
+    for shape, dtype, mode in PROFILE_CASES:
+        x, t = inputs(shape, dtype)
+        for _ in range(2):
+            call(x, t, mode)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                call(x, t, mode)
+            torch.cuda.synchronize()
+        print(f"profile: {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode}, 5 calls; device us per call:")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+            if e.device_time_total > 0:
+                print(f"  {e.device_time_total / 5:9.1f}  x{e.count // 5:<2} {e.key[:110]}")
+        del x, t
+        torch.cuda.empty_cache()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ncu", action="store_true", help="one call of each profiled configuration")
-    p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--profile", action="store_true", help="the kernels of one call, with device times")
+    p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
     if args.ncu:
         ncu_cases()
+    elif args.profile:
+        profile_cases()
     else:
         sweep(args.reps)
 

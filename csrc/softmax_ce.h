@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 namespace softmax_ce {
 
@@ -97,6 +98,14 @@ struct RowGrad {
   }
 };
 
+// Sizes or strides for an error message, formatted here: streaming an IntArrayRef into TORCH_CHECK crashed
+// (segfault inside c10's operator<<) under torch 2.11 on the GPU machine, 2026-11-26.
+inline std::string dims(c10::IntArrayRef d) {
+  std::string out = "[";
+  for (size_t i = 0; i < d.size(); ++i) out += (i ? ", " : "") + std::to_string(d[i]);
+  return out + "]";
+}
+
 // A target outside [0, C) that is not ignore_index.
 C10_HOST_DEVICE inline bool target_out_of_range(int64_t t, int64_t C) { return t < 0 || t >= C; }
 
@@ -115,14 +124,14 @@ inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& ta
     const auto t = target.scalar_type();
     TORCH_CHECK((t == logits.scalar_type() || t == acc_dtype(logits.scalar_type())) &&
                     target.sizes() == logits.sizes(),
-                op, ": expected probability targets of shape ", logits.sizes(), " in ", logits.scalar_type(), " or ",
-                acc_dtype(logits.scalar_type()), ", got ", target.sizes(), " in ", t);
+                op, ": expected probability targets of shape ", dims(logits.sizes()), " in ", logits.scalar_type(), " or ",
+                acc_dtype(logits.scalar_type()), ", got ", dims(target.sizes()), " in ", t);
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong, op, ": expected int64 class indices, got ",
                 target.scalar_type());
     TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
                 ": expected class indices of shape (", logits.size(0), ", ", logits.size(2), "), got ",
-                target.sizes());
+                dims(target.sizes()));
   }
   if (weight.has_value()) {
     const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -209,7 +218,7 @@ inline at::Tensor grad_over_logits(const at::Tensor& logits, const at::Tensor& t
                                    const char* op) {
   TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes, op,
               ": expected logits whose elements do not overlap in memory (the gradient is written over them), got "
-              "strides ", logits.strides());
+              "strides ", dims(logits.strides()));
   if (target.is_floating_point()) {
     const auto overlap = at::get_overlap_status(logits, target);
     TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
@@ -224,7 +233,7 @@ inline at::Tensor grad_over_logits(const at::Tensor& logits, const at::Tensor& t
 inline void check_status(const at::Tensor& status, const at::Tensor& logits) {
   TORCH_CHECK(status.scalar_type() == at::kLong && status.numel() == 2 && status.is_contiguous() &&
                   status.device() == logits.device(),
-              "expected a contiguous 2-element int64 status on ", logits.device(), ", got ", status.sizes(), " ",
+              "expected a contiguous 2-element int64 status on ", logits.device(), ", got ", dims(status.sizes()), " ",
               status.scalar_type(), " on ", status.device());
 }
 
@@ -268,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
   const auto acc = acc_dtype(logits.scalar_type());
   TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == acc && grad_scale.device() == logits.device(),
               op, ": expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
-              grad_scale.sizes(), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
+              dims(grad_scale.sizes()), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.status = status;
   o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
@@ -294,11 +303,11 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
   const std::vector<int64_t> rows{logits.size(0), logits.size(2)};
   TORCH_CHECK(grad_rows.sizes() == rows && grad_rows.scalar_type() == acc && grad_rows.device() == logits.device(),
               op, ": expected grad_rows of shape ", rows, " in ", acc, " on ", logits.device(), ", got ",
-              grad_rows.sizes(), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
+              dims(grad_rows.sizes()), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
   TORCH_CHECK(lse.sizes() == rows && lse.is_contiguous() && lse.scalar_type() == acc &&
                   lse.device() == logits.device(),
               op, ": expected a contiguous lse of shape ", rows, " in ", acc, " on ", logits.device(),
-              ", got ", lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
+              ", got ", dims(lse.sizes()), " ", lse.scalar_type(), " on ", lse.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.lse = lse;
   o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
@@ -309,7 +318,7 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
 
 inline void check_valid_weight_sum(const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
   TORCH_CHECK(target.dim() == 2 && target.scalar_type() == at::kLong,
-              "valid_weight_sum: expected (B, S) int64 class indices, got ", target.sizes(), " ", target.scalar_type());
+              "valid_weight_sum: expected (B, S) int64 class indices, got ", dims(target.sizes()), " ", target.scalar_type());
   TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->is_contiguous() && weight->is_floating_point() &&
                                       weight->device() == target.device()),
               "valid_weight_sum: expected a contiguous 1-d floating weight on ", target.device());
@@ -319,7 +328,7 @@ inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_outp
   const auto acc = acc_dtype(grad.scalar_type());
   TORCH_CHECK(grad_output.numel() == 1 && grad_output.scalar_type() == acc && grad_output.device() == grad.device(),
               "scale_grad_: expected a one-element grad_output in ", acc, " on ", grad.device(), ", got ",
-              grad_output.sizes(), " ", grad_output.scalar_type(), " on ", grad_output.device());
+              dims(grad_output.sizes()), " ", grad_output.scalar_type(), " on ", grad_output.device());
 }
 
 }  // namespace softmax_ce

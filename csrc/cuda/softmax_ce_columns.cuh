@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
   const int64_t C = L.C, S = L.S, per_b = (S + E - 1) / E;
+  const int Ci = static_cast<int>(C);  // <= kMaxClasses: class loops in 32 bits
   const int tid = threadIdx.x, nt = blockDim.x;
   const bool spread = a.P.eps != 0.f;
   const float* w = a.P.weight;
@@ -38,8 +39,8 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
     const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
     const T* x = a.x + b * L.x_sB + s0;
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
-    for (int64_t c = 0; c < C; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
-    auto chunk = [&](int64_t c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
+    for (int c = 0; c < Ci; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
+    auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
     // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
     // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
     constexpr int kIgnored = -1, kBad = -2;
@@ -60,18 +61,21 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
       float m[E], s[E], D[E];
 #pragma unroll
       for (int i = 0; i < E; ++i) m[i] = -FLT_MAX, s[i] = 0.f, D[i] = 0.f;
-      for (int64_t c = 0; c < C; ++c) {
+      // The max in a pass of its own, then the sum: one exponential per element instead of two.
+      for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);
 #pragma unroll
-        for (int i = 0; i < E; ++i) {  // NaN never becomes the max; it poisons s, as in PyTorch
-          const float nm = v[i] > m[i] ? v[i] : m[i];
-          s[i] = s[i] * ex2((m[i] - nm) * kLog2e) + ex2((v[i] - nm) * kLog2e);
-          m[i] = nm;
-        }
+        for (int i = 0; i < E; ++i) m[i] = fmaxf(m[i], v[i]);  // NaN never becomes the max; it poisons s
+      }
+      for (int c = 0; c < Ci; ++c) {
+        float v[E];
+        chunk(c, v);
+#pragma unroll
+        for (int i = 0; i < E; ++i) s[i] += ex2((v[i] - m[i]) * kLog2e);
       }
       if (spread) {  // the smoothing term, sum_c a_c (m - x_c), once each max is final
-        for (int64_t c = 0; c < C; ++c) {
+        for (int c = 0; c < Ci; ++c) {
           float v[E];
           chunk(c, v);
           const float ac = w ? w[c] : 1.f;
@@ -103,7 +107,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
       RowGrad<float> rg[E];
 #pragma unroll
       for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t(i), W, a.P.eps, C);
-      for (int64_t c = 0; c < C; ++c) {
+      for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);
         const float ac = spread ? (w ? w[c] : 1.f) : 0.f;

@@ -155,7 +155,7 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
                        cudaStream_t stream) {
   const int smem_optin = device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, smem_optin - 2048);  // 2 KiB static
-  auto kernel = rows::slice_rows_kernel<T>;
+  auto kernel = a.P.eps != 0.f ? rows::slice_rows_kernel<T, true> : rows::slice_rows_kernel<T, false>;
   const void* key = reinterpret_cast<const void*>(kernel);
   // Clusters need the kernel's sm_90 code: PTX of an older arch, JIT-compiled, has the one-CTA version.
   const int ptx = launch_fact(device, key, kFactPtx, 0, [&] {
@@ -213,6 +213,34 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   return false;
 }
 
+// Warp rows for short rows, slices for loss + gradient of longer ones, else the streaming kernel; the
+// smoothing sums are compiled in only where label smoothing is on (kSpread).
+template <typename T, bool kStats, bool kGrad, bool kSpread>
+void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
+                        cudaStream_t stream) {
+  const int64_t rows_n = a.L.rows();
+  constexpr int64_t kMaxGrid = (1LL << 31) - 1;
+  if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
+    const int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
+    const dim3 grid(static_cast<unsigned>(blocks)), block(rows::kWarpRowThreads);
+    if (chunks <= 64)
+      rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread><<<grid, block, 0, stream>>>(a);
+    else if (chunks <= 128)
+      rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread><<<grid, block, 0, stream>>>(a);
+    else
+      rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread><<<grid, block, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream))
+    return;
+  int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads
+  while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
+  rows::stream_rows_kernel<T, kStats, kGrad, kSpread>
+      <<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.
 template <typename scalar_t, bool kStats, bool kGrad>
 bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
@@ -230,27 +258,10 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t rows_n = L.rows();
-    constexpr int64_t kMaxGrid = (1LL << 31) - 1;
-    if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
-      const int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
-      const dim3 grid(static_cast<unsigned>(blocks)), block(rows::kWarpRowThreads);
-      if (chunks <= 64)
-        rows::warp_rows_kernel<T, 2, kStats, kGrad><<<grid, block, 0, stream>>>(a);
-      else if (chunks <= 128)
-        rows::warp_rows_kernel<T, 4, kStats, kGrad><<<grid, block, 0, stream>>>(a);
-      else
-        rows::warp_rows_kernel<T, 8, kStats, kGrad><<<grid, block, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return true;
-    }
-    if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream))
-      return true;
-    int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads
-    while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
-    rows::stream_rows_kernel<T, kStats, kGrad>
-        <<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (a.P.eps != 0.f)
+      launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream);
+    else
+      launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
     return true;
   }
 }

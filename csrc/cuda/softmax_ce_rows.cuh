@@ -79,51 +79,6 @@ __device__ __forceinline__ float class_weight(const float* weight, int64_t c, in
   return weight ? weight[c] : 1.f;
 }
 
-// Per-thread online statistics over whole chunks: the chunk's max first, so the running sums are re-based
-// at most once per chunk.  Merged across threads with OnlineStats::merge.
-struct ChunkStats {
-  float m = -FLT_MAX, s = 0.f, A = 0.f, D = 0.f;
-  template <int E>
-  __device__ __forceinline__ void add(const float (&v)[E], int64_t first, int64_t C, bool spread, const float* w) {
-    float cm = v[0];
-#pragma unroll
-    for (int e = 1; e < E; ++e) cm = v[e] > cm ? v[e] : cm;
-    if (cm > m) {  // NaN compares false: it never becomes the max, and poisons s below, as in PyTorch
-      s *= ex2((m - cm) * kLog2e);
-      if (spread && A != 0.f) D += (cm - m) * A;
-      m = cm;
-    }
-#pragma unroll
-    for (int e = 0; e < E; ++e) s += ex2((v[e] - m) * kLog2e);
-    if (spread) {
-#pragma unroll
-      for (int e = 0; e < E; ++e) {  // lanes outside the row hold -inf: skipped, not 0 * inf
-        const bool in_row = first + e >= 0 && first + e < C;
-        const float a = class_weight(w, first + e, C);
-        A += a;
-        D += in_row ? a * (m - v[e]) : 0.f;
-      }
-    }
-  }
-  __device__ OnlineStats<float> online() const {
-    OnlineStats<float> o;
-    o.m = m, o.s = s, o.A = A, o.D = D;
-    return o;
-  }
-};
-
-// The gradient of one chunk: f * (p * p_mul - a_c * c_mul - [c == t] * t_sub).
-template <int E>
-__device__ __forceinline__ void grad_chunk(float (&out)[E], const float (&p)[E], int64_t first, int64_t C, int64_t t,
-                                           const RowGrad<float>& g, bool spread, const float* w) {
-#pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = p[e] * g.p_mul - (spread ? class_weight(w, first + e, C) * g.c_mul : 0.f);
-  if (static_cast<uint64_t>(t - first) < static_cast<uint64_t>(E)) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) out[e] -= first + e == t ? g.t_sub : 0.f;
-  }
-}
-
 template <typename T>
 __device__ __forceinline__ bool same_alignment(const T* x, const T* g) {
   return (reinterpret_cast<uintptr_t>(x) & 15) == (reinterpret_cast<uintptr_t>(g) & 15);
@@ -148,14 +103,26 @@ struct Row {
   RowChunks<T> xk;
   bool same_shift;  // the gradient row has the logits' 16-byte alignment
   int64_t t;
-  __device__ Row(const Args<T>& a, int64_t r)
+  __device__ Row(const Args<T>& a, int64_t r) : Row(a, r, target_of(a, r)) {}
+  __device__ Row(const Args<T>& a, int64_t r, int64_t target)  // the target read ahead by the caller
       : b(split_row(r, a.L.S).b),
         s(r - b * a.L.S),
         x(a.x + b * a.L.x_sB + s * a.L.x_sS),
         g(kGrad ? a.grad + b * a.L.g_sB + s * a.L.g_sS : nullptr),
         xk(x, a.L.C),
         same_shift(!kGrad || same_alignment(x, g)),
-        t(a.P.index[b * a.L.t_sB + s * a.L.t_sS]) {}
+        t(target) {}
+  __device__ static int64_t target_of(const Args<T>& a, int64_t r) {
+    const RowIndex i = split_row(r, a.L.S);
+    return a.P.index[i.b * a.L.t_sB + i.s * a.L.t_sS];
+  }
+  // The chunks of this row that straddle its ends (masked lanes): 0 and/or count - 1, -1 where none.
+  __device__ int64_t head_edge() const { return xk.shift != 0 ? 0 : -1; }
+  __device__ int64_t tail_edge(int64_t C) const { return (C + xk.shift) % Chunk<T>::E != 0 ? xk.count - 1 : -1; }
+  // The 16-byte chunks of the gradient row, when it has the logits' alignment (same_shift).
+  __device__ uint4* grad_chunks() const {
+    return reinterpret_cast<uint4*>(reinterpret_cast<uintptr_t>(g) & ~uintptr_t(15));
+  }
 };
 
 // The row's class-index target; false (after writing what such a row gets) when it is ignored or out of range.
@@ -182,14 +149,61 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
 
 __device__ __forceinline__ float lse_of(float m, float s) { return m == kInf ? NAN : m + logf(s); }
 
-// ---- warp_rows: a warp per row, VPT chunks per lane in registers.
-template <typename T, int VPT, bool kStats, bool kGrad>
-__global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
+// The kernels' per-element work, kept to a few instructions (the bound at Hopper bandwidth, see slice_rows):
+// chunk values with the row's end chunks masked; the gradient of one chunk; its store.
+template <typename T, bool kGrad>
+__device__ __forceinline__ void chunk_values(const Row<T, kGrad>& row, const uint4& u, int64_t k, int64_t he,
+                                             int64_t te, int64_t C, float (&v)[Chunk<T>::E]) {
+  Chunk<T>::unpack(u, v);
+  if (k == he || k == te) mask_chunk(v, row.xk.first_class(k), C);
+}
+
+// out = f * (p * p_mul - a_c * c_mul - [c == t] * t_sub), p = e^(x - lse); et: t's lane if this chunk holds it.
+template <int E, bool kSpread>
+__device__ __forceinline__ void chunk_grad(float (&out)[E], const float (&v)[E], float lse, const RowGrad<float>& g,
+                                           const float* w, int64_t first, int64_t C, int et) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = ex2((v[e] - lse) * kLog2e) * g.p_mul;
+  if (kSpread) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) out[e] -= class_weight(w, first + e, C) * g.c_mul;
+  }
+  if (et >= 0) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) out[e] -= e == et ? g.t_sub : 0.f;
+  }
+}
+
+// One 16-byte store for a chunk inside the row with the logits' alignment; element by element otherwise.
+template <typename T, bool kGrad>
+__device__ __forceinline__ void chunk_store(const Row<T, kGrad>& row, uint4* gk, int64_t k, int64_t he, int64_t te,
+                                            int64_t C, const float (&out)[Chunk<T>::E]) {
+  if (row.same_shift && k != he && k != te)
+    store_stream(gk + k, Chunk<T>::pack(out));
+  else
+    store_chunk(row.g, row.xk, row.same_shift, k, C, out);
+}
+
+// The smoothing sums of one chunk: A += a_c, D += a_c (m - x_c) over the classes in the row.
+template <int E>
+__device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v)[E], float m, const float* w,
+                                             int64_t first, int64_t C) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {  // lanes outside the row hold -inf: skipped, not 0 * inf
+    const float ac = class_weight(w, first + e, C);
+    A += ac;
+    D += first + e >= 0 && first + e < C ? ac * (m - v[e]) : 0.f;
+  }
+}
+
+// ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
+// enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread>
+__global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3) warp_rows_kernel(Args<T> a) {
   constexpr int E = Chunk<T>::E;
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int lane = threadIdx.x & 31;
-  const bool spread = a.P.eps != 0.f;
   const float* w = a.P.weight;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < L.rows(); r += warps) {
@@ -197,47 +211,39 @@ __global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) continue;
     const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
-    float v[VPT][E];
+    uint4 u[VPT];
 #pragma unroll
-    for (int j = 0; j < VPT; ++j) {
-      const int64_t k = j * 32 + lane;
-      if (k < xk.count) {
-        Chunk<T>::unpack(load_stream(xk.base + k), v[j]);
-        mask_chunk(v[j], xk.first_class(k), C);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) v[j][e] = -kInf;
-      }
-    }
+    for (int j = 0; j < VPT; ++j)
+      if (j * 32 + lane < xk.count) u[j] = load_stream(xk.base + j * 32 + lane);
+    const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
-    float lse, inv_s = 0.f;
+    float lse;
     if (kStats) {
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
-      for (int j = 0; j < VPT; ++j)
+      for (int j = 0; j < VPT; ++j) {
+        const int64_t k = j * 32 + lane;
+        if (k >= xk.count) continue;
+        float v[E];
+        chunk_values(row, u[j], k, he, te, C, v);
 #pragma unroll
-        for (int e = 0; e < E; ++e) m = v[j][e] > m ? v[j][e] : m;
+        for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);  // NaN never becomes the max; it poisons the sum
+      }
       m = warp_max(m);
       float sum = 0.f, A = 0.f, D = 0.f;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const int64_t first = xk.first_class(j * 32 + lane);
+        const int64_t k = j * 32 + lane;
+        if (k >= xk.count) continue;
+        float v[E];
+        chunk_values(row, u[j], k, he, te, C, v);
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          if (spread) {
-            const float ac = class_weight(w, first + e, C);
-            A += ac;
-            D += first + e >= 0 && first + e < C ? ac * (m - v[j][e]) : 0.f;  // PyTorch: 0 * -inf is NaN
-          }
-          const float ev = ex2((v[j][e] - m) * kLog2e);
-          sum += ev;
-          if (kGrad) v[j][e] = ev;  // e^(x - m): the gradient's p is ev / sum
-        }
+        for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+        if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k), C);
       }
       sum = warp_sum(sum);
-      if (spread) A = warp_sum(A), D = warp_sum(D);
+      if (kSpread) A = warp_sum(A), D = warp_sum(D);
       lse = lse_of(m, sum);
-      inv_s = 1.f / sum;
       if (lane == 0) {
         a.lse[r] = lse;
         a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
@@ -248,39 +254,41 @@ __global__ void __launch_bounds__(kWarpRowThreads) warp_rows_kernel(Args<T> a) {
     if (kGrad) {
       const float W = w ? *a.P.weight_sum : static_cast<float>(C);
       const RowGrad<float> g = RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, C);
+      const int64_t kt = (t + xk.shift) / E;
+      const int et = static_cast<int>((t + xk.shift) % E);
+      uint4* gk = row.grad_chunks();
       __syncwarp();  // in place: lane 0's read of x_t is ordered before the stores below
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         const int64_t k = j * 32 + lane;
         if (k >= xk.count) continue;
-        float p[E], out[E];
-#pragma unroll
-        for (int e = 0; e < E; ++e) p[e] = kStats ? v[j][e] * inv_s : ex2((v[j][e] - lse) * kLog2e);
-        grad_chunk(out, p, xk.first_class(k), C, t, g, spread, w);
-        store_chunk(gr, xk, same_shift, k, C, out);
+        float v[E], out[E];
+        Chunk<T>::unpack(u[j], v);
+        chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+        chunk_store(row, gk, k, he, te, C, out);
       }
     }
   }
 }
 
-// ---- stream_rows: a CTA per row, U chunks in flight per thread.
-template <typename T, bool kStats, bool kGrad>
+// ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
+template <typename T, bool kStats, bool kGrad, bool kSpread>
 __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) {
-  constexpr int E = Chunk<T>::E, U = 4;
+  constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : 4;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x, nt = blockDim.x;
-  const bool spread = a.P.eps != 0.f;
   const float* w = a.P.weight;
   for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x) {
     const Row<T, kGrad> row(a, r);
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     if (!valid_row<T, kStats, kGrad>(a, r, row, tid == 0, tid, xk.count, nt)) continue;
+    const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
     float lse;
     if (kStats) {
       const float x_t = tid == 0 ? static_cast<float>(xr[t]) : 0.f;  // before the barrier (in place)
-      ChunkStats cs;
+      float m = -FLT_MAX, sum = 0.f, A = 0.f, D = 0.f;
       for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
         uint4 u[U];
 #pragma unroll
@@ -288,17 +296,35 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
           const int64_t k = k0 + static_cast<int64_t>(i) * nt;
           if (k < xk.count) u[i] = kGrad ? __ldcg(xk.base + k) : load_stream(xk.base + k);  // kGrad: keep it in L2
         }
+        // Unpacked twice (max, then sum) rather than held as U*E floats: registers for the loads in flight.
+        float gm = m;
 #pragma unroll
         for (int i = 0; i < U; ++i) {
           const int64_t k = k0 + static_cast<int64_t>(i) * nt;
           if (k >= xk.count) break;
           float v[E];
-          Chunk<T>::unpack(u[i], v);
-          mask_chunk(v, xk.first_class(k), C);
-          cs.add(v, xk.first_class(k), C, spread, w);
+          chunk_values(row, u[i], k, he, te, C, v);
+#pragma unroll
+          for (int e = 0; e < E; ++e) gm = fmaxf(gm, v[e]);  // NaN never becomes the max; it poisons the sum
+        }
+        if (gm > m) {
+          sum *= ex2((m - gm) * kLog2e);
+          if (kSpread && A != 0.f) D += (gm - m) * A;
+          m = gm;
+        }
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+          const int64_t k = k0 + static_cast<int64_t>(i) * nt;
+          if (k >= xk.count) break;
+          float v[E];
+          chunk_values(row, u[i], k, he, te, C, v);
+#pragma unroll
+          for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+          if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k), C);
         }
       }
-      OnlineStats<float> st = cs.online();
+      OnlineStats<float> st;
+      st.m = m, st.s = sum, st.A = A, st.D = D;
       block_reduce(st);
       lse = lse_of(st.m, st.s);
       if (tid == 0) {
@@ -311,6 +337,9 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
     if (kGrad) {
       const float W = w ? *a.P.weight_sum : static_cast<float>(C);
       const RowGrad<float> g = RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, C);
+      const int64_t kt = (t + xk.shift) / E;
+      const int et = static_cast<int>((t + xk.shift) % E);
+      uint4* gk = row.grad_chunks();
       for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
         uint4 u[U];
 #pragma unroll
@@ -322,12 +351,10 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
         for (int i = 0; i < U; ++i) {
           const int64_t k = k0 + static_cast<int64_t>(i) * nt;
           if (k >= xk.count) break;
-          float v[E], p[E], out[E];
+          float v[E], out[E];
           Chunk<T>::unpack(u[i], v);
-#pragma unroll
-          for (int e = 0; e < E; ++e) p[e] = ex2((v[e] - lse) * kLog2e);
-          grad_chunk(out, p, xk.first_class(k), C, t, g, spread, w);
-          store_chunk(gr, xk, same_shift, k, C, out);
+          chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+          chunk_store(row, gk, k, he, te, C, out);
         }
       }
     }
@@ -335,16 +362,20 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
 }
 
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
-// [rank * slice, (rank + 1) * slice) in shared memory.
-template <typename T>
-__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int64_t slice) {
+// [rank * slice, (rank + 1) * slice) in shared memory.  Each thread copies, and later reads, only its own
+// chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
+// (H200, 2026-11-26: the first version issued ~33 instructions per bf16 element, near the issue limit at
+// half the memory floor), so the loops run over 32-bit slice indices, mask only the row's two end chunks,
+// and take the max in a pass of its own instead of re-basing the sum per chunk.
+template <typename T, bool kSpread>
+__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int64_t slice64) {
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x;
-  const bool spread = a.P.eps != 0.f;
+  const int slice = static_cast<int>(slice64);
   const float* w = a.P.weight;
   unsigned rank = 0, n = 1;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -355,23 +386,44 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   if (n > 1) cluster.sync();  // every CTA of the cluster has started before anyone writes to its shared memory
 #endif
   int parity = 0;  // flips once per exchange, so a CTA two exchanges ahead never overwrites a slot in use
-  for (int64_t r = blockIdx.x / n; r < L.rows(); r += gridDim.x / n) {
-    const Row<T, true> row(a, r);
+  const int64_t step = gridDim.x / n;
+  int64_t r = blockIdx.x / n;
+  int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
+  for (; r < L.rows(); r += step) {
+    const Row<T, true> row(a, r, t_next);
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
-    const int64_t k0 = rank * slice, k1 = k0 + slice < xk.count ? k0 + slice : xk.count;
+    const int64_t k0 = rank * static_cast<int64_t>(slice);
+    const int nj = static_cast<int>(k0 + slice < xk.count ? slice : xk.count - k0);  // may be <= 0
+    if (r + step < L.rows()) t_next = Row<T, true>::target_of(a, r + step);  // in flight during this row
     // Every CTA of the cluster reads the same target, so all of them skip the exchange below together.
-    if (!valid_row<T, true, true>(a, r, row, rank == 0 && tid == 0, k0 + tid, k1, kSliceThreads)) continue;
-    for (int64_t k = k0 + tid; k < k1; k += kSliceThreads) copy_async16(&staged[k - k0], xk.base + k);
+    if (!valid_row<T, true, true>(a, r, row, rank == 0 && tid == 0, k0 + tid, k0 + (nj > 0 ? nj : 0),
+                                  kSliceThreads))
+      continue;
+    for (int j = tid; j < nj; j += kSliceThreads) copy_async16(&staged[j], xk.base + k0 + j);
+    // The end chunks, as slice indices (-1, or out of [0, nj), where this slice has none).
+    const int64_t he = row.head_edge(), te = row.tail_edge(C);
+    const int e0 = he >= k0 && he < k0 + nj ? static_cast<int>(he - k0) : -1;
+    const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
     copy_async_wait_all();
-    __syncthreads();
-    ChunkStats cs;
-    for (int64_t k = k0 + tid; k < k1; k += kSliceThreads) {
+    float m = -FLT_MAX;  // the lowest finite value: an all -inf slice never computes (-inf) - (-inf)
+    for (int j = tid; j < nj; j += kSliceThreads) {
       float v[E];
-      Chunk<T>::unpack(staged[k - k0], v);
-      mask_chunk(v, xk.first_class(k), C);
-      cs.add(v, xk.first_class(k), C, spread, w);
+      Chunk<T>::unpack(staged[j], v);
+      if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
+#pragma unroll
+      for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);  // NaN never becomes the max; it poisons the sum
     }
-    OnlineStats<float> st = cs.online();
+    float sum = 0.f, A = 0.f, D = 0.f;
+    for (int j = tid; j < nj; j += kSliceThreads) {
+      float v[E];
+      Chunk<T>::unpack(staged[j], v);
+      if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
+#pragma unroll
+      for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+      if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
+    }
+    OnlineStats<float> st;
+    st.m = m, st.s = sum, st.A = A, st.D = D;
     block_reduce(st);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (n > 1) {
@@ -389,22 +441,29 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const float lse = lse_of(st.m, st.s);
     const float w_t = w ? w[t] : 1.f;
     const int64_t kt = (t + xk.shift) / E;
-    if (tid == 0 && kt >= k0 && kt < k1) {  // the CTA holding x_t writes the loss; its staged copy is intact
-      const float x_t = static_cast<float>(reinterpret_cast<const T*>(staged)[(kt - k0) * E + (t + xk.shift) % E]);
+    const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
+    const int et = static_cast<int>((t + xk.shift) % E);
+    if (jt >= 0 && jt % kSliceThreads == tid) {  // x_t's chunk is this thread's own: its staged copy is intact
+      float v[E], x_t = 0.f;
+      Chunk<T>::unpack(staged[jt], v);
+#pragma unroll
+      for (int e = 0; e < E; ++e) x_t = e == et ? v[e] : x_t;  // a run-time index would put v in local memory
       a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
     }
     if (tid == 0 && rank == 0) a.lse[r] = lse;
     const float W = w ? *a.P.weight_sum : static_cast<float>(C);
     const RowGrad<float> g = RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, C);
-    for (int64_t k = k0 + tid; k < k1; k += kSliceThreads) {
+    uint4* gk = row.grad_chunks() + k0;
+    for (int j = tid; j < nj; j += kSliceThreads) {
       float v[E], out[E];
-      Chunk<T>::unpack(staged[k - k0], v);
-#pragma unroll
-      for (int e = 0; e < E; ++e) v[e] = ex2((v[e] - lse) * kLog2e);
-      grad_chunk(out, v, xk.first_class(k), C, t, g, spread, w);
-      store_chunk(gr, xk, same_shift, k, C, out);
+      Chunk<T>::unpack(staged[j], v);
+      chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k0 + j), C, j == jt ? et : -1);
+      if (same_shift && j != e0 && j != e1)
+        store_stream(gk + j, Chunk<T>::pack(out));
+      else
+        store_chunk(gr, xk, same_shift, k0 + j, C, out);
     }
-    __syncthreads();  // the staged slice is refilled by the next row
+    // No barrier: the staged chunks are each thread's own, block_reduce ends with one, `peer` has parity.
   }
 }
 
