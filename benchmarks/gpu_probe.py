@@ -80,7 +80,8 @@ def ncu_cases():
 
 
 PROFILE_CASES = [((65536, 1000), torch.bfloat16, "fwd+bwd"), ((65536, 1000), torch.float32, "fwd"),
-                 ((16, 21, 512, 512), torch.float32, "fwd+bwd"), ((8192, 128256), torch.bfloat16, "fwd+bwd")]
+                 ((16, 21, 512, 512), torch.float32, "fwd+bwd"), ((8192, 128256), torch.bfloat16, "fwd+bwd"),
+                 ((4096, 256000), torch.float32, "fwd+bwd")]  # 16-CTA clusters, or the streaming fallback?
 
 
 def profile_cases():

@@ -40,7 +40,7 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   // The mean's denominator without a mask in memory: the number of class-index targets != ignore_index (int64),
   // or with weight the sum of weight[t] over them (weight's dtype; out-of-range targets count 0).  target: (B, S).
-  m.def("valid_weight_sum(Tensor target, Tensor? weight, int ignore_index) -> Tensor");
+  m.def("mean_scale(Tensor target, Tensor? weight, int ignore_index, ScalarType dtype) -> Tensor");
   // The sum of per-row values (a 0-d tensor of their dtype) in an order that does not depend on the thread count.
   m.def("sum_rows(Tensor values) -> Tensor");
 }

@@ -302,11 +302,11 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
   const auto acc = acc_dtype(logits.scalar_type());
   const std::vector<int64_t> rows{logits.size(0), logits.size(2)};
   TORCH_CHECK(grad_rows.sizes() == rows && grad_rows.scalar_type() == acc && grad_rows.device() == logits.device(),
-              op, ": expected grad_rows of shape ", rows, " in ", acc, " on ", logits.device(), ", got ",
+              op, ": expected grad_rows of shape ", dims(rows), " in ", acc, " on ", logits.device(), ", got ",
               dims(grad_rows.sizes()), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
   TORCH_CHECK(lse.sizes() == rows && lse.is_contiguous() && lse.scalar_type() == acc &&
                   lse.device() == logits.device(),
-              op, ": expected a contiguous lse of shape ", rows, " in ", acc, " on ", logits.device(),
+              op, ": expected a contiguous lse of shape ", dims(rows), " in ", acc, " on ", logits.device(),
               ", got ", dims(lse.sizes()), " ", lse.scalar_type(), " on ", lse.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.lse = lse;
@@ -316,18 +316,21 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
   return o.grad;
 }
 
-inline void check_valid_weight_sum(const at::Tensor& target, const c10::optional<at::Tensor>& weight) {
+inline void check_mean_scale(const at::Tensor& target, const c10::optional<at::Tensor>& weight, at::ScalarType dtype) {
   TORCH_CHECK(target.dim() == 2 && target.scalar_type() == at::kLong,
-              "valid_weight_sum: expected (B, S) int64 class indices, got ", dims(target.sizes()), " ", target.scalar_type());
+              "mean_scale: expected (B, S) int64 class indices, got ", dims(target.sizes()), " ", target.scalar_type());
   TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->is_contiguous() && weight->is_floating_point() &&
                                       weight->device() == target.device()),
-              "valid_weight_sum: expected a contiguous 1-d floating weight on ", target.device());
+              "mean_scale: expected a contiguous 1-d floating weight on ", target.device());
+  TORCH_CHECK(at::isFloatingType(dtype), "mean_scale: expected a floating dtype for the result, got ", dtype);
 }
 
 inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {
   const auto acc = acc_dtype(grad.scalar_type());
-  TORCH_CHECK(grad_output.numel() == 1 && grad_output.scalar_type() == acc && grad_output.device() == grad.device(),
-              "scale_grad_: expected a one-element grad_output in ", acc, " on ", grad.device(), ", got ",
+  TORCH_CHECK(grad_output.numel() == 1 && at::isFloatingType(grad_output.scalar_type()) &&
+                  grad_output.device() == grad.device(),
+              "scale_grad_: expected a one-element floating grad_output (any dtype; ", acc, " is exact) on ",
+              grad.device(), ", got ",
               dims(grad_output.sizes()), " ", grad_output.scalar_type(), " on ", grad_output.device());
 }
 

@@ -46,9 +46,9 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
-@torch.library.register_fake("softmax_ce_ext::valid_weight_sum")
-def _valid_weight_sum_fake(target, weight, ignore_index):
-    return target.new_empty((), dtype=torch.int64 if weight is None else weight.dtype)
+@torch.library.register_fake("softmax_ce_ext::mean_scale")
+def _mean_scale_fake(target, weight, ignore_index, dtype):
+    return target.new_empty((2,), dtype=dtype)
 
 
 @torch.library.register_fake("softmax_ce_ext::sum_rows")

@@ -98,12 +98,15 @@ class _Prepared:
             raise RuntimeError(f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}")
 
     def mean_denominator(self):
-        """Class indices: the summed weight of the non-ignored targets (their count if unweighted), as a
-        device tensor.  Probabilities: the number of positions, as PyTorch divides them."""
+        """Class indices: (denominator, 1 / denominator) as 0-d device tensors in the accumulation dtype, the
+        denominator being the summed weight of the non-ignored targets (their count if unweighted).
+        Probabilities: None (PyTorch divides by the number of positions)."""
         if self.prob:
-            return None
-        # One read of the targets, no mask or gathered weights in memory (K-dim: they were ~0.1-0.4x the logits).
-        return ops.valid_weight_sum(self.t, self.weight, self.ignore_index).to(self.acc)
+            return None, None
+        # One read of the targets, no mask or gathered weights in memory (K-dim: they were ~0.1-0.4x the logits),
+        # and two launches (the H200 profile of 65536x1000: each small launch costs a few % of such a call).
+        scale = ops.mean_scale(self.t, self.weight, self.ignore_index, self.acc)
+        return scale[0], scale[1]
 
 
 def kernel_views(input, target, weight, x3_shape, prob):
@@ -154,11 +157,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if inplace:
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
-        denom = p.mean_denominator() if reduction == "mean" else None
+        denom, inv_denom = p.mean_denominator() if reduction == "mean" else (None, None)
         grad = None
         if want_input_grad and reduction != "none":
             if denom is not None:
-                grad_scale = denom.reciprocal()
+                grad_scale = inv_denom
             else:
                 scale = 1.0 / max(p.positions, 1) if reduction == "mean" else 1.0
                 grad_scale = torch.full((), scale, dtype=p.acc, device=input.device)
@@ -194,7 +197,6 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         input, target, weight, lse, denom = ctx.saved_tensors
         _status.poll(input.device)
-        g = grad_out.to(acc_dtype(input.dtype))
         if ctx.inplace:
             _check_inplace_backward(ctx)
         fused = ctx.needs_input_grad[0] and not torch.is_grad_enabled()
@@ -205,12 +207,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad, ctx.grad_in_input = input, False
             else:
                 grad, ctx.grad_buf = ctx.grad_buf, None
-            ops.scale_grad_(grad, g.reshape(()))
+            ops.scale_grad_(grad, grad_out.reshape(()))  # read in its own dtype: no cast launch
             grad_input = grad.reshape(input.shape)
             if not (ctx.prob and ctx.needs_input_grad[1]):
                 return grad_input, None, None, None, None, None, None, None
         x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
+        g = grad_out.to(acc_dtype(input.dtype))
         if ctx.reduction == "none":
             factor = g.reshape(rows_shape)
         elif ctx.reduction == "mean":

@@ -80,18 +80,19 @@ def _op_samples(device):
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status)))
             samples.append((ops.backward_, (rows, x.clone(), target, weight, lse, ignore, 0.1)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
+        samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale.to(torch.bfloat16))))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
         t2 = torch.randint(0, 7, (4, 3), device=device)
         for w in (None, torch.rand(7, dtype=acc, device=device)):
-            samples.append((ops.valid_weight_sum, (t2, w, 2)))
-            samples.append((ops.valid_weight_sum, (t2.t(), w, 2)))  # strided targets
+            samples.append((ops.mean_scale, (t2, w, 2, acc)))
+            samples.append((ops.mean_scale, (t2.t(), w, 2, acc)))  # strided targets
     return samples
 
 
 def test_opcheck_every_op(device):
     samples = _op_samples(device)
     assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.forward_backward_,
-                                         ops.backward_, ops.scale_grad_, ops.sum_rows, ops.valid_weight_sum}
+                                         ops.backward_, ops.scale_grad_, ops.sum_rows, ops.mean_scale}
     for op, args in samples:
         torch.library.opcheck(op, args)
 

@@ -173,16 +173,23 @@ def test_mean_over_targets_of_zero_weight_with_smoothing(device, kernel_path, sh
 
 @pytest.mark.parametrize("layout", ["dense", "strided", "empty"])
 def test_mean_denominator_op(device, layout):
-    """valid_weight_sum: the count (or summed weight) of the targets that are not ignore_index, with no mask in
-    memory; an out-of-range target counts, and weighs 0 (its row is an error anyway)."""
+    """mean_scale: {d, 1/d} for d the count (or summed weight) of the targets that are not ignore_index, with no
+    mask in memory, in the asked dtype; an out-of-range target counts, and weighs 0 (its row is an error
+    anyway); no targets: d = 0, 1/d = inf."""
     from softmax_ce_ext._ops import ops
 
     g = torch.Generator().manual_seed(2)
     t = torch.randint(-1, 8, (6, 70), generator=g)  # -1: ignore_index below; 7: out of range for 7 classes
     t = {"dense": t, "strided": t.t(), "empty": t[:0]}[layout].to(device)
     w = (torch.rand(7, generator=g, dtype=torch.float64)).to(device)
-    count = ops.valid_weight_sum(t, None, -1)
-    assert count.dtype == torch.int64 and count.item() == (t != -1).sum().item()
+    count = (t != -1).sum().item()
+    for dtype in (torch.float32, torch.float64):
+        scale = ops.mean_scale(t, None, -1, dtype)
+        assert scale.dtype == dtype and scale.shape == (2,)
+        expected = torch.tensor([count, 1.0 / count if count else float("inf")], dtype=dtype)
+        torch.testing.assert_close(scale.cpu(), expected, rtol=0, atol=0)
     valid = (t != -1) & (t < 7)
-    expected = torch.where(valid, w[t.clamp(0, 6)], 0).sum()
-    torch.testing.assert_close(ops.valid_weight_sum(t, w, -1), expected, rtol=1e-12, atol=0)
+    total = torch.where(valid, w[t.clamp(0, 6)], 0).sum().item()
+    scale = ops.mean_scale(t, w, -1, torch.float64)
+    expected = torch.tensor([total, 1.0 / total if total else float("inf")], dtype=torch.float64)
+    torch.testing.assert_close(scale.cpu(), expected, rtol=1e-12, atol=0)

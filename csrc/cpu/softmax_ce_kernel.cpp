@@ -361,15 +361,25 @@ at::Tensor sum_rows_cpu(const at::Tensor& values) {
 }
 
 // Fixed blocks of targets, each summed in order, then the blocks in order: independent of the thread count.
-at::Tensor valid_weight_sum_cpu(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                                int64_t ignore_index) {
-  check_valid_weight_sum(target, weight);
+// {denominator, 1 / denominator} of reduction='mean' in `dtype`: the count of the targets that are not
+// ignore_index, or their summed class weight (rounded to the weight's dtype first, as a weight-dtype sum would be).
+at::Tensor mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                          at::ScalarType dtype) {
+  check_mean_scale(target, weight, dtype);
   constexpr int64_t kBlock = 4096;
   const int64_t B = target.size(0), S = target.size(1), n = B * S, blocks = (n + kBlock - 1) / kBlock;
   const int64_t* t = target.data_ptr<int64_t>();
   const int64_t sB = target.stride(0), sS = target.stride(1);
   const bool dense = sS == 1 && sB == S;
   auto target_at = [&](int64_t i) { return dense ? t[i] : t[(i / S) * sB + (i % S) * sS]; };  // dense: no division
+  at::Tensor out = at::empty({2}, target.options().dtype(dtype));
+  auto write = [&](auto total) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cpu", [&] {
+      const scalar_t d = static_cast<scalar_t>(total);
+      out.data_ptr<scalar_t>()[0] = d;
+      out.data_ptr<scalar_t>()[1] = static_cast<scalar_t>(scalar_t(1) / d);
+    });
+  };
   if (!weight.has_value()) {
     std::vector<int64_t> partial(blocks, 0);
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -379,11 +389,12 @@ at::Tensor valid_weight_sum_cpu(const at::Tensor& target, const c10::optional<at
     });
     int64_t total = 0;
     for (int64_t p : partial) total += p;
-    return at::scalar_tensor(total, target.options());
+    write(total);
+    return out;
   }
   std::vector<double> partial(blocks, 0.0);
   const int64_t C = weight->numel();
-  AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "valid_weight_sum_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "mean_scale_cpu", [&] {
     const scalar_t* w = weight->data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t k = b0; k < b1; ++k)
@@ -392,10 +403,11 @@ at::Tensor valid_weight_sum_cpu(const at::Tensor& target, const c10::optional<at
           if (c != ignore_index && c >= 0 && c < C) partial[k] += w[c];
         }
     });
+    double total = 0;
+    for (double p : partial) total += p;
+    write(static_cast<scalar_t>(total));
   });
-  double total = 0;
-  for (double p : partial) total += p;
-  return at::scalar_tensor(total, weight->options());
+  return out;
 }
 
 }  // namespace
@@ -430,7 +442,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("backward_", &backward_inplace_cpu);
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("sum_rows", &sum_rows_cpu);
-  m.impl("valid_weight_sum", &valid_weight_sum_cpu);
+  m.impl("mean_scale", &mean_scale_cpu);
 }
 
 }  // namespace softmax_ce

@@ -387,9 +387,9 @@ void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
 }
 
 // grad *= g unless g == 1; g is read on the device, so the host never waits for it.
-template <typename scalar_t, typename acc_t>
-__global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const acc_t* g_ptr) {
-  const acc_t g = *g_ptr;
+template <typename scalar_t, typename acc_t, typename g_t>
+__global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const g_t* g_ptr) {
+  const acc_t g = static_cast<acc_t>(*g_ptr);  // grad_output in its own dtype: no cast launch before this one
   if (g == acc_t(1)) return;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
@@ -439,9 +439,12 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((grad.numel() + threads - 1) / threads, int64_t{sm_count(grad.get_device())} * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    scale_grad_kernel<scalar_t, acc_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), grad.numel(), grad_output.data_ptr<acc_t>());
+    using grad_t = scalar_t;
+    using acc_t = at::opmath_type<grad_t>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "scale_grad_cuda", [&] {
+      scale_grad_kernel<grad_t, acc_t, scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad.data_ptr<grad_t>(), grad.numel(), grad_output.data_ptr<scalar_t>());
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -449,7 +452,7 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
 // Partial counts / weight sums per CTA over a grid fixed by the size alone, then summed: no mask in memory,
 // the same bits on any device.
 template <typename sum_t, typename w_t>
-__global__ void valid_weight_sum_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
+__global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
                                         const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
   sum_t acc = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -472,30 +475,55 @@ __global__ void valid_weight_sum_kernel(const int64_t* t, int64_t S, int64_t sB,
   }
 }
 
-at::Tensor valid_weight_sum_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                                 int64_t ignore_index) {
-  check_valid_weight_sum(target, weight);
+// One warp sums the partials in a fixed order and writes {denominator, 1 / denominator} in out_t: with the
+// partials kernel, two launches where a sum, a cast and a reciprocal took four.
+template <typename sum_t, typename out_t>
+__global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, out_t* out) {
+  sum_t acc = 0;
+  for (int64_t b = threadIdx.x; b < blocks; b += 32) acc += partial[b];
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (threadIdx.x == 0) {
+    const out_t d = static_cast<out_t>(acc);
+    out[0] = d;
+    out[1] = static_cast<out_t>(out_t(1) / d);
+  }
+}
+
+at::Tensor mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                           at::ScalarType dtype) {
+  check_mean_scale(target, weight, dtype);
   const int64_t B = target.size(0), S = target.size(1), n = B * S;
-  const auto out_dtype = weight.has_value() ? weight->scalar_type() : at::kLong;
-  if (n == 0) return at::zeros({}, target.options().dtype(out_dtype));
   const c10::cuda::CUDAGuard guard(target.device());
   constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 1024);
-  at::Tensor partial = at::empty({blocks}, target.options().dtype(out_dtype));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
+  const auto sum_dtype = weight.has_value() ? weight->scalar_type() : at::kLong;
+  at::Tensor partial = at::empty({blocks}, target.options().dtype(sum_dtype));
+  at::Tensor out = at::empty({2}, target.options().dtype(dtype));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  auto finish = [&](auto sum_tag) {
+    using sum_t = decltype(sum_tag);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cuda", [&] {
+      mean_scale_finish_kernel<sum_t, scalar_t><<<1, 32, 0, stream>>>(partial.data_ptr<sum_t>(), blocks,
+                                                                       out.data_ptr<scalar_t>());
+    });
+  };
   if (!weight.has_value()) {
-    valid_weight_sum_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
+    mean_scale_partial_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
         target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, nullptr, 0, ignore_index,
         partial.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finish(int64_t{});
   } else {
-    AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "valid_weight_sum_cuda", [&] {
-      valid_weight_sum_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
+    AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "mean_scale_cuda", [&] {
+      mean_scale_partial_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
           target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, weight->data_ptr<scalar_t>(),
           weight->numel(), ignore_index, partial.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finish(scalar_t{});
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return partial.sum();
+  return out;
 }
 
 at::Tensor sum_rows_cuda(const at::Tensor& values) {
@@ -512,7 +540,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CUDA, m) {
   m.impl("backward_", &backward_inplace_cuda);
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("sum_rows", &sum_rows_cuda);
-  m.impl("valid_weight_sum", &valid_weight_sum_cuda);
+  m.impl("mean_scale", &mean_scale_cuda);
 }
 
 }  // namespace softmax_ce

@@ -1,7 +1,7 @@
 // Fast CUDA kernels for rows whose classes are contiguous, with class-index targets and float, bfloat16 or
 // half logits (the training case).  All of them move 16-byte chunks (softmax_ce_chunks.cuh).
 //   warp_rows:   up to 32*8 chunks per row (C <= 2041 in 2-byte dtypes, 1021 in float32): a warp per row, the
-//                row held in registers as e^(x - max), so the gradient costs a multiply instead of a second exp.
+//                row held in registers as loaded (16-byte chunks), read three times (max, sum, gradient).
 //   slice_rows:  loss and gradient of longer rows: the row split over a cluster of CTAs (sm_90; one CTA
 //                elsewhere), each staging its slice in shared memory, so the row is read from memory once;
 //                the slices' statistics are exchanged through distributed shared memory.
