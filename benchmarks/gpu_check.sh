@@ -6,7 +6,7 @@
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       GPU_CHECK_PARTS="build smoke sanitize tests bench variants probe ncu grid compile", in order
+#   parts:       GPU_CHECK_PARTS="build smoke sanitize tests bench variants probe ncu compile_debug grid compile", in order
 #                (default: build smoke tests bench variants; then, on the still-warm machine, a second call
 #                GPU_CHECK_PARTS="grid compile" reuses the build: the full parity grid and torch.compile)
 #   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs.
@@ -91,6 +91,12 @@ if part ncu; then
     --section SchedulerStats --section WarpStateStats $PY benchmarks/gpu_probe.py --ncu > "$OUT/ncu.log" 2>&1
   grep -E "ncu case|_kernel|Duration|DRAM Throughput|L2 Hit|Achieved Occupancy|Registers Per|Issued Warp|Grid Size" \
     "$OUT/ncu.log" | head -60
+fi
+
+if part compile_debug; then
+  stamp "torch.compile gradients on CUDA (wrong in call 3, 2026-11-26): compiled vs eager, with Inductor's code"
+  TORCH_LOGS=output_code timeout 120 $PY benchmarks/compile_debug.py > "$OUT/compile_debug.log" 2>&1
+  grep -E "compiled=" "$OUT/compile_debug.log"
 fi
 
 if part grid; then

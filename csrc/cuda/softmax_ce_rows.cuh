@@ -41,6 +41,7 @@ constexpr int kSliceThreads = 256;
 constexpr int kMaxCluster = 16;
 constexpr float kInf = INFINITY;
 
+// Lanes may end with +0 and -0 where both are the max: harmless (m is only compared or added to).
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -55,6 +56,49 @@ __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
+}
+
+// Block-wide statistics from each thread's (m, s and D relative to m, A): the block max first, then every
+// partial re-based to it and summed; every thread gets the result, in a fixed order (the same bits every run).
+// Two shuffle trees and one exponential per thread: the generic merge (two expf per step, every thread merging
+// every warp's partial) was half of the slice kernel's instructions (H200 ncu, 2026-11-26).
+// blockDim.x must be a multiple of 32 (every launcher's is).
+template <bool kSpread>
+__device__ __forceinline__ OnlineStats<float> block_stats(float m, float s, float A, float D) {
+  __shared__ float sh[4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  float M = warp_max(m);
+  if (lane == 0) sh[0][warp] = M;
+  __syncthreads();
+  M = warp_max(lane < nwarps ? sh[0][lane] : -FLT_MAX);
+  if (m != M) {  // m == M needs no re-basing (also when both are +inf: inf - inf would make NaN)
+    s *= ex2((m - M) * kLog2e);
+    if (kSpread && A != 0.f) D += (M - m) * A;
+  }
+  s = warp_sum(s);
+  if (kSpread) A = warp_sum(A), D = warp_sum(D);
+  if (lane == 0) {
+    sh[1][warp] = s;
+    if (kSpread) sh[2][warp] = A, sh[3][warp] = D;
+  }
+  __syncthreads();
+  OnlineStats<float> st;
+  st.m = M;
+  st.s = warp_sum(lane < nwarps ? sh[1][lane] : 0.f);
+  st.A = kSpread ? warp_sum(lane < nwarps ? sh[2][lane] : 0.f) : 0.f;
+  st.D = kSpread ? warp_sum(lane < nwarps ? sh[3][lane] : 0.f) : 0.f;
+  __syncthreads();  // sh is reused by the next row
+  return st;
+}
+
+// OnlineStats::merge with ex2 in place of expf (the slices of a cluster).
+__device__ __forceinline__ void merge_ex2(OnlineStats<float>& st, float om, float os, float oA, float oD) {
+  const float nm = fmaxf(st.m, om);
+  st.s = (st.m == nm ? st.s : st.s * ex2((st.m - nm) * kLog2e)) + (om == nm ? os : os * ex2((om - nm) * kLog2e));
+  st.D = st.D + (st.A != 0.f && st.m != nm ? (nm - st.m) * st.A : 0.f) + oD +
+         (oA != 0.f && om != nm ? (nm - om) * oA : 0.f);
+  st.A += oA;
+  st.m = nm;
 }
 
 // status is null for the gradient-only ops (the forward that came first already reported the target).
@@ -272,8 +316,9 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
 }
 
 // ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
+// kSpread: a minimum of 1 CTA per SM lets ptxas keep the smoothing sums in registers (it spilled at 64).
 template <typename T, bool kStats, bool kGrad, bool kSpread>
-__global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_kernel(Args<T> a) {
   constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : 4;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
@@ -323,9 +368,7 @@ __global__ void __launch_bounds__(kStreamThreads) stream_rows_kernel(Args<T> a) 
           if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k), C);
         }
       }
-      OnlineStats<float> st;
-      st.m = m, st.s = sum, st.A = A, st.D = D;
-      block_reduce(st);
+      const OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
       lse = lse_of(st.m, st.s);
       if (tid == 0) {
         a.lse[r] = lse;
@@ -422,9 +465,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
       if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
     }
-    OnlineStats<float> st;
-    st.m = m, st.s = sum, st.A = A, st.D = D;
-    block_reduce(st);
+    OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (n > 1) {
       if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
@@ -433,7 +474,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
       for (unsigned q = 1; q < n; ++q) {  // the same order in every CTA: the same bits
         const float4 pq = peer[parity][q];
-        st.merge(pq.x, pq.y, pq.z, pq.w);
+        merge_ex2(st, pq.x, pq.y, pq.z, pq.w);
       }
       parity ^= 1;
     }
@@ -463,7 +504,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       else
         store_chunk(gr, xk, same_shift, k0 + j, C, out);
     }
-    // No barrier: the staged chunks are each thread's own, block_reduce ends with one, `peer` has parity.
+    // No barrier: the staged chunks are each thread's own, block_stats ends with one, `peer` has parity.
   }
 }
 
