@@ -38,9 +38,10 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
       " int ignore_index, float label_smoothing) -> ()");
   // grad *= grad_output (a 0-d tensor), skipping the pass when grad_output == 1: decided where the data lives.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
-  // The mean's denominator without a mask in memory: the number of class-index targets != ignore_index (int64),
-  // or with weight the sum of weight[t] over them (weight's dtype; out-of-range targets count 0).  target: (B, S).
-  m.def("mean_scale(Tensor target, Tensor? weight, int ignore_index, ScalarType dtype) -> Tensor");
+  // The mean's denominator d and 1/d (0-d, in dtype) without a mask in memory: d is the number of class-index
+  // targets != ignore_index, or with weight the sum of weight[t] over them (out-of-range targets count 0).
+  // Two tensors, not views of one: torch.compile refuses intermediates that alias.  target: (B, S).
+  m.def("mean_scale(Tensor target, Tensor? weight, int ignore_index, ScalarType dtype) -> (Tensor, Tensor)");
   // The sum of per-row values (a 0-d tensor of their dtype) in an order that does not depend on the thread count.
   m.def("sum_rows(Tensor values) -> Tensor");
 }

@@ -363,8 +363,8 @@ at::Tensor sum_rows_cpu(const at::Tensor& values) {
 // Fixed blocks of targets, each summed in order, then the blocks in order: independent of the thread count.
 // {denominator, 1 / denominator} of reduction='mean' in `dtype`: the count of the targets that are not
 // ignore_index, or their summed class weight (rounded to the weight's dtype first, as a weight-dtype sum would be).
-at::Tensor mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                          at::ScalarType dtype) {
+std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                                  int64_t ignore_index, at::ScalarType dtype) {
   check_mean_scale(target, weight, dtype);
   constexpr int64_t kBlock = 4096;
   const int64_t B = target.size(0), S = target.size(1), n = B * S, blocks = (n + kBlock - 1) / kBlock;
@@ -372,12 +372,12 @@ at::Tensor mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tens
   const int64_t sB = target.stride(0), sS = target.stride(1);
   const bool dense = sS == 1 && sB == S;
   auto target_at = [&](int64_t i) { return dense ? t[i] : t[(i / S) * sB + (i % S) * sS]; };  // dense: no division
-  at::Tensor out = at::empty({2}, target.options().dtype(dtype));
+  at::Tensor denom = at::empty({}, target.options().dtype(dtype)), inv = at::empty({}, target.options().dtype(dtype));
   auto write = [&](auto total) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cpu", [&] {
       const scalar_t d = static_cast<scalar_t>(total);
-      out.data_ptr<scalar_t>()[0] = d;
-      out.data_ptr<scalar_t>()[1] = static_cast<scalar_t>(scalar_t(1) / d);
+      *denom.data_ptr<scalar_t>() = d;
+      *inv.data_ptr<scalar_t>() = static_cast<scalar_t>(scalar_t(1) / d);
     });
   };
   if (!weight.has_value()) {
@@ -390,7 +390,7 @@ at::Tensor mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tens
     int64_t total = 0;
     for (int64_t p : partial) total += p;
     write(total);
-    return out;
+    return {denom, inv};
   }
   std::vector<double> partial(blocks, 0.0);
   const int64_t C = weight->numel();
@@ -407,7 +407,7 @@ at::Tensor mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tens
     for (double p : partial) total += p;
     write(static_cast<scalar_t>(total));
   });
-  return out;
+  return {denom, inv};
 }
 
 }  // namespace

@@ -478,19 +478,19 @@ __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t s
 // One warp sums the partials in a fixed order and writes {denominator, 1 / denominator} in out_t: with the
 // partials kernel, two launches where a sum, a cast and a reciprocal took four.
 template <typename sum_t, typename out_t>
-__global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, out_t* out) {
+__global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, out_t* denom, out_t* inv) {
   sum_t acc = 0;
   for (int64_t b = threadIdx.x; b < blocks; b += 32) acc += partial[b];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (threadIdx.x == 0) {
     const out_t d = static_cast<out_t>(acc);
-    out[0] = d;
-    out[1] = static_cast<out_t>(out_t(1) / d);
+    *denom = d;
+    *inv = static_cast<out_t>(out_t(1) / d);
   }
 }
 
-at::Tensor mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                           at::ScalarType dtype) {
+std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, at::ScalarType dtype) {
   check_mean_scale(target, weight, dtype);
   const int64_t B = target.size(0), S = target.size(1), n = B * S;
   const c10::cuda::CUDAGuard guard(target.device());
@@ -498,13 +498,14 @@ at::Tensor mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Ten
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
   const auto sum_dtype = weight.has_value() ? weight->scalar_type() : at::kLong;
   at::Tensor partial = at::empty({blocks}, target.options().dtype(sum_dtype));
-  at::Tensor out = at::empty({2}, target.options().dtype(dtype));
+  at::Tensor denom = at::empty({}, target.options().dtype(dtype)), inv = at::empty({}, target.options().dtype(dtype));
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto finish = [&](auto sum_tag) {
     using sum_t = decltype(sum_tag);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cuda", [&] {
       mean_scale_finish_kernel<sum_t, scalar_t><<<1, 32, 0, stream>>>(partial.data_ptr<sum_t>(), blocks,
-                                                                       out.data_ptr<scalar_t>());
+                                                                       denom.data_ptr<scalar_t>(),
+                                                                       inv.data_ptr<scalar_t>());
     });
   };
   if (!weight.has_value()) {
@@ -523,7 +524,7 @@ at::Tensor mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Ten
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return {denom, inv};
 }
 
 at::Tensor sum_rows_cuda(const at::Tensor& values) {
