@@ -7,10 +7,9 @@
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts, run in this order when named in GPU_CHECK_PARTS:
-#     build smoke compile_debug sanitize tests bench variants probe ncu grid compile
-#   (default: build smoke compile_debug tests bench; a second call, e.g. GPU_CHECK_PARTS="build probe ncu",
-#   measures where the time goes: the tuning sweep, a profile of every launch, ncu on each main kernel)
+#   parts:       GPU_CHECK_PARTS="build smoke compile_debug sanitize tests bench variants probe ncu grid compile"
+#                run in that order (default: build smoke compile_debug tests bench; a second call naming
+#                build probe ncu measures where the time goes: the tuning sweep, every launch's device time, ncu)
 #   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."

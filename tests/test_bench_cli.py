@@ -100,3 +100,5 @@ def test_gpu_check_script_is_sound():
     assert parts == set(re.findall(r"^if part (\w+); then", script, re.M)), parts
     for test_file in re.findall(r"tests/test_\w+\.py", script):
         assert (root.parent / test_file).exists(), test_file
+    for py in set(re.findall(r"benchmarks/\w+\.py", script)):  # every script it runs exists and compiles
+        subprocess.run([sys.executable, "-m", "py_compile", str(root.parent / py)], check=True)
