@@ -193,3 +193,20 @@ def test_mean_denominator_op(device, layout):
     scale = torch.stack(ops.mean_scale(t, w, -1, torch.float64))
     expected = torch.tensor([total, 1.0 / total if total else float("inf")], dtype=torch.float64)
     torch.testing.assert_close(scale.cpu(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 1023, 1025, 65536, 1 << 18, (1 << 18) + 1],
+                         ids=["empty", "one", "under-a-block", "over-a-block", "65536-rows", "one-block-max",
+                              "at-sum-path"])
+def test_sum_rows_op(device, n):
+    """sum_rows: the fixed-order sum of per-row values (CUDA: one CTA up to 2^18 rows, at::sum above)."""
+    from softmax_ce_ext._ops import ops
+
+    g = torch.Generator().manual_seed(n)
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        got = ops.sum_rows(v.to(device=device, dtype=dtype))
+        assert got.shape == () and got.dtype == dtype
+        torch.testing.assert_close(got.double().cpu(), v.sum(), rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-4 if dtype == torch.float32 else 1e-10)
+        assert torch.equal(got, ops.sum_rows(v.to(device=device, dtype=dtype)))  # the same bits again

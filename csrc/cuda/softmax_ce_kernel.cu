@@ -379,11 +379,45 @@ void launch_dtypes(Mode mode, const RowLayout& L, OpTensors& o) {
   });
 }
 
+// One CTA sums up to kOneBlockRows values in a fixed order (strided per thread, then a shuffle tree): at 65536
+// rows at::sum took 8.9 us on an H200 (2026-11-26), about 8% of a 65536x1000 training call.
+constexpr int kSumThreads = 1024;
+constexpr int64_t kOneBlockRows = 1 << 18;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, int64_t n, acc_t* out) {
+  acc_t acc = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kSumThreads) acc += v[i];
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  __shared__ acc_t sh[kSumThreads / 32];
+  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    acc_t total = 0;
+    for (int w = 0; w < kSumThreads / 32; ++w) total += sh[w];
+    *out = total;
+  }
+}
+
+at::Tensor sum_rows_cuda(const at::Tensor& values) {
+  if (values.numel() > kOneBlockRows || !values.is_contiguous() || !at::isFloatingType(values.scalar_type()) ||
+      values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16)
+    return values.sum();  // CUDA's reduction order is fixed for a given size and device
+  const c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor out = at::empty({}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sum_rows_cuda", [&] {
+    sum_rows_kernel<scalar_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        values.data_ptr<scalar_t>(), values.numel(), out.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
   launch_dtypes(mode, L, o);
-  if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) o.loss_sum = o.loss.sum();  // fixed order per device
+  if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) o.loss_sum = sum_rows_cuda(o.loss);  // fixed order
 }
 
 // grad *= g unless g == 1; g is read on the device, so the host never waits for it.
@@ -527,9 +561,7 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   return {denom, inv};
 }
 
-at::Tensor sum_rows_cuda(const at::Tensor& values) {
-  return values.sum();  // CUDA's reduction order is fixed for a given size and device
-}
+
 
 }  // namespace
 
