@@ -171,12 +171,10 @@ def host_ms(fn, device):
     that synchronises with the GPU waits out the spin: >= 0.9 * HOST_SPIN_MS means it does."""
     if device == "cuda":
         torch.cuda._sleep(int(HOST_SPIN_MS * _sleep_cycles_per_ms()))
-    sync_needed = device == "cuda"
     t0 = time.perf_counter()
     fn()
     ms = (time.perf_counter() - t0) * 1e3
-    if sync_needed:
-        torch.cuda.synchronize()
+    sync(device)
     return ms
 
 

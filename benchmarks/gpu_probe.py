@@ -14,7 +14,7 @@ import softmax_ce_ext
 from softmax_ce_ext import _C
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench import copy_bandwidth, timed  # noqa: E402
+from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
 SWEEP_SHAPES = [(8192, 32000), (8192, 128256), (4096, 256000)]
 DEFAULT = ("auto", 72, 16)
@@ -28,21 +28,9 @@ NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4"
              ((8192, 32000), torch.bfloat16, "fwd", "streaming forward")]
 
 
-def inputs(shape, dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(shape, device="cuda", generator=g).mul_(2).to(dtype)
-    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda", generator=g)
-    return x, t
-
-
-def call(x, t, mode):
-    if mode == "fwd":
-        with torch.no_grad():
-            return softmax_ce_ext.cross_entropy(x, t), None
-    x = x.detach().requires_grad_()
-    loss = softmax_ce_ext.cross_entropy(x, t)
-    loss.backward()
-    return loss, x.grad
+def call(case, mode):
+    """One call of ours on the case's logits (bench.run_once: fwd under no_grad, else fwd + backward)."""
+    return run_once(softmax_ce_ext.cross_entropy, case.inputs[0], case, mode)
 
 
 def sweep(reps):
@@ -51,31 +39,31 @@ def sweep(reps):
     print(f"{'shape':>12} {'dtype':>8} {'tuning':>16} {'ms':>7} {'%floor':>7} {'grad diff':>9}")
     for shape in SWEEP_SHAPES:
         for dtype in (torch.bfloat16, torch.float32):
-            x, t = inputs(shape, dtype)
-            floor = 2 * x.numel() * x.element_size() / bw / 1e6
+            case = Case(shape, dtype, "cuda", 0.0, 0)
+            floor = 2 * case.nbytes / bw / 1e6
             _C.set_cuda_tuning(*DEFAULT)
-            _, ref = call(x, t, "fwd+bwd")
+            _, ref = call(case, "fwd+bwd")
             for tune in TUNINGS:
                 _C.set_cuda_tuning(*tune)
-                _, g = call(x, t, "fwd+bwd")
+                _, g = call(case, "fwd+bwd")
                 diff = (g.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
                 del g
-                ms = statistics.median(timed(lambda: call(x, t, "fwd+bwd"), "cuda", 1.0) for _ in range(reps))
+                ms = statistics.median(timed(lambda: call(case, "fwd+bwd"), "cuda", 1.0) for _ in range(reps))
                 print(f"{'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'/'.join(map(str, tune)):>16} "
                       f"{ms:7.3f} {100 * floor / ms:6.1f}% {diff:9.1e}", flush=True)
             _C.set_cuda_tuning(*DEFAULT)
-            del x, t, ref
+            del case, ref
             torch.cuda.empty_cache()
 
 
 def ncu_cases():
     for shape, dtype, mode, why in NCU_CASES:
-        x, t = inputs(shape, dtype)
+        case = Case(shape, dtype, "cuda", 0.0, 0)
         torch.cuda.synchronize()
         print(f"ncu case: {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode} ({why})", flush=True)
-        call(x, t, mode)
+        call(case, mode)
         torch.cuda.synchronize()
-        del x, t
+        del case
         torch.cuda.empty_cache()
 
 
@@ -88,19 +76,19 @@ def profile_cases():
     from torch.profiler import ProfilerActivity, profile
 
     for shape, dtype, mode in PROFILE_CASES:
-        x, t = inputs(shape, dtype)
+        case = Case(shape, dtype, "cuda", 0.0, 0)
         for _ in range(2):
-            call(x, t, mode)
+            call(case, mode)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                call(x, t, mode)
+                call(case, mode)
             torch.cuda.synchronize()
         print(f"profile: {'x'.join(map(str, shape))} {str(dtype)[6:]} {mode}, 5 calls; device us per call:")
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
             if e.device_time_total > 0:
                 print(f"  {e.device_time_total / 5:9.1f}  x{e.count // 5:<2} {e.key[:110]}")
-        del x, t
+        del case
         torch.cuda.empty_cache()
 
 

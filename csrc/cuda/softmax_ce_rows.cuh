@@ -163,6 +163,14 @@ struct Row {
   // The chunks of this row that straddle its ends (masked lanes): 0 and/or count - 1, -1 where none.
   __device__ int64_t head_edge() const { return xk.shift != 0 ? 0 : -1; }
   __device__ int64_t tail_edge(int64_t C) const { return (C + xk.shift) % Chunk<T>::E != 0 ? xk.count - 1 : -1; }
+  // The gradient's factors for this row: f * (p * p_mul - a_c * c_mul - [c == t] * t_sub).
+  __device__ RowGrad<float> grad_factors(const Args<T>& a, float w_t) const {
+    const float W = a.P.weight ? *a.P.weight_sum : static_cast<float>(a.L.C);
+    return RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, a.L.C);
+  }
+  // Where x_t sits: its chunk, and its lane in that chunk.
+  __device__ int64_t target_chunk() const { return (t + xk.shift) / Chunk<T>::E; }
+  __device__ int target_lane() const { return static_cast<int>((t + xk.shift) % Chunk<T>::E); }
   // The 16-byte chunks of the gradient row, when it has the logits' alignment (same_shift).
   __device__ uint4* grad_chunks() const {
     return reinterpret_cast<uint4*>(reinterpret_cast<uintptr_t>(g) & ~uintptr_t(15));
@@ -296,10 +304,9 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       lse = a.lse[r];
     }
     if (kGrad) {
-      const float W = w ? *a.P.weight_sum : static_cast<float>(C);
-      const RowGrad<float> g = RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, C);
-      const int64_t kt = (t + xk.shift) / E;
-      const int et = static_cast<int>((t + xk.shift) % E);
+      const RowGrad<float> g = row.grad_factors(a, w_t);
+      const int64_t kt = row.target_chunk();
+      const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
       __syncwarp();  // in place: lane 0's read of x_t is ordered before the stores below
 #pragma unroll
@@ -378,10 +385,9 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
       lse = a.lse[r];
     }
     if (kGrad) {
-      const float W = w ? *a.P.weight_sum : static_cast<float>(C);
-      const RowGrad<float> g = RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, C);
-      const int64_t kt = (t + xk.shift) / E;
-      const int et = static_cast<int>((t + xk.shift) % E);
+      const RowGrad<float> g = row.grad_factors(a, w_t);
+      const int64_t kt = row.target_chunk();
+      const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
       for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
         uint4 u[U];
@@ -481,9 +487,9 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
 #endif
     const float lse = lse_of(st.m, st.s);
     const float w_t = w ? w[t] : 1.f;
-    const int64_t kt = (t + xk.shift) / E;
+    const int64_t kt = row.target_chunk();
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
-    const int et = static_cast<int>((t + xk.shift) % E);
+    const int et = row.target_lane();
     if (jt >= 0 && jt % kSliceThreads == tid) {  // x_t's chunk is this thread's own: its staged copy is intact
       float v[E], x_t = 0.f;
       Chunk<T>::unpack(staged[jt], v);
@@ -492,8 +498,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
     }
     if (tid == 0 && rank == 0) a.lse[r] = lse;
-    const float W = w ? *a.P.weight_sum : static_cast<float>(C);
-    const RowGrad<float> g = RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, C);
+    const RowGrad<float> g = row.grad_factors(a, w_t);
     uint4* gk = row.grad_chunks() + k0;
     for (int j = tid; j < nj; j += kSliceThreads) {
       float v[E], out[E];
