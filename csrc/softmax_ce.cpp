@@ -12,18 +12,19 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
   // the logits' dtype.  weight: (C,) in the accumulation dtype (float32; float64 for float64 logits) or None.
   // Per-row outputs (B, S) are in the accumulation dtype.  status: {flag, value} of an out-of-range class
-  // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.
+  // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.  None: not
+  // recorded (torch.compile passes None: a tensor mutated inside an autograd.Function breaks its trace).
 
   // Per-row loss and log-sum-exp, reading each row once; no gradient.
   m.def(
       "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor(a!) status) -> (Tensor loss, Tensor lse)");
+      " Tensor(a!)? status) -> (Tensor loss, Tensor lse)");
   // The training pass: the sum of the row losses (0-d, accumulation dtype; no per-row buffers where the kernel
   // can avoid them) and, in the same pass, its gradient times grad_scale (a 0-d tensor in the accumulation
   // dtype: 1, or 1/total weight for a mean).  grad has the logits' strides when dense.
   m.def(
       "forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor grad_scale, Tensor(a!) status) -> (Tensor loss_sum, Tensor grad)");
+      " Tensor grad_scale, Tensor(a!)? status) -> (Tensor loss_sum, Tensor grad)");
   // Gradient recomputed from the saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
   m.def(
       "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"
@@ -32,7 +33,7 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // are destroyed; no gradient buffer is allocated.
   m.def(
       "forward_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
-      " float label_smoothing, Tensor grad_scale, Tensor(b!) status) -> Tensor loss_sum");
+      " float label_smoothing, Tensor grad_scale, Tensor(b!)? status) -> Tensor loss_sum");
   m.def(
       "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse,"
       " int ignore_index, float label_smoothing) -> ()");
@@ -72,12 +73,13 @@ int env_int(const char* name, int fallback) {
 }
 
 struct TuningState {
-  std::atomic<int> path, slice_kb, cluster_max;
+  std::atomic<int> path, slice_kb, cluster_max, prefetch;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
         slice_kb(env_int("SOFTMAX_CE_CUDA_SLICE_KB", 72)),
-        cluster_max(env_int("SOFTMAX_CE_CUDA_CLUSTER_MAX", 16)) {}
+        cluster_max(env_int("SOFTMAX_CE_CUDA_CLUSTER_MAX", 16)),
+        prefetch(env_int("SOFTMAX_CE_CUDA_PREFETCH", 1) != 0) {}
 };
 
 TuningState& state() {
@@ -88,8 +90,10 @@ TuningState& state() {
 
 CudaTuning cuda_tuning() {
   TuningState& s = state();
-  return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load()};
+  return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0};
 }
+
+bool set_cuda_prefetch(bool on) { return state().prefetch.exchange(on) != 0; }
 
 std::tuple<std::string, int, int> set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max) {
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
@@ -112,6 +116,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
   m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
         "slice_kb, cluster_max; returns the previous three.");
+  m.def("set_cuda_prefetch", &softmax_ce::set_cuda_prefetch, "Whether the slice kernel copies the next row's slice "
+        "during the gradient sweep (SOFTMAX_CE_CUDA_PREFETCH, default 1); returns the previous setting.");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
     return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max);

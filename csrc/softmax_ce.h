@@ -230,7 +230,9 @@ inline at::Tensor grad_over_logits(const at::Tensor& logits, const at::Tensor& t
   return logits;
 }
 
-inline void check_status(const at::Tensor& status, const at::Tensor& logits) {
+inline void check_status(const c10::optional<at::Tensor>& maybe_status, const at::Tensor& logits) {
+  if (!maybe_status.has_value()) return;
+  const at::Tensor& status = *maybe_status;
   TORCH_CHECK(status.scalar_type() == at::kLong && status.numel() == 2 && status.is_contiguous() &&
                   status.device() == logits.device(),
               "expected a contiguous 2-element int64 status on ", logits.device(), ", got ", dims(status.sizes()), " ",
@@ -254,11 +256,11 @@ inline OpTensors op_tensors(const at::Tensor& logits, const at::Tensor& target,
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                               const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                              double eps, const at::Tensor& status) {
+                                              double eps, const c10::optional<at::Tensor>& status) {
   RowLayout L = check_and_layout(logits, target, weight, "forward");
   check_status(status, logits);
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
-  o.status = status;
+  o.status = status.value_or(at::Tensor());
   o.loss = row_buffer(logits);
   o.lse = row_buffer(logits);
   launch(Mode::kStats, L, o);
@@ -269,7 +271,7 @@ template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                        double eps, const at::Tensor& grad_scale,
-                                                       const at::Tensor& status, GradAlloc alloc = nullptr,
+                                                       const c10::optional<at::Tensor>& status, GradAlloc alloc = nullptr,
                                                        bool inplace = false) {
   const char* op = inplace ? "forward_backward_" : "forward_backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
@@ -279,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
               op, ": expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
               dims(grad_scale.sizes()), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
-  o.status = status;
+  o.status = status.value_or(at::Tensor());
   o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
   o.factor = grad_scale;
   launch(Mode::kStatsGrad, L, o);

@@ -1,6 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and the shared-memory slice limits: settable at run time
 // (softmax_ce_ext._C.set_cuda_tuning) so one GPU session can compare them; defaults from the environment
-// (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, SOFTMAX_CE_CUDA_CLUSTER_MAX).
+// (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, SOFTMAX_CE_CUDA_CLUSTER_MAX,
+// SOFTMAX_CE_CUDA_PREFETCH).
 #pragma once
 
 #include <string>
@@ -14,10 +15,13 @@ struct CudaTuning {
   CudaPath path;
   int slice_kb;     // largest shared-memory slice of a row per CTA, KiB
   int cluster_max;  // largest cluster of CTAs sharing a row (1: no clusters)
+  bool prefetch;    // slice kernel: copy the next row's slice during this row's gradient sweep
 };
 
 CudaTuning cuda_tuning();
 // Returns the previous (path, slice_kb, cluster_max).
 std::tuple<std::string, int, int> set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max);
+// Returns the previous setting.
+bool set_cuda_prefetch(bool on);
 
 }  // namespace softmax_ce

@@ -39,7 +39,6 @@ class _DeviceStatus:
 
 
 _cuda = {}
-_cpu_buffer = None
 
 
 def _index(device):
@@ -50,15 +49,12 @@ def _tracing():
     return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
 
-def buffer_for(device: torch.device) -> torch.Tensor:
-    """The status tensor to hand to the forward ops on `device` (raising any error already flagged there)."""
-    global _cpu_buffer
-    if device.type != "cuda":
-        if _cpu_buffer is None:
-            _cpu_buffer = torch.zeros(2, dtype=torch.int64)  # the CPU kernels raise directly; never written
-        return _cpu_buffer
-    if torch.compiler.is_compiling():
-        return torch.zeros(2, dtype=torch.int64, device=device)  # traced code: no lazy check (rows turn NaN)
+def buffer_for(device: torch.device):
+    """The status tensor to hand to the forward ops on `device` (raising any error already flagged there), or
+    None where nothing is recorded: on the CPU (its kernels raise directly) and in traced code, where a tensor
+    mutated inside the autograd.Function broke torch 2.11's trace on CUDA (zero gradients); rows turn NaN."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return None
     index = _index(device)
     status = _cuda.get(index)
     if status is None:

@@ -182,7 +182,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
                 # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
                 total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
-        out = total.to(p.out_dtype)
+        # Traced, the output must not alias an intermediate (a no-op .to, the 'none' rows' view): torch 2.11's
+        # Dynamo then added the intermediate as a second output of the same tensor and routed the gradient to
+        # it (pytorch#180642): the loss was right, the gradient zeros (H100, 2026-11-27).  One small copy.
+        out = total.to(p.out_dtype, copy=torch.compiler.is_compiling())
 
         if want_input_grad or want_target_grad:
             ctx.save_for_backward(input, target, weight, lse, denom)
@@ -228,8 +231,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad = x3
             else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
                 if lse is None:  # the training pass kept no lse: one more read of the logits for it
-                    scratch = torch.zeros(2, dtype=torch.int64, device=input.device)  # reported once, by the forward
-                    _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, scratch)
+                    _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, None)  # the forward reported
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         if ctx.prob and ctx.needs_input_grad[1]:

@@ -101,3 +101,33 @@ def test_long_rows_special_values(device, kernel_path, case, reduction):
     (a, ga), (b, gb) = results
     torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ga, gb, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
+def test_slices_many_rows_per_cluster(device, prefetch, dtype, offset, inplace):
+    """Far more rows than clusters fit at once (1 KiB slices: clusters of 8-16 CTAs), so each cluster walks
+    ~15 rows, and with prefetch copies the next row's slice while it writes this row's gradient.  Every 7th
+    row is ignored (no copy for it: the row after is fetched afresh); offset-by-one rows alternate between
+    chunk counts, so the next row's slice can be a chunk longer than this row's."""
+    if device != "cuda":
+        pytest.skip("the CUDA slice kernel")
+    from softmax_ce_ext import _C
+
+    x, t, g = _logits(1000, 3001, dtype, device, offset, seed=11)
+    t[::7] = -100
+    previous, previous_prefetch = _C.set_cuda_tuning("auto", 1, 16), _C.set_cuda_prefetch(prefetch)
+    try:
+        xo = x.detach().clone().requires_grad_()
+        xi = xo * 1 if inplace else xo  # in place needs a non-leaf
+        loss = cross_entropy(xi, t, label_smoothing=0.1, inplace_backward=inplace)
+        (grad,) = torch.autograd.grad(loss, xo)
+    finally:
+        _C.set_cuda_tuning(*previous)
+        _C.set_cuda_prefetch(previous_prefetch)
+    ref_loss, ref_grad = reference(x, t, torch.ones((), device=device), label_smoothing=0.1)
+    scale = x.abs().max().item()
+    assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)

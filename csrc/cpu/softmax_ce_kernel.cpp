@@ -301,14 +301,14 @@ at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                               double eps, const at::Tensor& status) {
+                                               double eps, const c10::optional<at::Tensor>& status) {
   return forward_op(launch_cpu, logits, target, weight, ignore_index, eps, status);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_backward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                         double eps, const at::Tensor& grad_scale,
-                                                        const at::Tensor& status) {
+                                                        const c10::optional<at::Tensor>& status) {
   return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
                              grad_alloc_cpu);
 }
@@ -321,7 +321,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, c
 
 at::Tensor forward_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
-                                       const at::Tensor& grad_scale, const at::Tensor& status) {
+                                       const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status) {
   return std::get<0>(forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
                                          nullptr, /*inplace=*/true));
 }

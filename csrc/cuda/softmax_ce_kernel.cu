@@ -207,7 +207,7 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
     });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(a.L.rows(), resident) * n));
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, slice));
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, slice, tune.prefetch));
     return true;
   }
   return false;
@@ -432,14 +432,14 @@ __global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const 
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                 const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                double eps, const at::Tensor& status) {
+                                                double eps, const c10::optional<at::Tensor>& status) {
   return forward_op(launch_cuda, logits, target, weight, ignore_index, eps, status);
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_backward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                          const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double eps, const at::Tensor& grad_scale,
-                                                         const at::Tensor& status) {
+                                                         const c10::optional<at::Tensor>& status) {
   return forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status);
 }
 
@@ -451,7 +451,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, 
 
 at::Tensor forward_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
-                                        const at::Tensor& grad_scale, const at::Tensor& status) {
+                                        const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status) {
   return std::get<0>(forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status,
                                          nullptr, /*inplace=*/true));
 }
