@@ -44,19 +44,22 @@ class OursTuned(Provider):
     """Ours with another CUDA kernel family for contiguous rows (softmax_ce_ext._C.set_cuda_tuning), to compare
     the families in one run."""
 
-    def __init__(self, name, tuning):
-        self.name, self.tuning = name, tuning
+    def __init__(self, name, tuning=None, prefetch=True):
+        self.name, self.tuning, self.prefetch = name, tuning, prefetch
 
     def unavailable(self, device, shape, opts):
         return None if device == "cuda" else "a CUDA kernel family"
 
     def make(self, opts):
         def fn(x, t):
-            previous = softmax_ce_ext._C.set_cuda_tuning(*self.tuning)
+            previous = softmax_ce_ext._C.set_cuda_tuning(*self.tuning) if self.tuning else None
+            prefetch = softmax_ce_ext._C.set_cuda_prefetch(self.prefetch)
             try:
                 return softmax_ce_ext.cross_entropy(x, t, **opts)
             finally:
-                softmax_ce_ext._C.set_cuda_tuning(*previous)
+                softmax_ce_ext._C.set_cuda_prefetch(prefetch)
+                if previous:
+                    softmax_ce_ext._C.set_cuda_tuning(*previous)
 
         return fn
 
@@ -125,5 +128,5 @@ class FlashAttn(_TritonPeer):
 
 
 VARIANTS = (OursTuned("ours_stream", ("stream", 72, 16)), OursTuned("ours_legacy", ("legacy", 72, 16)),
-            OursTuned("ours_nocluster", ("auto", 72, 1)))
+            OursTuned("ours_nocluster", ("auto", 72, 1)), OursTuned("ours_noprefetch", prefetch=False))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}
