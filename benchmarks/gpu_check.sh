@@ -29,7 +29,7 @@ stamp() { echo "== $1 ($(date -u +%T))"; }
 
 if part build; then
   stamp "build (ptxas -v: registers and spills per kernel)"
-  if ! (time SCE_PTXAS_VERBOSE=1 timeout 180 $PY -m pip install --no-build-isolation --no-deps -v -e .) > "$OUT/build.log" 2>&1; then
+  if ! (time SCE_PTXAS_VERBOSE=1 timeout 150 $PY -m pip install --no-build-isolation --no-deps -v -e .) > "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   grep -E "softmax_ce_ext build|^real" "$OUT/build.log"
@@ -48,7 +48,7 @@ fi
 
 if part compile_debug; then
   stamp "torch.compile gradients (zeros on CUDA under torch 2.11 until the status fix): device x status x backend"
-  timeout 60 $PY benchmarks/compile_debug.py > "$OUT/compile_debug.log" 2>&1
+  timeout 60 $PY benchmarks/compile_debug.py --backends eager aot_eager > "$OUT/compile_debug.log" 2>&1
   grep -E "^compiled|^torch" "$OUT/compile_debug.log"
 fi
 
@@ -69,7 +69,8 @@ if part tests; then
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   stamp "torch.compile tests on the CPU too (this machine's torch differs from CI's)"
-  timeout 60 $PY -m pytest -q -p no:cacheprovider --maxfail=10 -k "cpu and not cuda" tests/test_compile.py 2>&1 \
+  timeout 90 $PY -m pytest -q -p no:cacheprovider --maxfail=10 -k "cpu and not cuda and (fullgraph or inplace or bfloat16)" \
+    tests/test_compile.py 2>&1 \
     | tee "$OUT/tests_compile_cpu.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
