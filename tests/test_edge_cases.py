@@ -171,7 +171,19 @@ def test_mean_over_targets_of_zero_weight_with_smoothing(device, kernel_path, sh
     same(g_ours, g_theirs)
 
 
-@pytest.mark.parametrize("layout", ["dense", "strided", "empty"])
+# Target layouts for the denominator kernel (built on the device: a copy there would be aligned again): the CUDA
+# kernel reads dense 16-byte-aligned targets in pairs, 4 loads in flight per thread, anything else one at a time.
+MEAN_LAYOUTS = {
+    "dense": lambda t: t,
+    "strided": lambda t: t.t(),
+    "empty": lambda t: t[:0],
+    "odd-count": lambda t: t[:5, :69].contiguous(),  # 345 targets: the last one has no pair
+    "off-by-one": lambda t: t.reshape(-1)[1:415].view(6, 69),  # 8 bytes past a 16-byte boundary: one at a time
+    "large": lambda t: t.repeat(3, 7143)[:17, :-1].contiguous(),  # 17 x 500,009: the 4-loads loop, an odd count
+}
+
+
+@pytest.mark.parametrize("layout", list(MEAN_LAYOUTS))
 def test_mean_denominator_op(device, layout):
     """mean_scale: {d, 1/d} for d the count (or summed weight) of the targets that are not ignore_index, with no
     mask in memory, in the asked dtype; an out-of-range target counts, and weighs 0 (its row is an error
@@ -180,7 +192,7 @@ def test_mean_denominator_op(device, layout):
 
     g = torch.Generator().manual_seed(2)
     t = torch.randint(-1, 8, (6, 70), generator=g)  # -1: ignore_index below; 7: out of range for 7 classes
-    t = {"dense": t, "strided": t.t(), "empty": t[:0]}[layout].to(device)
+    t = MEAN_LAYOUTS[layout](t.to(device))
     w = (torch.rand(7, generator=g, dtype=torch.float64)).to(device)
     count = (t != -1).sum().item()
     for dtype in (torch.float32, torch.float64):

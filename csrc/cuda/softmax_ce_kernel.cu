@@ -486,17 +486,46 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
 // Partial counts / weight sums per CTA over a grid fixed by the size alone, then summed: no mask in memory,
 // the same bits on any device.
 template <typename sum_t, typename w_t>
+__device__ __forceinline__ void mean_scale_add(sum_t& acc, int64_t c, const w_t* w, int64_t C, int64_t ignore_index) {
+  if (c == ignore_index) return;
+  if (w == nullptr)
+    acc += 1;
+  else if (c >= 0 && c < C)
+    acc += static_cast<sum_t>(w[c]);
+}
+
+template <typename sum_t, typename w_t>
 __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
                                         const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
   sum_t acc = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = sS == 1 && sB == S ? t[i] : t[(i / S) * sB + (i % S) * sS];  // dense: no division
-    if (c == ignore_index) continue;
-    if (w == nullptr)
-      acc += 1;
-    else if (c >= 0 && c < C)
-      acc += static_cast<sum_t>(w[c]);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Dense, 16-byte aligned counts: pairs of targets, 4 loads in flight per thread (one 8-byte load at a time
+  // read 4.2M targets at 1.8 TB/s, H100 2026-11-27).  Counts only: an integer sum has no order to keep.
+  if (w == nullptr && sS == 1 && sB == S && (reinterpret_cast<uintptr_t>(t) & 15) == 0) {
+    const longlong2* t2 = reinterpret_cast<const longlong2*>(t);
+    const int64_t pairs = n / 2;
+    for (; i + 3 * stride < pairs; i += 4 * stride) {
+      longlong2 v[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[k] = t2[i + k * stride];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        mean_scale_add(acc, v[k].x, w, C, ignore_index);
+        mean_scale_add(acc, v[k].y, w, C, ignore_index);
+      }
+    }
+    for (; i < pairs; i += stride) {
+      const longlong2 v = t2[i];
+      mean_scale_add(acc, v.x, w, C, ignore_index);
+      mean_scale_add(acc, v.y, w, C, ignore_index);
+    }
+    if ((n & 1) && blockIdx.x == 0 && threadIdx.x == 0) mean_scale_add(acc, t[n - 1], w, C, ignore_index);
+  } else {
+    for (; i < n; i += stride) {
+      const int64_t c = sS == 1 && sB == S ? t[i] : t[(i / S) * sB + (i % S) * sS];  // dense: no division
+      mean_scale_add(acc, c, w, C, ignore_index);
+    }
   }
   __shared__ sum_t sh[32];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
