@@ -20,11 +20,13 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
       "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
       " Tensor(a!)? status) -> (Tensor loss, Tensor lse)");
   // The training pass: the sum of the row losses (0-d, accumulation dtype; no per-row buffers where the kernel
-  // can avoid them) and, in the same pass, its gradient times grad_scale (a 0-d tensor in the accumulation
-  // dtype: 1, or 1/total weight for a mean).  grad has the logits' strides when dense.
+  // can avoid them), divided by loss_divisor and cast to loss_dtype where given, and, in the same pass, its
+  // gradient times grad_scale (a 0-d tensor in the accumulation dtype: 1, or 1/total weight for a mean).
+  // grad has the logits' strides when dense.
   m.def(
       "forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor grad_scale, Tensor(a!)? status) -> (Tensor loss_sum, Tensor grad)");
+      " Tensor grad_scale, Tensor(a!)? status, Tensor? loss_divisor=None, ScalarType? loss_dtype=None)"
+      " -> (Tensor loss_sum, Tensor grad)");
   // Gradient recomputed from the saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
   m.def(
       "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"
@@ -33,7 +35,8 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // are destroyed; no gradient buffer is allocated.
   m.def(
       "forward_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
-      " float label_smoothing, Tensor grad_scale, Tensor(b!)? status) -> Tensor loss_sum");
+      " float label_smoothing, Tensor grad_scale, Tensor(b!)? status, Tensor? loss_divisor=None,"
+      " ScalarType? loss_dtype=None) -> Tensor loss_sum");
   m.def(
       "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse,"
       " int ignore_index, float label_smoothing) -> ()");
@@ -44,7 +47,9 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // Two tensors, not views of one: torch.compile refuses intermediates that alias.  target: (B, S).
   m.def("mean_scale(Tensor target, Tensor? weight, int ignore_index, ScalarType dtype) -> (Tensor, Tensor)");
   // The sum of per-row values (a 0-d tensor of their dtype) in an order that does not depend on the thread count.
-  m.def("sum_rows(Tensor values) -> Tensor");
+  // divisor (0-d, the values' dtype) and dtype, as in forward_backward: the mean and the loss's dtype in the
+  // same launch (each small launch was ~1-3% of a 65536x1000 call on the H100).
+  m.def("sum_rows(Tensor values, Tensor? divisor=None, ScalarType? dtype=None) -> Tensor");
 }
 
 namespace {

@@ -164,11 +164,32 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad
 // 0-d (broadcast to every row) or (B, S); both in the accumulation dtype.
 // kStatsGrad leaves loss/lse to the backend (it may need no per-row buffers) and gets back loss_sum, the
 // 0-d sum of the row losses, summed in an order that does not depend on the thread count.
+// loss_divisor / loss_dtype: what loss_sum is divided by and cast to (undefined / nullopt: nothing); a backend
+// whose sum kernel folds them in sets loss_finished, else forward_backward_op applies them.
 struct OpTensors {
-  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status, loss_sum;
+  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status, loss_sum, loss_divisor;
+  c10::optional<at::ScalarType> loss_dtype;
+  bool loss_finished = false;
   int64_t ignore_index;
   double eps;
 };
+
+// sum / divisor in dtype, by ATen ops (where no kernel folded them into the sum).
+inline at::Tensor finish_loss(at::Tensor sum, const at::Tensor& divisor, c10::optional<at::ScalarType> dtype) {
+  if (divisor.defined()) sum = sum / divisor;
+  return dtype.has_value() ? sum.to(*dtype) : sum;
+}
+
+// A 0-d divisor in the sum's dtype on its device; a floating result dtype.
+inline void check_loss_finish(const c10::optional<at::Tensor>& divisor, c10::optional<at::ScalarType> dtype,
+                              at::ScalarType acc, const at::Device& device, const char* op) {
+  if (divisor.has_value())
+    TORCH_CHECK(divisor->dim() == 0 && divisor->scalar_type() == acc && divisor->device() == device, op,
+                ": expected a 0-d divisor in ", acc, " on ", device, ", got ", dims(divisor->sizes()), " ",
+                divisor->scalar_type(), " on ", divisor->device());
+  if (dtype.has_value())
+    TORCH_CHECK(at::isFloatingType(*dtype), op, ": expected a floating loss dtype, got ", *dtype);
+}
 
 // Upstream factor per row: a 0-d tensor broadcast (strides 0) or a (B, S) tensor.
 template <typename acc_t>
@@ -271,12 +292,15 @@ template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                        double eps, const at::Tensor& grad_scale,
-                                                       const c10::optional<at::Tensor>& status, GradAlloc alloc = nullptr,
-                                                       bool inplace = false) {
+                                                       const c10::optional<at::Tensor>& status,
+                                                       const c10::optional<at::Tensor>& loss_divisor,
+                                                       c10::optional<at::ScalarType> loss_dtype,
+                                                       GradAlloc alloc = nullptr, bool inplace = false) {
   const char* op = inplace ? "forward_backward_" : "forward_backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
+  check_loss_finish(loss_divisor, loss_dtype, acc, logits.device(), op);
   TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == acc && grad_scale.device() == logits.device(),
               op, ": expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
               dims(grad_scale.sizes()), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
@@ -284,8 +308,11 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
   o.status = status.value_or(at::Tensor());
   o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
   o.factor = grad_scale;
+  o.loss_divisor = loss_divisor.value_or(at::Tensor());
+  o.loss_dtype = loss_dtype;
   launch(Mode::kStatsGrad, L, o);
   if (!o.loss_sum.defined()) o.loss_sum = at::zeros({}, logits.options().dtype(acc));  // no rows
+  if (!o.loss_finished) o.loss_sum = finish_loss(o.loss_sum, o.loss_divisor, o.loss_dtype);
   return {o.loss_sum, o.grad};
 }
 

@@ -22,8 +22,9 @@ def _forward_fake(logits, target, weight, ignore_index, label_smoothing, status)
 
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward")
-def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status):
-    return logits.new_empty((), dtype=acc_dtype(logits.dtype)), torch.empty_like(logits)
+def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status,
+                           loss_divisor=None, loss_dtype=None):
+    return logits.new_empty((), dtype=loss_dtype or acc_dtype(logits.dtype)), torch.empty_like(logits)
 
 
 @torch.library.register_fake("softmax_ce_ext::backward")
@@ -32,8 +33,9 @@ def _backward_fake(grad_rows, logits, target, weight, lse, ignore_index, label_s
 
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward_")
-def _forward_backward_inplace_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status):
-    return logits.new_empty((), dtype=acc_dtype(logits.dtype))
+def _forward_backward_inplace_fake(logits, target, weight, ignore_index, label_smoothing, grad_scale, status,
+                                   loss_divisor=None, loss_dtype=None):
+    return logits.new_empty((), dtype=loss_dtype or acc_dtype(logits.dtype))
 
 
 @torch.library.register_fake("softmax_ce_ext::backward_")
@@ -52,5 +54,5 @@ def _mean_scale_fake(target, weight, ignore_index, dtype):
 
 
 @torch.library.register_fake("softmax_ce_ext::sum_rows")
-def _sum_rows_fake(values):
-    return values.new_empty(())
+def _sum_rows_fake(values, divisor=None, dtype=None):
+    return values.new_empty((), dtype=dtype or values.dtype)

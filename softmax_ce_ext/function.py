@@ -157,6 +157,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
         denom, inv_denom = p.mean_denominator() if reduction == "mean" else (None, None)
+        # The sum kernels divide by the mean's denominator and cast to the loss's dtype in their own launch.
+        folded = reduction == "sum" or denom is not None
+        divisor, loss_dtype = denom, (p.out_dtype if folded else None)
         grad = None
         if want_input_grad and reduction != "none":
             if denom is not None:
@@ -167,17 +170,20 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
             lse = None
             if inplace:  # the input now holds the gradient, and is saved as such below
-                total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
+                total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
+                                              divisor, loss_dtype)
                 torch.autograd.graph.increment_version(input)
             else:
-                total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status)
+                total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
+                                                   divisor, loss_dtype)
         else:
             rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
-            total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows)
+            total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype)
         _status.launched(input.device)
 
         if reduction == "mean":
-            total = total / (denom if denom is not None else p.positions)
+            if not folded:  # probability targets: PyTorch divides by the number of positions
+                total = total / p.positions
             if denom is not None and p.weight is not None and p.eps > 0:
                 # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
                 # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).

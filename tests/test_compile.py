@@ -98,10 +98,15 @@ def _op_samples(device):
             # status=None: what traced code passes (nothing recorded, no mutated tensor in the graph)
             samples.append((ops.forward, (x, target, weight, ignore, 0.1, None)))
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, None)))
+            # the mean's divisor and the loss's dtype folded into the sum
+            samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, status, scale, dtype)))
+            samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status, scale,
+                                                    dtype)))
             samples.append((ops.backward_, (rows, x.clone(), target, weight, lse, ignore, 0.1)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale.to(torch.bfloat16))))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
+        samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device), scale, dtype)))
         t2 = torch.randint(0, 7, (4, 3), device=device)
         for w in (None, torch.rand(7, dtype=acc, device=device)):
             samples.append((ops.mean_scale, (t2, w, 2, acc)))

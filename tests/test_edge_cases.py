@@ -222,3 +222,22 @@ def test_sum_rows_op(device, n):
         torch.testing.assert_close(got.double().cpu(), v.sum(), rtol=1e-5 if dtype == torch.float32 else 1e-12,
                                    atol=1e-4 if dtype == torch.float32 else 1e-10)
         assert torch.equal(got, ops.sum_rows(v.to(device=device, dtype=dtype)))  # the same bits again
+
+
+@pytest.mark.parametrize("n", [0, 1000, (1 << 18) + 1], ids=["empty", "one-block", "at-sum-path"])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_sum_rows_divisor_and_dtype(device, n, out):
+    """sum_rows(values, divisor, dtype): the sum over the divisor, then cast, with the bits of doing it in three
+    ATen steps (the mean's division and the loss's cast folded into the sum's launch); an empty sum is 0."""
+    from softmax_ce_ext._ops import ops
+
+    g = torch.Generator().manual_seed(n + 1)
+    v = (torch.randn(n, generator=g) * 3).to(device)
+    d = torch.tensor(float(max(n, 1)) * 0.7, device=device)
+    plain = ops.sum_rows(v)
+    got = ops.sum_rows(v, d, out)
+    assert got.shape == () and got.dtype == out
+    assert torch.equal(got, (plain / d).to(out))
+    assert torch.equal(ops.sum_rows(v, None, out), plain.to(out))
+    with pytest.raises(RuntimeError, match="expected a 0-d divisor in Float"):
+        ops.sum_rows(v, d.double(), out)

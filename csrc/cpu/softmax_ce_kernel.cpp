@@ -222,14 +222,15 @@ void launch_dtypes(Mode mode, const RowLayout& L, OpTensors& o, std::atomic<bool
   });
 }
 
-at::Tensor sum_rows_cpu(const at::Tensor& values);
+at::Tensor sum_rows_cpu(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                        c10::optional<at::ScalarType> dtype);
 
 void launch_cpu(Mode mode, const RowLayout& L, OpTensors& o) {
   if (mode == Mode::kStatsGrad) row_outputs(o);
   std::atomic<bool> bad{false};
   launch_dtypes(mode, L, o, bad);
   if (bad.load()) raise_bad_target(o.target, L.C, o.ignore_index);
-  if (mode == Mode::kStatsGrad) o.loss_sum = sum_rows_cpu(o.loss);
+  if (mode == Mode::kStatsGrad) o.loss_sum = sum_rows_cpu(o.loss, c10::nullopt, c10::nullopt);  // finished by the op
 }
 
 // Gradient buffers of many MiB: in 2 MiB pages, and kept for reuse once freed.  A fresh buffer costs a page
@@ -308,9 +309,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
 std::tuple<at::Tensor, at::Tensor> forward_backward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                         double eps, const at::Tensor& grad_scale,
-                                                        const c10::optional<at::Tensor>& status) {
+                                                        const c10::optional<at::Tensor>& status,
+                                                        const c10::optional<at::Tensor>& loss_divisor,
+                                                        c10::optional<at::ScalarType> loss_dtype) {
   return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
-                             grad_alloc_cpu);
+                             loss_divisor, loss_dtype, grad_alloc_cpu);
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
@@ -321,9 +324,11 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, c
 
 at::Tensor forward_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
-                                       const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status) {
+                                       const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status,
+                                       const c10::optional<at::Tensor>& loss_divisor,
+                                       c10::optional<at::ScalarType> loss_dtype) {
   return std::get<0>(forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
-                                         nullptr, /*inplace=*/true));
+                                         loss_divisor, loss_dtype, nullptr, /*inplace=*/true));
 }
 
 void backward_inplace_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
@@ -340,7 +345,9 @@ void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
 
 // Fixed blocks summed in parallel, then the block sums in order, all in double: the same bits on any number
 // of threads (at::sum's split depends on it).
-at::Tensor sum_rows_cpu(const at::Tensor& values) {
+at::Tensor sum_rows_cpu(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                        c10::optional<at::ScalarType> dtype) {
+  check_loss_finish(divisor, dtype, values.scalar_type(), values.device(), "sum_rows");
   const at::Tensor flat = values.contiguous().view(-1);
   constexpr int64_t kBlock = 4096;
   const int64_t n = flat.numel(), blocks = (n + kBlock - 1) / kBlock;
@@ -357,7 +364,7 @@ at::Tensor sum_rows_cpu(const at::Tensor& values) {
     });
   });
   for (double p : partial) total += p;
-  return at::scalar_tensor(total, flat.options());
+  return finish_loss(at::scalar_tensor(total, flat.options()), divisor.value_or(at::Tensor()), dtype);
 }
 
 // Fixed blocks of targets, each summed in order, then the blocks in order: independent of the thread count.

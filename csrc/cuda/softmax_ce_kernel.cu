@@ -266,6 +266,9 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
   }
 }
 
+at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                         c10::optional<at::ScalarType> dtype);
+
 // The K-dim kernel (softmax_ce_columns.cuh) applies: positions contiguous, every chunk 16-byte aligned.
 template <typename T, bool kGrad>
 bool columns_apply(const RowLayout& L, const OpTensors& o) {
@@ -316,7 +319,10 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
                           partial ? partials.data_ptr<float>() : nullptr};
     kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (partial) o.loss_sum = partials.sum();  // a fixed grid on a given device: a fixed order
+    if (partial) {  // a fixed grid on a given device: a fixed order
+      o.loss_sum = sum_rows_cuda(partials, o.loss_divisor, o.loss_dtype);
+      o.loss_finished = true;
+    }
     return true;
   }
 }
@@ -384,8 +390,10 @@ void launch_dtypes(Mode mode, const RowLayout& L, OpTensors& o) {
 constexpr int kSumThreads = 1024;
 constexpr int64_t kOneBlockRows = 1 << 18;
 
-template <typename acc_t>
-__global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, int64_t n, acc_t* out) {
+// divisor (nullable) and out_t: the mean and the loss's dtype folded in (two launches fewer).
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, int64_t n, const acc_t* divisor,
+                                                               out_t* out) {
   acc_t acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += kSumThreads) acc += v[i];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -395,19 +403,28 @@ __global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, i
   if (threadIdx.x == 0) {
     acc_t total = 0;
     for (int w = 0; w < kSumThreads / 32; ++w) total += sh[w];
-    *out = total;
+    if (divisor != nullptr) total = total / *divisor;
+    *out = static_cast<out_t>(total);
   }
 }
 
-at::Tensor sum_rows_cuda(const at::Tensor& values) {
+// The sum of `values`, divided by `divisor` (0-d, their dtype) and cast to `dtype` where given.
+at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                         c10::optional<at::ScalarType> dtype) {
+  check_loss_finish(divisor, dtype, values.scalar_type(), values.device(), "sum_rows");
+  const at::Tensor div = divisor.value_or(at::Tensor());
   if (values.numel() > kOneBlockRows || !values.is_contiguous() || !at::isFloatingType(values.scalar_type()) ||
       values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16)
-    return values.sum();  // CUDA's reduction order is fixed for a given size and device
+    return finish_loss(values.sum(), div, dtype);  // CUDA's reduction order is fixed for a given size and device
   const c10::cuda::CUDAGuard guard(values.device());
-  at::Tensor out = at::empty({}, values.options());
+  at::Tensor out = at::empty({}, values.options().dtype(dtype.value_or(values.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sum_rows_cuda", [&] {
-    sum_rows_kernel<scalar_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        values.data_ptr<scalar_t>(), values.numel(), out.data_ptr<scalar_t>());
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sum_rows_cuda", [&] {
+      sum_rows_kernel<acc_t, scalar_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          values.data_ptr<acc_t>(), values.numel(), div.defined() ? div.data_ptr<acc_t>() : nullptr,
+          out.data_ptr<scalar_t>());
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -417,7 +434,10 @@ void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
   launch_dtypes(mode, L, o);
-  if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) o.loss_sum = sum_rows_cuda(o.loss);  // fixed order
+  if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) {  // fixed order; the mean and dtype in the same launch
+    o.loss_sum = sum_rows_cuda(o.loss, o.loss_divisor, o.loss_dtype);
+    o.loss_finished = true;
+  }
 }
 
 // grad *= g unless g == 1; g is read on the device, so the host never waits for it.
@@ -439,8 +459,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits, const 
 std::tuple<at::Tensor, at::Tensor> forward_backward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                          const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                          double eps, const at::Tensor& grad_scale,
-                                                         const c10::optional<at::Tensor>& status) {
-  return forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status);
+                                                         const c10::optional<at::Tensor>& status,
+                                                         const c10::optional<at::Tensor>& loss_divisor,
+                                                         c10::optional<at::ScalarType> loss_dtype) {
+  return forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status,
+                             loss_divisor, loss_dtype);
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
@@ -451,9 +474,11 @@ at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, 
 
 at::Tensor forward_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
-                                        const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status) {
+                                        const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status,
+                                        const c10::optional<at::Tensor>& loss_divisor,
+                                        c10::optional<at::ScalarType> loss_dtype) {
   return std::get<0>(forward_backward_op(launch_cuda, logits, target, weight, ignore_index, eps, grad_scale, status,
-                                         nullptr, /*inplace=*/true));
+                                         loss_divisor, loss_dtype, nullptr, /*inplace=*/true));
 }
 
 void backward_inplace_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
