@@ -3,16 +3,17 @@ the gradient came back all zeros, on the CPU as on CUDA and with backend='eager'
 2.14 was right.  AOTAutograd's backward graph (H100, CPU) ignored its tangent and scaled the gradient by a
 zeros constant.  Cause, by pytorch#180642: the Function's output aliased an intermediate (a no-op .to() of
 float32 losses, the view of the 'none' rows), and 2.11's Dynamo routed the gradient to that intermediate.  The
-fix copies the output when traced.  Prints, per device, dtype and backend, how the compiled gradient relates
-to PyTorch's (<grad, ref> / |ref|^2: 1 right, 0 zeros); float32 was the failing case, bfloat16 (whose .to()
-copies anyway) the control; then the graphs AOTAutograd hands over for one case."""
+fix copies the output when traced; the other path (traced.py, SOFTMAX_CE_COMPILE_PATH=custom_op) takes custom
+ops with registered autograd formulas and no Function.  Prints, per device, path, dtype and backend, how the
+compiled gradient relates to PyTorch's (<grad, ref> / |ref|^2: 1 right, 0 zeros); float32 was the failing
+case, bfloat16 (whose .to() copies anyway) the control; then the graphs AOTAutograd hands over for one case."""
 
 import argparse
 
 import torch
 import torch.nn.functional as F
 
-from softmax_ce_ext import cross_entropy
+from softmax_ce_ext import cross_entropy, traced
 
 CASES = [dict(reduction="sum"), dict(reduction="mean"), dict(reduction="none", label_smoothing=0.1)]
 
@@ -55,14 +56,18 @@ def main():
     ap.add_argument("--backends", nargs="+", default=["eager", "aot_eager", "inductor"])
     args = ap.parse_args()
     print(f"torch {torch.__version__}", flush=True)
-    for device in args.devices:
-        for dtype in (torch.float32, torch.bfloat16):
-            for backend in args.backends:
-                for kw in CASES:
-                    print(f"compiled {device:4s} {str(dtype)[6:]:8s} {backend:9s} {str(kw):45s} "
-                          f"{run(device, dtype, backend, kw)}", flush=True)
-    print(f"==== aot graphs: {args.devices[0]} float32 {CASES[0]}", flush=True)
-    print(run(args.devices[0], torch.float32, "aot_print", CASES[0]), flush=True)
+    for path in ("function", "custom_op"):
+        traced.PATH = path
+        for device in args.devices:
+            for dtype in (torch.float32, torch.bfloat16):
+                for backend in args.backends:
+                    for kw in CASES:
+                        print(f"compiled {path:9s} {device:4s} {str(dtype)[6:]:8s} {backend:9s} {str(kw):45s} "
+                              f"{run(device, dtype, backend, kw)}", flush=True)
+    for path in ("function", "custom_op"):
+        traced.PATH = path
+        print(f"==== aot graphs: {path} {args.devices[0]} float32 {CASES[0]}", flush=True)
+        print(run(args.devices[0], torch.float32, "aot_print", CASES[0]), flush=True)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,32 @@ class _Prepared:
         # and two launches (the H200 profile of 65536x1000: each small launch costs a few % of such a call).
         return ops.mean_scale(self.t, self.weight, self.ignore_index, self.acc)
 
+    def loss_fold(self, denom):
+        """(divisor, dtype) for the sum kernels, which divide by the mean's denominator and cast to the loss's
+        dtype in their own launch; (None, None) where finish() does it (probability targets, 'none')."""
+        if self.reduction == "sum" or denom is not None:
+            return denom, self.out_dtype
+        return None, None
+
+    def grad_scale(self, inv_denom, device):
+        """The training pass's gradient factor: 1 / denominator for a mean, 1 for a sum (0-d, acc dtype)."""
+        if inv_denom is not None:
+            return inv_denom
+        scale = 1.0 / max(self.positions, 1) if self.reduction == "mean" else 1.0
+        return torch.full((), scale, dtype=self.acc, device=device)
+
+    def finish(self, total, denom, folded):
+        """The loss from the summed (or per-row) losses: the mean's division where no kernel did it, and
+        PyTorch's NaN where its two-term mean is 0/0."""
+        if self.reduction == "mean":
+            if not folded:  # probability targets: PyTorch divides by the number of positions
+                total = total / self.positions
+            if denom is not None and self.weight is not None and self.eps > 0:
+                # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
+                # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
+                total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
+        return total
+
 
 def kernel_views(input, target, weight, x3_shape, prob):
     """What the kernels take: logits (B, C, S); targets (B, S) int64 or (B, C, S) in the logits' or the
@@ -157,16 +183,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
         denom, inv_denom = p.mean_denominator() if reduction == "mean" else (None, None)
-        # The sum kernels divide by the mean's denominator and cast to the loss's dtype in their own launch.
-        folded = reduction == "sum" or denom is not None
-        divisor, loss_dtype = denom, (p.out_dtype if folded else None)
+        divisor, loss_dtype = p.loss_fold(denom)
         grad = None
         if want_input_grad and reduction != "none":
-            if denom is not None:
-                grad_scale = inv_denom
-            else:
-                scale = 1.0 / max(p.positions, 1) if reduction == "mean" else 1.0
-                grad_scale = torch.full((), scale, dtype=p.acc, device=input.device)
+            grad_scale = p.grad_scale(inv_denom, input.device)
             # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
             lse = None
             if inplace:  # the input now holds the gradient, and is saved as such below
@@ -181,13 +201,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype)
         _status.launched(input.device)
 
-        if reduction == "mean":
-            if not folded:  # probability targets: PyTorch divides by the number of positions
-                total = total / p.positions
-            if denom is not None and p.weight is not None and p.eps > 0:
-                # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
-                # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
-                total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
+        total = p.finish(total, denom, loss_dtype is not None)
         # Traced, the output must not alias an intermediate (a no-op .to, the 'none' rows' view): torch 2.11's
         # Dynamo then added the intermediate as a second output of the same tensor and routed the gradient to
         # it (pytorch#180642): the loss was right, the gradient zeros (H100, 2026-11-27).  One small copy.

@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch.nn import _reduction as _Reduction
 
-from .function import SoftmaxCrossEntropyFunction
+from . import traced
+from .function import SoftmaxCrossEntropyFunction, _Prepared
 
 
 def cross_entropy(
@@ -26,6 +27,9 @@ def cross_entropy(
     the logits are destroyed by the call (mean/sum) or by the backward ('none').  `input` must not be a leaf."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if traced.wanted(input, target):  # SOFTMAX_CE_COMPILE_PATH=custom_op (in place is not taken there)
+        return traced.cross_entropy(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing),
+                                    input.device)
     return SoftmaxCrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward
     )

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import softmax_ce_ext
 from helpers import assert_close, reference
-from softmax_ce_ext import cross_entropy
+from softmax_ce_ext import cross_entropy, traced
 from softmax_ce_ext._ops import ops
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -22,7 +22,11 @@ def _case(device, shape=(6, 9), dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("kw", [dict(), dict(reduction="none", label_smoothing=0.1), dict(reduction="sum")],
                          ids=["mean", "none-smoothing", "sum"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_compile_fullgraph_forward_and_backward(device, kw, dynamic):
+@pytest.mark.parametrize("path", ["function", "custom_op"])
+def test_compile_fullgraph_forward_and_backward(device, kw, dynamic, path, monkeypatch):
+    """Both ways traced code can take (softmax_ce_ext/traced.py): the autograd.Function, and custom ops with
+    registered autograd formulas."""
+    monkeypatch.setattr(traced, "PATH", path)
     torch._dynamo.reset()
     fn = torch.compile(lambda x, t: cross_entropy(x, t, **kw).sum(), fullgraph=True, dynamic=dynamic)
     for shape in ((6, 9), (11, 9), (4, 9, 3)):  # a new batch size, then a K-dim input
@@ -112,6 +116,20 @@ def _op_samples(device):
             samples.append((ops.mean_scale, (t2, w, 2, acc)))
             samples.append((ops.mean_scale, (t2.t(), w, 2, acc)))  # strided targets
     return samples
+
+
+def test_opcheck_traced_ops(device):
+    """The custom ops of traced.py (SOFTMAX_CE_COMPILE_PATH=custom_op), with their autograd formulas."""
+    for dtype in (torch.float32, torch.bfloat16):
+        acc = torch.float32
+        x = torch.randn(4, 7, 3, dtype=dtype, device=device, requires_grad=True)
+        idx = torch.randint(0, 7, (4, 3), device=device)
+        scale = torch.tensor(0.5, dtype=acc, device=device)
+        torch.library.opcheck(traced.row_losses, (x, idx, None, 2, 0.1))
+        # Not test_aot_dispatch_*: they hand the op's gradient output to the caller, whom the backward would
+        # then scale in place; traced.cross_entropy keeps that output to itself (the compile tests run it).
+        torch.library.opcheck(traced.train_loss, (x, idx, None, 2, 0.1, scale, scale * 4, dtype),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_opcheck_every_op(device):

@@ -1,0 +1,98 @@
+"""The loss in traced code without the autograd.Function (SOFTMAX_CE_COMPILE_PATH=custom_op): two Python custom
+ops with registered autograd formulas, which Dynamo records as opaque calls instead of tracing a Function.
+
+Why there are two paths: torch 2.11's Dynamo got the Function's gradient wrong (zeros, H100 2026-11-27;
+pytorch#180642). The Function path (the default, 'function') has a fix for that, not yet run under 2.11: its
+output never aliases an intermediate when traced. This path avoids the mechanism altogether, so one GPU
+session can run both under 2.11 (benchmarks/compile_debug.py) and keep the one that is right.
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._ops import acc_dtype, ops
+
+PATH = os.environ.get("SOFTMAX_CE_COMPILE_PATH", "function")
+if PATH not in ("function", "custom_op"):
+    raise ValueError(f"SOFTMAX_CE_COMPILE_PATH: expected 'function' or 'custom_op', got {PATH!r}")
+
+
+@torch.library.custom_op("softmax_ce_ext::train_loss", mutates_args=())
+def train_loss(x3: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: int, eps: float, grad_scale: Tensor,
+               divisor: Optional[Tensor], loss_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor]:
+    """The training pass: (the summed loss, over divisor, in loss_dtype; its gradient times grad_scale)."""
+    return ops.forward_backward(x3, t, weight, ignore_index, eps, grad_scale, None, divisor, loss_dtype)
+
+
+@train_loss.register_fake
+def _train_loss_fake(x3, t, weight, ignore_index, eps, grad_scale, divisor, loss_dtype):
+    return x3.new_empty((), dtype=loss_dtype or acc_dtype(x3.dtype)), torch.empty_like(x3)
+
+
+def _train_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.used = False
+
+
+def _train_backward(ctx, g_loss, g_grad):
+    if ctx.used:  # the gradient was scaled in place by the first backward
+        raise RuntimeError("cross_entropy (torch.compile, SOFTMAX_CE_COMPILE_PATH=custom_op): a second backward "
+                           "through the same loss is not supported on this path; use the default path")
+    ctx.used = True
+    (grad,) = ctx.saved_tensors
+    ops.scale_grad_(grad, g_loss.reshape(()))  # skipped on the device when g_loss == 1
+    return grad, None, None, None, None, None, None, None
+
+
+train_loss.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+@torch.library.custom_op("softmax_ce_ext::row_losses", mutates_args=())
+def row_losses(x3: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: int,
+               eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-row loss and log-sum-exp (B, S), for reduction='none'."""
+    return ops.forward(x3, t, weight, ignore_index, eps, None)
+
+
+@row_losses.register_fake
+def _row_losses_fake(x3, t, weight, ignore_index, eps):
+    rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc_dtype(x3.dtype))
+    return rows, torch.empty_like(rows)
+
+
+def _rows_setup(ctx, inputs, output):
+    x3, t, weight, ctx.ignore_index, ctx.eps = inputs
+    ctx.save_for_backward(x3, t, weight, output[1])
+
+
+def _rows_backward(ctx, g_rows, g_lse):
+    x3, t, weight, lse = ctx.saved_tensors
+    grad = None
+    if g_rows is not None:
+        grad = ops.backward(g_rows.to(acc_dtype(x3.dtype)), x3, t, weight, lse, ctx.ignore_index, ctx.eps)
+    return grad, None, None, None, None
+
+
+row_losses.register_autograd(_rows_backward, setup_context=_rows_setup)
+
+
+def wanted(input, target):
+    """This path takes traced calls that want the logits' gradient, and not the targets'."""
+    return (PATH == "custom_op" and torch.compiler.is_compiling() and torch.is_grad_enabled() and input.requires_grad
+            and not (target.is_floating_point() and target.requires_grad))
+
+
+def cross_entropy(p, device):
+    """The loss for a function._Prepared `p`, through the custom ops above."""
+    denom, inv_denom = p.mean_denominator() if p.reduction == "mean" else (None, None)
+    divisor, loss_dtype = p.loss_fold(denom)
+    if p.reduction == "none":
+        rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
+        total = rows.reshape(p.out_shape)
+    else:
+        grad_scale = p.grad_scale(inv_denom, device)
+        total, _ = train_loss(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
+    return p.finish(total, denom, loss_dtype is not None).to(p.out_dtype)
