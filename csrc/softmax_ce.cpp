@@ -12,8 +12,8 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
   // the logits' dtype.  weight: (C,) in the accumulation dtype (float32; float64 for float64 logits) or None.
   // Per-row outputs (B, S) are in the accumulation dtype.  status: {flag, value} of an out-of-range class
-  // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.  None: not
-  // recorded (torch.compile passes None: a tensor mutated inside an autograd.Function breaks its trace).
+  // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.  None:
+  // not recorded (the CPU, and traced code, which then has no tensor of its own to mutate).
 
   // Per-row loss and log-sum-exp, reading each row once; no gradient.
   m.def(

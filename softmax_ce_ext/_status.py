@@ -51,8 +51,8 @@ def _tracing():
 
 def buffer_for(device: torch.device):
     """The status tensor to hand to the forward ops on `device` (raising any error already flagged there), or
-    None where nothing is recorded: on the CPU (its kernels raise directly) and in traced code, where a tensor
-    mutated inside the autograd.Function broke torch 2.11's trace on CUDA (zero gradients); rows turn NaN."""
+    None where nothing is recorded: on the CPU (its kernels raise directly) and in traced code, which then
+    mutates no tensor of its own and has no lazy check (rows turn NaN)."""
     if device.type != "cuda" or torch.compiler.is_compiling():
         return None
     index = _index(device)

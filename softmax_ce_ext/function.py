@@ -98,10 +98,11 @@ class _Prepared:
             raise RuntimeError(f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}")
 
     def mean_denominator(self):
-        """Class indices: (denominator, 1 / denominator) as 0-d device tensors in the accumulation dtype, the
-        denominator being the summed weight of the non-ignored targets (their count if unweighted).
-        Probabilities: None (PyTorch divides by the number of positions)."""
-        if self.prob:
+        """reduction='mean' with class indices: (denominator, 1 / denominator) as 0-d device tensors in the
+        accumulation dtype, the denominator being the summed weight of the non-ignored targets (their count if
+        unweighted).  Otherwise (None, None): probabilities (PyTorch divides by the number of positions), or
+        no mean."""
+        if self.reduction != "mean" or self.prob:
             return None, None
         # One read of the targets, no mask or gathered weights in memory (K-dim: they were ~0.1-0.4x the logits),
         # and two launches (the H200 profile of 65536x1000: each small launch costs a few % of such a call).
@@ -114,18 +115,18 @@ class _Prepared:
             return denom, self.out_dtype
         return None, None
 
-    def grad_scale(self, inv_denom, device):
+    def grad_scale(self, inv_denom):
         """The training pass's gradient factor: 1 / denominator for a mean, 1 for a sum (0-d, acc dtype)."""
         if inv_denom is not None:
             return inv_denom
         scale = 1.0 / max(self.positions, 1) if self.reduction == "mean" else 1.0
-        return torch.full((), scale, dtype=self.acc, device=device)
+        return torch.full((), scale, dtype=self.acc, device=self.x3.device)
 
-    def finish(self, total, denom, folded):
-        """The loss from the summed (or per-row) losses: the mean's division where no kernel did it, and
-        PyTorch's NaN where its two-term mean is 0/0."""
+    def finish(self, total, denom):
+        """The loss from the summed (or per-row) losses: the mean's division where no kernel did it (no
+        denominator: see loss_fold), and PyTorch's NaN where its two-term mean is 0/0."""
         if self.reduction == "mean":
-            if not folded:  # probability targets: PyTorch divides by the number of positions
+            if denom is None:  # probability targets: PyTorch divides by the number of positions
                 total = total / self.positions
             if denom is not None and self.weight is not None and self.eps > 0:
                 # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
@@ -182,11 +183,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if inplace:
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
-        denom, inv_denom = p.mean_denominator() if reduction == "mean" else (None, None)
+        denom, inv_denom = p.mean_denominator()
         divisor, loss_dtype = p.loss_fold(denom)
         grad = None
         if want_input_grad and reduction != "none":
-            grad_scale = p.grad_scale(inv_denom, input.device)
+            grad_scale = p.grad_scale(inv_denom)
             # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
             lse = None
             if inplace:  # the input now holds the gradient, and is saved as such below
@@ -201,7 +202,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype)
         _status.launched(input.device)
 
-        total = p.finish(total, denom, loss_dtype is not None)
+        total = p.finish(total, denom)
         # Traced, the output must not alias an intermediate (a no-op .to, the 'none' rows' view): torch 2.11's
         # Dynamo then added the intermediate as a second output of the same tensor and routed the gradient to
         # it (pytorch#180642): the loss was right, the gradient zeros (H100, 2026-11-27).  One small copy.

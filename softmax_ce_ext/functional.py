@@ -28,8 +28,7 @@ def cross_entropy(
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     if traced.wanted(input, target):  # SOFTMAX_CE_COMPILE_PATH=custom_op (in place is not taken there)
-        return traced.cross_entropy(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing),
-                                    input.device)
+        return traced.cross_entropy(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing))
     return SoftmaxCrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward
     )

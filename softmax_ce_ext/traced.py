@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._ops import acc_dtype, ops
+from ._ops import _forward_backward_fake, _forward_fake, acc_dtype, ops
 
 PATH = os.environ.get("SOFTMAX_CE_COMPILE_PATH", "function")
 if PATH not in ("function", "custom_op"):
@@ -29,7 +29,7 @@ def train_loss(x3: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: in
 
 @train_loss.register_fake
 def _train_loss_fake(x3, t, weight, ignore_index, eps, grad_scale, divisor, loss_dtype):
-    return x3.new_empty((), dtype=loss_dtype or acc_dtype(x3.dtype)), torch.empty_like(x3)
+    return _forward_backward_fake(x3, t, weight, ignore_index, eps, grad_scale, None, divisor, loss_dtype)
 
 
 def _train_setup(ctx, inputs, output):
@@ -59,8 +59,7 @@ def row_losses(x3: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: in
 
 @row_losses.register_fake
 def _row_losses_fake(x3, t, weight, ignore_index, eps):
-    rows = x3.new_empty((x3.shape[0], x3.shape[2]), dtype=acc_dtype(x3.dtype))
-    return rows, torch.empty_like(rows)
+    return _forward_fake(x3, t, weight, ignore_index, eps, None)
 
 
 def _rows_setup(ctx, inputs, output):
@@ -85,14 +84,14 @@ def wanted(input, target):
             and not (target.is_floating_point() and target.requires_grad))
 
 
-def cross_entropy(p, device):
+def cross_entropy(p):
     """The loss for a function._Prepared `p`, through the custom ops above."""
-    denom, inv_denom = p.mean_denominator() if p.reduction == "mean" else (None, None)
+    denom, inv_denom = p.mean_denominator()
     divisor, loss_dtype = p.loss_fold(denom)
     if p.reduction == "none":
         rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.reshape(p.out_shape)
     else:
-        grad_scale = p.grad_scale(inv_denom, device)
+        grad_scale = p.grad_scale(inv_denom)
         total, _ = train_loss(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
-    return p.finish(total, denom, loss_dtype is not None).to(p.out_dtype)
+    return p.finish(total, denom).to(p.out_dtype)
