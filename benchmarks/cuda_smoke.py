@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce_ext
-from softmax_ce_ext import _C
+from softmax_ce_ext import tuning
 
-FAMILIES = {"auto": ("auto", 72, 16), "clusters": ("auto", 1, 16), "no-slices": ("auto", 1, 1),
-            "stream": ("stream", 72, 16), "legacy": ("legacy", 72, 16)}
+DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0)
+FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1), "ring": dict(slice_kb=1, ring_kb=8),
+            "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"), "legacy": dict(path="legacy")}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),
-          ((8, 50257), "odd vocabulary"), ((4, 32000), "slices"), ((2, 21, 16, 16), "k-dim")]
+          ((8, 50257), "odd vocabulary"), ((4, 32000), "slices"), ((2, 21, 16, 16), "k-dim"),
+          ((2048, 3001), "many rows per CTA: the next row's copies (prefetch, ring) at work")]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
@@ -38,8 +40,8 @@ def errors(shape, dtype, inplace):
 
 def main():
     bad = False
-    for family, tuning in FAMILIES.items():
-        _C.set_cuda_tuning(*tuning)
+    for family, settings in FAMILIES.items():
+        tuning.set(**{**DEFAULT, **settings})
         for shape, why in SHAPES:
             for dtype in TOL:
                 for inplace in (False, True):

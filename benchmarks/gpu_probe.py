@@ -11,15 +11,24 @@ import sys
 import torch
 
 import softmax_ce_ext
-from softmax_ce_ext import _C
+from softmax_ce_ext import tuning
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
 SWEEP_SHAPES = [(8192, 32000), (8192, 128256), (4096, 256000)]
-DEFAULT = ("auto", 72, 16)
-TUNINGS = [DEFAULT, ("auto", 48, 16), ("auto", 32, 16), ("auto", 24, 16), ("auto", 16, 16), ("auto", 8, 16),
-           ("auto", 72, 1), ("stream", 72, 16)]
+DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0)
+# Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, and the
+# ring (ring_kb of shared memory per CTA: 72 keeps 3 CTAs per SM, 108 two, 216 one).
+TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),
+           dict(prefetch=False), dict(ring_kb=72), dict(ring_kb=108), dict(ring_kb=216), dict(slice_kb=48, ring_kb=72),
+           dict(slice_kb=48, ring_kb=108), dict(slice_kb=32, ring_kb=72)]
+
+
+def label(tune):
+    return ",".join(f"{k}={v}" for k, v in tune.items()) or "default"
+
+
 # (shape, dtype, mode, why): one launch of each main kernel for the profiler.
 NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4"),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2"),
@@ -36,22 +45,21 @@ def call(case, mode):
 def sweep(reps):
     bw = copy_bandwidth("cuda")
     print(f"sweep: fwd+bwd, mean; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
-    print(f"{'shape':>12} {'dtype':>8} {'tuning':>16} {'ms':>7} {'%floor':>7} {'grad diff':>9}")
+    print(f"{'shape':>12} {'dtype':>8} {'tuning':>28} {'ms':>7} {'%floor':>7} {'grad diff':>9}")
     for shape in SWEEP_SHAPES:
         for dtype in (torch.bfloat16, torch.float32):
             case = Case(shape, dtype, "cuda", 0.0, 0)
             floor = 2 * case.nbytes / bw / 1e6
-            _C.set_cuda_tuning(*DEFAULT)
-            _, ref = call(case, "fwd+bwd")
+            with tuning.using(**DEFAULT):
+                _, ref = call(case, "fwd+bwd")
             for tune in TUNINGS:
-                _C.set_cuda_tuning(*tune)
-                _, g = call(case, "fwd+bwd")
-                diff = (g.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
-                del g
-                ms = statistics.median(timed(lambda: call(case, "fwd+bwd"), "cuda", 1.0) for _ in range(reps))
-                print(f"{'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'/'.join(map(str, tune)):>16} "
+                with tuning.using(**{**DEFAULT, **tune}):
+                    _, g = call(case, "fwd+bwd")
+                    diff = (g.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+                    del g
+                    ms = statistics.median(timed(lambda: call(case, "fwd+bwd"), "cuda", 1.0) for _ in range(reps))
+                print(f"{'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {label(tune):>28} "
                       f"{ms:7.3f} {100 * floor / ms:6.1f}% {diff:9.1e}", flush=True)
-            _C.set_cuda_tuning(*DEFAULT)
             del case, ref
             torch.cuda.empty_cache()
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce_ext
+from softmax_ce_ext import tuning
 
 
 class Provider:
@@ -41,25 +42,19 @@ class OursInplace(Provider):
 
 
 class OursTuned(Provider):
-    """Ours with another CUDA kernel family for contiguous rows (softmax_ce_ext._C.set_cuda_tuning), to compare
-    the families in one run."""
+    """Ours under other CUDA settings (softmax_ce_ext.tuning: kernel family, slices, prefetch, ring), to compare
+    them in one run."""
 
-    def __init__(self, name, tuning=None, prefetch=True):
-        self.name, self.tuning, self.prefetch = name, tuning, prefetch
+    def __init__(self, name, **settings):
+        self.name, self.settings = name, settings
 
     def unavailable(self, device, shape, opts):
         return None if device == "cuda" else "a CUDA kernel family"
 
     def make(self, opts):
         def fn(x, t):
-            previous = softmax_ce_ext._C.set_cuda_tuning(*self.tuning) if self.tuning else None
-            prefetch = softmax_ce_ext._C.set_cuda_prefetch(self.prefetch)
-            try:
+            with tuning.using(**self.settings):
                 return softmax_ce_ext.cross_entropy(x, t, **opts)
-            finally:
-                softmax_ce_ext._C.set_cuda_prefetch(prefetch)
-                if previous:
-                    softmax_ce_ext._C.set_cuda_tuning(*previous)
 
         return fn
 
@@ -127,6 +122,10 @@ class FlashAttn(_TritonPeer):
         )
 
 
-VARIANTS = (OursTuned("ours_stream", ("stream", 72, 16)), OursTuned("ours_legacy", ("legacy", 72, 16)),
-            OursTuned("ours_nocluster", ("auto", 72, 1)), OursTuned("ours_noprefetch", prefetch=False))
+VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", path="legacy"),
+            OursTuned("ours_nocluster", cluster_max=1), OursTuned("ours_noprefetch", prefetch=False),
+            # the ring: 72 KiB keeps 3 CTAs per SM (8 KiB of the next row ahead at 62.5 KiB slices), 108 KiB 2 CTAs
+            # (44 KiB ahead); 48 KiB slices in a 72 KiB ring: clusters twice as large, the whole next row ahead
+            OursTuned("ours_ring72", ring_kb=72), OursTuned("ours_ring108", ring_kb=108),
+            OursTuned("ours_s48_ring72", slice_kb=48, ring_kb=72))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

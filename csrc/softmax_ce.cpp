@@ -78,13 +78,14 @@ int env_int(const char* name, int fallback) {
 }
 
 struct TuningState {
-  std::atomic<int> path, slice_kb, cluster_max, prefetch;
+  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
         slice_kb(env_int("SOFTMAX_CE_CUDA_SLICE_KB", 72)),
         cluster_max(env_int("SOFTMAX_CE_CUDA_CLUSTER_MAX", 16)),
-        prefetch(env_int("SOFTMAX_CE_CUDA_PREFETCH", 1) != 0) {}
+        prefetch(env_int("SOFTMAX_CE_CUDA_PREFETCH", 1) != 0),
+        ring_kb(env_int("SOFTMAX_CE_CUDA_RING_KB", 0)) {}
 };
 
 TuningState& state() {
@@ -95,10 +96,16 @@ TuningState& state() {
 
 CudaTuning cuda_tuning() {
   TuningState& s = state();
-  return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0};
+  return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
+          s.ring_kb.load()};
 }
 
 bool set_cuda_prefetch(bool on) { return state().prefetch.exchange(on) != 0; }
+
+int set_cuda_ring(int kb) {
+  TORCH_CHECK_VALUE(kb >= 0 && kb <= 227, "set_cuda_ring: expected kb in [0, 227] (0: off), got ", kb);
+  return state().ring_kb.exchange(kb);
+}
 
 std::tuple<std::string, int, int> set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max) {
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
@@ -123,9 +130,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "slice_kb, cluster_max; returns the previous three.");
   m.def("set_cuda_prefetch", &softmax_ce::set_cuda_prefetch, "Whether the slice kernel copies the next row's slice "
         "during the gradient sweep (SOFTMAX_CE_CUDA_PREFETCH, default 1); returns the previous setting.");
+  m.def("set_cuda_ring", &softmax_ce::set_cuda_ring, "Shared memory per CTA of the slice kernel, in KiB, as a "
+        "ring that also holds the start of the next row, copied before this row's statistics (SOFTMAX_CE_CUDA_RING_KB, "
+        "default 0: off; at least the slice rounded up to 4 KiB); returns the previous setting.");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
-    return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max);
-  }, "The current (path, slice_kb, cluster_max).");
+    return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max,
+                           t.prefetch, t.ring_kb);
+  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb).");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
 }

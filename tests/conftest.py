@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import softmax_ce_ext
-from softmax_ce_ext import _C
+from softmax_ce_ext import _C, tuning
 
 CUDA_OK = softmax_ce_ext.cuda_built() and torch.cuda.is_available()
 DEVICES = [
@@ -27,14 +27,16 @@ def _seed():
 
 CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always last
 
-# CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as _C.set_cuda_tuning(path, slice_kb,
-# cluster_max) selects them, and why each is in the grid.
+# CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as softmax_ce_ext.tuning selects them (every
+# setting given, whatever the environment says), and why each is in the grid.
+_CUDA_DEFAULTS = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0)
 CUDA_PATHS = {
-    "auto": (("auto", 72, 16), "the defaults: warp rows for small C, shared-memory slices for larger C"),
-    "clusters": (("auto", 1, 16), "1 KiB slices: rows of a few thousand classes split over clusters of CTAs"),
-    "no-slices": (("auto", 1, 1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
-    "stream": (("stream", 72, 16), "the streaming kernel for every contiguous row, small C too"),
-    "legacy": (("legacy", 72, 16), "the general kernels (scalar loads) for everything"),
+    "auto": (dict(), "the defaults: warp rows for small C, shared-memory slices for larger C"),
+    "clusters": (dict(slice_kb=1), "1 KiB slices: rows of a few thousand classes split over clusters of CTAs"),
+    "clusters-ring": (dict(slice_kb=1, ring_kb=8), "the same, each CTA's slots a ring holding the next row too"),
+    "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
+    "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
+    "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),
 }
 KERNEL_PATHS = [("cpu", isa) for isa in CPU_ISAS] + [("cuda", name) for name in CUDA_PATHS]
 
@@ -51,6 +53,5 @@ def kernel_path(request, device):
         yield name
         _C.set_cpu_isa(previous)
     else:
-        previous = _C.set_cuda_tuning(*CUDA_PATHS[name][0])
-        yield name
-        _C.set_cuda_tuning(*previous)
+        with tuning.using(**{**_CUDA_DEFAULTS, **CUDA_PATHS[name][0]}):
+            yield name

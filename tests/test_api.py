@@ -108,3 +108,25 @@ def test_cuda_kernels_built_wherever_a_matching_toolkit_exists():
         pytest.skip("no CUDA toolkit matching torch's CUDA version here")
     assert softmax_ce_ext.cuda_built(), softmax_ce_ext.build_info()
     assert softmax_ce_ext.build_info()["backend"] == "cuda"
+
+
+def test_cuda_tuning_is_set_and_restored():
+    """softmax_ce_ext.tuning (what tests and benchmarks use to compare CUDA kernel families): every setting can be
+    read back; `using` restores all of them, also after an error; a rejected value changes nothing."""
+    from softmax_ce_ext import tuning
+
+    before = tuning.get()
+    assert set(before) == set(tuning.FIELDS)
+    with tuning.using(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12):
+        assert tuning.get() == dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12)
+    assert tuning.get() == before
+    with pytest.raises(KeyError):
+        with tuning.using(ring_kb=16):
+            raise KeyError("inside")
+    assert tuning.get() == before
+    for bad in (dict(ring_kb=228), dict(slice_kb=0), dict(cluster_max=3), dict(path="fast")):
+        with pytest.raises(ValueError):
+            tuning.set(prefetch=not before["prefetch"], **bad)
+        assert tuning.get() == before
+    with pytest.raises(TypeError, match="ring"):
+        tuning.set(ring=8)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import assert_close, reference
-from softmax_ce_ext import cross_entropy
+from softmax_ce_ext import cross_entropy, tuning
 
 # (N, C, why)
 SIZES = [
@@ -103,30 +103,38 @@ def test_long_rows_special_values(device, kernel_path, case, reduction):
     torch.testing.assert_close(ga, gb, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+# How the slice kernel stages a cluster's rows, as (slice_kb, ring_kb, prefetch, rows), and why each is here.
+# 3001 classes: 751 float32 chunks, 376 bfloat16 ones.
+SLICE_SCHEDULES = {
+    "no-prefetch": ((1, 0, False, 1000), "each row copied, waited for, then used (1 KiB slices: clusters of 8-16)"),
+    "prefetch": ((1, 0, True, 1000), "the next row copied into the slots the gradient sweep frees"),
+    "ring-whole-row": ((1, 8, True, 1000), "a 512-slot ring: all of the next row's slice copied before the "
+                       "statistics (64-chunk slices need 256 slots each)"),
+    "ring-head-and-tail": ((6, 12, True, 12000), "a 768-slot ring, 376-chunk slices needing 512: the next row's "
+                           "first 256 chunks before the statistics, the rest during the gradient sweep; rows wrap "
+                           "around the ring (12000 rows: each CTA walks ~10 of them)"),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SLICE_SCHEDULES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
-def test_slices_many_rows_per_cluster(device, prefetch, dtype, offset, inplace):
-    """Far more rows than clusters fit at once (1 KiB slices: clusters of 8-16 CTAs), so each cluster walks
-    ~15 rows, and with prefetch copies the next row's slice while it writes this row's gradient.  Every 7th
-    row is ignored (no copy for it: the row after is fetched afresh); offset-by-one rows alternate between
-    chunk counts, so the next row's slice can be a chunk longer than this row's."""
+def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace):
+    """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
+    ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh);
+    offset-by-one rows alternate between chunk counts, so the next row's slice can be a chunk longer than this
+    row's."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
-    from softmax_ce_ext import _C
-
-    x, t, g = _logits(1000, 3001, dtype, device, offset, seed=11)
+    slice_kb, ring_kb, prefetch, rows = SLICE_SCHEDULES[schedule][0]
+    x, t, g = _logits(rows, 3001, dtype, device, offset, seed=11)
     t[::7] = -100
-    previous, previous_prefetch = _C.set_cuda_tuning("auto", 1, 16), _C.set_cuda_prefetch(prefetch)
-    try:
+    with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
         loss = cross_entropy(xi, t, label_smoothing=0.1, inplace_backward=inplace)
         (grad,) = torch.autograd.grad(loss, xo)
-    finally:
-        _C.set_cuda_tuning(*previous)
-        _C.set_cuda_prefetch(previous_prefetch)
     ref_loss, ref_grad = reference(x, t, torch.ones((), device=device), label_smoothing=0.1)
     scale = x.abs().max().item()
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)

@@ -172,7 +172,12 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   for (int n = 1; n <= max_cluster; n *= 2) {
     const int64_t slice = (chunks + n - 1) / n;
     if (slice * 16 > budget) continue;
-    const int bytes = static_cast<int>(slice * 16);
+    // The ring: ring_kb of slots, at least the slice rounded up to 256 chunks (4 KiB); off where it would not fit.
+    const int64_t rounded = (slice + rows::kSliceThreads - 1) / rows::kSliceThreads * rows::kSliceThreads;
+    const int64_t wanted = int64_t{tune.ring_kb} * 64 / rows::kSliceThreads * rows::kSliceThreads;
+    int64_t ring = tune.ring_kb > 0 ? std::max(rounded, wanted) : 0;
+    if (ring * 16 > smem_optin - 2048) ring = 0;
+    const int bytes = static_cast<int>((ring ? ring : slice) * 16);
     const bool cluster16 = n <= 8 || launch_fact(device, key, kFactCluster16, 0, [&] {
       if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) return 1;
       (void)cudaGetLastError();  // no 16-CTA clusters here
@@ -207,7 +212,8 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
     });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(a.L.rows(), resident) * n));
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, slice, tune.prefetch));
+    C10_CUDA_CHECK(
+        cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(slice), static_cast<int>(ring), tune.prefetch));
     return true;
   }
   return false;

@@ -411,24 +411,30 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
 }
 
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
-// [rank * slice, (rank + 1) * slice) in shared memory.  Each thread copies, and later reads, only its own
-// chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
+// [rank * slice, (rank + 1) * slice) of its row in shared memory.  Each thread copies, and later reads, only its
+// own chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
 // (H200, 2026-11-26: the first version issued ~33 instructions per bf16 element, near the issue limit at
 // half the memory floor), so the loops run over 32-bit slice indices, mask only the row's two end chunks,
 // and take the max in a pass of its own instead of re-basing the sum per chunk.
 // prefetch: the gradient sweep, as it frees each staged chunk, copies the same chunk of the cluster's next row
 // into it, so that row's reads overlap this row's gradient stores (without it a CTA reads, then computes, then
 // writes: H100 2026-11-27, fwd+bwd 83-88% of the 2-pass floor where the 3-pass none+bwd reached 93-97%).
+// ring (0: off): the staged chunks live in a ring of `ring` slots (a multiple of 256), each row placed after
+// the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
+// into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
+// its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
 template <typename T, bool kSpread>
-__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int64_t slice64, bool prefetch) {
+__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch) {
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x;
-  const int slice = static_cast<int>(slice64);
   const float* w = a.P.weight;
+  const int wrap = ring ? ring : slice;  // without the ring every row starts at slot 0 and never wraps
+  // The slot of chunk j of a row that starts at slot `first` (both < wrap).
+  const auto at = [wrap](int first, int j) { return first + j >= wrap ? first + j - wrap : first + j; };
   unsigned rank = 0, n = 1;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -442,6 +448,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   int64_t r = blockIdx.x / n;
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
   int64_t staged_row = -1;  // the row whose slice the copies in flight (or landed) hold
+  int first = 0;            // the slot of the current row's chunk 0
   for (; r < L.rows(); r += step) {
     const Row<T, true> row(a, r, t_next);
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
@@ -454,18 +461,36 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       continue;
     if (staged_row != r) {
       if (staged_row >= 0) copy_async_wait_all();  // a prefetched row that was skipped: its copies land first
-      for (int j = tid; j < nj; j += kSliceThreads) copy_async16(&staged[j], xk.base + k0 + j);
+      for (int j = tid; j < nj; j += kSliceThreads) copy_async16(&staged[at(first, j)], xk.base + k0 + j);
+      copy_async_commit();
     }
     staged_row = -1;
+    // The next row's slice (0 chunks where there is none to fetch: past the end, ignored or out of range):
+    // its chunks [0, head) go to the free slots now, the rest into this row's slots as the gradient frees them.
+    const int64_t rn = r + step;
+    const bool fetch = prefetch && rn < L.rows() && t_next != a.P.ignore_index && !target_out_of_range(t_next, C);
+    const int reserved = ring ? (max(nj, 0) + kSliceThreads - 1) / kSliceThreads * kSliceThreads : 0;
+    const int head = ring - reserved;  // 0 without the ring
+    const int next_first = at(first, reserved);
+    const uint4* nbase = xk.base;
+    int nn = 0;
+    if (fetch) {
+      const Row<T, true> next(a, rn, t_next);
+      nbase = next.xk.base + k0;
+      nn = static_cast<int>(k0 + slice < next.xk.count ? slice : next.xk.count - k0);
+      staged_row = rn;
+    }
+    for (int j = tid; j < min(head, nn); j += kSliceThreads) copy_async16(&staged[at(next_first, j)], nbase + j);
+    copy_async_commit();
     // The end chunks, as slice indices (-1, or out of [0, nj), where this slice has none).
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const int e0 = he >= k0 && he < k0 + nj ? static_cast<int>(he - k0) : -1;
     const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
-    copy_async_wait_all();
+    copy_async_wait_prior();  // this row's chunks have landed; the next row's first ones may still be in flight
     float m = -FLT_MAX;  // the lowest finite value: an all -inf slice never computes (-inf) - (-inf)
     for (int j = tid; j < nj; j += kSliceThreads) {
       float v[E];
-      Chunk<T>::unpack(staged[j], v);
+      Chunk<T>::unpack(staged[at(first, j)], v);
       if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
 #pragma unroll
       for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);  // NaN never becomes the max; it poisons the sum
@@ -473,17 +498,24 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     float sum = 0.f, A = 0.f, D = 0.f;
     for (int j = tid; j < nj; j += kSliceThreads) {
       float v[E];
-      Chunk<T>::unpack(staged[j], v);
+      Chunk<T>::unpack(staged[at(first, j)], v);
       if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
 #pragma unroll
       for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
       if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
     }
     OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
+    // What does not need the row's statistics (global loads among it): in flight while the cluster waits.
+    const float w_t = w ? w[t] : 1.f;
+    const RowGrad<float> g = row.grad_factors(a, w_t);
+    const int64_t kt = row.target_chunk();
+    const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
+    const int et = row.target_lane();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (n > 1) {
       if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
-      cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
+      auto token = cluster.barrier_arrive();   // release: this CTA's statistics are out
+      cluster.barrier_wait(std::move(token));  // acquire: every CTA's statistics are in every CTA's `peer`
       const float4 p0 = peer[parity][0];
       st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
       for (unsigned q = 1; q < n; ++q) {  // the same order in every CTA: the same bits
@@ -494,46 +526,33 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     }
 #endif
     const float lse = lse_of(st.m, st.s);
-    const float w_t = w ? w[t] : 1.f;
-    const int64_t kt = row.target_chunk();
-    const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
-    const int et = row.target_lane();
     if (jt >= 0 && jt % kSliceThreads == tid) {  // x_t's chunk is this thread's own: its staged copy is intact
       float v[E], x_t = 0.f;
-      Chunk<T>::unpack(staged[jt], v);
+      Chunk<T>::unpack(staged[at(first, jt)], v);
 #pragma unroll
       for (int e = 0; e < E; ++e) x_t = e == et ? v[e] : x_t;  // a run-time index would put v in local memory
       a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
     }
     if (tid == 0 && rank == 0) a.lse[r] = lse;
-    const RowGrad<float> g = row.grad_factors(a, w_t);
     uint4* gk = row.grad_chunks() + k0;
-    // The next row's slice (0 chunks where there is none to fetch: past the end, ignored or out of range).
-    const int64_t rn = r + step;
-    const bool fetch = prefetch && rn < L.rows() && t_next != a.P.ignore_index && !target_out_of_range(t_next, C);
-    const uint4* nbase = xk.base;
-    int nn = 0;
-    if (fetch) {
-      const Row<T, true> next(a, rn, t_next);
-      nbase = next.xk.base + k0;
-      nn = static_cast<int>(k0 + slice < next.xk.count ? slice : next.xk.count - k0);
-      staged_row = rn;
-    }
     for (int j = tid; j < nj; j += kSliceThreads) {
+      const int p = at(first, j);
       float v[E], out[E];
-      Chunk<T>::unpack(staged[j], v);
+      Chunk<T>::unpack(staged[p], v);
       chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k0 + j), C, j == jt ? et : -1);
       if (same_shift && j != e0 && j != e1)
         store_stream(gk + j, Chunk<T>::pack(out));
       else
         store_chunk(gr, xk, same_shift, k0 + j, C, out);
-      // After the store, which depends on the staged values: this thread's read of staged[j] is complete.
-      if (j < nn) copy_async16(&staged[j], nbase + j);
+      // After the store, which depends on the staged values: this thread's read of staged[p] is complete.
+      if (j + head < nn) copy_async16(&staged[p], nbase + j + head);
     }
     // The next row's chunks past this row's (its slice can be a chunk longer): this thread's own, j = tid mod 256.
-    for (int j = nj > tid ? tid + (nj - tid + kSliceThreads - 1) / kSliceThreads * kSliceThreads : tid; j < nn;
-         j += kSliceThreads)
-      copy_async16(&staged[j], nbase + j);
+    for (int j = nj > tid ? tid + (nj - tid + kSliceThreads - 1) / kSliceThreads * kSliceThreads : tid;
+         j + head < nn; j += kSliceThreads)
+      copy_async16(&staged[at(first, j)], nbase + j + head);
+    copy_async_commit();
+    first = next_first;
     // No barrier: the staged chunks are each thread's own, block_stats ends with one, `peer` has parity.
   }
 }
