@@ -16,13 +16,16 @@ from softmax_ce_ext import tuning
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
-SWEEP_SHAPES = [(8192, 32000), (8192, 128256), (4096, 256000)]
-DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0)
+DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False)
 # Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, and the
 # ring (ring_kb of shared memory per CTA: 72 keeps 3 CTAs per SM, 108 two, 216 one).
 TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),
            dict(prefetch=False), dict(ring_kb=72), dict(ring_kb=108), dict(ring_kb=216), dict(slice_kb=48, ring_kb=72),
            dict(slice_kb=48, ring_kb=108), dict(slice_kb=32, ring_kb=72)]
+# Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32; 262144x256: VPT 2 / 4 and ~80 rows per resident warp).
+WARP_TUNINGS = [{}, dict(warp_ahead=True)]
+SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
+         ((65536, 1000), WARP_TUNINGS), ((262144, 256), WARP_TUNINGS)]
 
 
 def label(tune):
@@ -46,13 +49,13 @@ def sweep(reps):
     bw = copy_bandwidth("cuda")
     print(f"sweep: fwd+bwd, mean; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
     print(f"{'shape':>12} {'dtype':>8} {'tuning':>28} {'ms':>7} {'%floor':>7} {'grad diff':>9}")
-    for shape in SWEEP_SHAPES:
+    for shape, tunings in SWEEP:
         for dtype in (torch.bfloat16, torch.float32):
             case = Case(shape, dtype, "cuda", 0.0, 0)
             floor = 2 * case.nbytes / bw / 1e6
             with tuning.using(**DEFAULT):
                 _, ref = call(case, "fwd+bwd")
-            for tune in TUNINGS:
+            for tune in tunings:
                 with tuning.using(**{**DEFAULT, **tune}):
                     _, g = call(case, "fwd+bwd")
                     diff = (g.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()

@@ -127,5 +127,7 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # the ring: 72 KiB keeps 3 CTAs per SM (8 KiB of the next row ahead at 62.5 KiB slices), 108 KiB 2 CTAs
             # (44 KiB ahead); 48 KiB slices in a 72 KiB ring: clusters twice as large, the whole next row ahead
             OursTuned("ours_ring72", ring_kb=72), OursTuned("ours_ring108", ring_kb=108),
-            OursTuned("ours_s48_ring72", slice_kb=48, ring_kb=72))
+            OursTuned("ours_s48_ring72", slice_kb=48, ring_kb=72),
+            # warp rows: a resident grid, each warp loading its next row before computing this one
+            OursTuned("ours_warp_ahead", warp_ahead=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

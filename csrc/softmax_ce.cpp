@@ -78,14 +78,15 @@ int env_int(const char* name, int fallback) {
 }
 
 struct TuningState {
-  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb;
+  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
         slice_kb(env_int("SOFTMAX_CE_CUDA_SLICE_KB", 72)),
         cluster_max(env_int("SOFTMAX_CE_CUDA_CLUSTER_MAX", 16)),
         prefetch(env_int("SOFTMAX_CE_CUDA_PREFETCH", 1) != 0),
-        ring_kb(env_int("SOFTMAX_CE_CUDA_RING_KB", 0)) {}
+        ring_kb(env_int("SOFTMAX_CE_CUDA_RING_KB", 0)),
+        warp_ahead(env_int("SOFTMAX_CE_CUDA_WARP_AHEAD", 0) != 0) {}
 };
 
 TuningState& state() {
@@ -97,27 +98,25 @@ TuningState& state() {
 CudaTuning cuda_tuning() {
   TuningState& s = state();
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
-          s.ring_kb.load()};
+          s.ring_kb.load(), s.warp_ahead.load() != 0};
 }
 
-bool set_cuda_prefetch(bool on) { return state().prefetch.exchange(on) != 0; }
-
-int set_cuda_ring(int kb) {
-  TORCH_CHECK_VALUE(kb >= 0 && kb <= 227, "set_cuda_ring: expected kb in [0, 227] (0: off), got ", kb);
-  return state().ring_kb.exchange(kb);
-}
-
-std::tuple<std::string, int, int> set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max) {
+void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
+                     bool warp_ahead) {
+  const CudaPath p = parse_path(path);
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
                     slice_kb);
   TORCH_CHECK_VALUE(cluster_max == 1 || cluster_max == 2 || cluster_max == 4 || cluster_max == 8 || cluster_max == 16,
                     "set_cuda_tuning: expected cluster_max 1, 2, 4, 8 or 16, got ", cluster_max);
-  const CudaTuning old = cuda_tuning();
+  TORCH_CHECK_VALUE(ring_kb >= 0 && ring_kb <= 227, "set_cuda_tuning: expected ring_kb in [0, 227] (0: off), got ",
+                    ring_kb);
   TuningState& s = state();
-  s.path = static_cast<int>(parse_path(path));
+  s.path = static_cast<int>(p);
   s.slice_kb = slice_kb;
   s.cluster_max = cluster_max;
-  return {kPathNames[static_cast<int>(old.path)], old.slice_kb, old.cluster_max};
+  s.prefetch = prefetch;
+  s.ring_kb = ring_kb;
+  s.warp_ahead = warp_ahead;
 }
 }  // namespace softmax_ce
 
@@ -127,16 +126,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas", &softmax_ce::cpu_isas, "The instruction sets this CPU can run, best first.");
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
   m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
-        "slice_kb, cluster_max; returns the previous three.");
-  m.def("set_cuda_prefetch", &softmax_ce::set_cuda_prefetch, "Whether the slice kernel copies the next row's slice "
-        "during the gradient sweep (SOFTMAX_CE_CUDA_PREFETCH, default 1); returns the previous setting.");
-  m.def("set_cuda_ring", &softmax_ce::set_cuda_ring, "Shared memory per CTA of the slice kernel, in KiB, as a "
-        "ring that also holds the start of the next row, copied before this row's statistics (SOFTMAX_CE_CUDA_RING_KB, "
-        "default 0: off; at least the slice rounded up to 4 KiB); returns the previous setting.");
+        "slice_kb, cluster_max, prefetch, ring_kb, warp_ahead (softmax_ce_ext.tuning wraps this; all checked before "
+        "any is set).");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
     return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max,
-                           t.prefetch, t.ring_kb);
-  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb).");
+                           t.prefetch, t.ring_kb, t.warp_ahead);
+  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead).");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
 }

@@ -1,12 +1,13 @@
 """The CUDA row kernels' settings, for comparisons and tests (csrc/softmax_ce_tuning.h says what each does):
-path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb. Defaults come from the
-environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB); they apply process-wide."""
+path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, warp_ahead. Defaults come from
+the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB, _WARP_AHEAD); they apply
+process-wide."""
 
 import contextlib
 
 from ._ops import _C
 
-FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb")
+FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "warp_ahead")
 
 
 def get() -> dict:
@@ -20,18 +21,9 @@ def set(**settings) -> dict:
     if unknown:
         raise TypeError(f"tuning.set: expected settings among {FIELDS}, got {unknown}")
     old = get()
-    try:
-        _apply({**old, **settings})
-    except Exception:
-        _apply(old)  # a rejected value changes nothing
-        raise
+    new = {**old, **settings}
+    _C.set_cuda_tuning(*(new[k] for k in FIELDS))  # checks every value before it sets any
     return old
-
-
-def _apply(s):
-    _C.set_cuda_tuning(s["path"], s["slice_kb"], s["cluster_max"])
-    _C.set_cuda_prefetch(bool(s["prefetch"]))
-    _C.set_cuda_ring(s["ring_kb"])
 
 
 @contextlib.contextmanager

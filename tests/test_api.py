@@ -117,8 +117,9 @@ def test_cuda_tuning_is_set_and_restored():
 
     before = tuning.get()
     assert set(before) == set(tuning.FIELDS)
-    with tuning.using(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12):
-        assert tuning.get() == dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12)
+    changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, warp_ahead=True)
+    with tuning.using(**changed):
+        assert tuning.get() == changed
     assert tuning.get() == before
     with pytest.raises(KeyError):
         with tuning.using(ring_kb=16):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close, reference
+from helpers import assert_close, ours, reference
 from softmax_ce_ext import cross_entropy, tuning
 
 # (N, C, why)
@@ -136,6 +136,33 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace):
         loss = cross_entropy(xi, t, label_smoothing=0.1, inplace_backward=inplace)
         (grad,) = torch.autograd.grad(loss, xo)
     ref_loss, ref_grad = reference(x, t, torch.ones((), device=device), label_smoothing=0.1)
+    scale = x.abs().max().item()
+    assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+
+
+# Warp rows by chunks per lane (VPT 2 / 4 / 8: up to 64 / 128 / 256 chunks), as class counts per dtype.
+WARP_ROW_CLASSES = {torch.float32: [200, 500, 1000], torch.bfloat16: [300, 1000, 2000]}
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["warp-ahead", "warp-per-row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_warp_rows_many_rows_per_warp(device, ahead, dtype, vpt, reduction):
+    """20000 rows: with warp_ahead each resident warp walks several of them, loading the next row while it
+    computes this one (mean: the fused pass; none: the forward, then the gradient from the lse, each a warp-row
+    kernel).  Every 7th row is ignored (its next-row load is wasted, its gradient zero); rows start one element
+    off 16 bytes, so neighbouring rows differ in chunk count."""
+    if device != "cuda":
+        pytest.skip("the CUDA warp-row kernel")
+    c = WARP_ROW_CLASSES[dtype][vpt]
+    x, t, g = _logits(20000, c, dtype, device, 1, seed=5)
+    t[::7] = -100
+    grad_out = torch.rand(20000, generator=g).to(device) if reduction == "none" else torch.ones((), device=device)
+    with tuning.using(path="auto", warp_ahead=ahead):  # no smoothing: warp_ahead leaves smoothed rows alone
+        loss, grad = ours(x, t, grad_out, reduction=reduction)
+    ref_loss, ref_grad = reference(x, t, grad_out, reduction=reduction)
     scale = x.abs().max().item()
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)

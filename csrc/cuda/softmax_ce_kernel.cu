@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 
 #include "../softmax_ce.h"
 #include "../softmax_ce_tuning.h"
@@ -227,14 +228,25 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
   const int64_t rows_n = a.L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
-    const int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
-    const dim3 grid(static_cast<unsigned>(blocks)), block(rows::kWarpRowThreads);
-    if (chunks <= 64)
-      rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread><<<grid, block, 0, stream>>>(a);
-    else if (chunks <= 128)
-      rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread><<<grid, block, 0, stream>>>(a);
-    else
-      rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread><<<grid, block, 0, stream>>>(a);
+    // A warp per row; with warp_ahead (not with smoothing), only the warps that fit at once, each walking rows.
+    const bool ahead = tune.warp_ahead && !kSpread;
+    auto pick = [&](auto ahead_tag) {
+      constexpr bool kAhead = decltype(ahead_tag)::value && !kSpread;
+      return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead>
+             : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, kAhead>
+                             : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kAhead>;
+    };
+    auto kernel = ahead ? pick(std::true_type{}) : pick(std::false_type{});
+    int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
+    if (ahead) {
+      const int per_sm = launch_fact(device, reinterpret_cast<const void*>(kernel), 1, 0, [&] {
+        int r = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, rows::kWarpRowThreads, 0));
+        return r;
+      });
+      blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
+    }
+    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }

@@ -250,23 +250,50 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 
 // ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
 // enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread>
-__global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3) warp_rows_kernel(Args<T> a) {
+// kAhead (the launcher then sizes the grid to the resident warps, each walking many rows): the next row's chunks
+// are loaded before this row's statistics and gradient, so every warp keeps reads in flight while it computes
+// (without it a warp reads, computes, then writes, and only other warps cover its compute).  The next row is
+// read before its target is known: an ignored row costs a wasted read of its chunks.  Its second buffer of
+// chunks needs registers: 2 CTAs per SM from 4 chunks per lane (3 spilled there).
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead>
+__global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) || (kAhead && VPT >= 4) ? 2 : 3)
+    warp_rows_kernel(Args<T> a) {
   constexpr int E = Chunk<T>::E;
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int lane = threadIdx.x & 31;
   const float* w = a.P.weight;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < L.rows(); r += warps) {
-    const Row<T, kGrad> row(a, r);
-    const auto& [b, s, xr, gr, xk, same_shift, t] = row;
-    if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) continue;
-    const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
-    uint4 u[VPT];
+  int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  // The chunks of row r, when loaded ahead (the row's chunk layout: RowChunks of its logits).
+  const auto load_row = [&](int64_t row_index, uint4 (&u)[VPT]) {
+    const RowIndex i = split_row(row_index, L.S);
+    const RowChunks<T> k(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
-      if (j * 32 + lane < xk.count) u[j] = load_stream(xk.base + j * 32 + lane);
+      if (j * 32 + lane < k.count) u[j] = load_stream(k.base + j * 32 + lane);
+  };
+  uint4 u[VPT];
+  if (kAhead && r < L.rows()) load_row(r, u);
+  for (; r < L.rows(); r += warps) {
+    const Row<T, kGrad> row(a, r);
+    const auto& [b, s, xr, gr, xk, same_shift, t] = row;
+    uint4 un[VPT];  // the next row's chunks, in flight during this row
+    const bool next = kAhead && r + warps < L.rows();
+    if (next) load_row(r + warps, un);
+    if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) {
+      if (next) {
+#pragma unroll
+        for (int j = 0; j < VPT; ++j) u[j] = un[j];
+      }
+      continue;
+    }
+    const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
+    if (!kAhead) {
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (j * 32 + lane < xk.count) u[j] = load_stream(xk.base + j * 32 + lane);
+    }
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
     float lse;
@@ -318,6 +345,10 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
         chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
         chunk_store(row, gk, k, he, te, C, out);
       }
+    }
+    if (next) {
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) u[j] = un[j];
     }
   }
 }
