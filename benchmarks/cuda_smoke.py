@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import softmax_ce_ext
 from softmax_ce_ext import tuning
 
-DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False)
+DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False, l2_keep=False)
 FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1), "ring": dict(slice_kb=1, ring_kb=8),
-            "ahead": dict(ring_kb=72, warp_ahead=True),
+            "ahead": dict(ring_kb=72, warp_ahead=True, l2_keep=True),
             "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"), "legacy": dict(path="legacy")}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)

@@ -2,20 +2,22 @@
 # The one prepared GPU call: build in place against the machine's torch, run the CUDA tests (every CUDA kernel
 # family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
 # (set by the device tool) or ./gpu_check_out.  Each part has a timeout; the default parts' timeouts sum to
-# 585 s, under the device tool's 600 s per call.  Seen on an H200 (2026-11-26): a start of ~30 s, build 57 s,
+# 685 s, over the device tool's 600 s per call, but they took 255 s in all on an H100 before 'variants' (the
+# last: what the tool cuts if the call runs long).  Seen on an H200 (2026-11-26): a start of ~30 s, build 57 s,
 # a 15-minute device budget per session, and the machine given back 30 s after a call: plan two calls.  On an
 # H100 (2026-11-27): build 101 s, the default parts 255 s in all.
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #   parts:       GPU_CHECK_PARTS="build smoke compile_debug sanitize tests bench variants probe ncu grid compile"
-#                run in that order (default: build smoke compile_debug tests bench; a second call naming
-#                build probe ncu measures where the time goes: the tuning sweep, every launch's device time, ncu)
+#                run in that order (default: build smoke compile_debug tests bench variants, the last one cut
+#                first if the call runs long; a second call naming build probe ncu measures where the time goes:
+#                the tuning sweep, every launch's device time, ncu)
 #   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
-PARTS=" ${GPU_CHECK_PARTS:-build smoke compile_debug tests bench} "
+PARTS=" ${GPU_CHECK_PARTS:-build smoke compile_debug tests bench variants} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -84,15 +86,16 @@ if part bench; then
 fi
 
 if part variants; then
-  stamp "our CUDA kernel variants side by side (auto, no next-row prefetch, in place, without clusters, streaming)"
-  timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
-    --mode fwd+bwd --providers ours ours_noprefetch ours_inplace ours_nocluster ours_stream 2>&1 | tee "$OUT/variants.log"
+  stamp "our CUDA settings not yet default, side by side with the defaults (benchmarks/providers.py VARIANTS)"
+  timeout 100 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
+    --dtype bfloat16 float32 --mode fwd+bwd \
+    --providers ours ours_ring72 ours_ring108 ours_s48_ring72 ours_warp_ahead ours_l2keep 2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if part probe; then
   stamp "probe: fwd+bwd under each tuning (slice KiB, cluster limit, family); the kernels of one call (profiler)"
-  timeout 60 $PY benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.log"
+  timeout 100 $PY benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 45 $PY benchmarks/gpu_probe.py --profile 2>&1 | tee -a "$OUT/probe.log"
 fi

@@ -129,5 +129,7 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_ring72", ring_kb=72), OursTuned("ours_ring108", ring_kb=108),
             OursTuned("ours_s48_ring72", slice_kb=48, ring_kb=72),
             # warp rows: a resident grid, each warp loading its next row before computing this one
-            OursTuned("ours_warp_ahead", warp_ahead=True))
+            OursTuned("ours_warp_ahead", warp_ahead=True),
+            # K-dim: the targets read by the mean's denominator kept in L2 (evict-last) for the loss kernel
+            OursTuned("ours_l2keep", l2_keep=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

@@ -1,7 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _WARP_AHEAD).
+// _WARP_AHEAD, _L2_KEEP).
 #pragma once
 
 #include <string>
@@ -17,10 +17,11 @@ struct CudaTuning {
   bool prefetch;    // slice kernel: copy the next row's slice during this row's gradient sweep
   int ring_kb;      // slice kernel: shared memory per CTA as a ring holding this row and the next one's start (0: off)
   bool warp_ahead;  // warp rows: a resident grid, each warp loading its next row before computing this one
+  bool l2_keep;     // K-dim: the mean's denominator keeps the targets in L2 for the loss kernel (cache hints)
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead);
+                     bool warp_ahead, bool l2_keep);
 
 }  // namespace softmax_ce

@@ -1,13 +1,13 @@
 """The CUDA row kernels' settings, for comparisons and tests (csrc/softmax_ce_tuning.h says what each does):
-path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, warp_ahead. Defaults come from
-the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB, _WARP_AHEAD); they apply
-process-wide."""
+path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep. Defaults
+come from the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB, _WARP_AHEAD,
+_L2_KEEP); they apply process-wide."""
 
 import contextlib
 
 from ._ops import _C
 
-FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "warp_ahead")
+FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "warp_ahead", "l2_keep")
 
 
 def get() -> dict:

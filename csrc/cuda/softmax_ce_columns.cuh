@@ -19,8 +19,10 @@ using rows::kInf;
 constexpr int kMaxClasses = 192;
 constexpr int kBlockBudget = 96 * 1024;
 
+// l2_hints: the logits and targets are read with L2 evict-first priority, the targets being read last here after
+// the mean's denominator kernel read them with evict-last (so that they can stay in L2 while the logits stream).
 template <typename T, bool kStats, bool kGrad>
-__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
+__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hints) {
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -39,7 +41,13 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
     const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
     const T* x = a.x + b * L.x_sB + s0;
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
-    for (int c = 0; c < Ci; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
+    const uint64_t once = l2_hints ? l2_policy_first() : 0;
+    for (int c = 0; c < Ci; ++c) {
+      if (l2_hints)
+        copy_async16_hinted(&staged[c * nt + tid], x + c * L.x_sC, once);
+      else
+        copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
+    }
     auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
     // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
     // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
@@ -47,7 +55,8 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
     int t[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      const int64_t ti = i < n ? a.P.index[b * L.t_sB + (s0 + i) * L.t_sS] : a.P.ignore_index;
+      const int64_t* tp = a.P.index + b * L.t_sB + (s0 + i) * L.t_sS;
+      const int64_t ti = i >= n ? a.P.ignore_index : l2_hints ? load_hinted(tp, once) : *tp;
       const bool ignored = ti == a.P.ignore_index, bad = !ignored && target_out_of_range(ti, C);
       if (bad) rows::flag_bad_target(a.P.status, ti);
       t[i] = ignored ? kIgnored : bad ? kBad : static_cast<int>(ti);

@@ -335,7 +335,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
                           partial ? partials.data_ptr<float>() : nullptr};
-    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, cuda_tuning().l2_keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
       o.loss_sum = sum_rows_cuda(partials, o.loss_divisor, o.loss_dtype);
@@ -538,8 +538,9 @@ __device__ __forceinline__ void mean_scale_add(sum_t& acc, int64_t c, const w_t*
 }
 
 template <typename sum_t, typename w_t>
+// keep: the dense targets are read with L2 evict-last priority, for the K-dim loss kernel that reads them next.
 __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
-                                        const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
+                                          const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial, bool keep) {
   sum_t acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -548,10 +549,11 @@ __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t s
   if (w == nullptr && sS == 1 && sB == S && (reinterpret_cast<uintptr_t>(t) & 15) == 0) {
     const longlong2* t2 = reinterpret_cast<const longlong2*>(t);
     const int64_t pairs = n / 2;
+    const uint64_t last = keep ? chunks::l2_policy_last() : 0;
     for (; i + 3 * stride < pairs; i += 4 * stride) {
       longlong2 v[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) v[k] = t2[i + k * stride];
+      for (int k = 0; k < 4; ++k) v[k] = keep ? chunks::load_hinted(t2 + i + k * stride, last) : t2[i + k * stride];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         mean_scale_add(acc, v[k].x, w, C, ignore_index);
@@ -617,14 +619,14 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   if (!weight.has_value()) {
     mean_scale_partial_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
         target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, nullptr, 0, ignore_index,
-        partial.data_ptr<int64_t>());
+        partial.data_ptr<int64_t>(), cuda_tuning().l2_keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish(int64_t{});
   } else {
     AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "mean_scale_cuda", [&] {
       mean_scale_partial_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
           target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, weight->data_ptr<scalar_t>(),
-          weight->numel(), ignore_index, partial.data_ptr<scalar_t>());
+          weight->numel(), ignore_index, partial.data_ptr<scalar_t>(), false);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       finish(scalar_t{});
     });
