@@ -168,6 +168,7 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad
 // whose sum kernel folds them in sets loss_finished, else forward_backward_op applies them.
 struct OpTensors {
   at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status, loss_sum, loss_divisor;
+  int64_t* status_ptr = nullptr;  // where the kernels write status (a device pointer for mapped host memory)
   c10::optional<at::ScalarType> loss_dtype;
   bool loss_finished = false;
   int64_t ignore_index;
@@ -214,7 +215,7 @@ RowParams<scalar_t, acc_t, target_t> row_params(const OpTensors& o, bool prob) {
           o.weight_sum.defined() ? o.weight_sum.data_ptr<acc_t>() : nullptr,
           o.ignore_index,
           static_cast<acc_t>(o.eps),
-          o.status.defined() ? o.status.data_ptr<int64_t>() : nullptr};
+          o.status_ptr ? o.status_ptr : o.status.defined() ? o.status.data_ptr<int64_t>() : nullptr};
 }
 
 inline at::Tensor row_buffer(const at::Tensor& logits) {
@@ -251,12 +252,15 @@ inline at::Tensor grad_over_logits(const at::Tensor& logits, const at::Tensor& t
   return logits;
 }
 
+// status: on the logits' device, or for CUDA logits in pinned host memory that the kernels write directly (the
+// CUDA backend checks that it is mapped).
 inline void check_status(const c10::optional<at::Tensor>& maybe_status, const at::Tensor& logits) {
   if (!maybe_status.has_value()) return;
   const at::Tensor& status = *maybe_status;
   TORCH_CHECK(status.scalar_type() == at::kLong && status.numel() == 2 && status.is_contiguous() &&
-                  status.device() == logits.device(),
-              "expected a contiguous 2-element int64 status on ", logits.device(), ", got ", dims(status.sizes()), " ",
+                  (status.device() == logits.device() || (logits.is_cuda() && status.is_cpu())),
+              "expected a contiguous 2-element int64 status on ", logits.device(),
+              logits.is_cuda() ? " or in pinned host memory" : "", ", got ", dims(status.sizes()), " ",
               status.scalar_type(), " on ", status.device());
 }
 

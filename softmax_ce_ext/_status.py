@@ -1,13 +1,14 @@
 """Out-of-range class indices on CUDA, reported without killing the CUDA context or waiting on the GPU.
 
 PyTorch's CUDA kernels assert on a bad target, which poisons the whole CUDA context.  Ours never read out of
-bounds: they turn that row's loss into NaN and record the target in a small device status buffer.  After each
-launch the buffer is copied (non-blocking) to pinned host memory behind an event; the next call on that device
-(or the backward) looks at the copy once the event has completed and raises IndexError.  The host never
-waits for the GPU, so the error can surface one call late.  `check_errors()` waits and raises at once;
-SOFTMAX_CE_SYNC_CHECK=1 does that after every forward (one host synchronisation per call).
+bounds: they turn that row's loss into NaN and write the target into a small status buffer in pinned host
+memory, mapped into the GPU's address space, so no copy or event follows each launch.  The next call on that
+device (or the backward) reads the buffer and raises IndexError if a kernel that has finished by then flagged a
+target: the host never waits for the GPU, so the error can surface one call late.  `check_errors()` waits and
+raises at once; SOFTMAX_CE_SYNC_CHECK=1 does that after every forward (one host synchronisation per call).
 """
 
+import ctypes
 import os
 
 import torch
@@ -18,23 +19,17 @@ SYNC_CHECK = os.environ.get("SOFTMAX_CE_SYNC_CHECK", "0") == "1"
 class _DeviceStatus:
     def __init__(self, device):
         self.device = device
-        self.buffer = torch.zeros(2, dtype=torch.int64, device=device)  # {flag, target}
-        self.host = torch.zeros(2, dtype=torch.int64).pin_memory()
-        self.event = torch.cuda.Event()
-        self.pending = False
+        self.buffer = torch.zeros(2, dtype=torch.int64, pin_memory=True)  # {flag, target}, written by the kernels
+        # Read and cleared through ctypes: a plain memory access, no torch op (and no CUDA call) per check.
+        self.flag = ctypes.c_int64.from_address(self.buffer.data_ptr())
+        self.target = ctypes.c_int64.from_address(self.buffer.data_ptr() + 8)
 
     def raise_if_flagged(self, wait):
-        if not self.pending:
-            return
         if wait:
-            self.event.synchronize()
-        elif not self.event.query():
-            return
-        self.pending = False
-        flag, target = self.host.tolist()
-        if flag:
-            self.buffer.zero_()
-            self.host.zero_()
+            torch.cuda.synchronize(self.device)
+        if self.flag.value:  # the kernels write the target first, then the flag
+            target = self.target.value
+            self.flag.value = self.target.value = 0
             raise IndexError(f"Target {target} is out of bounds.")
 
 
@@ -43,10 +38,6 @@ _cuda = {}
 
 def _index(device):
     return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _tracing():
-    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
 
 def buffer_for(device: torch.device):
@@ -65,26 +56,21 @@ def buffer_for(device: torch.device):
 
 
 def launched(device: torch.device) -> None:
-    """After a forward launch on `device`: start the non-blocking copy of its status."""
-    if device.type != "cuda" or _tracing():
-        return
-    status = _cuda[_index(device)]
-    status.host.copy_(status.buffer, non_blocking=True)
-    status.event.record()
-    status.pending = True
-    if SYNC_CHECK:
-        status.raise_if_flagged(wait=True)
+    """After a forward launch on `device`: with SOFTMAX_CE_SYNC_CHECK=1, wait for it and raise what it flagged."""
+    if SYNC_CHECK and device.type == "cuda" and not torch.compiler.is_compiling() \
+            and not torch.cuda.is_current_stream_capturing():
+        _cuda[_index(device)].raise_if_flagged(wait=True)
 
 
 def poll(device: torch.device) -> None:
-    """Raise a flagged error on `device` if its copy has already arrived (never waits)."""
-    if device.type == "cuda" and not _tracing():
+    """Raise a flagged error on `device` if a finished kernel has flagged one (never waits)."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
         status = _cuda.get(_index(device))
         if status is not None:
             status.raise_if_flagged(wait=False)
 
 
 def check_errors() -> None:
-    """Wait for every pending CUDA status and raise IndexError if a target was out of bounds."""
+    """Wait for every CUDA device in use and raise IndexError if a target was out of bounds."""
     for status in _cuda.values():
         status.raise_if_flagged(wait=True)

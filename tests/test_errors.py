@@ -89,7 +89,7 @@ def test_cuda_error_surfaces_on_a_later_call_without_waiting():
         pytest.skip("needs CUDA")
     x = torch.randn(8, 10, device="cuda")
     cross_entropy(x, torch.full((8,), 12, device="cuda"))
-    torch.cuda.synchronize()  # let the status copy land; the next call sees it without waiting itself
+    torch.cuda.synchronize()  # let the kernel finish; the next call sees its report without waiting itself
     with pytest.raises(IndexError, match=r"Target 12 is out of bounds\."):
         cross_entropy(x, torch.zeros(8, dtype=torch.long, device="cuda"))
 
@@ -115,3 +115,20 @@ def test_cuda_gradient_ops_with_an_out_of_range_target(layout):
     assert torch.isnan(row).all()
     softmax_ce_ext.check_errors()  # the gradient ops report nothing themselves
     torch.testing.assert_close(cross_entropy(x, torch.zeros_like(bad)), F.cross_entropy(x, torch.zeros_like(bad)))
+
+
+def test_cuda_status_must_be_addressable_by_the_gpu():
+    """The raw ops take the status in pinned host memory (what the Python path passes) or on the GPU; ordinary
+    host memory, which the kernels could not write, is refused before any launch."""
+    if not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()):
+        pytest.skip("needs CUDA")
+    from softmax_ce_ext._ops import ops
+
+    x3 = torch.randn(4, 10, 1, device="cuda")
+    t2 = torch.full((4, 1), 12, device="cuda")  # out of range: each status below gets the report
+    for status in (torch.zeros(2, dtype=torch.int64, pin_memory=True), torch.zeros(2, dtype=torch.int64, device="cuda")):
+        ops.forward(x3, t2, None, -100, 0.0, status)
+        torch.cuda.synchronize()
+        assert status.tolist() == [1, 12]
+    with pytest.raises(RuntimeError, match="pinned host memory"):
+        ops.forward(x3, t2, None, -100, 0.0, torch.zeros(2, dtype=torch.int64))

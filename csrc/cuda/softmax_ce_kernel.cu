@@ -46,10 +46,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
     const bool ignored = t == P.ignore_index;
     if (ignored || target_out_of_range(t, L.C)) {
       // An out-of-range target is never read: its row turns NaN and status records it.
-      if (!ignored && lane == 0 && P.status != nullptr) {  // null in the gradient-only ops
-        atomicExch(reinterpret_cast<unsigned long long*>(P.status + 1), static_cast<unsigned long long>(t));
-        atomicExch(reinterpret_cast<unsigned long long*>(P.status), 1ull);
-      }
+      if (!ignored && lane == 0) rows::flag_bad_target(P.status, t);  // null in the gradient-only ops
       const acc_t v = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
       if (kStats && lane == 0) loss[r] = lse_io[r] = v;
       if (kGrad)
@@ -448,9 +445,21 @@ at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tenso
   return out;
 }
 
+// The device's address of a status in host memory: it must be pinned and mapped (torch's pinned memory is).
+int64_t* mapped_status(const at::Tensor& status) {
+  void* device_ptr = nullptr;
+  const cudaError_t err = cudaHostGetDevicePointer(&device_ptr, status.data_ptr(), 0);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "expected a status in pinned host memory that the GPU can address (e.g. "
+              "torch.zeros(2, dtype=torch.int64, pin_memory=True)), got host memory it cannot: ",
+              cudaGetErrorString(err));
+  return static_cast<int64_t*>(device_ptr);
+}
+
 void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
+  if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status);
   launch_dtypes(mode, L, o);
   if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) {  // fixed order; the mean and dtype in the same launch
     o.loss_sum = sum_rows_cuda(o.loss, o.loss_divisor, o.loss_dtype);

@@ -101,11 +101,15 @@ __device__ __forceinline__ void merge_ex2(OnlineStats<float>& st, float om, floa
   st.m = nm;
 }
 
-// status is null for the gradient-only ops (the forward that came first already reported the target).
+// status is null for the gradient-only ops (the forward that came first already reported the target).  It is
+// usually pinned host memory (no copy after each launch): plain stores, as PCIe has no atomics to host memory;
+// the target before the flag, so a host that sees the flag sees a bad target (any row's: all are reported).
 __device__ __forceinline__ void flag_bad_target(int64_t* status, int64_t t) {
   if (status == nullptr) return;
-  atomicExch(reinterpret_cast<unsigned long long*>(status + 1), static_cast<unsigned long long>(t));
-  atomicExch(reinterpret_cast<unsigned long long*>(status), 1ull);
+  volatile int64_t* s = status;
+  s[1] = t;
+  __threadfence_system();
+  s[0] = 1;
 }
 
 // Elements of chunk `first .. first+E-1` outside [0, C) become -inf: they add e^-inf = 0 to every sum.
