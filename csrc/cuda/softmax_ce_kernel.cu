@@ -217,16 +217,25 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   return false;
 }
 
+at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                         c10::optional<at::ScalarType> dtype);
+
+// Whether the warp-row kernel with warp_ahead takes rows of `chunks` chunks (not with smoothing).
+bool warp_ahead_applies(int64_t chunks, double eps, const CudaTuning& tune) {
+  return tune.path == CudaPath::kAuto && chunks <= 32 * 8 && tune.warp_ahead && eps == 0.0;
+}
+
 // Warp rows for short rows, slices for loss + gradient of longer ones, else the streaming kernel; the
-// smoothing sums are compiled in only where label smoothing is on (kSpread).
+// smoothing sums are compiled in only where label smoothing is on (kSpread).  Returns the warp-row kernel's
+// grid (the number of loss partials it wrote, if asked to), else 0.
 template <typename T, bool kStats, bool kGrad, bool kSpread>
-void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
-                        cudaStream_t stream) {
+int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
+                           cudaStream_t stream) {
   const int64_t rows_n = a.L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
     // A warp per row; with warp_ahead (not with smoothing), only the warps that fit at once, each walking rows.
-    const bool ahead = tune.warp_ahead && !kSpread;
+    const bool ahead = warp_ahead_applies(chunks, a.P.eps, tune);
     auto pick = [&](auto ahead_tag) {
       constexpr bool kAhead = decltype(ahead_tag)::value && !kSpread;
       return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead>
@@ -245,18 +254,21 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     }
     kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    return blocks;
   }
   if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream))
-    return;
+    return 0;
   int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads
   while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
   rows::stream_rows_kernel<T, kStats, kGrad, kSpread>
       <<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return 0;
 }
 
-// The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.
+// The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.  The
+// training pass (no loss buffer given) gets per-row loss and lse buffers, except under warp_ahead, whose
+// kernel sums its rows' losses per CTA (fewer values to sum, no per-row writes).
 template <typename scalar_t, bool kStats, bool kGrad>
 bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
   if constexpr (std::is_same_v<scalar_t, double>) {
@@ -266,23 +278,28 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     constexpr int64_t kMaxRows = (1LL << 31) - 1;  // the fast kernels index rows in 32 bits (split_row)
     if (tune.path == CudaPath::kLegacy || L.x_sC != 1 || (kGrad && L.g_sC != 1) || L.rows() > kMaxRows) return false;
     using T = scalar_t;
-    const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
-                          row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
-                          o.lse.data_ptr<float>(), factor_of<float>(o), nullptr};
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
+    const bool train = kStats && kGrad && !o.loss.defined();
+    const bool partial = train && warp_ahead_applies(chunks, o.eps, tune);
+    if (train && !partial) row_outputs(o);
+    at::Tensor partials;  // at most one per resident CTA (8 of 256 threads per SM)
+    if (partial) partials = at::empty({int64_t{sm_count(device)} * 8}, o.logits.options().dtype(at::kFloat));
+    const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
+                          row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
+                          partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
+                          partial ? partials.data_ptr<float>() : nullptr};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    if (a.P.eps != 0.f)
-      launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream);
-    else
-      launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
+    const int64_t blocks = a.P.eps != 0.f ? launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream)
+                                          : launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
+    if (partial) {  // a fixed grid on a given device: a fixed order
+      o.loss_sum = sum_rows_cuda(partials.narrow(0, 0, blocks), o.loss_divisor, o.loss_dtype);
+      o.loss_finished = true;
+    }
     return true;
   }
 }
-
-at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
-                         c10::optional<at::ScalarType> dtype);
 
 // The K-dim kernel (softmax_ce_columns.cuh) applies: positions contiguous, every chunk 16-byte aligned.
 template <typename T, bool kGrad>
@@ -348,9 +365,11 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   if constexpr (!kProb) {
     if (kStats && kGrad && !o.loss.defined() && launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
   }
+  if constexpr (!kProb) {
+    if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;  // allocates the row outputs it needs
+  }
   if (kStats && kGrad && !o.loss.defined()) row_outputs(o);  // every other kernel writes per-row loss and lse
   if constexpr (!kProb) {
-    if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;
     if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
   }
   const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);

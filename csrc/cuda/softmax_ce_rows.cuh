@@ -32,7 +32,7 @@ struct Args {
   float* loss;  // per-row outputs; both nullptr when the kernel writes loss_partials instead
   float* lse;
   Factor<float> factor;
-  float* loss_partials;  // one partial loss sum per CTA (the K-dim training pass), or nullptr
+  float* loss_partials;  // one partial loss sum per CTA (training passes of K-dim, warp_ahead), or nullptr
 };
 
 constexpr int kWarpRowThreads = 256;
@@ -192,7 +192,7 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
   const float fill = ignored ? 0.f : NAN;
   if (writer) {
     if (!ignored) flag_bad_target(a.P.status, t);
-    if (kStats) a.loss[r] = a.lse[r] = fill;
+    if (kStats && a.loss) a.loss[r] = a.lse[r] = fill;  // else the caller adds fill to its partial sum
   }
   if (kGrad) {
     float v[Chunk<T>::E];
@@ -258,7 +258,8 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 // are loaded before this row's statistics and gradient, so every warp keeps reads in flight while it computes
 // (without it a warp reads, computes, then writes, and only other warps cover its compute).  The next row is
 // read before its target is known: an ignored row costs a wasted read of its chunks.  Its second buffer of
-// chunks needs registers: 2 CTAs per SM from 4 chunks per lane (3 spilled there).
+// chunks needs registers: 2 CTAs per SM from 4 chunks per lane (3 spilled there).  With loss_partials (the
+// training pass, kAhead) each CTA sums its rows' losses in a fixed order instead of writing per-row loss and lse.
 template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead>
 __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) || (kAhead && VPT >= 4) ? 2 : 3)
     warp_rows_kernel(Args<T> a) {
@@ -277,6 +278,8 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     for (int j = 0; j < VPT; ++j)
       if (j * 32 + lane < k.count) u[j] = load_stream(k.base + j * 32 + lane);
   };
+  const bool partial = kAhead && kStats && a.loss_partials != nullptr;
+  float loss_acc = 0.f;  // lane 0: this warp's rows, in order (with loss_partials)
   uint4 u[VPT];
   if (kAhead && r < L.rows()) load_row(r, u);
   for (; r < L.rows(); r += warps) {
@@ -286,6 +289,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     const bool next = kAhead && r + warps < L.rows();
     if (next) load_row(r + warps, un);
     if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) {
+      if (partial && lane == 0) loss_acc += t == a.P.ignore_index ? 0.f : NAN;
       if (next) {
 #pragma unroll
         for (int j = 0; j < VPT; ++j) u[j] = un[j];
@@ -328,8 +332,13 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       if (kSpread) A = warp_sum(A), D = warp_sum(D);
       lse = lse_of(m, sum);
       if (lane == 0) {
-        a.lse[r] = lse;
-        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
+        const float loss = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
+        if (partial) {
+          loss_acc += loss;
+        } else {
+          a.lse[r] = lse;
+          a.loss[r] = loss;
+        }
       }
     } else {
       lse = a.lse[r];
@@ -354,6 +363,10 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
 #pragma unroll
       for (int j = 0; j < VPT; ++j) u[j] = un[j];
     }
+  }
+  if (partial) {  // every thread of the CTA gets here: the loop above has no early exit
+    const float total = block_sum(loss_acc);
+    if (threadIdx.x == 0) a.loss_partials[blockIdx.x] = total;
   }
 }
 
