@@ -3,8 +3,9 @@
 PyTorch's CUDA kernels assert on a bad target, which poisons the whole CUDA context.  Ours never read out of
 bounds: they turn that row's loss into NaN and write the target into a small status buffer in pinned host
 memory, mapped into the GPU's address space, so no copy or event follows each launch.  The next call on that
-device (or the backward) reads the buffer and raises IndexError if a kernel that has finished by then flagged a
-target: the host never waits for the GPU, so the error can surface one call late.  `check_errors()` waits and
+device (or the backward) reads the buffer and raises IndexError if a kernel has flagged a target by then (waiting
+for the GPU only then, before it reads and clears the buffer): otherwise the host never waits for the GPU, so
+the error can surface one call late.  `check_errors()` waits and
 raises at once; SOFTMAX_CE_SYNC_CHECK=1 does that after every forward (one host synchronisation per call).
 """
 
@@ -27,7 +28,12 @@ class _DeviceStatus:
     def raise_if_flagged(self, wait):
         if wait:
             torch.cuda.synchronize(self.device)
-        if self.flag.value:  # the kernels write the target first, then the flag
+        if self.flag.value:
+            # The flagging kernel may still be running (more bad rows to write): let it finish before the target
+            # is read and the buffer cleared, or a late write would report again, or report a cleared target.
+            # A wait on the error path only.
+            if not wait:
+                torch.cuda.synchronize(self.device)
             target = self.target.value
             self.flag.value = self.target.value = 0
             raise IndexError(f"Target {target} is out of bounds.")

@@ -294,6 +294,7 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     const int64_t blocks = a.P.eps != 0.f ? launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream)
                                           : launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
     if (partial) {  // a fixed grid on a given device: a fixed order
+      TORCH_INTERNAL_ASSERT(blocks > 0 && blocks <= partials.numel(), "warp_ahead: ", blocks, " loss partials");
       o.loss_sum = sum_rows_cuda(partials.narrow(0, 0, blocks), o.loss_divisor, o.loss_dtype);
       o.loss_finished = true;
     }

@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   for (; r < L.rows(); r += warps) {
     const Row<T, kGrad> row(a, r);
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
-    uint4 un[VPT];  // the next row's chunks, in flight during this row
+    uint4 un[VPT] = {};  // the next row's chunks, in flight during this row
     const bool next = kAhead && r + warps < L.rows();
     if (next) load_row(r + warps, un);
     if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) {
@@ -562,8 +562,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (n > 1) {
       if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
-      auto token = cluster.barrier_arrive();   // release: this CTA's statistics are out
-      cluster.barrier_wait(std::move(token));  // acquire: every CTA's statistics are in every CTA's `peer`
+      cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
       const float4 p0 = peer[parity][0];
       st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
       for (unsigned q = 1; q < n; ++q) {  // the same order in every CTA: the same bits
