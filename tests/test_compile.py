@@ -99,10 +99,6 @@ def _op_samples(device):
             rows = torch.rand(4, 3, dtype=acc, device=device)
             samples.append((ops.backward, (rows, x, target, weight, lse, ignore, 0.1)))
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status)))
-            if device == "cuda":  # what the Python path passes on CUDA: pinned host memory the kernels write
-                pinned = torch.zeros(2, dtype=torch.int64, pin_memory=True)
-                samples.append((ops.forward, (x, target, weight, ignore, 0.1, pinned)))
-                samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, pinned)))
             # status=None: what traced code passes (nothing recorded, no mutated tensor in the graph)
             samples.append((ops.forward, (x, target, weight, ignore, 0.1, None)))
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, None)))
