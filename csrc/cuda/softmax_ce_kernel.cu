@@ -466,13 +466,25 @@ at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tenso
 }
 
 // The device's address of a status in host memory: it must be pinned and mapped (torch's pinned memory is).
+// Looked up once per buffer, so that no driver call runs per launch (nor during CUDA graph capture, after the
+// first call); pinned blocks keep their address (torch's host allocator caches them).
 int64_t* mapped_status(const at::Tensor& status) {
+  static std::mutex mu;
+  static std::map<void*, void*> known;
+  void* host_ptr = status.data_ptr();
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto it = known.find(host_ptr);
+    if (it != known.end()) return static_cast<int64_t*>(it->second);
+  }
   void* device_ptr = nullptr;
-  const cudaError_t err = cudaHostGetDevicePointer(&device_ptr, status.data_ptr(), 0);
+  const cudaError_t err = cudaHostGetDevicePointer(&device_ptr, host_ptr, 0);
   if (err != cudaSuccess) (void)cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "expected a status in pinned host memory that the GPU can address (e.g. "
               "torch.zeros(2, dtype=torch.int64, pin_memory=True)), got host memory it cannot: ",
               cudaGetErrorString(err));
+  const std::lock_guard<std::mutex> lock(mu);
+  known.emplace(host_ptr, device_ptr);
   return static_cast<int64_t*>(device_ptr);
 }
 
