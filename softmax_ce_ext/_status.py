@@ -5,8 +5,8 @@ bounds: they turn that row's loss into NaN and write the target into a small sta
 memory, mapped into the GPU's address space, so no copy or event follows each launch.  The next call on that
 device (or the backward) reads the buffer and raises IndexError if a kernel has flagged a target by then (waiting
 for the GPU only then, before it reads and clears the buffer): otherwise the host never waits for the GPU, so
-the error can surface one call late.  `check_errors()` waits and
-raises at once; SOFTMAX_CE_SYNC_CHECK=1 does that after every forward (one host synchronisation per call).
+the error can surface one call late.  `check_errors()` waits and raises at once; SOFTMAX_CE_SYNC_CHECK=1 does
+that after every forward (one host synchronisation per call).
 """
 
 import ctypes

@@ -34,6 +34,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
   const float W = w ? *a.P.weight_sum : static_cast<float>(C);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * nt;
   const bool partial = a.loss_partials != nullptr;
+  const uint64_t once = l2_hints ? l2_policy_first() : 0;
   float loss_acc = 0.f;  // this thread's positions, in its fixed order
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * nt + tid; item < L.B * per_b; item += stride) {
     const int64_t b = static_cast<uint32_t>(item) / static_cast<uint32_t>(per_b);  // < 2^31 items: see the launcher
@@ -41,7 +42,6 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
     const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
     const T* x = a.x + b * L.x_sB + s0;
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
-    const uint64_t once = l2_hints ? l2_policy_first() : 0;
     for (int c = 0; c < Ci; ++c) {
       if (l2_hints)
         copy_async16_hinted(&staged[c * nt + tid], x + c * L.x_sC, once);

@@ -119,23 +119,27 @@ int row_block_threads(int64_t C) {
   return threads;
 }
 
-// Host-side launch facts (function attributes, occupancy) computed once per device, kernel and configuration:
-// the driver calls behind them cost microseconds on every launch otherwise.
-int launch_fact(int device, const void* kernel, int64_t a, int64_t b, const std::function<int()>& compute) {
+// Host-side launch facts (function attributes, occupancy, mapped addresses) computed once per device, kernel (or
+// pointer) and configuration: the driver calls behind them cost microseconds on every launch otherwise.
+template <typename V>
+V cached_fact(int device, const void* key_ptr, int64_t a, int64_t b, const std::function<V()>& compute) {
   static std::mutex mu;
-  static std::map<std::tuple<int, const void*, int64_t, int64_t>, int> facts;
-  const auto key = std::make_tuple(device, kernel, a, b);
+  static std::map<std::tuple<int, const void*, int64_t, int64_t>, V> facts;
+  const auto key = std::make_tuple(device, key_ptr, a, b);
   {
     const std::lock_guard<std::mutex> lock(mu);
     const auto it = facts.find(key);
     if (it != facts.end()) return it->second;
   }
-  const int value = compute();
+  const V value = compute();  // a throw caches nothing
   const std::lock_guard<std::mutex> lock(mu);
   facts.emplace(key, value);
   return value;
 }
-enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3 };
+int launch_fact(int device, const void* kernel, int64_t a, int64_t b, const std::function<int()>& compute) {
+  return cached_fact<int>(device, kernel, a, b, compute);
+}
+enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped = -4 };
 
 int device_attr(int device, cudaDeviceAttr attr) {
   return launch_fact(device, nullptr, attr, 0, [&] {
@@ -466,32 +470,25 @@ at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tenso
 }
 
 // The device's address of a status in host memory: it must be pinned and mapped (torch's pinned memory is).
-// Looked up once per buffer, so that no driver call runs per launch (nor during CUDA graph capture, after the
-// first call); pinned blocks keep their address (torch's host allocator caches them).
-int64_t* mapped_status(const at::Tensor& status) {
-  static std::mutex mu;
-  static std::map<void*, void*> known;
+// Looked up once per buffer and device, so that no driver call runs per launch (nor during CUDA graph capture,
+// after the first call); pinned blocks keep their address (torch's host allocator caches them).
+int64_t* mapped_status(const at::Tensor& status, int device) {
   void* host_ptr = status.data_ptr();
-  {
-    const std::lock_guard<std::mutex> lock(mu);
-    const auto it = known.find(host_ptr);
-    if (it != known.end()) return static_cast<int64_t*>(it->second);
-  }
-  void* device_ptr = nullptr;
-  const cudaError_t err = cudaHostGetDevicePointer(&device_ptr, host_ptr, 0);
-  if (err != cudaSuccess) (void)cudaGetLastError();
-  TORCH_CHECK(err == cudaSuccess, "expected a status in pinned host memory that the GPU can address (e.g. "
-              "torch.zeros(2, dtype=torch.int64, pin_memory=True)), got host memory it cannot: ",
-              cudaGetErrorString(err));
-  const std::lock_guard<std::mutex> lock(mu);
-  known.emplace(host_ptr, device_ptr);
-  return static_cast<int64_t*>(device_ptr);
+  return static_cast<int64_t*>(cached_fact<void*>(device, host_ptr, kFactMapped, 0, [&] {
+    void* device_ptr = nullptr;
+    const cudaError_t err = cudaHostGetDevicePointer(&device_ptr, host_ptr, 0);
+    if (err != cudaSuccess) (void)cudaGetLastError();
+    TORCH_CHECK(err == cudaSuccess, "expected a status in pinned host memory that the GPU can address (e.g. "
+                "torch.zeros(2, dtype=torch.int64, pin_memory=True)), got host memory it cannot: ",
+                cudaGetErrorString(err));
+    return device_ptr;
+  }));
 }
 
 void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
-  if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status);
+  if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status, o.logits.get_device());
   launch_dtypes(mode, L, o);
   if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) {  // fixed order; the mean and dtype in the same launch
     o.loss_sum = sum_rows_cuda(o.loss, o.loss_divisor, o.loss_dtype);
@@ -578,8 +575,8 @@ __device__ __forceinline__ void mean_scale_add(sum_t& acc, int64_t c, const w_t*
     acc += static_cast<sum_t>(w[c]);
 }
 
-template <typename sum_t, typename w_t>
 // keep: the dense targets are read with L2 evict-last priority, for the K-dim loss kernel that reads them next.
+template <typename sum_t, typename w_t>
 __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
                                           const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial, bool keep) {
   sum_t acc = 0;
@@ -675,8 +672,6 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {denom, inv};
 }
-
-
 
 }  // namespace
 

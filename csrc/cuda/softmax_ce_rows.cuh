@@ -270,13 +270,15 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   const float* w = a.P.weight;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  // The chunks of row r, when loaded ahead (the row's chunk layout: RowChunks of its logits).
-  const auto load_row = [&](int64_t row_index, uint4 (&u)[VPT]) {
-    const RowIndex i = split_row(row_index, L.S);
-    const RowChunks<T> k(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+  // A row's chunks, this lane's VPT of them; load_row finds the row's chunks from its index alone (ahead).
+  const auto load_chunks = [&](const RowChunks<T>& k, uint4 (&u)[VPT]) {
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
       if (j * 32 + lane < k.count) u[j] = load_stream(k.base + j * 32 + lane);
+  };
+  const auto load_row = [&](int64_t row_index, uint4 (&u)[VPT]) {
+    const RowIndex i = split_row(row_index, L.S);
+    load_chunks(RowChunks<T>(a.x + i.b * L.x_sB + i.s * L.x_sS, C), u);
   };
   const bool partial = kAhead && kStats && a.loss_partials != nullptr;
   float loss_acc = 0.f;  // lane 0: this warp's rows, in order (with loss_partials)
@@ -297,11 +299,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       continue;
     }
     const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
-    if (!kAhead) {
-#pragma unroll
-      for (int j = 0; j < VPT; ++j)
-        if (j * 32 + lane < xk.count) u[j] = load_stream(xk.base + j * 32 + lane);
-    }
+    if (!kAhead) load_chunks(xk, u);
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
     float lse;
