@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import softmax_ce_ext
 from softmax_ce_ext import tuning
 
-DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False, l2_keep=False)
 FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1), "ring": dict(slice_kb=1, ring_kb=8),
             "ahead": dict(ring_kb=72, warp_ahead=True, l2_keep=True),
             "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"), "legacy": dict(path="legacy")}
@@ -43,7 +42,7 @@ def errors(shape, dtype, inplace):
 def main():
     bad = False
     for family, settings in FAMILIES.items():
-        tuning.set(**{**DEFAULT, **settings})
+        tuning.set(**{**tuning.BUILT_IN, **settings})
         for shape, why in SHAPES:
             for dtype in TOL:
                 for inplace in (False, True):

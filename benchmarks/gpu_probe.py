@@ -16,7 +16,7 @@ from softmax_ce_ext import tuning
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
-DEFAULT = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False, l2_keep=False)
+DEFAULT = tuning.BUILT_IN
 # Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, and the
 # ring (ring_kb of shared memory per CTA: 72 keeps 3 CTAs per SM, 108 two, 216 one).
 TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),

@@ -8,6 +8,9 @@ import contextlib
 from ._ops import _C
 
 FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "warp_ahead", "l2_keep")
+# The defaults without environment variables (csrc/softmax_ce.cpp, TuningState): what tests and benchmarks set
+# as their baseline, whatever the environment says.
+BUILT_IN = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False, l2_keep=False)
 
 
 def get() -> dict:

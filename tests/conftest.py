@@ -29,8 +29,6 @@ CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always l
 
 # CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as softmax_ce_ext.tuning selects them (every
 # setting given, whatever the environment says), and why each is in the grid.
-_CUDA_DEFAULTS = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=0, warp_ahead=False,
-                      l2_keep=False)
 CUDA_PATHS = {
     "auto": (dict(), "the defaults: warp rows for small C, shared-memory slices for larger C"),
     "clusters": (dict(slice_kb=1), "1 KiB slices: rows of a few thousand classes split over clusters of CTAs"),
@@ -56,5 +54,5 @@ def kernel_path(request, device):
         yield name
         _C.set_cpu_isa(previous)
     else:
-        with tuning.using(**{**_CUDA_DEFAULTS, **CUDA_PATHS[name][0]}):
+        with tuning.using(**{**tuning.BUILT_IN, **CUDA_PATHS[name][0]}):
             yield name

@@ -131,3 +131,17 @@ def test_cuda_tuning_is_set_and_restored():
         assert tuning.get() == before
     with pytest.raises(TypeError, match="ring"):
         tuning.set(ring=8)
+
+
+def test_cuda_tuning_built_in_defaults_match_the_extension():
+    """tuning.BUILT_IN (the baseline tests and benchmarks set) is what the extension starts with when no
+    SOFTMAX_CE_CUDA_* variable is set: one fresh process, the environment cleared of them."""
+    import json
+    import sys
+
+    from softmax_ce_ext import tuning
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTMAX_CE_CUDA_")}
+    code = "import json, softmax_ce_ext.tuning as t; print(json.dumps(t.get()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == tuning.BUILT_IN
