@@ -30,11 +30,14 @@ CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always l
 # CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as softmax_ce_ext.tuning selects them (every
 # setting given, whatever the environment says), and why each is in the grid.
 CUDA_PATHS = {
-    "auto": (dict(), "the defaults: warp rows for small C, shared-memory slices for larger C"),
-    "clusters": (dict(slice_kb=1), "1 KiB slices: rows of a few thousand classes split over clusters of CTAs"),
+    "auto": (dict(), "the defaults: warp rows for small C, shared-memory slices (in a ring) for larger C"),
+    "clusters": (dict(slice_kb=1, ring_kb=0), "1 KiB slices: rows of a few thousand classes split over clusters of "
+                 "CTAs, no ring"),
     "clusters-ring": (dict(slice_kb=1, ring_kb=8), "the same, each CTA's slots a ring holding the next row too"),
     "ahead": (dict(ring_kb=72, warp_ahead=True, l2_keep=True), "the defaults plus the loads of the next row ahead "
               "(ring, warps) and the K-dim targets kept in L2"),
+    "pipeline": (dict(pipeline=True), "the slices in one sweep per row: gradient, next row's copies and statistics"),
+    "pipeline-clusters": (dict(slice_kb=1, pipeline=True), "the same over clusters of 1 KiB slices"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

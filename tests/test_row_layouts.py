@@ -106,13 +106,18 @@ def test_long_rows_special_values(device, kernel_path, case, reduction):
 # How the slice kernel stages a cluster's rows, as (slice_kb, ring_kb, prefetch, rows), and why each is here.
 # 3001 classes: 751 float32 chunks, 376 bfloat16 ones.
 SLICE_SCHEDULES = {
-    "no-prefetch": ((1, 0, False, 1000), "each row copied, waited for, then used (1 KiB slices: clusters of 8-16)"),
-    "prefetch": ((1, 0, True, 1000), "the next row copied into the slots the gradient sweep frees"),
-    "ring-whole-row": ((1, 8, True, 1000), "a 512-slot ring: all of the next row's slice copied before the "
-                       "statistics (64-chunk slices need 256 slots each)"),
-    "ring-head-and-tail": ((6, 12, True, 12000), "a 768-slot ring, 376-chunk slices needing 512: the next row's "
-                           "first 256 chunks before the statistics, the rest during the gradient sweep; rows wrap "
-                           "around the ring (12000 rows: each CTA walks ~10 of them)"),
+    "no-prefetch": ((1, 0, False, False, 1000, 3001), "each row copied, waited for, then used (1 KiB slices: "
+                    "clusters of 8-16)"),
+    "prefetch": ((1, 0, True, False, 1000, 3001), "the next row copied into the slots the gradient sweep frees"),
+    "ring-whole-row": ((1, 8, True, False, 1000, 3001), "a 512-slot ring: all of the next row's slice copied before "
+                       "the statistics (64-chunk slices need 256 slots each)"),
+    "ring-head-and-tail": ((6, 12, True, False, 12000, 3001), "a 768-slot ring, 376-chunk slices needing 512: the "
+                           "next row's first 256 chunks before the statistics, the rest during the gradient sweep; "
+                           "rows wrap around the ring (12000 rows: each CTA walks ~10 of them)"),
+    "pipeline-short": ((1, 0, True, True, 1000, 3001), "one sweep per row (gradient, next row's copies and "
+                       "statistics), fewer chunks per thread than copies in flight: statistics after the sweep"),
+    "pipeline-long": ((24, 0, True, True, 3000, 20000), "the same with ~5 chunks per thread: statistics inside the "
+                      "sweep, 4 copies behind; clusters of 2 (bf16) or 4 (fp32), each walking ~6 rows"),
 }
 
 
@@ -122,15 +127,19 @@ SLICE_SCHEDULES = {
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
 def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace):
     """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
-    ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh);
+    ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh),
+    and so are a run of rows in the middle and the last third (several skipped in a row; nothing left to fetch);
     offset-by-one rows alternate between chunk counts, so the next row's slice can be a chunk longer than this
     row's."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
-    slice_kb, ring_kb, prefetch, rows = SLICE_SCHEDULES[schedule][0]
-    x, t, g = _logits(rows, 3001, dtype, device, offset, seed=11)
+    slice_kb, ring_kb, prefetch, pipeline, rows, classes = SLICE_SCHEDULES[schedule][0]
+    x, t, g = _logits(rows, classes, dtype, device, offset, seed=11)
     t[::7] = -100
-    with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb):
+    t[rows // 2:rows // 2 + 300] = -100
+    t[-(rows // 3):] = -100  # with ~500-1000 clusters walking the rows: each skips its last few in a row
+    with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb,
+                      pipeline=pipeline):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
         loss = cross_entropy(xi, t, label_smoothing=0.1, inplace_backward=inplace)

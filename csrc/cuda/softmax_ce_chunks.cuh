@@ -129,6 +129,9 @@ __device__ __forceinline__ void copy_async16_hinted(void* smem, const void* gmem
 // Copies issued since the last commit form a group; wait_prior waits for every group but the newest.
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void copy_async_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+// Waits until at most the newest N groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copy_async_wait_all_but() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // Stores chunk k of a gradient row (values v for classes first .. first+E-1): one 16-byte store when the
 // chunk lies inside [0, C) and the gradient row has the logits' alignment; element by element otherwise.

@@ -21,6 +21,7 @@
 #include "../softmax_ce.h"
 #include "../softmax_ce_tuning.h"
 #include "softmax_ce_columns.cuh"
+#include "softmax_ce_pipeline.cuh"
 #include "softmax_ce_rows.cuh"
 #include "softmax_ce_stats.cuh"
 
@@ -151,13 +152,13 @@ int device_attr(int device, cudaDeviceAttr attr) {
 
 int sm_count(int device) { return device_attr(device, cudaDevAttrMultiProcessorCount); }
 
-// slice_rows, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
-template <typename T>
-bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
-                       cudaStream_t stream) {
+// A slice kernel, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
+// launch(cfg, slice, ring) launches it (the kernels' parameters differ); ring_kb 0: no ring.
+template <typename Kernel, typename Launch>
+bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning& tune, int ring_kb, int device,
+                   cudaStream_t stream, const Launch& launch) {
   const int smem_optin = device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, smem_optin - 2048);  // 2 KiB static
-  auto kernel = a.P.eps != 0.f ? rows::slice_rows_kernel<T, true> : rows::slice_rows_kernel<T, false>;
   const void* key = reinterpret_cast<const void*>(kernel);
   // Clusters need the kernel's sm_90 code: PTX of an older arch, JIT-compiled, has the one-CTA version.
   const int ptx = launch_fact(device, key, kFactPtx, 0, [&] {
@@ -176,8 +177,8 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
     if (slice * 16 > budget) continue;
     // The ring: ring_kb of slots, at least the slice rounded up to 256 chunks (4 KiB); off where it would not fit.
     const int64_t rounded = (slice + rows::kSliceThreads - 1) / rows::kSliceThreads * rows::kSliceThreads;
-    const int64_t wanted = int64_t{tune.ring_kb} * 64 / rows::kSliceThreads * rows::kSliceThreads;
-    int64_t ring = tune.ring_kb > 0 ? std::max(rounded, wanted) : 0;
+    const int64_t wanted = int64_t{ring_kb} * 64 / rows::kSliceThreads * rows::kSliceThreads;
+    int64_t ring = ring_kb > 0 ? std::max(rounded, wanted) : 0;
     if (ring * 16 > smem_optin - 2048) ring = 0;
     const int bytes = static_cast<int>((ring ? ring : slice) * 16);
     const bool cluster16 = n <= 8 || launch_fact(device, key, kFactCluster16, 0, [&] {
@@ -213,16 +214,32 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
       return r;
     });
     if (resident <= 0) continue;
-    cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(a.L.rows(), resident) * n));
-    C10_CUDA_CHECK(
-        cudaLaunchKernelEx(&cfg, kernel, a, static_cast<int>(slice), static_cast<int>(ring), tune.prefetch));
+    cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(rows, resident) * n));
+    C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring)));
     return true;
   }
   return false;
 }
 
-at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
-                         c10::optional<at::ScalarType> dtype);
+// The loss + gradient of rows staged in shared memory: slice_rows (ring, prefetch) or, under `pipeline`, its
+// one-sweep form slice_pipe (no ring: the next row's copies run through the whole sweep).
+template <typename T>
+bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
+                       cudaStream_t stream) {
+  const bool spread = a.P.eps != 0.f;
+  if (tune.pipeline) {
+    auto kernel = spread ? rows::slice_pipe_kernel<T, true> : rows::slice_pipe_kernel<T, false>;
+    return launch_slices(kernel, a.L.rows(), chunks, tune, 0, device, stream,
+                         [&](cudaLaunchConfig_t& cfg, int slice, int) { return cudaLaunchKernelEx(&cfg, kernel, a, slice); });
+  }
+  auto kernel = spread ? rows::slice_rows_kernel<T, true> : rows::slice_rows_kernel<T, false>;
+  return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
+                       [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
+                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch);
+                       });
+}
+
+at::Tensor sum_values(const at::Tensor& values, const at::Tensor& divisor, c10::optional<at::ScalarType> dtype);
 
 // Whether the warp-row kernel with warp_ahead takes rows of `chunks` chunks (not with smoothing).
 bool warp_ahead_applies(int64_t chunks, double eps, const CudaTuning& tune) {
@@ -299,7 +316,7 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
                                           : launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
     if (partial) {  // a fixed grid on a given device: a fixed order
       TORCH_INTERNAL_ASSERT(blocks > 0 && blocks <= partials.numel(), "warp_ahead: ", blocks, " loss partials");
-      o.loss_sum = sum_rows_cuda(partials.narrow(0, 0, blocks), o.loss_divisor, o.loss_dtype);
+      o.loss_sum = sum_values(partials.narrow(0, 0, blocks), o.loss_divisor, o.loss_dtype);
       o.loss_finished = true;
     }
     return true;
@@ -357,7 +374,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, cuda_tuning().l2_keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
-      o.loss_sum = sum_rows_cuda(partials, o.loss_divisor, o.loss_dtype);
+      o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);
       o.loss_finished = true;
     }
     return true;
@@ -447,11 +464,10 @@ __global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, i
   }
 }
 
-// The sum of `values`, divided by `divisor` (0-d, their dtype) and cast to `dtype` where given.
-at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
-                         c10::optional<at::ScalarType> dtype) {
-  check_loss_finish(divisor, dtype, values.scalar_type(), values.device(), "sum_rows");
-  const at::Tensor div = divisor.value_or(at::Tensor());
+// The sum of `values`, divided by `divisor` (0-d, their dtype; undefined: none) and cast to `dtype` where given.
+// A plain tensor, not an optional: an undefined one converted to an optional reads as given (H200, 2026-11-27:
+// every reduction='sum' training call failed with "tensor does not have a device").
+at::Tensor sum_values(const at::Tensor& values, const at::Tensor& div, c10::optional<at::ScalarType> dtype) {
   if (values.numel() > kOneBlockRows || !values.is_contiguous() || !at::isFloatingType(values.scalar_type()) ||
       values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16)
     return finish_loss(values.sum(), div, dtype);  // CUDA's reduction order is fixed for a given size and device
@@ -467,6 +483,12 @@ at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tenso
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                         c10::optional<at::ScalarType> dtype) {
+  check_loss_finish(divisor, dtype, values.scalar_type(), values.device(), "sum_rows");
+  return sum_values(values, divisor.value_or(at::Tensor()), dtype);
 }
 
 // The device's address of a status in host memory: it must be pinned and mapped (torch's pinned memory is).
@@ -491,7 +513,7 @@ void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status, o.logits.get_device());
   launch_dtypes(mode, L, o);
   if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) {  // fixed order; the mean and dtype in the same launch
-    o.loss_sum = sum_rows_cuda(o.loss, o.loss_divisor, o.loss_dtype);
+    o.loss_sum = sum_values(o.loss, o.loss_divisor, o.loss_dtype);
     o.loss_finished = true;
   }
 }
