@@ -10,14 +10,15 @@ import torch.nn.functional as F
 import softmax_ce_ext
 from softmax_ce_ext import tuning
 
-FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1), "ring": dict(slice_kb=1, ring_kb=8),
-            "ahead": dict(ring_kb=72, warp_ahead=True, l2_keep=True),
+FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(slice_kb=1, ring_kb=8),
+            "ahead": dict(ring_kb=72, warp_ahead=True, l2_keep=True), "pipeline": dict(pipeline=True),
+            "pipeline-clusters": dict(slice_kb=1, pipeline=True),
             "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"), "legacy": dict(path="legacy")}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),
           ((8, 50257), "odd vocabulary"), ((4, 32000), "slices"), ((2, 21, 16, 16), "k-dim"),
-          ((2048, 3001), "many rows per CTA: the next row's copies (prefetch, ring) at work"),
+          ((2048, 3001), "many rows per CTA: the next row's copies (prefetch, ring, pipeline) at work"),
           ((16384, 300), "more rows than resident warps: warp_ahead's next-row loads at work")]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -49,7 +50,7 @@ def main():
                     le, ge = errors(shape, dtype, inplace)
                     ok = le <= TOL[dtype] and ge <= TOL[dtype]
                     bad |= not ok
-                    print(f"{family:>9} {'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'inplace' if inplace else '':>7}"
+                    print(f"{family:>17} {'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'inplace' if inplace else '':>7}"
                           f" loss {le:.1e} grad {ge:.1e} {'' if ok else 'MISMATCH'}  ({why})", flush=True)
     return 1 if bad else 0
 

@@ -9,15 +9,17 @@
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       GPU_CHECK_PARTS="build smoke compile_debug sanitize tests bench variants probe ncu grid compile"
-#                run in that order (default: build smoke compile_debug tests bench variants, the last one cut
-#                first if the call runs long; a second call naming build probe ncu measures where the time goes:
+#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests bench variants ceilings probe ncu grid compile"
+#                (default: build smoke compile_debug tests bench variants ceilings, the last ones cut first if the
+#                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
-#   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs.
+#   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs
+#                (the default parts write 8 files: build, smoke, compile_debug, tests_core, bench x2, variants,
+#                ceilings).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
-PARTS=" ${GPU_CHECK_PARTS:-build smoke compile_debug tests bench variants} "
+PARTS=" ${GPU_CHECK_PARTS:-build smoke compile_debug tests bench variants ceilings} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -27,11 +29,11 @@ stamp() { echo "== $1 ($(date -u +%T))"; }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1; } \
-  2>&1 | tee "$OUT/env.log"
+  2>&1 | tee "$OUT/build.log"  # at most 8 files come back: the environment heads the build log
 
 if part build; then
   stamp "build (ptxas -v: registers and spills per kernel)"
-  if ! (time SCE_PTXAS_VERBOSE=1 timeout 150 $PY -m pip install --no-build-isolation --no-deps -v -e .) > "$OUT/build.log" 2>&1; then
+  if ! (time SCE_PTXAS_VERBOSE=1 timeout 150 $PY -m pip install --no-build-isolation --no-deps -v -e .) >> "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   grep -E "softmax_ce_ext build|^real" "$OUT/build.log"
@@ -44,7 +46,7 @@ fi
 
 if part smoke; then
   stamp "smoke: every CUDA kernel family on four shapes"
-  timeout 45 $PY benchmarks/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+  timeout 60 $PY benchmarks/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -73,7 +75,7 @@ if part tests; then
   stamp "torch.compile tests on the CPU too (this machine's torch differs from CI's)"
   timeout 90 $PY -m pytest -q -p no:cacheprovider --maxfail=10 -k "cpu and not cuda and (fullgraph or inplace or bfloat16)" \
     tests/test_compile.py 2>&1 \
-    | tee "$OUT/tests_compile_cpu.log" | tail -5
+    | tee -a "$OUT/tests_core.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -89,7 +91,13 @@ if part variants; then
   stamp "our CUDA settings not yet default, side by side with the defaults (benchmarks/providers.py VARIANTS)"
   timeout 100 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_ring72 ours_ring108 ours_s48_ring72 ours_warp_ahead ours_l2keep 2>&1 | tee "$OUT/variants.log"
+    --providers ours ours_noring ours_pipeline ours_pipeline_s36 ours_warp_ahead ours_l2keep 2>&1 | tee "$OUT/variants.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part ceilings; then
+  stamp "ceilings: plain read+write kernels (torch copy, torch.exp, our gradient from the lse) beside our fwd+bwd"
+  timeout 60 $PY benchmarks/gpu_probe.py --ceilings 2>&1 | tee "$OUT/ceilings.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -2,7 +2,7 @@
 the launches queued behind a GPU spin, and each tuning's gradient compared with the default's.  --ncu: run one
 call of each profiled configuration, once, for `ncu`; --profile: every kernel one call launches, with its
 device time (torch.profiler), for the shapes where the small kernels around the main one weigh most
-(benchmarks/gpu_check.sh, part 'probe')."""
+(benchmarks/gpu_check.sh, part 'probe'); --ceilings: what plain read+write kernels reach here (part 'ceilings')."""
 
 import argparse
 import statistics
@@ -17,11 +17,12 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
 DEFAULT = tuning.BUILT_IN
-# Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, and the
-# ring (ring_kb of shared memory per CTA: 72 keeps 3 CTAs per SM, 108 two, 216 one).
+# Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, the ring
+# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two, 216 one; 0 none), and the
+# pipelined slices (one sweep per row) at 64 / 48 / 32 KiB slices.
 TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),
-           dict(prefetch=False), dict(ring_kb=72), dict(ring_kb=108), dict(ring_kb=216), dict(slice_kb=48, ring_kb=72),
-           dict(slice_kb=48, ring_kb=108), dict(slice_kb=32, ring_kb=72)]
+           dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(ring_kb=216), dict(slice_kb=48, ring_kb=108),
+           dict(pipeline=True), dict(pipeline=True, slice_kb=48), dict(pipeline=True, slice_kb=36)]
 # Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32; 262144x256: VPT 2 / 4 and ~80 rows per resident warp).
 WARP_TUNINGS = [{}, dict(warp_ahead=True)]
 SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
@@ -103,13 +104,51 @@ def profile_cases():
         torch.cuda.empty_cache()
 
 
+CEILING_SHAPES = [(8192, 128256), (8192, 32000)]
+
+
+def ceilings(reps):
+    """What a kernel that reads N*C elements and writes N*C reaches on this card, beside our fused pass: torch's
+    copy, torch.exp into a second buffer (one exponential per element), our gradient from a saved lse (the
+    backward of reduction='none'), our fwd+bwd (default, and the pipelined slices).  Floor: 2*N*C*E bytes."""
+    bw = copy_bandwidth("cuda")
+    print(f"ceilings: read + write N*C elements; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
+    for shape in CEILING_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            case = Case(shape, dtype, "cuda", 0.0, 0)
+            x, t = case.inputs[0], case.target
+            y = torch.empty_like(x)
+            floor = 2 * case.nbytes / bw / 1e6
+            xg = x.detach().requires_grad_()
+            rows = softmax_ce_ext.cross_entropy(xg, t, reduction="none")
+            up = torch.ones_like(rows)
+            runs = [("torch copy_", lambda: y.copy_(x)), ("torch.exp(out=)", lambda: torch.exp(x, out=y)),
+                    ("ours: grad from lse", lambda: torch.autograd.grad(rows, xg, up, retain_graph=True)),
+                    ("ours: fwd+bwd", lambda: call(case, "fwd+bwd"))]
+            for name, fn in runs:
+                fn()
+                ms = statistics.median(timed(fn, "cuda", 1.0) for _ in range(reps))
+                print(f"{'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {name:>22} {ms:7.3f} {100 * floor / ms:6.1f}%",
+                      flush=True)
+            with tuning.using(pipeline=True):
+                call(case, "fwd+bwd")
+                ms = statistics.median(timed(lambda: call(case, "fwd+bwd"), "cuda", 1.0) for _ in range(reps))
+            print(f"{'x'.join(map(str, shape)):>12} {str(dtype)[6:]:>8} {'ours: fwd+bwd pipeline':>22} {ms:7.3f} "
+                  f"{100 * floor / ms:6.1f}%", flush=True)
+            del case, x, t, y, xg, rows, up
+            torch.cuda.empty_cache()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ncu", action="store_true", help="one call of each profiled configuration")
     p.add_argument("--profile", action="store_true", help="the kernels of one call, with device times")
+    p.add_argument("--ceilings", action="store_true", help="read+write kernels of torch and ours, side by side")
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args()
-    if args.ncu:
+    if args.ceilings:
+        ceilings(args.reps)
+    elif args.ncu:
         ncu_cases()
     elif args.profile:
         profile_cases()

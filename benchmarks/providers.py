@@ -124,10 +124,11 @@ class FlashAttn(_TritonPeer):
 
 VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", path="legacy"),
             OursTuned("ours_nocluster", cluster_max=1), OursTuned("ours_noprefetch", prefetch=False),
-            # the ring: 72 KiB keeps 3 CTAs per SM (8 KiB of the next row ahead at 62.5 KiB slices), 108 KiB 2 CTAs
-            # (44 KiB ahead); 48 KiB slices in a 72 KiB ring: clusters twice as large, the whole next row ahead
-            OursTuned("ours_ring72", ring_kb=72), OursTuned("ours_ring108", ring_kb=108),
-            OursTuned("ours_s48_ring72", slice_kb=48, ring_kb=72),
+            # the ring (72 KiB, the default since 2026-11-27: 3 CTAs per SM, 8 KiB of the next row ahead at 62.5
+            # KiB slices): none, or 108 KiB (2 CTAs, 44 KiB ahead)
+            OursTuned("ours_noring", ring_kb=0), OursTuned("ours_ring108", ring_kb=108),
+            # the slices in one sweep per row: gradient, the next row's copies and statistics (64 / 32 KiB slices)
+            OursTuned("ours_pipeline", pipeline=True), OursTuned("ours_pipeline_s36", slice_kb=36, pipeline=True),
             # warp rows: a resident grid, each warp loading its next row before computing this one
             OursTuned("ours_warp_ahead", warp_ahead=True),
             # K-dim: the targets read by the mean's denominator kept in L2 (evict-last) for the loss kernel
