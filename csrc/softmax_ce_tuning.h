@@ -1,7 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _WARP_AHEAD, _L2_KEEP, _PIPELINE).
+// _WARP_AHEAD, _L2_KEEP, _PIPELINE, _STREAM_LOADS).
 #pragma once
 
 #include <string>
@@ -20,10 +20,11 @@ struct CudaTuning {
   bool l2_keep;     // K-dim: the mean's denominator keeps the targets in L2 for the loss kernel (cache hints)
   bool pipeline;    // slice kernel: one sweep writes a row's gradient, copies the next row and takes its statistics
                     // (always copies ahead, in the slice's own slots: prefetch and ring_kb do not apply)
+  int stream_loads;  // streaming kernel, gradient from a saved lse, no smoothing: 16-byte loads per thread (4 or 8)
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, bool pipeline);
+                     bool warp_ahead, bool l2_keep, bool pipeline, int stream_loads);
 
 }  // namespace softmax_ce

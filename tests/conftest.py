@@ -40,6 +40,7 @@ CUDA_PATHS = {
     "pipeline-clusters": (dict(slice_kb=1, pipeline=True), "the same over clusters of 1 KiB slices"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
+    "stream8": (dict(path="stream", stream_loads=8), "the same with 8 loads in flight per thread"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),
 }
 KERNEL_PATHS = [("cpu", isa) for isa in CPU_ISAS] + [("cuda", name) for name in CUDA_PATHS]

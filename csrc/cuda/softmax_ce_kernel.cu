@@ -281,8 +281,10 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
     return 0;
   int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads
   while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
-  rows::stream_rows_kernel<T, kStats, kGrad, kSpread>
-      <<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
+  constexpr bool kFixed = kStats || kSpread;  // 4 loads (2, smoothing + both): 8 spilled or took 105-118 registers
+  auto kernel = tune.stream_loads == 8 && !kFixed ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8>
+                                                  : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4>;
+  kernel<<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return 0;
 }

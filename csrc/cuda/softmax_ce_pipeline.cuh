@@ -21,10 +21,14 @@ __device__ __forceinline__ void chunk_stats(float& m, float& sum, float& A, floa
   constexpr int E = Chunk<T>::E;
   float v[E];
   Chunk<T>::unpack(u, v);
-  if (edge) mask_chunk(v, first, C);
-  float cm = v[0];
+  float cm = -kInf;  // NaN never becomes the max; it poisons the sum
+  if (edge) {
+    mask_chunk(v, first, C);
 #pragma unroll
-  for (int e = 1; e < E; ++e) cm = fmaxf(cm, v[e]);  // NaN never becomes the max; it poisons the sum
+    for (int e = 0; e < E; ++e) cm = fmaxf(cm, v[e]);
+  } else {
+    cm = chunk_max<T>(u, cm);
+  }
   if (cm > m) {  // from m = -FLT_MAX (0 * 2^-inf): an all -inf chunk never computes (-inf) - (-inf)
     sum *= ex2((m - cm) * kLog2e);
     if (kSpread && A != 0.f) D += (cm - m) * A;
@@ -45,15 +49,8 @@ __global__ void __launch_bounds__(kSliceThreads, 3) slice_pipe_kernel(Args<T> a,
   const int64_t C = L.C, rows = L.rows();
   const int tid = threadIdx.x;
   const float* w = a.P.weight;
-  unsigned rank = 0, n = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  rank = cluster.block_rank();
-  n = cluster.num_blocks();
-  if (n > 1) cluster.sync();  // every CTA of the cluster has started before anyone writes to its shared memory
-#endif
-  int parity = 0;
+  SliceCluster cl;
+  const unsigned rank = cl.rank, n = cl.n;
   const int64_t step = gridDim.x / n;
   const int64_t k0 = rank * static_cast<int64_t>(slice);
   // This CTA's chunks of a row (may be <= 0) and its end chunks as slice indices (-1 where outside the slice).
@@ -74,23 +71,6 @@ __global__ void __launch_bounds__(kSliceThreads, 3) slice_pipe_kernel(Args<T> a,
     }
     return r;
   };
-  // This CTA's statistics -> the row's, merged over the cluster in the same order in every CTA (the same bits).
-  const auto exchange = [&](OnlineStats<float> st) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (n > 1) {
-      if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
-      cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
-      const float4 p0 = peer[parity][0];
-      st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
-      for (unsigned q = 1; q < n; ++q) {
-        const float4 pq = peer[parity][q];
-        merge_ex2(st, pq.x, pq.y, pq.z, pq.w);
-      }
-      parity ^= 1;
-    }
-#endif
-    return st;
-  };
 
   int64_t r = blockIdx.x / n, t = r < rows ? Row<T, true>::target_of(a, r) : 0;
   r = next_valid(r, t);
@@ -110,7 +90,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3) slice_pipe_kernel(Args<T> a,
       chunk_stats<T, kSpread>(m, sum, A, D, staged[j], j == e0 || j == e1, row.xk.first_class(k0 + j), C, w);
     w_t = w ? w[t] : 1.f;
     g = row.grad_factors(a, w_t);
-    st = exchange(block_stats<kSpread>(m, sum, A, D));
+    st = cl.exchange(block_stats<kSpread>(m, sum, A, D), peer);
   }
   int64_t t_ahead = r + step < rows ? Row<T, true>::target_of(a, r + step) : 0;
   for (;;) {
@@ -167,7 +147,7 @@ __global__ void __launch_bounds__(kSliceThreads, 3) slice_pipe_kernel(Args<T> a,
       chunk_stats<T, kSpread>(m, sum, A, D, staged[js], js == n0 || js == n1, next.xk.first_class(k0 + js), C, w);
     w_t = w ? w[tn] : 1.f;
     g = next.grad_factors(a, w_t);
-    st = exchange(block_stats<kSpread>(m, sum, A, D));
+    st = cl.exchange(block_stats<kSpread>(m, sum, A, D), peer);
     r = rn, t = tn;
   }
 }

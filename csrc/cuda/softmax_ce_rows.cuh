@@ -101,6 +101,42 @@ __device__ __forceinline__ void merge_ex2(OnlineStats<float>& st, float om, floa
   st.m = nm;
 }
 
+// The CTAs that share a row (a cluster on sm_90, else one CTA): this CTA's rank, their number, and the exchange
+// of each one's statistics through distributed shared memory, in a `peer` array declared by the kernel and
+// double-buffered by row parity (a CTA one exchange ahead never overwrites a slot still being read).
+struct SliceCluster {
+  unsigned rank = 0, n = 1;
+  int parity = 0;
+  __device__ SliceCluster() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    rank = cluster.block_rank();
+    n = cluster.num_blocks();
+    if (n > 1) cluster.sync();  // every CTA of the cluster has started before anyone writes to its shared memory
+#endif
+  }
+  // This CTA's statistics -> the row's, merged in the same order in every CTA (the same bits).  Every CTA of the
+  // cluster calls it once per row that it does not skip (they skip the same rows).
+  __device__ OnlineStats<float> exchange(OnlineStats<float> st, float4 (&peer)[2][kMaxCluster]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (n > 1) {
+      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+      const int tid = threadIdx.x;
+      if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
+      cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
+      const float4 p0 = peer[parity][0];
+      st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
+      for (unsigned q = 1; q < n; ++q) {
+        const float4 pq = peer[parity][q];
+        merge_ex2(st, pq.x, pq.y, pq.z, pq.w);
+      }
+      parity ^= 1;
+    }
+#endif
+    return st;
+  }
+};
+
 // status is null for the gradient-only ops (the forward that came first already reported the target).  It is
 // usually pinned host memory (no copy after each launch): plain stores, as PCIe has no atomics to host memory;
 // the target before the flag, so a host that sees the flag sees a bad target (any row's: all are reported).
@@ -306,13 +342,17 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     if (kStats) {
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) {
+      for (int j = 0; j < VPT; ++j) {  // NaN never becomes the max; it poisons the sum
         const int64_t k = j * 32 + lane;
         if (k >= xk.count) continue;
+        if (k != he && k != te) {
+          m = chunk_max<T>(u[j], m);
+          continue;
+        }
         float v[E];
         chunk_values(row, u[j], k, he, te, C, v);
 #pragma unroll
-        for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);  // NaN never becomes the max; it poisons the sum
+        for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);
       }
       m = warp_max(m);
       float sum = 0.f, A = 0.f, D = 0.f;
@@ -370,9 +410,11 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
 
 // ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
 // kSpread: a minimum of 1 CTA per SM lets ptxas keep the smoothing sums in registers (it spilled at 64).
-template <typename T, bool kStats, bool kGrad, bool kSpread>
+// kLoads: U for the gradient from a saved lse without smoothing (tuning stream_loads: 4, or 8 for more bytes in
+// flight per SM).
+template <typename T, bool kStats, bool kGrad, bool kSpread, int kLoads>
 __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_kernel(Args<T> a) {
-  constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : 4;  // U = 4 spilled there
+  constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : kLoads;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -397,13 +439,17 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
         // Unpacked twice (max, then sum) rather than held as U*E floats: registers for the loads in flight.
         float gm = m;
 #pragma unroll
-        for (int i = 0; i < U; ++i) {
+        for (int i = 0; i < U; ++i) {  // NaN never becomes the max; it poisons the sum
           const int64_t k = k0 + static_cast<int64_t>(i) * nt;
           if (k >= xk.count) break;
+          if (k != he && k != te) {
+            gm = chunk_max<T>(u[i], gm);
+            continue;
+          }
           float v[E];
           chunk_values(row, u[i], k, he, te, C, v);
 #pragma unroll
-          for (int e = 0; e < E; ++e) gm = fmaxf(gm, v[e]);  // NaN never becomes the max; it poisons the sum
+          for (int e = 0; e < E; ++e) gm = fmaxf(gm, v[e]);
         }
         if (gm > m) {
           sum *= ex2((m - gm) * kLog2e);
@@ -481,15 +527,8 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   const int wrap = ring ? ring : slice;  // without the ring every row starts at slot 0 and never wraps
   // The slot of chunk j of a row that starts at slot `first` (both < wrap).
   const auto at = [wrap](int first, int j) { return first + j >= wrap ? first + j - wrap : first + j; };
-  unsigned rank = 0, n = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  rank = cluster.block_rank();
-  n = cluster.num_blocks();
-  if (n > 1) cluster.sync();  // every CTA of the cluster has started before anyone writes to its shared memory
-#endif
-  int parity = 0;  // flips once per exchange, so a CTA two exchanges ahead never overwrites a slot in use
+  SliceCluster cl;
+  const unsigned rank = cl.rank, n = cl.n;
   const int64_t step = gridDim.x / n;
   int64_t r = blockIdx.x / n;
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
@@ -534,12 +573,17 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
     copy_async_wait_prior();  // this row's chunks have landed; the next row's first ones may still be in flight
     float m = -FLT_MAX;  // the lowest finite value: an all -inf slice never computes (-inf) - (-inf)
-    for (int j = tid; j < nj; j += kSliceThreads) {
+    for (int j = tid; j < nj; j += kSliceThreads) {  // NaN never becomes the max; it poisons the sum
+      const uint4 u = staged[at(first, j)];
+      if (j != e0 && j != e1) {
+        m = chunk_max<T>(u, m);
+        continue;
+      }
       float v[E];
-      Chunk<T>::unpack(staged[at(first, j)], v);
-      if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
+      Chunk<T>::unpack(u, v);
+      mask_chunk(v, xk.first_class(k0 + j), C);
 #pragma unroll
-      for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);  // NaN never becomes the max; it poisons the sum
+      for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);
     }
     float sum = 0.f, A = 0.f, D = 0.f;
     for (int j = tid; j < nj; j += kSliceThreads) {
@@ -557,19 +601,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int64_t kt = row.target_chunk();
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
     const int et = row.target_lane();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (n > 1) {
-      if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
-      cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
-      const float4 p0 = peer[parity][0];
-      st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
-      for (unsigned q = 1; q < n; ++q) {  // the same order in every CTA: the same bits
-        const float4 pq = peer[parity][q];
-        merge_ex2(st, pq.x, pq.y, pq.z, pq.w);
-      }
-      parity ^= 1;
-    }
-#endif
+    st = cl.exchange(st, peer);
     const float lse = lse_of(st.m, st.s);
     if (jt >= 0 && jt % kSliceThreads == tid) {  // x_t's chunk is this thread's own: its staged copy is intact
       float v[E], x_t = 0.f;
