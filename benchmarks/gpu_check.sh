@@ -9,7 +9,7 @@
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s 590)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests bench variants ceilings probe ncu grid compile"
+#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests bench variants ceilings probe ncu stalls grid compile"
 #                (default: build smoke compile_debug tests bench variants ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -93,6 +93,9 @@ if part variants; then
     --dtype bfloat16 float32 --mode fwd+bwd \
     --providers ours ours_noring ours_pipeline ours_pipeline_s36 ours_warp_ahead ours_l2keep 2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
+    --mode fwd none+bwd --providers ours ours_stream8 2>&1 | tee -a "$OUT/variants.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if part ceilings; then
@@ -110,11 +113,20 @@ fi
 
 if part ncu; then
   stamp "ncu: one call of each main kernel (throughput, occupancy, issue, stalls)"
-  timeout 90 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 5 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 6 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats $PY benchmarks/gpu_probe.py --ncu > "$OUT/ncu.log" 2>&1
   grep -E "ncu case|_kernel|Duration|DRAM Throughput|L2 Hit|Achieved Occupancy|Registers Per|Issued Warp|Grid Size" \
     "$OUT/ncu.log" | head -60
+fi
+
+if part stalls; then
+  stamp "ncu: why warps wait (stall reasons per warp, %), the same kernels"
+  STALLS=$(printf 'smsp__warp_issue_stalled_%s_per_warp_active.pct,' barrier long_scoreboard short_scoreboard membar \
+    mio_throttle lg_throttle math_pipe_throttle wait selected not_selected dispatch_stall no_instruction)
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 6 \
+    --metrics "${STALLS%,}" $PY benchmarks/gpu_probe.py --ncu > "$OUT/stalls.log" 2>&1
+  grep -E "ncu case|_kernel|stalled" "$OUT/stalls.log" | sed 's/smsp__warp_issue_stalled_//' | head -90
 fi
 
 if part grid; then

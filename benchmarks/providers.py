@@ -129,6 +129,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_noring", ring_kb=0), OursTuned("ours_ring108", ring_kb=108),
             # the slices in one sweep per row: gradient, the next row's copies and statistics (64 / 32 KiB slices)
             OursTuned("ours_pipeline", pipeline=True), OursTuned("ours_pipeline_s36", slice_kb=36, pipeline=True),
+            # the streaming kernel (forward, gradient from the lse) with 8 16-byte loads in flight per thread, not 4
+            OursTuned("ours_stream8", stream_loads=8),
             # warp rows: a resident grid, each warp loading its next row before computing this one
             OursTuned("ours_warp_ahead", warp_ahead=True),
             # K-dim: the targets read by the mean's denominator kept in L2 (evict-last) for the loss kernel
