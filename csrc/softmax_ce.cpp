@@ -88,7 +88,7 @@ struct TuningState {
         ring_kb(env_int("SOFTMAX_CE_CUDA_RING_KB", 72)),
         warp_ahead(env_int("SOFTMAX_CE_CUDA_WARP_AHEAD", 0) != 0),
         l2_keep(env_int("SOFTMAX_CE_CUDA_L2_KEEP", 0) != 0),
-        pipeline(env_int("SOFTMAX_CE_CUDA_PIPELINE", 0) != 0),
+        pipeline(env_int("SOFTMAX_CE_CUDA_PIPELINE", 0)),
         stream_loads(env_int("SOFTMAX_CE_CUDA_STREAM_LOADS", 4)) {}
 };
 
@@ -101,12 +101,12 @@ TuningState& state() {
 CudaTuning cuda_tuning() {
   TuningState& s = state();
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
-          s.ring_kb.load(), s.warp_ahead.load() != 0, s.l2_keep.load() != 0, s.pipeline.load() != 0,
+          s.ring_kb.load(), s.warp_ahead.load() != 0, s.l2_keep.load() != 0, s.pipeline.load(),
           s.stream_loads.load()};
 }
 
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, bool pipeline, int stream_loads) {
+                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads) {
   const CudaPath p = parse_path(path);
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
                     slice_kb);
@@ -114,6 +114,8 @@ void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, boo
                     "set_cuda_tuning: expected cluster_max 1, 2, 4, 8 or 16, got ", cluster_max);
   TORCH_CHECK_VALUE(ring_kb >= 0 && ring_kb <= 227, "set_cuda_tuning: expected ring_kb in [0, 227] (0: off), got ",
                     ring_kb);
+  TORCH_CHECK_VALUE(pipeline == 0 || pipeline == 4 || pipeline == 8,
+                    "set_cuda_tuning: expected pipeline 0 (off), 4 or 8 copies in flight per thread, got ", pipeline);
   TORCH_CHECK_VALUE(stream_loads == 4 || stream_loads == 8, "set_cuda_tuning: expected stream_loads 4 or 8, got ",
                     stream_loads);
   TuningState& s = state();

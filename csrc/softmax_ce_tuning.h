@@ -18,13 +18,13 @@ struct CudaTuning {
   int ring_kb;      // slice kernel: shared memory per CTA as a ring holding this row and the next one's start (0: off)
   bool warp_ahead;  // warp rows: a resident grid, each warp loading its next row before computing this one
   bool l2_keep;     // K-dim: the mean's denominator keeps the targets in L2 for the loss kernel (cache hints)
-  bool pipeline;    // slice kernel: one sweep writes a row's gradient, copies the next row and takes its statistics
-                    // (always copies ahead, in the slice's own slots: prefetch and ring_kb do not apply)
+  int pipeline;     // slice kernel (0: off): one sweep writes a row's gradient, copies the next row and takes its
+                    // statistics this many copies behind, 4 or 8 (prefetch and ring_kb do not apply)
   int stream_loads;  // streaming kernel, gradient from a saved lse, no smoothing: 16-byte loads per thread (4 or 8)
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, bool pipeline, int stream_loads);
+                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads);
 
 }  // namespace softmax_ce

@@ -12,7 +12,7 @@ FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "warp_ahead"
 # The defaults without environment variables (csrc/softmax_ce.cpp, TuningState): what tests and benchmarks set
 # as their baseline, whatever the environment says.
 BUILT_IN = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=72, warp_ahead=False, l2_keep=False,
-                pipeline=False, stream_loads=4)
+                pipeline=0, stream_loads=4)
 
 
 def get() -> dict:

@@ -36,8 +36,9 @@ CUDA_PATHS = {
     "clusters-ring": (dict(slice_kb=1, ring_kb=8), "the same, each CTA's slots a ring holding the next row too"),
     "ahead": (dict(ring_kb=72, warp_ahead=True, l2_keep=True), "the defaults plus the loads of the next row ahead "
               "(ring, warps) and the K-dim targets kept in L2"),
-    "pipeline": (dict(pipeline=True), "the slices in one sweep per row: gradient, next row's copies and statistics"),
-    "pipeline-clusters": (dict(slice_kb=1, pipeline=True), "the same over clusters of 1 KiB slices"),
+    "pipeline": (dict(pipeline=8), "the slices in one sweep per row: gradient, next row's copies and statistics "
+                 "8 copies behind"),
+    "pipeline-clusters": (dict(slice_kb=1, pipeline=4), "the same 4 copies behind, over clusters of 1 KiB slices"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
     "stream8": (dict(path="stream", stream_loads=8), "the same with 8 loads in flight per thread"),

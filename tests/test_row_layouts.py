@@ -106,18 +106,20 @@ def test_long_rows_special_values(device, kernel_path, case, reduction):
 # How the slice kernel stages a cluster's rows, as (slice_kb, ring_kb, prefetch, rows), and why each is here.
 # 3001 classes: 751 float32 chunks, 376 bfloat16 ones.
 SLICE_SCHEDULES = {
-    "no-prefetch": ((1, 0, False, False, 1000, 3001), "each row copied, waited for, then used (1 KiB slices: "
+    "no-prefetch": ((1, 0, False, 0, 1000, 3001), "each row copied, waited for, then used (1 KiB slices: "
                     "clusters of 8-16)"),
-    "prefetch": ((1, 0, True, False, 1000, 3001), "the next row copied into the slots the gradient sweep frees"),
-    "ring-whole-row": ((1, 8, True, False, 1000, 3001), "a 512-slot ring: all of the next row's slice copied before "
+    "prefetch": ((1, 0, True, 0, 1000, 3001), "the next row copied into the slots the gradient sweep frees"),
+    "ring-whole-row": ((1, 8, True, 0, 1000, 3001), "a 512-slot ring: all of the next row's slice copied before "
                        "the statistics (64-chunk slices need 256 slots each)"),
-    "ring-head-and-tail": ((6, 12, True, False, 12000, 3001), "a 768-slot ring, 376-chunk slices needing 512: the "
+    "ring-head-and-tail": ((6, 12, True, 0, 12000, 3001), "a 768-slot ring, 376-chunk slices needing 512: the "
                            "next row's first 256 chunks before the statistics, the rest during the gradient sweep; "
                            "rows wrap around the ring (12000 rows: each CTA walks ~10 of them)"),
-    "pipeline-short": ((1, 0, True, True, 1000, 3001), "one sweep per row (gradient, next row's copies and "
+    "pipeline-short": ((1, 0, True, 4, 1000, 3001), "one sweep per row (gradient, next row's copies and "
                        "statistics), fewer chunks per thread than copies in flight: statistics after the sweep"),
-    "pipeline-long": ((24, 0, True, True, 3000, 20000), "the same with ~5 chunks per thread: statistics inside the "
+    "pipeline-long": ((24, 0, True, 4, 3000, 20000), "the same with ~5 chunks per thread: statistics inside the "
                       "sweep, 4 copies behind; clusters of 2 (bf16) or 4 (fp32), each walking ~6 rows"),
+    "pipeline-lag8": ((48, 0, True, 8, 3000, 40000), "~10 chunks per thread, statistics 8 copies behind; clusters "
+                      "of 2 (bf16) or 4 (fp32)"),
 }
 
 

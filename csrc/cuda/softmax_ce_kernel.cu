@@ -228,7 +228,8 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
                        cudaStream_t stream) {
   const bool spread = a.P.eps != 0.f;
   if (tune.pipeline) {
-    auto kernel = spread ? rows::slice_pipe_kernel<T, true> : rows::slice_pipe_kernel<T, false>;
+    auto kernel = tune.pipeline == 8 ? (spread ? rows::slice_pipe_kernel<T, true, 8> : rows::slice_pipe_kernel<T, false, 8>)
+                                     : (spread ? rows::slice_pipe_kernel<T, true, 4> : rows::slice_pipe_kernel<T, false, 4>);
     return launch_slices(kernel, a.L.rows(), chunks, tune, 0, device, stream,
                          [&](cudaLaunchConfig_t& cfg, int slice, int) { return cudaLaunchKernelEx(&cfg, kernel, a, slice); });
   }

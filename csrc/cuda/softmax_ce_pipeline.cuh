@@ -11,9 +11,6 @@
 namespace softmax_ce {
 namespace rows {
 
-// Trips between a chunk's copy and its statistics: copies in flight per thread (each 16 bytes).
-constexpr int kPipeLag = 4;
-
 // One staged chunk into the online statistics: the max re-based only when this chunk raises it.
 template <typename T, bool kSpread>
 __device__ __forceinline__ void chunk_stats(float& m, float& sum, float& A, float& D, const uint4& u, bool edge,
@@ -41,7 +38,8 @@ __device__ __forceinline__ void chunk_stats(float& m, float& sum, float& A, floa
 
 // The slot plan is slice_rows' without a ring: chunk j of every row in slot j, thread j % 256's own.  3 CTAs per
 // SM (80 registers): ptxas otherwise chose 64 for one instantiation and spilled.
-template <typename T, bool kSpread>
+// kLag: trips between a chunk's copy and its statistics, i.e. copies in flight per thread (each 16 bytes).
+template <typename T, bool kSpread, int kLag>
 __global__ void __launch_bounds__(kSliceThreads, 3) slice_pipe_kernel(Args<T> a, int slice) {
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
@@ -133,9 +131,9 @@ __global__ void __launch_bounds__(kSliceThreads, 3) slice_pipe_kernel(Args<T> a,
       // After the store, which depends on the staged values: this thread's read of slot j is complete.
       if (j < nn) copy_async16(&staged[j], nbase + j);
       copy_async_commit();  // one group per trip (maybe empty): the wait below counts trips
-      if (trip >= kPipeLag) {
+      if (trip >= kLag) {
         if (js < nn) {
-          copy_async_wait_all_but<kPipeLag>();  // the copy of kLag trips ago (chunk js) has landed
+          copy_async_wait_all_but<kLag>();  // the copy of kLag trips ago (chunk js) has landed
           chunk_stats<T, kSpread>(m, sum, A, D, staged[js], js == n0 || js == n1, next.xk.first_class(k0 + js), C, w);
         }
         js += kSliceThreads;
