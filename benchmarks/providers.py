@@ -127,8 +127,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # the ring (72 KiB, the default since 2026-11-27: 3 CTAs per SM, 8 KiB of the next row ahead at 62.5
             # KiB slices): none, or 108 KiB (2 CTAs, 44 KiB ahead)
             OursTuned("ours_noring", ring_kb=0), OursTuned("ours_ring108", ring_kb=108),
-            # the slices in one sweep per row: gradient, the next row's copies and statistics (64 / 32 KiB slices)
-            OursTuned("ours_pipeline", pipeline=True), OursTuned("ours_pipeline_s36", slice_kb=36, pipeline=True),
+            # the slices in one sweep per row: gradient, the next row's copies and statistics 4 or 8 copies behind
+            OursTuned("ours_pipeline", pipeline=4), OursTuned("ours_pipeline8", pipeline=8),
             # the streaming kernel (forward, gradient from the lse) with 8 16-byte loads in flight per thread, not 4
             OursTuned("ours_stream8", stream_loads=8),
             # warp rows: a resident grid, each warp loading its next row before computing this one
