@@ -16,16 +16,10 @@ template <typename T, bool kSpread>
 __device__ __forceinline__ void chunk_stats(float& m, float& sum, float& A, float& D, const uint4& u, bool edge,
                                             int64_t first, int64_t C, const float* w) {
   constexpr int E = Chunk<T>::E;
+  const float cm = chunk_max_masked<T>(u, -kInf, edge, first, C);
   float v[E];
   Chunk<T>::unpack(u, v);
-  float cm = -kInf;  // NaN never becomes the max; it poisons the sum
-  if (edge) {
-    mask_chunk(v, first, C);
-#pragma unroll
-    for (int e = 0; e < E; ++e) cm = fmaxf(cm, v[e]);
-  } else {
-    cm = chunk_max<T>(u, cm);
-  }
+  if (edge) mask_chunk(v, first, C);
   if (cm > m) {  // from m = -FLT_MAX (0 * 2^-inf): an all -inf chunk never computes (-inf) - (-inf)
     sum *= ex2((m - cm) * kLog2e);
     if (kSpread && A != 0.f) D += (cm - m) * A;

@@ -157,6 +157,19 @@ __device__ __forceinline__ void mask_chunk(float (&v)[E], int64_t first, int64_t
     if (first + e < 0 || first + e >= C) v[e] = -kInf;
 }
 
+// max(m, the chunk's values): the packed compare (chunk_max) where no lane is outside the row, else the masked
+// values one by one.  NaN never becomes the max; it poisons the sum.
+template <typename T>
+__device__ __forceinline__ float chunk_max_masked(const uint4& u, float m, bool edge, int64_t first, int64_t C) {
+  if (!edge) return chunk_max<T>(u, m);
+  float v[Chunk<T>::E];
+  Chunk<T>::unpack(u, v);
+  mask_chunk(v, first, C);
+#pragma unroll
+  for (int e = 0; e < Chunk<T>::E; ++e) m = fmaxf(m, v[e]);
+  return m;
+}
+
 // a_c of the smoothing term (the class weight; 0 outside the row).
 __device__ __forceinline__ float class_weight(const float* weight, int64_t c, int64_t C) {
   if (c < 0 || c >= C) return 0.f;
@@ -342,17 +355,9 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     if (kStats) {
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) {  // NaN never becomes the max; it poisons the sum
+      for (int j = 0; j < VPT; ++j) {
         const int64_t k = j * 32 + lane;
-        if (k >= xk.count) continue;
-        if (k != he && k != te) {
-          m = chunk_max<T>(u[j], m);
-          continue;
-        }
-        float v[E];
-        chunk_values(row, u[j], k, he, te, C, v);
-#pragma unroll
-        for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);
+        if (k < xk.count) m = chunk_max_masked<T>(u[j], m, k == he || k == te, xk.first_class(k), C);
       }
       m = warp_max(m);
       float sum = 0.f, A = 0.f, D = 0.f;
@@ -439,17 +444,10 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
         // Unpacked twice (max, then sum) rather than held as U*E floats: registers for the loads in flight.
         float gm = m;
 #pragma unroll
-        for (int i = 0; i < U; ++i) {  // NaN never becomes the max; it poisons the sum
+        for (int i = 0; i < U; ++i) {
           const int64_t k = k0 + static_cast<int64_t>(i) * nt;
           if (k >= xk.count) break;
-          if (k != he && k != te) {
-            gm = chunk_max<T>(u[i], gm);
-            continue;
-          }
-          float v[E];
-          chunk_values(row, u[i], k, he, te, C, v);
-#pragma unroll
-          for (int e = 0; e < E; ++e) gm = fmaxf(gm, v[e]);
+          gm = chunk_max_masked<T>(u[i], gm, k == he || k == te, xk.first_class(k), C);
         }
         if (gm > m) {
           sum *= ex2((m - gm) * kLog2e);
@@ -573,18 +571,8 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
     copy_async_wait_prior();  // this row's chunks have landed; the next row's first ones may still be in flight
     float m = -FLT_MAX;  // the lowest finite value: an all -inf slice never computes (-inf) - (-inf)
-    for (int j = tid; j < nj; j += kSliceThreads) {  // NaN never becomes the max; it poisons the sum
-      const uint4 u = staged[at(first, j)];
-      if (j != e0 && j != e1) {
-        m = chunk_max<T>(u, m);
-        continue;
-      }
-      float v[E];
-      Chunk<T>::unpack(u, v);
-      mask_chunk(v, xk.first_class(k0 + j), C);
-#pragma unroll
-      for (int e = 0; e < E; ++e) m = fmaxf(m, v[e]);
-    }
+    for (int j = tid; j < nj; j += kSliceThreads)
+      m = chunk_max_masked<T>(staged[at(first, j)], m, j == e0 || j == e1, xk.first_class(k0 + j), C);
     float sum = 0.f, A = 0.f, D = 0.f;
     for (int j = tid; j < nj; j += kSliceThreads) {
       float v[E];
