@@ -78,7 +78,7 @@ int env_int(const char* name, int fallback) {
 }
 
 struct TuningState {
-  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads;
+  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads, lean;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
@@ -89,7 +89,8 @@ struct TuningState {
         warp_ahead(env_int("SOFTMAX_CE_CUDA_WARP_AHEAD", 0) != 0),
         l2_keep(env_int("SOFTMAX_CE_CUDA_L2_KEEP", 0) != 0),
         pipeline(env_int("SOFTMAX_CE_CUDA_PIPELINE", 0)),
-        stream_loads(env_int("SOFTMAX_CE_CUDA_STREAM_LOADS", 4)) {}
+        stream_loads(env_int("SOFTMAX_CE_CUDA_STREAM_LOADS", 4)),
+        lean(env_int("SOFTMAX_CE_CUDA_LEAN", 0) != 0) {}
 };
 
 TuningState& state() {
@@ -102,11 +103,11 @@ CudaTuning cuda_tuning() {
   TuningState& s = state();
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
           s.ring_kb.load(), s.warp_ahead.load() != 0, s.l2_keep.load() != 0, s.pipeline.load(),
-          s.stream_loads.load()};
+          s.stream_loads.load(), s.lean.load() != 0};
 }
 
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads) {
+                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads, bool lean) {
   const CudaPath p = parse_path(path);
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
                     slice_kb);
@@ -128,6 +129,7 @@ void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, boo
   s.l2_keep = l2_keep;
   s.pipeline = pipeline;
   s.stream_loads = stream_loads;
+  s.lean = lean;
 }
 }  // namespace softmax_ce
 
@@ -137,12 +139,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas", &softmax_ce::cpu_isas, "The instruction sets this CPU can run, best first.");
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
   m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
-        "slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads (softmax_ce_ext.tuning "
+        "slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads, lean (softmax_ce_ext.tuning "
         "wraps this; all checked before any is set).");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
     return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max,
-                           t.prefetch, t.ring_kb, t.warp_ahead, t.l2_keep, t.pipeline, t.stream_loads);
-  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads).");
+                           t.prefetch, t.ring_kb, t.warp_ahead, t.l2_keep, t.pipeline, t.stream_loads,
+                           t.lean);
+  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads, "
+        "lean).");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
 }

@@ -1,7 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _WARP_AHEAD, _L2_KEEP, _PIPELINE, _STREAM_LOADS).
+// _WARP_AHEAD, _L2_KEEP, _PIPELINE, _STREAM_LOADS, _LEAN).
 #pragma once
 
 #include <string>
@@ -21,10 +21,11 @@ struct CudaTuning {
   int pipeline;     // slice kernel (0: off): one sweep writes a row's gradient, copies the next row and takes its
                     // statistics this many copies behind, 4 or 8 (prefetch and ring_kb do not apply)
   int stream_loads;  // streaming kernel, gradient from a saved lse, no smoothing: 16-byte loads per thread (4 or 8)
+  bool lean;         // slice kernel, no smoothing: sweeps without per-chunk tests, exponent arguments as one FFMA
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads);
+                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads, bool lean);
 
 }  // namespace softmax_ce

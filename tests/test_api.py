@@ -118,7 +118,7 @@ def test_cuda_tuning_is_set_and_restored():
     before = tuning.get()
     assert set(before) == set(tuning.FIELDS)
     changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, warp_ahead=True, l2_keep=True,
-                   pipeline=8, stream_loads=8)
+                   pipeline=8, stream_loads=8, lean=True)
     with tuning.using(**changed):
         assert tuning.get() == changed
     assert tuning.get() == before

@@ -103,6 +103,35 @@ def test_long_rows_special_values(device, kernel_path, case, reduction):
     torch.testing.assert_close(ga, gb, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+# Rows centred far from 0: where the lean sweeps fold the exponent's subtraction into one FFMA (|max| and
+# |lse| < 2^12, Exp2Base) and where they may not, on both sides of that bound; the target's class is the max.
+CENTRES = {
+    "near 0": 0.0,
+    "30": 30.0,
+    "-2000": -2000.0,
+    "4000 (folded, 2^(+1.2) per term)": 4000.0,
+    "5000 (past the bound: subtraction)": 5000.0,
+}
+
+
+@pytest.mark.parametrize("centre", list(CENTRES), ids=list(CENTRES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_centred_far_from_zero(device, kernel_path, centre, dtype):
+    g = torch.Generator().manual_seed(9)
+    c = 20000
+    x = (torch.randn(4, c, generator=g) * 4 + CENTRES[centre]).to(dtype)
+    t = torch.randint(0, c, (4,), generator=g)
+    t[0] = int(x[0].float().argmax())
+    x, t = x.to(device), t.to(device)
+    scale = x.float().abs().max().item()
+    for reduction in ("mean", "none"):
+        grad_out = (torch.rand(() if reduction == "mean" else (4,), generator=g) + 0.5).to(device)
+        loss, grad = ours(x, t, grad_out, reduction=reduction)
+        ref_loss, ref_grad = reference(x, t, grad_out, reduction=reduction)
+        assert_close(loss, ref_loss, dtype, f"{reduction} loss", logit_scale=scale)
+        assert_close(grad, ref_grad, dtype, f"{reduction} grad", logit_scale=scale)
+
+
 # How the slice kernel stages a cluster's rows, as (slice_kb, ring_kb, prefetch, rows), and why each is here.
 # 3001 classes: 751 float32 chunks, 376 bfloat16 ones.
 SLICE_SCHEDULES = {
@@ -127,26 +156,31 @@ SLICE_SCHEDULES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
-def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace):
+@pytest.mark.parametrize("sweeps", ["smoothed", "lean"])
+def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, sweeps):
     """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
     ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh),
     and so are a run of rows in the middle and the last third (several skipped in a row; nothing left to fetch);
     offset-by-one rows alternate between chunk counts, so the next row's slice can be a chunk longer than this
-    row's."""
+    row's.  sweeps: label smoothing (the smoothing sums), or none under the lean sweeps (tuning lean), whose
+    interior trips skip the end chunks and step over the ring's wrap."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
     slice_kb, ring_kb, prefetch, pipeline, rows, classes = SLICE_SCHEDULES[schedule][0]
+    if sweeps == "lean" and pipeline:
+        pytest.skip("the pipelined slices have no lean sweeps")
+    smoothing = 0.1 if sweeps == "smoothed" else 0.0
     x, t, g = _logits(rows, classes, dtype, device, offset, seed=11)
     t[::7] = -100
     t[rows // 2:rows // 2 + 300] = -100
     t[-(rows // 3):] = -100  # with ~500-1000 clusters walking the rows: each skips its last few in a row
     with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb,
-                      pipeline=pipeline):
+                      pipeline=pipeline, lean=sweeps == "lean"):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
-        loss = cross_entropy(xi, t, label_smoothing=0.1, inplace_backward=inplace)
+        loss = cross_entropy(xi, t, label_smoothing=smoothing, inplace_backward=inplace)
         (grad,) = torch.autograd.grad(loss, xo)
-    ref_loss, ref_grad = reference(x, t, torch.ones((), device=device), label_smoothing=0.1)
+    ref_loss, ref_grad = reference(x, t, torch.ones((), device=device), label_smoothing=smoothing)
     scale = x.abs().max().item()
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)

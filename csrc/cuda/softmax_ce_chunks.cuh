@@ -120,6 +120,24 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 constexpr float kLog2e = 1.4426950408889634f;
+// kLog2e = kLog2eHi + kLog2eLo exactly, 12 significant bits each: a product with an 11-bit value is exact.
+constexpr float kLog2eHi = 0x1.714p+0f;
+constexpr float kLog2eLo = 0x1.476p-12f;
+
+// 2^((x - b) log2 e) as ex2(fmaf(x, kLog2e, c)) * k: one FFMA per element instead of a subtraction and a
+// product, with the bits of the subtraction kept.  c = -b' kLog2eHi is exact for b' = b cut to 11 significant
+// bits (every bfloat16/half b is its own b'), and k = 2^(b' kLog2eHi - b kLog2e) is one accurate exp2f per row,
+// its argument formed exactly but for one rounding ((b' - b) and b' kLog2eLo are exact).  For |b| < 2^12 only
+// (fits), where ex2's argument is off from (x - b) log2 e by at most ~7: no overflow, nothing that matters flushed.
+struct Exp2Base {
+  float c, k;
+  __device__ static bool fits(float b) { return fabsf(b) < 0x1p12f; }  // false for inf and NaN
+  __device__ explicit Exp2Base(float b) {
+    const float b11 = __uint_as_float(__float_as_uint(b) & 0xffffe000u);
+    c = -b11 * kLog2eHi;
+    k = exp2f(fmaf(b11 - b, kLog2e, -b11 * kLog2eLo));
+  }
+};
 
 // 16 bytes from global to shared memory without passing through registers (sm_80+), and the wait for them.
 __device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {

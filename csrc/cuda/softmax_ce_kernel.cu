@@ -233,7 +233,9 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
     return launch_slices(kernel, a.L.rows(), chunks, tune, 0, device, stream,
                          [&](cudaLaunchConfig_t& cfg, int slice, int) { return cudaLaunchKernelEx(&cfg, kernel, a, slice); });
   }
-  auto kernel = spread ? rows::slice_rows_kernel<T, true> : rows::slice_rows_kernel<T, false>;
+  auto kernel = spread      ? rows::slice_rows_kernel<T, true, false>
+                : tune.lean ? rows::slice_rows_kernel<T, false, true>
+                            : rows::slice_rows_kernel<T, false, false>;
   return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
                        [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
                          return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch);

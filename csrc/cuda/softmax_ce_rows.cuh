@@ -14,7 +14,9 @@
 
 #include <cooperative_groups.h>
 
+#include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "softmax_ce_chunks.cuh"
 #include "softmax_ce_stats.cuh"
@@ -500,6 +502,36 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
   }
 }
 
+// lean sweeps (slice_rows): this thread's chunks j = tid + 256 i of a slice of nj chunks whose chunk 0 sits at
+// ring slot `first`.  first and the ring are multiples of 256, so the ring wraps between two trips (at trip iw);
+// the row's end chunks (masked lanes) can only be the slice's first and last, so they are a thread's first and
+// last trips: the interior trips [i0, i1) need no test, and the end chunks are done apart (edges).
+struct OwnChunks {
+  int first, wrap, iw, i0, i1;
+  int e0, e1;  // the end chunks that are this thread's own (slice indices), or -1
+  __device__ OwnChunks(int first_slot, int ring, int nj, int head_end, int tail_end)
+      : first(first_slot), wrap(ring), iw(ring ? (ring - first_slot) / kSliceThreads : INT_MAX) {
+    const int tid = threadIdx.x;
+    const int n = nj > tid ? (nj - 1 - tid) / kSliceThreads + 1 : 0;
+    e0 = head_end >= 0 && head_end % kSliceThreads == tid ? head_end : -1;  // head_end is 0 here
+    e1 = tail_end >= 0 && tail_end % kSliceThreads == tid && tail_end != head_end ? tail_end : -1;  // nj - 1
+    i0 = e0 >= 0 ? 1 : 0;
+    i1 = e1 >= 0 ? n - 1 : n;
+  }
+  template <class F>
+  __device__ __forceinline__ void interior(F&& body) const {  // body(slot, j)
+    const int tid = threadIdx.x;
+    int i = i0;
+    for (; i < min(i1, iw); ++i) body(first + tid + i * kSliceThreads, tid + i * kSliceThreads);
+    for (; i < i1; ++i) body(first - wrap + tid + i * kSliceThreads, tid + i * kSliceThreads);
+  }
+  template <class F>
+  __device__ __forceinline__ void edges(F&& body) const {  // body(j)
+    if (e0 >= 0) body(e0);
+    if (e1 >= 0) body(e1);
+  }
+};
+
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
 // [rank * slice, (rank + 1) * slice) of its row in shared memory.  Each thread copies, and later reads, only its
 // own chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
@@ -513,8 +545,9 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
-template <typename T, bool kSpread>
+template <typename T, bool kSpread, bool kLean>
 __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch) {
+  static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
@@ -570,17 +603,50 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int e0 = he >= k0 && he < k0 + nj ? static_cast<int>(he - k0) : -1;
     const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
     copy_async_wait_prior();  // this row's chunks have landed; the next row's first ones may still be in flight
-    float m = -FLT_MAX;  // the lowest finite value: an all -inf slice never computes (-inf) - (-inf)
-    for (int j = tid; j < nj; j += kSliceThreads)
-      m = chunk_max_masked<T>(staged[at(first, j)], m, j == e0 || j == e1, xk.first_class(k0 + j), C);
-    float sum = 0.f, A = 0.f, D = 0.f;
-    for (int j = tid; j < nj; j += kSliceThreads) {
-      float v[E];
+    const OwnChunks own(first, ring, nj, e0, e1);  // kLean only
+    const auto edge_values = [&](int j, float (&v)[E]) {
       Chunk<T>::unpack(staged[at(first, j)], v);
-      if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
+      mask_chunk(v, xk.first_class(k0 + j), C);
+    };
+    float m = -FLT_MAX;  // the lowest finite value: an all -inf slice never computes (-inf) - (-inf)
+    float sum = 0.f, A = 0.f, D = 0.f;
+    if constexpr (kLean) {
+      own.interior([&](int p, int) { m = chunk_max<T>(staged[p], m); });
+      own.edges([&](int j) { m = chunk_max_masked<T>(staged[at(first, j)], m, true, xk.first_class(k0 + j), C); });
+      // The sum with its exponent arguments as one FFMA (Exp2Base) where this thread's max allows it.
+      const auto sweep = [&](auto folded) {
+        const Exp2Base base(folded ? m : 0.f);
+        const auto add = [&](const float (&v)[E]) {
 #pragma unroll
-      for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
-      if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
+          for (int e = 0; e < E; ++e) sum += ex2(folded ? fmaf(v[e], kLog2e, base.c) : (v[e] - m) * kLog2e);
+        };
+        own.interior([&](int p, int) {
+          float v[E];
+          Chunk<T>::unpack(staged[p], v);
+          add(v);
+        });
+        own.edges([&](int j) {
+          float v[E];
+          edge_values(j, v);
+          add(v);
+        });
+        if (folded) sum *= base.k;
+      };
+      if (Exp2Base::fits(m))
+        sweep(std::true_type{});
+      else
+        sweep(std::false_type{});
+    } else {
+      for (int j = tid; j < nj; j += kSliceThreads)
+        m = chunk_max_masked<T>(staged[at(first, j)], m, j == e0 || j == e1, xk.first_class(k0 + j), C);
+      for (int j = tid; j < nj; j += kSliceThreads) {
+        float v[E];
+        Chunk<T>::unpack(staged[at(first, j)], v);
+        if (j == e0 || j == e1) mask_chunk(v, xk.first_class(k0 + j), C);
+#pragma unroll
+        for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+        if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
+      }
     }
     OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
     // What does not need the row's statistics (global loads among it): in flight while the cluster waits.
@@ -591,8 +657,10 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int et = row.target_lane();
     st = cl.exchange(st, peer);
     const float lse = lse_of(st.m, st.s);
-    if (jt >= 0 && jt % kSliceThreads == tid) {  // x_t's chunk is this thread's own: its staged copy is intact
-      float v[E], x_t = 0.f;
+    const bool holds_t = jt >= 0 && jt % kSliceThreads == tid;
+    float x_t = 0.f;
+    if (holds_t) {  // x_t's chunk is this thread's own: its staged copy is intact
+      float v[E];
       Chunk<T>::unpack(staged[at(first, jt)], v);
 #pragma unroll
       for (int e = 0; e < E; ++e) x_t = e == et ? v[e] : x_t;  // a run-time index would put v in local memory
@@ -600,7 +668,40 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     }
     if (tid == 0 && rank == 0) a.lse[r] = lse;
     uint4* gk = row.grad_chunks() + k0;
-    for (int j = tid; j < nj; j += kSliceThreads) {
+    if (kLean && same_shift) {
+      // Every chunk as if it held no target (p * p_mul), x_t's gradient stored again after it by the same thread.
+      const auto sweep = [&](auto folded) {
+        const Exp2Base base(folded ? lse : 0.f);
+        const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
+        // 64-bit pointers stepped per trip: from the 32-bit j, each address cost 4 instructions (sm_90 SASS).
+        const int j0 = tid + own.i0 * kSliceThreads, copy_end = nn - head;
+        uint4* gp = gk + j0;
+        const uint4* np = nbase + head + j0;
+        own.interior([&](int p, int j) {
+          float v[E], out[E];
+          Chunk<T>::unpack(staged[p], v);
+#pragma unroll
+          for (int e = 0; e < E; ++e)
+            out[e] = ex2(folded ? fmaf(v[e], kLog2e, base.c) : (v[e] - lse) * kLog2e) * p_mul;
+          store_stream(gp, Chunk<T>::pack(out));
+          if (j < copy_end) copy_async16(&staged[p], np);
+          gp += kSliceThreads, np += kSliceThreads;
+        });
+      };
+      if (Exp2Base::fits(lse))
+        sweep(std::true_type{});
+      else
+        sweep(std::false_type{});
+      own.edges([&](int j) {
+        float v[E], out[E];
+        edge_values(j, v);
+        chunk_grad<E, false>(out, v, lse, g, w, xk.first_class(k0 + j), C, -1);
+        store_chunk(gr, xk, same_shift, k0 + j, C, out);
+        if (j + head < nn) copy_async16(&staged[at(first, j)], nbase + j + head);
+      });
+      if (holds_t) gr[t] = static_cast<T>(ex2((x_t - lse) * kLog2e) * g.p_mul - g.t_sub);
+    }
+    for (int j = tid; !(kLean && same_shift) && j < nj; j += kSliceThreads) {
       const int p = at(first, j);
       float v[E], out[E];
       Chunk<T>::unpack(staged[p], v);
