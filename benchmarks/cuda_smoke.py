@@ -13,7 +13,10 @@ from softmax_ce_ext import tuning
 FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(slice_kb=1, ring_kb=8),
             "ahead": dict(ring_kb=72, warp_ahead=True, l2_keep=True), "pipeline": dict(pipeline=8),
             "pipeline-clusters": dict(slice_kb=1, pipeline=4),
-            "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"), "stream8": dict(path="stream", stream_loads=8), "legacy": dict(path="legacy")}
+            "lean": dict(lean=True), "lean-ring": dict(slice_kb=1, ring_kb=8, lean=True),
+            "lean-stream": dict(path="stream", lean=True),
+            "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"),
+            "stream8": dict(path="stream", stream_loads=8), "legacy": dict(path="legacy")}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace softmax_ce {
 namespace chunks {
@@ -138,6 +139,24 @@ struct Exp2Base {
     k = exp2f(fmaf(b11 - b, kLog2e, -b11 * kLog2eLo));
   }
 };
+
+// A loop in its two compiled forms: sweep(std::true_type{}) with the exponent arguments folded, else
+// sweep(std::false_type{}) with the subtraction kept.
+template <class F>
+__device__ __forceinline__ void folded_or_not(bool fold, F&& sweep) {
+  if (fold)
+    sweep(std::true_type{});
+  else
+    sweep(std::false_type{});
+}
+
+// p * p_mul for a chunk's values, p = 2^((v - b) log2 e): folded by `base` (Exp2Base of b), or not.
+template <bool kFolded, int E>
+__device__ __forceinline__ void chunk_p(float (&out)[E], const float (&v)[E], float b, const Exp2Base& base,
+                                        float p_mul) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = ex2(kFolded ? fmaf(v[e], kLog2e, base.c) : (v[e] - b) * kLog2e) * p_mul;
+}
 
 // 16 bytes from global to shared memory without passing through registers (sm_80+), and the wait for them.
 __device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {

@@ -19,9 +19,31 @@ using rows::kInf;
 constexpr int kMaxClasses = 192;
 constexpr int kBlockBudget = 96 * 1024;
 
+// Exp2Base for each of a thread's E positions (one base each); fits: whether every one can be folded.
+template <int E>
+struct Exp2Bases {
+  float c[E], k[E];
+  __device__ static bool fit(const float (&b)[E]) {
+    bool all = true;
+#pragma unroll
+    for (int i = 0; i < E; ++i) all = all && Exp2Base::fits(b[i]);
+    return all;
+  }
+  __device__ explicit Exp2Bases(const float (&b)[E]) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const Exp2Base base(b[i]);
+      c[i] = base.c, k[i] = base.k;
+    }
+  }
+};
+
 // l2_hints: the logits and targets are read with L2 evict-first priority, the targets being read last here after
 // the mean's denominator kernel read them with evict-last (so that they can stay in L2 while the logits stream).
-template <typename T, bool kStats, bool kGrad>
+// kLean (tuning lean, no smoothing): exponent arguments as one FFMA (Exp2Base, where every position's base fits),
+// the gradient sweep without the smoothing term or a per-element test of the target's class (each position's
+// target gradient stored again after it, by the same thread), its store pointer stepped per class.
+template <typename T, bool kStats, bool kGrad, bool kLean>
 __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hints) {
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
@@ -77,12 +99,20 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
 #pragma unroll
         for (int i = 0; i < E; ++i) m[i] = fmaxf(m[i], v[i]);  // NaN never becomes the max; it poisons s
       }
-      for (int c = 0; c < Ci; ++c) {
-        float v[E];
-        chunk(c, v);
+      // Folded where every position's max fits (positions past the row's end included).
+      folded_or_not(kLean && Exp2Bases<E>::fit(m), [&](auto folded) {
+        const Exp2Bases<E> base(m);  // unused (and dropped) unfolded
+        for (int c = 0; c < Ci; ++c) {
+          float v[E];
+          chunk(c, v);
 #pragma unroll
-        for (int i = 0; i < E; ++i) s[i] += ex2((v[i] - m[i]) * kLog2e);
-      }
+          for (int i = 0; i < E; ++i) s[i] += ex2(folded ? fmaf(v[i], kLog2e, base.c[i]) : (v[i] - m[i]) * kLog2e);
+        }
+        if (folded) {
+#pragma unroll
+          for (int i = 0; i < E; ++i) s[i] *= base.k[i];
+        }
+      });
       if (spread) {  // the smoothing term, sum_c a_c (m - x_c), once each max is final
         for (int c = 0; c < Ci; ++c) {
           float v[E];
@@ -112,10 +142,40 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
 #pragma unroll
       for (int i = 0; i < E; ++i) lse[i] = i < n ? a.lse[b * S + s0 + i] : 0.f;
     }
+    RowGrad<float> rg[E];
     if (kGrad) {
-      RowGrad<float> rg[E];
 #pragma unroll
       for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t(i), W, a.P.eps, C);
+    }
+    if (kLean && kGrad) {
+      folded_or_not(Exp2Bases<E>::fit(lse), [&](auto folded) {
+        const Exp2Bases<E> base(lse);
+        float p_mul[E];
+#pragma unroll
+        for (int i = 0; i < E; ++i) p_mul[i] = folded ? rg[i].p_mul * base.k[i] : rg[i].p_mul;
+        T* gc = g;
+        for (int c = 0; c < Ci; ++c, gc += L.g_sC) {
+          float v[E];
+          chunk(c, v);
+#pragma unroll
+          for (int i = 0; i < E; ++i)
+            v[i] = ok(i) ? ex2(folded ? fmaf(v[i], kLog2e, base.c[i]) : (v[i] - lse[i]) * kLog2e) * p_mul[i] : fill(i);
+          if (n == E) {
+            store_stream(reinterpret_cast<uint4*>(gc), Chunk<T>::pack(v));
+          } else {
+#pragma unroll
+            for (int i = 0; i < E; ++i)
+              if (i < n) gc[i] = static_cast<T>(v[i]);
+          }
+        }
+      });
+#pragma unroll
+      for (int i = 0; i < E; ++i) {  // the target's class, over what the sweep stored there (x_t: still staged)
+        if (!ok(i)) continue;
+        const float x_t = static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]);
+        g[t[i] * L.g_sC + i] = static_cast<T>(rows::target_grad(x_t, lse[i], rg[i]));
+      }
+    } else if (kGrad) {
       for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);

@@ -259,14 +259,21 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
     // A warp per row; with warp_ahead (not with smoothing), only the warps that fit at once, each walking rows.
-    const bool ahead = warp_ahead_applies(chunks, a.P.eps, tune);
-    auto pick = [&](auto ahead_tag) {
+    // The lean sweeps where they apply (no smoothing, no rows ahead).
+    const bool ahead = warp_ahead_applies(chunks, a.P.eps, tune), lean = tune.lean && !kSpread && !ahead;
+    auto pick = [&](auto ahead_tag, auto lean_tag) {
       constexpr bool kAhead = decltype(ahead_tag)::value && !kSpread;
-      return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead>
-             : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, kAhead>
-                             : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kAhead>;
+      constexpr bool kLean = decltype(lean_tag)::value && !kSpread && !kAhead;
+      // Not the gradients of 2-byte rows of 129-256 chunks: lean, they spilled at 3 CTAs' 80 registers (the
+      // loss + gradient on sm_90, the gradient from the lse on sm_80).
+      constexpr bool kLean8 = kLean && !(sizeof(T) == 2 && kGrad);
+      return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead, kLean>
+             : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, kAhead, kLean>
+                             : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kAhead, kLean8>;
     };
-    auto kernel = ahead ? pick(std::true_type{}) : pick(std::false_type{});
+    auto kernel = ahead  ? pick(std::true_type{}, std::false_type{})
+                  : lean ? pick(std::false_type{}, std::true_type{})
+                         : pick(std::false_type{}, std::false_type{});
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
     if (ahead) {
       const int per_sm = launch_fact(device, reinterpret_cast<const void*>(kernel), 1, 0, [&] {
@@ -282,11 +289,16 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
   }
   if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream))
     return 0;
-  int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads
+  int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads; a power of two (the lean gradient's rule)
   while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
   constexpr bool kFixed = kStats || kSpread;  // 4 loads (2, smoothing + both): 8 spilled or took 105-118 registers
-  auto kernel = tune.stream_loads == 8 && !kFixed ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8>
-                                                  : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4>;
+  constexpr bool kCanLean = !kFixed && kGrad;  // lean: the gradient from a saved lse
+  const bool lean = kCanLean && tune.lean;
+  auto kernel = tune.stream_loads == 8 && !kFixed
+                    ? (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, kCanLean>
+                            : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, false>)
+                    : (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, kCanLean>
+                            : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, false>);
   kernel<<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return 0;
@@ -355,7 +367,8 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     while (threads > 32 && int64_t{threads} * L.C * 16 > columns::kBlockBudget) threads /= 2;
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = columns::columns_kernel<T, kStats, kGrad>;
+    auto kernel = cuda_tuning().lean && o.eps == 0.0 ? columns::columns_kernel<T, kStats, kGrad, true>
+                                                       : columns::columns_kernel<T, kStats, kGrad, false>;
     const void* key = reinterpret_cast<const void*>(kernel);
     launch_fact(device, key, kFactSmem, 0, [&] {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, columns::kBlockBudget));

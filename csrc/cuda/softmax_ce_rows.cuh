@@ -291,6 +291,28 @@ __device__ __forceinline__ void chunk_store(const Row<T, kGrad>& row, uint4* gk,
     store_chunk(row.g, row.xk, row.same_shift, k, C, out);
 }
 
+// lean sweeps: chunk k's gradient as if no class were the target's, p * p_mul (folded or not) in one 16-byte
+// store where `plain` (inside the row, the logits' alignment), else by the masked path, element by element.
+template <bool kFolded, typename T, bool kGrad>
+__device__ __forceinline__ void lean_chunk_store(const Row<T, kGrad>& row, uint4* gk, int64_t k, bool plain,
+                                                 const float (&v)[Chunk<T>::E], float lse, const Exp2Base& base,
+                                                 float p_mul, const RowGrad<float>& g, const float* w, int64_t C) {
+  float out[Chunk<T>::E];
+  if (plain) {
+    chunk_p<kFolded>(out, v, lse, base, p_mul);
+    store_stream(gk + k, Chunk<T>::pack(out));
+  } else {
+    chunk_grad<Chunk<T>::E, false>(out, v, lse, g, w, row.xk.first_class(k), C, -1);
+    store_chunk(row.g, row.xk, row.same_shift, k, C, out);
+  }
+}
+
+// lean sweeps: the gradient of the target's class, stored again over the sweep's p * p_mul by the same thread
+// (or after a __syncwarp).
+__device__ __forceinline__ float target_grad(float x_t, float lse, const RowGrad<float>& g) {
+  return ex2((x_t - lse) * kLog2e) * g.p_mul - g.t_sub;
+}
+
 // The smoothing sums of one chunk: A += a_c, D += a_c (m - x_c) over the classes in the row.
 template <int E>
 __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v)[E], float m, const float* w,
@@ -311,9 +333,12 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 // read before its target is known: an ignored row costs a wasted read of its chunks.  Its second buffer of
 // chunks needs registers: 2 CTAs per SM from 4 chunks per lane (3 spilled there).  With loss_partials (the
 // training pass, kAhead) each CTA sums its rows' losses in a fixed order instead of writing per-row loss and lse.
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead>
+// kLean (tuning lean; not with kSpread or kAhead): the end chunks found by 32-bit trip index, the exponent
+// arguments as one FFMA (Exp2Base), the target's class stored again by lane 0 after the sweep, not tested per chunk.
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead, bool kLean>
 __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) || (kAhead && VPT >= 4) ? 2 : 3)
     warp_rows_kernel(Args<T> a) {
+  static_assert(!(kLean && (kSpread || kAhead)), "the lean sweeps have no smoothing sums and no rows ahead");
   constexpr int E = Chunk<T>::E;
   const RowLayout& L = a.L;
   const int64_t C = L.C;
@@ -349,12 +374,46 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       }
       continue;
     }
-    const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
+    const float x_t = (kStats || kLean) && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
     if (!kAhead) load_chunks(xk, u);
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
+    // kLean: this lane's chunks are k = 32 j + lane, j < VPT, k < cnt; its end chunks as trip indices, or -1.
+    const int cnt = static_cast<int>(xk.count);
+    const int jh = he == 0 && lane == 0 ? 0 : -1;
+    const int je = te >= 0 && te % 32 == lane ? static_cast<int>(te / 32) : -1;
     float lse;
-    if (kStats) {
+    if (kLean && kStats) {
+      float m = -FLT_MAX;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        if (j * 32 + lane >= cnt) continue;
+        m = j == jh || j == je ? chunk_max_masked<T>(u[j], m, true, xk.first_class(j * 32 + lane), C)
+                               : chunk_max<T>(u[j], m);
+      }
+      m = warp_max(m);
+      float sum = 0.f;
+      const auto sweep = [&](auto folded) {  // m is the row's: the same choice in every lane
+        const Exp2Base base(folded ? m : 0.f);
+#pragma unroll
+        for (int j = 0; j < VPT; ++j) {
+          if (j * 32 + lane >= cnt) continue;
+          float v[E];
+          Chunk<T>::unpack(u[j], v);
+          if (j == jh || j == je) mask_chunk(v, xk.first_class(j * 32 + lane), C);
+#pragma unroll
+          for (int e = 0; e < E; ++e) sum += ex2(folded ? fmaf(v[e], kLog2e, base.c) : (v[e] - m) * kLog2e);
+        }
+        sum = warp_sum(sum);
+        if (folded) sum *= base.k;
+      };
+      folded_or_not(Exp2Base::fits(m), sweep);
+      lse = lse_of(m, sum);
+      if (lane == 0) {
+        a.lse[r] = lse;
+        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, 0.f, 0.f}, logf(sum), x_t, w_t, a.P.eps, C);
+      }
+    } else if (kStats) {
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
@@ -388,7 +447,26 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     } else {
       lse = a.lse[r];
     }
-    if (kGrad) {
+    if (kLean && kGrad) {
+      const RowGrad<float> g = row.grad_factors(a, w_t);
+      uint4* gk = row.grad_chunks();
+      __syncwarp();  // in place: lane 0's read of x_t is ordered before the stores below
+      folded_or_not(Exp2Base::fits(lse), [&](auto folded) {  // lse is the row's: the same choice in every lane
+        const Exp2Base base(folded ? lse : 0.f);
+        const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
+#pragma unroll
+        for (int j = 0; j < VPT; ++j) {
+          const int k = j * 32 + lane;
+          if (k >= cnt) continue;
+          float v[E];
+          Chunk<T>::unpack(u[j], v);
+          lean_chunk_store<decltype(folded)::value>(row, gk, k, same_shift && j != jh && j != je, v, lse, base, p_mul, g,
+                                                    w, C);
+        }
+      });
+      __syncwarp();  // every lane's stores before lane 0 stores x_t's gradient over its chunk's
+      if (lane == 0) gr[t] = static_cast<T>(target_grad(x_t, lse, g));
+    } else if (kGrad) {
       const RowGrad<float> g = row.grad_factors(a, w_t);
       const int64_t kt = row.target_chunk();
       const int et = row.target_lane();
@@ -415,12 +493,34 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   }
 }
 
+// The gradient sweeps of stream_rows: this thread's chunks k = tid + nt i, U loads issued before the first of them
+// is used, then body(k, chunk) for each.
+template <int U, typename T, class F>
+__device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int tid, int nt, F&& body) {
+  for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
+    uint4 u[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int64_t k = k0 + static_cast<int64_t>(i) * nt;
+      if (k < xk.count) u[i] = load_stream(xk.base + k);
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int64_t k = k0 + static_cast<int64_t>(i) * nt;
+      if (k >= xk.count) break;
+      body(k, u[i]);
+    }
+  }
+}
+
 // ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
 // kSpread: a minimum of 1 CTA per SM lets ptxas keep the smoothing sums in registers (it spilled at 64).
 // kLoads: U for the gradient from a saved lse without smoothing (tuning stream_loads: 4, or 8 for more bytes in
-// flight per SM).
-template <typename T, bool kStats, bool kGrad, bool kSpread, int kLoads>
+// flight per SM).  kLean (tuning lean; that gradient only): exponent arguments as one FFMA (Exp2Base), the
+// target's class not tested per chunk but stored again by the thread whose chunk holds it.
+template <typename T, bool kStats, bool kGrad, bool kSpread, int kLoads, bool kLean>
 __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_kernel(Args<T> a) {
+  static_assert(!(kLean && (kStats || kSpread || !kGrad)), "lean: the gradient from a saved lse, no smoothing");
   constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : kLoads;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
@@ -476,28 +576,34 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
     } else {
       lse = a.lse[r];
     }
-    if (kGrad) {
+    if (kLean) {
+      const RowGrad<float> g = row.grad_factors(a, w_t);
+      // x_t's chunk is this thread's (chunk k is thread k mod nt's; nt is 64, 128 or 256): only it writes there.
+      const bool holds_t = (row.target_chunk() & (nt - 1)) == tid;
+      const float x_t = holds_t ? static_cast<float>(xr[t]) : 0.f;  // before this thread's stores (in place)
+      uint4* gk = row.grad_chunks();
+      folded_or_not(Exp2Base::fits(lse), [&](auto folded) {  // lse is the row's: the same choice in every thread
+        const Exp2Base base(folded ? lse : 0.f);
+        const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
+        stream_chunks<U>(xk, tid, nt, [&](int64_t k, const uint4& chunk) {
+          float v[E];
+          Chunk<T>::unpack(chunk, v);
+          lean_chunk_store<decltype(folded)::value>(row, gk, k, same_shift && k != he && k != te, v, lse, base,
+                                                    p_mul, g, w, C);
+        });
+      });
+      if (holds_t) gr[t] = static_cast<T>(target_grad(x_t, lse, g));
+    } else if (kGrad) {
       const RowGrad<float> g = row.grad_factors(a, w_t);
       const int64_t kt = row.target_chunk();
       const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
-      for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
-        uint4 u[U];
-#pragma unroll
-        for (int i = 0; i < U; ++i) {
-          const int64_t k = k0 + static_cast<int64_t>(i) * nt;
-          if (k < xk.count) u[i] = load_stream(xk.base + k);
-        }
-#pragma unroll
-        for (int i = 0; i < U; ++i) {
-          const int64_t k = k0 + static_cast<int64_t>(i) * nt;
-          if (k >= xk.count) break;
-          float v[E], out[E];
-          Chunk<T>::unpack(u[i], v);
-          chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
-          chunk_store(row, gk, k, he, te, C, out);
-        }
-      }
+      stream_chunks<U>(xk, tid, nt, [&](int64_t k, const uint4& chunk) {
+        float v[E], out[E];
+        Chunk<T>::unpack(chunk, v);
+        chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+        chunk_store(row, gk, k, he, te, C, out);
+      });
     }
   }
 }
@@ -632,10 +738,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         });
         if (folded) sum *= base.k;
       };
-      if (Exp2Base::fits(m))
-        sweep(std::true_type{});
-      else
-        sweep(std::false_type{});
+      folded_or_not(Exp2Base::fits(m), sweep);
     } else {
       for (int j = tid; j < nj; j += kSliceThreads)
         m = chunk_max_masked<T>(staged[at(first, j)], m, j == e0 || j == e1, xk.first_class(k0 + j), C);
@@ -670,7 +773,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     uint4* gk = row.grad_chunks() + k0;
     if (kLean && same_shift) {
       // Every chunk as if it held no target (p * p_mul), x_t's gradient stored again after it by the same thread.
-      const auto sweep = [&](auto folded) {
+      folded_or_not(Exp2Base::fits(lse), [&](auto folded) {
         const Exp2Base base(folded ? lse : 0.f);
         const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
         // 64-bit pointers stepped per trip: from the 32-bit j, each address cost 4 instructions (sm_90 SASS).
@@ -680,26 +783,19 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         own.interior([&](int p, int j) {
           float v[E], out[E];
           Chunk<T>::unpack(staged[p], v);
-#pragma unroll
-          for (int e = 0; e < E; ++e)
-            out[e] = ex2(folded ? fmaf(v[e], kLog2e, base.c) : (v[e] - lse) * kLog2e) * p_mul;
+          chunk_p<decltype(folded)::value>(out, v, lse, base, p_mul);
           store_stream(gp, Chunk<T>::pack(out));
           if (j < copy_end) copy_async16(&staged[p], np);
           gp += kSliceThreads, np += kSliceThreads;
         });
-      };
-      if (Exp2Base::fits(lse))
-        sweep(std::true_type{});
-      else
-        sweep(std::false_type{});
-      own.edges([&](int j) {
-        float v[E], out[E];
-        edge_values(j, v);
-        chunk_grad<E, false>(out, v, lse, g, w, xk.first_class(k0 + j), C, -1);
-        store_chunk(gr, xk, same_shift, k0 + j, C, out);
-        if (j + head < nn) copy_async16(&staged[at(first, j)], nbase + j + head);
+        own.edges([&](int j) {
+          float v[E];
+          edge_values(j, v);
+          lean_chunk_store<decltype(folded)::value>(row, gk, k0 + j, false, v, lse, base, p_mul, g, w, C);
+          if (j + head < nn) copy_async16(&staged[at(first, j)], nbase + j + head);
+        });
       });
-      if (holds_t) gr[t] = static_cast<T>(ex2((x_t - lse) * kLog2e) * g.p_mul - g.t_sub);
+      if (holds_t) gr[t] = static_cast<T>(target_grad(x_t, lse, g));
     }
     for (int j = tid; !(kLean && same_shift) && j < nj; j += kSliceThreads) {
       const int p = at(first, j);
