@@ -99,7 +99,7 @@ if part variants; then
     --providers ours ours_lean ours_noring ours_pipeline8 ours_warp_ahead ours_l2keep 2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd none+bwd --providers ours ours_stream8 2>&1 | tee -a "$OUT/variants.log"
+    --mode fwd none+bwd --providers ours ours_stream8 ours_lean 2>&1 | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -21,7 +21,7 @@ struct CudaTuning {
   int pipeline;     // slice kernel (0: off): one sweep writes a row's gradient, copies the next row and takes its
                     // statistics this many copies behind, 4 or 8 (prefetch and ring_kb do not apply)
   int stream_loads;  // streaming kernel, gradient from a saved lse, no smoothing: 16-byte loads per thread (4 or 8)
-  bool lean;  // no smoothing: slices, warp rows, gradient from the lse, K-dim: no per-chunk tests, exponent by one FFMA
+  bool lean;  // no smoothing: slices, warp rows, streaming, K-dim: no per-chunk tests, exponent by one FFMA
 };
 
 CudaTuning cuda_tuning();

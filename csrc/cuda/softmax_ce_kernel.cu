@@ -292,7 +292,7 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
   int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads; a power of two (the lean gradient's rule)
   while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
   constexpr bool kFixed = kStats || kSpread;  // 4 loads (2, smoothing + both): 8 spilled or took 105-118 registers
-  constexpr bool kCanLean = !kFixed && kGrad;  // lean: the gradient from a saved lse
+  constexpr bool kCanLean = !kSpread && !(kStats && kGrad);  // lean: the forward, or the gradient from a saved lse
   const bool lean = kCanLean && tune.lean;
   auto kernel = tune.stream_loads == 8 && !kFixed
                     ? (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, kCanLean>

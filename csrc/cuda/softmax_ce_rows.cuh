@@ -516,11 +516,12 @@ __device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int tid, i
 // ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
 // kSpread: a minimum of 1 CTA per SM lets ptxas keep the smoothing sums in registers (it spilled at 64).
 // kLoads: U for the gradient from a saved lse without smoothing (tuning stream_loads: 4, or 8 for more bytes in
-// flight per SM).  kLean (tuning lean; that gradient only): exponent arguments as one FFMA (Exp2Base), the
-// target's class not tested per chunk but stored again by the thread whose chunk holds it.
+// flight per SM).  kLean (tuning lean, no smoothing; the forward or the gradient from a saved lse): the forward's
+// groups of U chunks inside the row without per-chunk tests; the gradient's exponent arguments as one FFMA
+// (Exp2Base), the target's class not tested per chunk but stored again by the thread whose chunk holds it.
 template <typename T, bool kStats, bool kGrad, bool kSpread, int kLoads, bool kLean>
 __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_kernel(Args<T> a) {
-  static_assert(!(kLean && (kStats || kSpread || !kGrad)), "lean: the gradient from a saved lse, no smoothing");
+  static_assert(!(kLean && (kSpread || (kStats && kGrad))), "lean: the forward or the gradient, no smoothing");
   constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : kLoads;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
@@ -542,6 +543,24 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
         for (int i = 0; i < U; ++i) {  // all U loads issued before the first is used
           const int64_t k = k0 + static_cast<int64_t>(i) * nt;
           if (k < xk.count) u[i] = kGrad ? __ldcg(xk.base + k) : load_stream(xk.base + k);  // kGrad: keep it in L2
+        }
+        // lean: a group with no chunk past the row's end and neither end chunk needs no per-chunk test.
+        if (kLean && k0 + static_cast<int64_t>(U - 1) * nt < (te >= 0 ? te : xk.count) && k0 > he) {
+          float gm = m;
+#pragma unroll
+          for (int i = 0; i < U; ++i) gm = chunk_max<T>(u[i], gm);
+          if (gm > m) {
+            sum *= ex2((m - gm) * kLog2e);
+            m = gm;
+          }
+#pragma unroll
+          for (int i = 0; i < U; ++i) {
+            float v[E];
+            Chunk<T>::unpack(u[i], v);
+#pragma unroll
+            for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+          }
+          continue;
         }
         // Unpacked twice (max, then sum) rather than held as U*E floats: registers for the loads in flight.
         float gm = m;
@@ -576,7 +595,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
     } else {
       lse = a.lse[r];
     }
-    if (kLean) {
+    if (kLean && kGrad) {
       const RowGrad<float> g = row.grad_factors(a, w_t);
       // x_t's chunk is this thread's (chunk k is thread k mod nt's; nt is 64, 128 or 256): only it writes there.
       const bool holds_t = (row.target_chunk() & (nt - 1)) == tid;
