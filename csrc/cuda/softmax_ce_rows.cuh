@@ -537,6 +537,11 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
     if (kStats) {
       const float x_t = tid == 0 ? static_cast<float>(xr[t]) : 0.f;  // before the barrier (in place)
       float m = -FLT_MAX, sum = 0.f, A = 0.f, D = 0.f;
+      // lean: Exp2Base of base_m, the max it was made for (re-made when m has grown, by either kind of group: a few
+      // times per row, then rarely).
+      Exp2Base base(0.f);
+      float base_m = NAN;
+      bool folded = false;
       for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
         uint4 u[U];
 #pragma unroll
@@ -553,13 +558,23 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
             sum *= ex2((m - gm) * kLog2e);
             m = gm;
           }
-#pragma unroll
-          for (int i = 0; i < U; ++i) {
-            float v[E];
-            Chunk<T>::unpack(u[i], v);
-#pragma unroll
-            for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+          if (m != base_m) {
+            base_m = m;
+            folded = Exp2Base::fits(m);
+            if (folded) base = Exp2Base(m);
           }
+          // The group's terms folded (sum stays relative to m: the group's part times base.k), or not.
+          folded_or_not(folded, [&](auto fold) {
+            float part = 0.f;
+#pragma unroll
+            for (int i = 0; i < U; ++i) {
+              float v[E];
+              Chunk<T>::unpack(u[i], v);
+#pragma unroll
+              for (int e = 0; e < E; ++e) part += ex2(fold ? fmaf(v[e], kLog2e, base.c) : (v[e] - m) * kLog2e);
+            }
+            sum = fold ? fmaf(part, base.k, sum) : sum + part;
+          });
           continue;
         }
         // Unpacked twice (max, then sum) rather than held as U*E floats: registers for the loads in flight.
