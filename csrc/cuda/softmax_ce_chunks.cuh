@@ -132,11 +132,17 @@ constexpr float kLog2eLo = 0x1.476p-12f;
 // (fits), where ex2's argument is off from (x - b) log2 e by at most ~7: no overflow, nothing that matters flushed.
 struct Exp2Base {
   float c, k;
+  Exp2Base() = default;  // set before it is used
   __device__ static bool fits(float b) { return fabsf(b) < 0x1p12f; }  // false for inf and NaN
   __device__ explicit Exp2Base(float b) {
     const float b11 = __uint_as_float(__float_as_uint(b) & 0xffffe000u);
     c = -b11 * kLog2eHi;
     k = exp2f(fmaf(b11 - b, kLog2e, -b11 * kLog2eLo));
+  }
+  // 2^((v - b) log2 e), b the base this was made of: folded (still to be multiplied by k), or the subtraction kept.
+  template <bool kFolded>
+  __device__ float term(float v, float b) const {
+    return ex2(kFolded ? fmaf(v, kLog2e, c) : (v - b) * kLog2e);
   }
 };
 
@@ -155,7 +161,7 @@ template <bool kFolded, int E>
 __device__ __forceinline__ void chunk_p(float (&out)[E], const float (&v)[E], float b, const Exp2Base& base,
                                         float p_mul) {
 #pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = ex2(kFolded ? fmaf(v[e], kLog2e, base.c) : (v[e] - b) * kLog2e) * p_mul;
+  for (int e = 0; e < E; ++e) out[e] = base.term<kFolded>(v[e], b) * p_mul;
 }
 
 // 16 bytes from global to shared memory without passing through registers (sm_80+), and the wait for them.

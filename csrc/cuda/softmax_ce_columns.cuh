@@ -19,10 +19,10 @@ using rows::kInf;
 constexpr int kMaxClasses = 192;
 constexpr int kBlockBudget = 96 * 1024;
 
-// Exp2Base for each of a thread's E positions (one base each); fits: whether every one can be folded.
+// Exp2Base for each of a thread's E positions (one base each); fit: whether every one can be folded.
 template <int E>
 struct Exp2Bases {
-  float c[E], k[E];
+  Exp2Base of[E];
   __device__ static bool fit(const float (&b)[E]) {
     bool all = true;
 #pragma unroll
@@ -31,10 +31,7 @@ struct Exp2Bases {
   }
   __device__ explicit Exp2Bases(const float (&b)[E]) {
 #pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const Exp2Base base(b[i]);
-      c[i] = base.c, k[i] = base.k;
-    }
+    for (int i = 0; i < E; ++i) of[i] = Exp2Base(b[i]);
   }
 };
 
@@ -106,11 +103,11 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
           float v[E];
           chunk(c, v);
 #pragma unroll
-          for (int i = 0; i < E; ++i) s[i] += ex2(folded ? fmaf(v[i], kLog2e, base.c[i]) : (v[i] - m[i]) * kLog2e);
+          for (int i = 0; i < E; ++i) s[i] += base.of[i].term<decltype(folded)::value>(v[i], m[i]);
         }
         if (folded) {
 #pragma unroll
-          for (int i = 0; i < E; ++i) s[i] *= base.k[i];
+          for (int i = 0; i < E; ++i) s[i] *= base.of[i].k;
         }
       });
       if (spread) {  // the smoothing term, sum_c a_c (m - x_c), once each max is final
@@ -152,14 +149,14 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
         const Exp2Bases<E> base(lse);
         float p_mul[E];
 #pragma unroll
-        for (int i = 0; i < E; ++i) p_mul[i] = folded ? rg[i].p_mul * base.k[i] : rg[i].p_mul;
+        for (int i = 0; i < E; ++i) p_mul[i] = folded ? rg[i].p_mul * base.of[i].k : rg[i].p_mul;
         T* gc = g;
         for (int c = 0; c < Ci; ++c, gc += L.g_sC) {
           float v[E];
           chunk(c, v);
 #pragma unroll
           for (int i = 0; i < E; ++i)
-            v[i] = ok(i) ? ex2(folded ? fmaf(v[i], kLog2e, base.c[i]) : (v[i] - lse[i]) * kLog2e) * p_mul[i] : fill(i);
+            v[i] = ok(i) ? base.of[i].term<decltype(folded)::value>(v[i], lse[i]) * p_mul[i] : fill(i);
           if (n == E) {
             store_stream(reinterpret_cast<uint4*>(gc), Chunk<T>::pack(v));
           } else {

@@ -402,7 +402,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
           Chunk<T>::unpack(u[j], v);
           if (j == jh || j == je) mask_chunk(v, xk.first_class(j * 32 + lane), C);
 #pragma unroll
-          for (int e = 0; e < E; ++e) sum += ex2(folded ? fmaf(v[e], kLog2e, base.c) : (v[e] - m) * kLog2e);
+          for (int e = 0; e < E; ++e) sum += base.term<decltype(folded)::value>(v[e], m);
         }
         sum = warp_sum(sum);
         if (folded) sum *= base.k;
@@ -539,7 +539,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
       float m = -FLT_MAX, sum = 0.f, A = 0.f, D = 0.f;
       // lean: Exp2Base of base_m, the max it was made for (re-made when m has grown, by either kind of group: a few
       // times per row, then rarely).
-      Exp2Base base(0.f);
+      Exp2Base base;
       float base_m = NAN;
       bool folded = false;
       for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
@@ -571,7 +571,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
               float v[E];
               Chunk<T>::unpack(u[i], v);
 #pragma unroll
-              for (int e = 0; e < E; ++e) part += ex2(fold ? fmaf(v[e], kLog2e, base.c) : (v[e] - m) * kLog2e);
+              for (int e = 0; e < E; ++e) part += base.term<decltype(fold)::value>(v[e], m);
             }
             sum = fold ? fmaf(part, base.k, sum) : sum + part;
           });
@@ -758,7 +758,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         const Exp2Base base(folded ? m : 0.f);
         const auto add = [&](const float (&v)[E]) {
 #pragma unroll
-          for (int e = 0; e < E; ++e) sum += ex2(folded ? fmaf(v[e], kLog2e, base.c) : (v[e] - m) * kLog2e);
+          for (int e = 0; e < E; ++e) sum += base.term<decltype(folded)::value>(v[e], m);
         };
         own.interior([&](int p, int) {
           float v[E];
