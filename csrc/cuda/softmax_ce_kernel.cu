@@ -342,13 +342,13 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
 
 // The K-dim kernel (softmax_ce_columns.cuh) applies: positions contiguous, every chunk 16-byte aligned.
 template <typename T, bool kGrad>
-bool columns_apply(const RowLayout& L, const OpTensors& o) {
+bool columns_apply(const RowLayout& L, const OpTensors& o, const CudaTuning& tune) {
   auto aligned = [](const void* p, int64_t sC, int64_t sB) {
     return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (sC * sizeof(T)) % 16 == 0 && (sB * sizeof(T)) % 16 == 0;
   };
   constexpr int64_t E = 16 / sizeof(T);
   const int64_t items = L.B * ((L.S + E - 1) / E);  // indexed in 32 bits by the kernel
-  return !std::is_same_v<T, double> && cuda_tuning().path != CudaPath::kLegacy && L.S >= 2 && L.C >= 1 &&
+  return !std::is_same_v<T, double> && tune.path != CudaPath::kLegacy && L.S >= 2 && L.C >= 1 &&
          items < (1LL << 31) &&
          L.C <= columns::kMaxClasses && L.x_sS == 1 && aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) &&
          (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB)));
@@ -362,13 +362,14 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     return false;
   } else {
     using T = scalar_t;
-    if (!columns_apply<T, kGrad>(L, o)) return false;
+    const CudaTuning tune = cuda_tuning();  // one reading for the whole launch
+    if (!columns_apply<T, kGrad>(L, o, tune)) return false;
     int threads = 128;
     while (threads > 32 && int64_t{threads} * L.C * 16 > columns::kBlockBudget) threads /= 2;
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = cuda_tuning().lean && o.eps == 0.0 ? columns::columns_kernel<T, kStats, kGrad, true>
-                                                       : columns::columns_kernel<T, kStats, kGrad, false>;
+    auto kernel = tune.lean && o.eps == 0.0 ? columns::columns_kernel<T, kStats, kGrad, true>
+                                            : columns::columns_kernel<T, kStats, kGrad, false>;
     const void* key = reinterpret_cast<const void*>(kernel);
     launch_fact(device, key, kFactSmem, 0, [&] {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, columns::kBlockBudget));
@@ -389,7 +390,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
                           partial ? partials.data_ptr<float>() : nullptr};
-    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, cuda_tuning().l2_keep);
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, tune.l2_keep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
       o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);
