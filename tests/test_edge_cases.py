@@ -109,6 +109,9 @@ SPECIAL_ROWS = {
     "+-1e4": ([1e4, -1e4, 0.0, 3.0], 1),
     "+-3e38": ([3e38, -3e38, 1.0, 2.0], 2),
     "+-3e38 target max": ([3e38, -3e38, 1.0, 2.0], 0),
+    # exp(x - max) around float32's smallest normal (e^-87.3): the CPU kernels give 0 under e^-87 (no subnormals)
+    "tiny exponentials": ([0.0, -86.9, -87.2, -110.0], 0),
+    "tiny exponentials, target": ([0.0, -86.9, -87.2, -110.0], 3),
 }
 
 

@@ -30,6 +30,7 @@ inline vf vmax(vf m, vf v) { return v > m ? v : m; }
 // |x| keeps its low bits), |r| <= ln2/2, e^r = 1 + r + r^2 P(r) (Cephes' expf polynomial).  About 1 ulp;
 // exp(-inf) = 0 exactly and NaN stays NaN.  The arguments here are x - max <= 0.
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kLog2e = 1.44269504088896341f;
+constexpr float kExpLo = -87.0f;  // exp(-87) = 1.6e-38 > FLT_MIN: no subnormal result below it is computed
 
 inline vf exp_reduced(vf x, vf n) {
   const vf r = x - n * kLn2Hi - n * kLn2Lo;
@@ -39,15 +40,19 @@ inline vf exp_reduced(vf x, vf n) {
 }
 
 #if SCE_SIMD_WIDTH == 16
-inline vf vexp(vf x) {  // AVX-512: rounding and the 2^n scaling (with underflow to 0) are single instructions
-  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), (__m512)x);  // -inf -> -104 (exp 0); NaN stays
+// Results under FLT_MIN are 0, as in the AVX2 path: a subnormal result costs an Intel core a microcode assist
+// (~150 cycles), and every row made some (its -inf padding lanes, its first re-basing from -FLT_MAX).
+inline vf vexp(vf x) {  // AVX-512: rounding and the 2^n scaling are single instructions
+  const __m512 lo = _mm512_set1_ps(kExpLo);
+  const __mmask16 normal = _mm512_cmp_ps_mask((__m512)x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN (which stays)
+  const __m512 xc = _mm512_max_ps(lo, (__m512)x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return (vf)_mm512_scalef_ps((__m512)exp_reduced((vf)xc, (vf)n), n);
+  return (vf)_mm512_maskz_scalef_ps(normal, (__m512)exp_reduced((vf)xc, (vf)n), n);
 }
 #else
 inline vf vexp(vf x) {
-  const vf lo = splat(-87.33654475f);
+  const vf lo = splat(kExpLo);
   const vf xc = x < lo ? lo : x;
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
   const vf t = xc * kLog2e + magic;
