@@ -14,7 +14,8 @@ FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(sl
             "ahead": dict(ring_kb=72, warp_ahead=True, l2_keep=True), "pipeline": dict(pipeline=8),
             "pipeline-clusters": dict(slice_kb=1, pipeline=4),
             "lean": dict(lean=True), "lean-ring": dict(slice_kb=1, ring_kb=8, lean=True),
-            "lean-stream": dict(path="stream", lean=True),
+            "lean-stream": dict(path="stream", lean=True), "warp-ring": dict(warp_ring=4),
+            "warp-ring-lean": dict(warp_ring=4, lean=True),
             "no-slices": dict(slice_kb=1, cluster_max=1), "stream": dict(path="stream"),
             "stream8": dict(path="stream", stream_loads=8), "legacy": dict(path="legacy")}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
@@ -22,7 +23,7 @@ FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(sl
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),
           ((8, 50257), "odd vocabulary"), ((4, 32000), "slices"), ((2, 21, 16, 16), "k-dim"),
           ((2048, 3001), "many rows per CTA: the next row's copies (prefetch, ring, pipeline) at work"),
-          ((16384, 300), "more rows than resident warps: warp_ahead's next-row loads at work")]
+          ((16384, 300), "more rows than resident warps: warp_ahead's next-row loads, warp_ring's staging at work")]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 

@@ -96,7 +96,8 @@ if part variants; then
   stamp "our CUDA settings not yet default, side by side with the defaults (benchmarks/providers.py VARIANTS)"
   timeout 100 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_lean ours_noring ours_pipeline8 ours_warp_ahead ours_l2keep 2>&1 | tee "$OUT/variants.log"
+    --providers ours ours_lean ours_noring ours_pipeline8 ours_warp_ring ours_warp_ring_lean ours_l2keep 2>&1 \
+    | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
     --mode fwd none+bwd --providers ours ours_stream8 ours_lean 2>&1 | tee -a "$OUT/variants.log"
@@ -118,7 +119,7 @@ fi
 
 if part ncu; then
   stamp "ncu: one call of each main kernel (throughput, occupancy, issue, stalls)"
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|slice_pipe|warp_rows|stream_rows|columns_kernel" --launch-count 8 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|slice_pipe|warp_rows|stream_rows|columns_kernel" --launch-count 9 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats $PY benchmarks/gpu_probe.py --ncu > "$OUT/ncu.log" 2>&1
   grep -E "ncu case|_kernel|Duration|DRAM Throughput|L2 Hit|Achieved Occupancy|Registers Per|Issued Warp|Grid Size" \
@@ -129,7 +130,7 @@ if part stalls; then
   stamp "ncu: why warps wait (stall reasons per warp, %), the same kernels"
   STALLS=$(printf 'smsp__warp_issue_stalled_%s_per_warp_active.pct,' barrier long_scoreboard short_scoreboard membar \
     mio_throttle lg_throttle math_pipe_throttle wait selected not_selected dispatch_stall no_instruction)
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|slice_pipe|warp_rows|stream_rows|columns_kernel" --launch-count 8 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|slice_pipe|warp_rows|stream_rows|columns_kernel" --launch-count 9 \
     --metrics "${STALLS%,}" $PY benchmarks/gpu_probe.py --ncu > "$OUT/stalls.log" 2>&1
   grep -E "ncu case|_kernel|stalled" "$OUT/stalls.log" | sed 's/smsp__warp_issue_stalled_//' | head -90
 fi

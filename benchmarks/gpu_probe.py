@@ -25,7 +25,8 @@ TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(clu
            dict(pipeline=4), dict(pipeline=8), dict(pipeline=8, slice_kb=48), dict(lean=True),
            dict(lean=True, ring_kb=0)]
 # Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32; 262144x256: VPT 2 / 4 and ~80 rows per resident warp).
-WARP_TUNINGS = [{}, dict(warp_ahead=True)]
+WARP_TUNINGS = [{}, dict(warp_ahead=True), dict(warp_ring=2), dict(warp_ring=3), dict(warp_ring=4),
+                dict(warp_ring=4, lean=True)]
 SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
          ((65536, 1000), WARP_TUNINGS), ((262144, 256), WARP_TUNINGS), ((16, 21, 512, 512), [{}, dict(l2_keep=True)])]
 
@@ -42,6 +43,7 @@ NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4"
              ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, lean sweeps", dict(lean=True)),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2", {}),
              ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows", {}),
+             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows, 3 rows staged ahead per warp", dict(warp_ring=4)),
              ((16, 21, 512, 512), torch.float32, "fwd+bwd", "K-dim columns", {}),
              ((8192, 32000), torch.bfloat16, "fwd", "streaming forward", {})]
 

@@ -136,6 +136,9 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_lean", lean=True),
             # warp rows: a resident grid, each warp loading its next row before computing this one
             OursTuned("ours_warp_ahead", warp_ahead=True),
+            # warp rows: a resident grid, each warp staging its next rows in shared memory (up to 3 ahead), plain
+            # or under the lean sweeps
+            OursTuned("ours_warp_ring", warp_ring=4), OursTuned("ours_warp_ring_lean", warp_ring=4, lean=True),
             # K-dim: the targets read by the mean's denominator kept in L2 (evict-last) for the loss kernel
             OursTuned("ours_l2keep", l2_keep=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

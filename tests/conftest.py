@@ -43,6 +43,8 @@ CUDA_PATHS = {
              "as one FFMA; rows without smoothing)"),
     "lean-clusters": (dict(slice_kb=1, ring_kb=8, lean=True), "the lean sweeps over clusters of 1 KiB slices, a ring"),
     "lean-stream": (dict(path="stream", lean=True), "the streaming kernel's lean gradient from the lse, small C too"),
+    "warp-ring": (dict(warp_ring=4), "warp rows staging each warp's next rows in shared memory (cp.async), a "
+                  "resident grid"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
     "stream8": (dict(path="stream", stream_loads=8), "the same with 8 loads in flight per thread"),

@@ -192,22 +192,33 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
 WARP_ROW_CLASSES = {torch.float32: [200, 500, 1000], torch.bfloat16: [300, 1000, 2000]}
 
 
-@pytest.mark.parametrize("ahead", [True, False], ids=["warp-ahead", "warp-per-row"])
+# How the warp-row kernel walks its rows, and why each is here.
+WARP_STAGING = {
+    "warp-per-row": (dict(), "the default: a warp per row, the grid as large as the rows need"),
+    "warp-ahead": (dict(warp_ahead=True), "a resident grid, each warp loading its next row into registers first"),
+    "ring2": (dict(warp_ring=2), "a resident grid, each warp's next row staged in shared memory (cp.async)"),
+    "ring4": (dict(warp_ring=4), "the same, 3 rows ahead (fewer where shared memory is short: float 129-256 chunks)"),
+    "ring4-lean": (dict(warp_ring=4, lean=True), "the staged rows under the lean sweeps"),
+}
+
+
+@pytest.mark.parametrize("staging", list(WARP_STAGING))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_warp_rows_many_rows_per_warp(device, ahead, dtype, vpt, reduction):
-    """20000 rows: with warp_ahead each resident warp walks several of them, loading the next row while it
-    computes this one (mean: the fused pass; none: the forward, then the gradient from the lse, each a warp-row
-    kernel).  Every 7th row is ignored (its next-row load is wasted, its gradient zero); rows start one element
-    off 16 bytes, so neighbouring rows differ in chunk count."""
+def test_warp_rows_many_rows_per_warp(device, staging, dtype, vpt, reduction):
+    """20000 rows: with warp_ahead or warp_ring each resident warp walks several of them, loading or staging the
+    next ones while it computes this one (mean: the fused pass; none: the forward, then the gradient from the
+    lse, each a warp-row kernel).  Every 7th row is ignored (its loads are wasted, its gradient zero); rows start
+    one element off 16 bytes, so neighbouring rows differ in chunk count (and in the slot chunks they fill)."""
     if device != "cuda":
         pytest.skip("the CUDA warp-row kernel")
     c = WARP_ROW_CLASSES[dtype][vpt]
     x, t, g = _logits(20000, c, dtype, device, 1, seed=5)
     t[::7] = -100
     grad_out = torch.rand(20000, generator=g).to(device) if reduction == "none" else torch.ones((), device=device)
-    with tuning.using(path="auto", warp_ahead=ahead):  # no smoothing: warp_ahead leaves smoothed rows alone
+    # No smoothing: warp_ahead and warp_ring leave smoothed rows alone.
+    with tuning.using(**{**tuning.BUILT_IN, **WARP_STAGING[staging][0]}):
         loss, grad = ours(x, t, grad_out, reduction=reduction)
     ref_loss, ref_grad = reference(x, t, grad_out, reduction=reduction)
     scale = x.abs().max().item()

@@ -249,6 +249,17 @@ bool warp_ahead_applies(int64_t chunks, double eps, const CudaTuning& tune) {
   return tune.path == CudaPath::kAuto && chunks <= 32 * 8 && tune.warp_ahead && eps == 0.0;
 }
 
+// warp_ring: rows staged per warp, as many of tune.warp_ring as fit in an SM's shared memory beside the CTAs its
+// registers allow (the kernel's launch bounds: 2 for float rows of 129-256 chunks, else 3); 0 (off) under 2.
+int warp_ring_depth(int64_t chunks, size_t elem_bytes, const CudaTuning& tune, int device) {
+  if (tune.warp_ring < 2) return 0;
+  const int per_sm = elem_bytes == 4 && chunks > 128 ? 2 : 3;
+  const int64_t per_cta = device_attr(device, cudaDevAttrMaxSharedMemoryPerMultiprocessor) / per_sm - 1024;
+  const int64_t fits = per_cta / (rows::kWarpRowThreads / 32 * chunks * 16);
+  const int ring = static_cast<int>(std::min<int64_t>(tune.warp_ring, fits));
+  return ring >= 2 ? ring : 0;
+}
+
 // Warp rows for short rows, slices for loss + gradient of longer ones, else the streaming kernel; the
 // smoothing sums are compiled in only where label smoothing is on (kSpread).  Returns the warp-row kernel's
 // grid (the number of loss partials it wrote, if asked to), else 0.
@@ -259,31 +270,50 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
     // A warp per row; with warp_ahead (not with smoothing), only the warps that fit at once, each walking rows.
-    // The lean sweeps where they apply (no smoothing, no rows ahead).
+    // The lean sweeps where they apply (no smoothing, no rows ahead); the staged rows likewise (warp_ring).
     const bool ahead = warp_ahead_applies(chunks, a.P.eps, tune), lean = tune.lean && !kSpread && !ahead;
-    auto pick = [&](auto ahead_tag, auto lean_tag) {
+    // Not the loss + gradient of 2-byte rows of 129-256 chunks: staged, they spilled at 3 CTAs' 80 registers.
+    constexpr bool kRingFits8 = !(sizeof(T) == 2 && kStats && kGrad);
+    const int ring = kSpread || ahead || (!kRingFits8 && chunks > 128) ? 0
+                                                                       : warp_ring_depth(chunks, sizeof(T), tune, device);
+    auto pick = [&](auto ahead_tag, auto lean_tag, auto ring_tag) {
       constexpr bool kAhead = decltype(ahead_tag)::value && !kSpread;
       constexpr bool kLean = decltype(lean_tag)::value && !kSpread && !kAhead;
+      constexpr bool kRing = decltype(ring_tag)::value && !kSpread && !kAhead;
       // Not the gradients of 2-byte rows of 129-256 chunks: lean, they spilled at 3 CTAs' 80 registers (the
       // loss + gradient on sm_90, the gradient from the lse on sm_80).
       constexpr bool kLean8 = kLean && !(sizeof(T) == 2 && kGrad);
-      return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead, kLean>
-             : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, kAhead, kLean>
-                             : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kAhead, kLean8>;
+      return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead, kLean, kRing>
+             : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, kAhead, kLean, kRing>
+                             : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kAhead, kLean8, kRing && kRingFits8>;
     };
-    auto kernel = ahead  ? pick(std::true_type{}, std::false_type{})
-                  : lean ? pick(std::false_type{}, std::true_type{})
-                         : pick(std::false_type{}, std::false_type{});
+    const auto no = std::false_type{};
+    const auto yes = std::true_type{};
+    auto kernel = ahead          ? pick(yes, no, no)
+                  : ring && lean ? pick(no, yes, yes)
+                  : ring         ? pick(no, no, yes)
+                  : lean         ? pick(no, yes, no)
+                                 : pick(no, no, no);
+    const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16;
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
-    if (ahead) {
-      const int per_sm = launch_fact(device, reinterpret_cast<const void*>(kernel), 1, 0, [&] {
+    if (ahead || ring) {  // a resident grid: the CTAs that fit at once
+      const void* key = reinterpret_cast<const void*>(kernel);
+      launch_fact(device, key, kFactSmem, 0, [&] {  // one value for every launch, as for the slices
+        cudaFuncAttributes fa;
+        C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+        const int optin = device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            optin - static_cast<int>(fa.sharedSizeBytes)));
+        return 1;
+      });
+      const int per_sm = launch_fact(device, key, 1, smem, [&] {
         int r = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, rows::kWarpRowThreads, 0));
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, rows::kWarpRowThreads, smem));
         return r;
       });
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
-    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, 0, stream>>>(a);
+    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return blocks;
   }

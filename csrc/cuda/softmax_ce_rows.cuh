@@ -335,10 +335,16 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 // training pass, kAhead) each CTA sums its rows' losses in a fixed order instead of writing per-row loss and lse.
 // kLean (tuning lean; not with kSpread or kAhead): the end chunks found by 32-bit trip index, the exponent
 // arguments as one FFMA (Exp2Base), the target's class stored again by lane 0 after the sweep, not tested per chunk.
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead, bool kLean>
+// kRing (tuning warp_ring; not with kSpread or kAhead; the launcher sizes the grid to the resident CTAs): each warp
+// stages its next ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so
+// its reads stay in flight through its arithmetic without warp_ahead's second register buffer; each lane copies
+// and reads back only its own chunks (no barrier), and a row's slot is refilled one row later, once read.
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead, bool kLean, bool kRing>
 __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) || (kAhead && VPT >= 4) ? 2 : 3)
-    warp_rows_kernel(Args<T> a) {
+    warp_rows_kernel(Args<T> a, int ring, int slot) {
   static_assert(!(kLean && (kSpread || kAhead)), "the lean sweeps have no smoothing sums and no rows ahead");
+  static_assert(!(kRing && (kSpread || kAhead)), "the staged rows: no smoothing sums, no rows ahead in registers");
+  extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks
   constexpr int E = Chunk<T>::E;
   const RowLayout& L = a.L;
   const int64_t C = L.C;
@@ -346,6 +352,25 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   const float* w = a.P.weight;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  uint4* const slots = staged + (threadIdx.x >> 5) * ring * slot;
+  // kRing: this lane's chunks of row `row_index` into slot q, one commit group per row (empty past the last row,
+  // so that the waits count rows).
+  const auto stage = [&](int64_t row_index, int q) {
+    if (row_index < L.rows()) {
+      const RowIndex i = split_row(row_index, L.S);
+      const RowChunks<T> k(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (j * 32 + lane < k.count) copy_async16(slots + q * slot + j * 32 + lane, k.base + j * 32 + lane);
+    }
+    copy_async_commit();
+  };
+  int q = 0;            // kRing: row r's slot
+  int64_t t_next = 0;   // kRing: row r's target, read one row ahead
+  if (kRing) {
+    for (int p = 0; p + 1 < ring; ++p) stage(r + p * warps, p);
+    if (r < L.rows()) t_next = Row<T, kGrad>::target_of(a, r);
+  }
   // A row's chunks, this lane's VPT of them; load_row finds the row's chunks from its index alone (ahead).
   const auto load_chunks = [&](const RowChunks<T>& k, uint4 (&u)[VPT]) {
 #pragma unroll
@@ -360,8 +385,19 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   float loss_acc = 0.f;  // lane 0: this warp's rows, in order (with loss_partials)
   uint4 u[VPT];
   if (kAhead && r < L.rows()) load_row(r, u);
-  for (; r < L.rows(); r += warps) {
-    const Row<T, kGrad> row(a, r);
+  for (; r < L.rows(); r += warps, q = q + 1 == ring ? 0 : q + 1) {
+    int64_t t_r = 0;
+    if (kRing) {
+      t_r = t_next;
+      stage(r + (ring - 1) * warps, q == 0 ? ring - 1 : q - 1);  // the previous row's slot: read, now free
+      if (r + warps < L.rows()) t_next = Row<T, kGrad>::target_of(a, r + warps);
+      switch (ring) {  // this lane's copies of row r have landed; the later rows' stay in flight
+        case 2: copy_async_wait_all_but<1>(); break;
+        case 3: copy_async_wait_all_but<2>(); break;
+        default: copy_async_wait_all_but<3>(); break;
+      }
+    }
+    const Row<T, kGrad> row(a, r, kRing ? t_r : Row<T, kGrad>::target_of(a, r));
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     uint4 un[VPT] = {};  // the next row's chunks, in flight during this row
     const bool next = kAhead && r + warps < L.rows();
@@ -375,7 +411,13 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       continue;
     }
     const float x_t = (kStats || kLean) && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
-    if (!kAhead) load_chunks(xk, u);
+    if (kRing) {
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (j * 32 + lane < xk.count) u[j] = slots[q * slot + j * 32 + lane];
+    } else if (!kAhead) {
+      load_chunks(xk, u);
+    }
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
     // kLean: this lane's chunks are k = 32 j + lane, j < VPT, k < cnt; its end chunks as trip indices, or -1.
@@ -487,6 +529,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       for (int j = 0; j < VPT; ++j) u[j] = un[j];
     }
   }
+  if (kRing) copy_async_wait_all();  // only empty groups can be left (rows past the last)
   if (partial) {  // every thread of the CTA gets here: the loop above has no early exit
     const float total = block_sum(loss_acc);
     if (threadIdx.x == 0) a.loss_partials[blockIdx.x] = total;
