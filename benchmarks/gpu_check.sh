@@ -3,7 +3,7 @@
 # family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
 # (set by the device tool) or ./gpu_check_out.  Each part has a timeout; the default parts' timeouts sum to
 # more than the device tool's 600 s per call, but on the H200 (2026-11-27) build to variants took 318 s and
-# the second call's tests 93 s: expect ~480 s for the default parts now (compile_debug out, the lean paths'
+# the second call's tests 93 s: expect ~495 s for the default parts now (compile_debug out, the lean and warp_ring paths'
 # tests in; timeout_s ~560; the last parts are what the tool cuts if the call runs long).  Seen: a start of ~30 s, builds of 57-88 s (H200) and 101 s
 # (H100), a 15-minute device budget per session, the machine given back 30 s after a call: plan two calls.
 #   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s ~560)
@@ -100,7 +100,7 @@ if part variants; then
     | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd none+bwd --providers ours ours_stream8 ours_lean 2>&1 | tee -a "$OUT/variants.log"
+    --mode fwd none+bwd --providers ours ours_stream8 ours_lean ours_pieces32 2>&1 | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

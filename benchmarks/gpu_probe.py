@@ -118,7 +118,7 @@ CEILING_SHAPES = [(8192, 128256), (8192, 32000)]
 def ceilings(reps):
     """What a kernel that reads N*C elements and writes N*C reaches on this card, beside our fused pass: torch's
     copy, torch.exp into a second buffer (one exponential per element), our gradient from a saved lse (the
-    backward of reduction='none'; 4 or 8 loads in flight), our fwd+bwd (default, the lean sweeps, the pipelined
+    backward of reduction='none'; 4 or 8 loads in flight; rows whole or in pieces), our fwd+bwd (default, the lean sweeps, the pipelined
     slices).  Floor: 2*N*C*E bytes."""
     bw = copy_bandwidth("cuda")
     print(f"ceilings: read + write N*C elements; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
@@ -141,6 +141,10 @@ def ceilings(reps):
             runs = [("torch copy_", lambda: y.copy_(x), {}), ("torch.exp(out=)", lambda: torch.exp(x, out=y), {}),
                     ("ours: grad from lse", grad_from_lse, {}), ("ours: grad, 8 loads", grad_from_lse,
                                                                  dict(stream_loads=8)),
+                    # rows in pieces: the grid's last CTAs hold a piece each, not a whole row (the tail)
+                    ("ours: grad, 32K pieces", grad_from_lse, dict(grad_piece_kb=32)),
+                    ("ours: grad, 16K pieces", grad_from_lse, dict(grad_piece_kb=16)),
+                    ("ours: grad lean+pieces", grad_from_lse, dict(grad_piece_kb=32, lean=True)),
                     ("ours: fwd+bwd", fwd_bwd, {}), ("ours: fwd+bwd lean", fwd_bwd, dict(lean=True)),
                     ("ours: fwd+bwd pipeline 8", fwd_bwd, dict(pipeline=8))]
             for name, fn, tune in runs:

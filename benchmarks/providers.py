@@ -131,6 +131,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_pipeline", pipeline=4), OursTuned("ours_pipeline8", pipeline=8),
             # the streaming kernel (forward, gradient from the lse) with 8 16-byte loads in flight per thread, not 4
             OursTuned("ours_stream8", stream_loads=8),
+            # the streaming gradient from the lse (reduction='none') by 32 KiB pieces of rows, not whole rows
+            OursTuned("ours_pieces32", grad_piece_kb=32),
             # the lean sweeps (slices, warp rows, streaming, K-dim; no smoothing): no per-chunk tests in the loops,
             # the exponent argument as one FFMA (~41-56% fewer loop instructions per element in the sm_90 SASS)
             OursTuned("ours_lean", lean=True),

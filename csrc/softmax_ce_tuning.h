@@ -1,7 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _WARP_AHEAD, _L2_KEEP, _PIPELINE, _STREAM_LOADS, _LEAN, _WARP_RING).
+// _WARP_AHEAD, _L2_KEEP, _PIPELINE, _STREAM_LOADS, _LEAN, _WARP_RING, _GRAD_PIECE_KB).
 #pragma once
 
 #include <string>
@@ -23,10 +23,12 @@ struct CudaTuning {
   int stream_loads;  // streaming kernel, gradient from a saved lse, no smoothing: 16-byte loads per thread (4 or 8)
   bool lean;  // no smoothing: slices, warp rows, streaming, K-dim: no per-chunk tests, exponent by one FFMA
   int warp_ring;  // warp rows, no smoothing (0: off): up to this many rows per warp staged in shared memory, 2-4
+  int grad_piece_kb;  // streaming gradient from a saved lse (0: whole rows): rows cut into pieces of ~this many KiB
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads, bool lean, int warp_ring);
+                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads, bool lean, int warp_ring,
+                     int grad_piece_kb);
 
 }  // namespace softmax_ce

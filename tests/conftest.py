@@ -45,6 +45,8 @@ CUDA_PATHS = {
     "lean-stream": (dict(path="stream", lean=True), "the streaming kernel's lean gradient from the lse, small C too"),
     "warp-ring": (dict(warp_ring=4), "warp rows staging each warp's next rows in shared memory (cp.async), a "
                   "resident grid"),
+    "grad-pieces": (dict(grad_piece_kb=16), "the gradient from a saved lse (reduction='none') by rows cut into "
+                    "pieces of 1024 chunks (rows of 4096+ floats, 8192+ 2-byte values)"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
     "stream8": (dict(path="stream", stream_loads=8), "the same with 8 loads in flight per thread"),

@@ -329,7 +329,16 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
                             : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, false>)
                     : (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, kCanLean>
                             : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, false>);
-  kernel<<<static_cast<unsigned>(std::min<int64_t>(rows_n, kMaxGrid)), threads, 0, stream>>>(a);
+  // grad_piece_kb (the gradient from a saved lse): rows cut into pieces of about that many KiB, a multiple of
+  // threads * loads chunks, so that the last CTAs of the grid hold a piece each rather than a whole row.
+  int64_t piece = chunks, pieces = 1;
+  if (!kStats && tune.grad_piece_kb > 0) {
+    const int64_t group = int64_t{threads} * (tune.stream_loads == 8 && !kFixed ? 8 : 4);
+    piece = std::max<int64_t>(group, int64_t{tune.grad_piece_kb} * 64 / group * group);
+    pieces = (chunks + piece - 1) / piece;
+  }
+  kernel<<<static_cast<unsigned>(std::min<int64_t>(rows_n * pieces, kMaxGrid)), threads, 0, stream>>>(a, pieces,
+                                                                                                      piece);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return 0;
 }

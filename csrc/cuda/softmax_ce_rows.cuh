@@ -536,21 +536,22 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   }
 }
 
-// The gradient sweeps of stream_rows: this thread's chunks k = tid + nt i, U loads issued before the first of them
-// is used, then body(k, chunk) for each.
+// The gradient sweeps of stream_rows: this thread's chunks k = k_lo + tid + nt i below k_hi, U loads issued before
+// the first of them is used, then body(k, chunk) for each.
 template <int U, typename T, class F>
-__device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int tid, int nt, F&& body) {
-  for (int64_t k0 = tid; k0 < xk.count; k0 += static_cast<int64_t>(nt) * U) {
+__device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int64_t k_lo, int64_t k_hi, int tid, int nt,
+                                              F&& body) {
+  for (int64_t k0 = k_lo + tid; k0 < k_hi; k0 += static_cast<int64_t>(nt) * U) {
     uint4 u[U];
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       const int64_t k = k0 + static_cast<int64_t>(i) * nt;
-      if (k < xk.count) u[i] = load_stream(xk.base + k);
+      if (k < k_hi) u[i] = load_stream(xk.base + k);
     }
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       const int64_t k = k0 + static_cast<int64_t>(i) * nt;
-      if (k >= xk.count) break;
+      if (k >= k_hi) break;
       body(k, u[i]);
     }
   }
@@ -562,18 +563,25 @@ __device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int tid, i
 // flight per SM).  kLean (tuning lean, no smoothing; the forward or the gradient from a saved lse): the forward's
 // groups of U chunks inside the row without per-chunk tests; the gradient's exponent arguments as one FFMA
 // (Exp2Base), the target's class not tested per chunk but stored again by the thread whose chunk holds it.
+// pieces (the gradient from a saved lse only; else 1): each row's chunks as that many work items of `piece` chunks
+// (a multiple of blockDim.x), so that the grid's last CTAs hold pieces, not whole rows (tuning grad_piece_kb).
 template <typename T, bool kStats, bool kGrad, bool kSpread, int kLoads, bool kLean>
-__global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_kernel(Args<T> a) {
+__global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
+    stream_rows_kernel(Args<T> a, int64_t pieces, int64_t piece) {
   static_assert(!(kLean && (kSpread || (kStats && kGrad))), "lean: the forward or the gradient, no smoothing");
   constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : kLoads;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x, nt = blockDim.x;
   const float* w = a.P.weight;
-  for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < L.rows() * pieces; item += gridDim.x) {
+    const int64_t r = kStats || pieces == 1 ? item : item / pieces;
     const Row<T, kGrad> row(a, r);
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
-    if (!valid_row<T, kStats, kGrad>(a, r, row, tid == 0, tid, xk.count, nt)) continue;
+    // This item's chunks [k_lo, k_hi): the whole row, or one piece of it (the last ones may be short or empty).
+    const int64_t k_lo = kStats ? 0 : (item - r * pieces) * piece;
+    const int64_t k_hi = kStats || pieces == 1 ? xk.count : min(xk.count, k_lo + piece);
+    if (!valid_row<T, kStats, kGrad>(a, r, row, tid == 0 && k_lo == 0, k_lo + tid, k_hi, nt)) continue;
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
     float lse;
@@ -655,14 +663,16 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
     }
     if (kLean && kGrad) {
       const RowGrad<float> g = row.grad_factors(a, w_t);
-      // x_t's chunk is this thread's (chunk k is thread k mod nt's; nt is 64, 128 or 256): only it writes there.
-      const bool holds_t = (row.target_chunk() & (nt - 1)) == tid;
+      // x_t's chunk is this thread's (chunk k is thread k mod nt's; nt is 64, 128 or 256; pieces start at multiples
+      // of nt) and this item's: only it writes there.
+      const int64_t kt = row.target_chunk();
+      const bool holds_t = (kt & (nt - 1)) == tid && kt >= k_lo && kt < k_hi;
       const float x_t = holds_t ? static_cast<float>(xr[t]) : 0.f;  // before this thread's stores (in place)
       uint4* gk = row.grad_chunks();
       folded_or_not(Exp2Base::fits(lse), [&](auto folded) {  // lse is the row's: the same choice in every thread
         const Exp2Base base(folded ? lse : 0.f);
         const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
-        stream_chunks<U>(xk, tid, nt, [&](int64_t k, const uint4& chunk) {
+        stream_chunks<U>(xk, k_lo, k_hi, tid, nt, [&](int64_t k, const uint4& chunk) {
           float v[E];
           Chunk<T>::unpack(chunk, v);
           lean_chunk_store<decltype(folded)::value>(row, gk, k, same_shift && k != he && k != te, v, lse, base,
@@ -675,7 +685,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0) stream_rows_k
       const int64_t kt = row.target_chunk();
       const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
-      stream_chunks<U>(xk, tid, nt, [&](int64_t k, const uint4& chunk) {
+      stream_chunks<U>(xk, k_lo, k_hi, tid, nt, [&](int64_t k, const uint4& chunk) {
         float v[E], out[E];
         Chunk<T>::unpack(chunk, v);
         chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
