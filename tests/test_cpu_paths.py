@@ -64,3 +64,42 @@ def test_reused_gradient_blocks_hold_the_right_values():
         F.cross_entropy(ref * (step + 1), t).backward()
         torch.testing.assert_close(grad, ref.grad)
     _C.empty_grad_cache()
+
+
+# Rows of few classes take the SIMD paths 16 (AVX-512) or 8 (AVX2) rows at a time, one row per lane, through
+# transposed copies: the number of rows against the block, the classes against the limit (32), and why.
+SMALL_ROWS = [(1, 10, "one row: a block of 1 lane"), (17, 10, "one full block of 16 and one lane"),
+              (100, 1, "a single class: every loss 0, every gradient 0"), (39, 31, "odd rows, classes under the limit"),
+              (40, 32, "the largest class count the path takes"), (40, 33, "one more: the one-row-at-a-time path")]
+
+
+@pytest.mark.parametrize("size", SMALL_ROWS, ids=[f"{n}x{c}" for n, c, _ in SMALL_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", weighted=True, label_smoothing=0.2)],
+                         ids=["mean", "none-weighted-smoothed"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
+def test_small_rows_blocks(kernel_path, size, dtype, kw, inplace):
+    """Every CPU path against float64: ignored and valid targets mixed within a block, per-row upstream
+    gradients ('none'), the gradient written over the logits (in place)."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    n, c, _ = size
+    g = torch.Generator().manual_seed(n * 100 + c)
+    x = (torch.randn(n, c, generator=g) * 3).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[2::5] = -100  # not the first row: a mean over one ignored row is 0/0
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g) + 0.2
+    grad_out = torch.rand(n, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1 if inplace else leaf  # not a leaf: in place needs one
+    loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
+    (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+    ref_x = x.double().requires_grad_()
+    ref_kw = {**kw, "weight": kw["weight"].double()} if "weight" in kw else kw
+    ref = F.cross_entropy(ref_x, t, **ref_kw)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, grad_out.double())
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)

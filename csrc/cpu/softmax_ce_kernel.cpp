@@ -179,9 +179,13 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   a.g_sB = L.g_sB, a.g_sC = L.g_sC, a.g_sS = L.g_sS;
   int flag = 0;
   a.bad = &flag;
-  const int64_t work = std::max<int64_t>(L.C, 1) * (rows ? 1 : k->width);  // elements per item
-  const int64_t items = rows ? L.rows() : L.B * ((L.S + k->width - 1) / k->width);
-  auto fn = rows ? k->rows : k->columns;
+  // Rows of few classes, one position each (classification): width rows per item, one per lane.
+  const bool small = rows && L.S == 1 && L.C >= 1 && L.C <= kSmallRowClasses && k->small_rows != nullptr;
+  const int64_t work = std::max<int64_t>(L.C, 1) * (rows && !small ? 1 : k->width);  // elements per item
+  const int64_t items = small  ? (L.B + k->width - 1) / k->width
+                        : rows ? L.rows()
+                               : L.B * ((L.S + k->width - 1) / k->width);
+  auto fn = small ? k->small_rows : rows ? k->rows : k->columns;
   at::parallel_for(0, items, std::max<int64_t>(1, 32768 / work), [&](int64_t b, int64_t e) { fn(a, b, e); });
   if (__atomic_load_n(&flag, __ATOMIC_RELAXED)) bad.store(true);
   return true;

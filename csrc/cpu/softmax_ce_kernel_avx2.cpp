@@ -3,7 +3,7 @@
 // Not an x86 CPU: nothing to build; the dispatcher never picks this.
 #include "softmax_ce_simd_args.h"
 namespace softmax_ce {
-const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr};
+const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr};
 }  // namespace softmax_ce
 #else
 
@@ -17,7 +17,7 @@ const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr};
 #include "softmax_ce_simd.h"
 
 namespace softmax_ce {
-const SimdKernels kSimdAvx2{"avx2", 8, rows_entry, columns_entry};
+const SimdKernels kSimdAvx2{"avx2", 8, rows_entry, columns_entry, small_rows_entry};
 }  // namespace softmax_ce
 
 #if defined(__clang__)

@@ -31,12 +31,16 @@ struct SimdArgs {
 // rows(a, begin, end): rows r in [begin, end) whose classes are contiguous (x_sC == g_sC == 1).
 // columns(a, begin, end): blocks of `width` positions, block k = (b, s0 = (k % blocks_per_b) * width), for
 // inputs whose positions are contiguous (x_sS == g_sS == 1) and classes strided.
+// small_rows(a, begin, end): blocks of `width` rows, rows k * width .., of at most kSmallRowClasses contiguous
+// classes each, one position per row (S == 1).
 struct SimdKernels {
   const char* name;
   int width;
   void (*rows)(const SimdArgs&, int64_t, int64_t);
   void (*columns)(const SimdArgs&, int64_t, int64_t);
+  void (*small_rows)(const SimdArgs&, int64_t, int64_t);
 };
+constexpr int64_t kSmallRowClasses = 32;
 
 // Data, not functions: looking them up runs no code built for an instruction set the CPU may lack.
 extern const SimdKernels kSimdAvx2;    // AVX2 + FMA + F16C, 8 lanes
