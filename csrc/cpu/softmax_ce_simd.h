@@ -4,6 +4,8 @@
 // AVX-512 to a caller on a CPU without it.  Same algebra as csrc/softmax_ce.h (RowGrad, row_loss).
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "softmax_ce_simd_args.h"
 
 #ifndef SCE_SIMD_WIDTH
@@ -414,39 +416,28 @@ void small_rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// One entry per kernel: dispatch on dtype and on whether the loss has a term over every class.
-void rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+// One entry per kernel: dispatch on dtype and on whether the loss has a term over every class (spread).
+template <class Run>
+void by_dtype(const SimdArgs& a, Run&& run) {
   const bool spread = a.eps != 0.0f;
+  const auto with = [&](auto dtype) { spread ? run(dtype, std::true_type{}) : run(dtype, std::false_type{}); };
   switch (a.dtype) {
-    case SimdDtype::kFloat: return spread ? rows_impl<F32, true>(a, begin, end) : rows_impl<F32, false>(a, begin, end);
-    case SimdDtype::kBFloat16:
-      return spread ? rows_impl<BF16, true>(a, begin, end) : rows_impl<BF16, false>(a, begin, end);
-    case SimdDtype::kHalf: return spread ? rows_impl<F16, true>(a, begin, end) : rows_impl<F16, false>(a, begin, end);
+    case SimdDtype::kFloat: return with(F32{});
+    case SimdDtype::kBFloat16: return with(BF16{});
+    case SimdDtype::kHalf: return with(F16{});
   }
+}
+
+void rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+  by_dtype(a, [&](auto t, auto spread) { rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 
 void small_rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
-  const bool spread = a.eps != 0.0f;
-  switch (a.dtype) {
-    case SimdDtype::kFloat:
-      return spread ? small_rows_impl<F32, true>(a, begin, end) : small_rows_impl<F32, false>(a, begin, end);
-    case SimdDtype::kBFloat16:
-      return spread ? small_rows_impl<BF16, true>(a, begin, end) : small_rows_impl<BF16, false>(a, begin, end);
-    case SimdDtype::kHalf:
-      return spread ? small_rows_impl<F16, true>(a, begin, end) : small_rows_impl<F16, false>(a, begin, end);
-  }
+  by_dtype(a, [&](auto t, auto spread) { small_rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 
 void columns_entry(const SimdArgs& a, int64_t begin, int64_t end) {
-  const bool spread = a.eps != 0.0f;
-  switch (a.dtype) {
-    case SimdDtype::kFloat:
-      return spread ? columns_impl<F32, true>(a, begin, end) : columns_impl<F32, false>(a, begin, end);
-    case SimdDtype::kBFloat16:
-      return spread ? columns_impl<BF16, true>(a, begin, end) : columns_impl<BF16, false>(a, begin, end);
-    case SimdDtype::kHalf:
-      return spread ? columns_impl<F16, true>(a, begin, end) : columns_impl<F16, false>(a, begin, end);
-  }
+  by_dtype(a, [&](auto t, auto spread) { columns_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 
 }  // namespace
