@@ -239,7 +239,7 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
     vf vs = {}, vA = {}, vD = {};
     auto rebase = [&](float cmax) {
       if (!(cmax > m)) return;
-      vs *= exp1(m - cmax);
+      if (m != -__FLT_MAX__) vs *= exp1(m - cmax);  // the first chunk's: nothing summed yet, no exponential to wait for
       if (kSpread) vD += vA == 0.0f ? splat(0.0f) : (cmax - m) * vA;  // no inf * 0 on the first chunk
       m = cmax;
     };
