@@ -152,6 +152,16 @@ int device_attr(int device, cudaDeviceAttr attr) {
 
 int sm_count(int device) { return device_attr(device, cudaDevAttrMultiProcessorCount); }
 
+// The kernel's dynamic shared-memory limit raised to bytes() once per device: one value for every launch (never
+// lowered under another thread's launch or a captured graph).
+template <typename Kernel, typename Bytes>
+void allow_smem(int device, Kernel kernel, const Bytes& bytes) {
+  launch_fact(device, reinterpret_cast<const void*>(kernel), kFactSmem, 0, [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes()));
+    return 1;
+  });
+}
+
 // A slice kernel, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
 // launch(cfg, slice, ring) launches it (the kernels' parameters differ); ring_kb 0: no ring.
 template <typename Kernel, typename Launch>
@@ -167,11 +177,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     return fa.ptxVersion;
   });
   const int max_cluster = device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9 && ptx >= 90 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
-  // One value for every launch (never lowered under another thread's launch or a captured graph).
-  launch_fact(device, key, kFactSmem, 0, [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin - 2048));
-    return 1;
-  });
+  allow_smem(device, kernel, [&] { return smem_optin - 2048; });
   for (int n = 1; n <= max_cluster; n *= 2) {
     const int64_t slice = (chunks + n - 1) / n;
     if (slice * 16 > budget) continue;
@@ -298,13 +304,10 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
     if (ahead || ring) {  // a resident grid: the CTAs that fit at once
       const void* key = reinterpret_cast<const void*>(kernel);
-      launch_fact(device, key, kFactSmem, 0, [&] {  // one value for every launch, as for the slices
+      allow_smem(device, kernel, [&] {
         cudaFuncAttributes fa;
         C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-        const int optin = device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            optin - static_cast<int>(fa.sharedSizeBytes)));
-        return 1;
+        return device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin) - static_cast<int>(fa.sharedSizeBytes);
       });
       const int per_sm = launch_fact(device, key, 1, smem, [&] {
         int r = 0;
@@ -324,7 +327,8 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
   constexpr bool kFixed = kStats || kSpread;  // 4 loads (2, smoothing + both): 8 spilled or took 105-118 registers
   constexpr bool kCanLean = !kSpread && !(kStats && kGrad);  // lean: the forward, or the gradient from a saved lse
   const bool lean = kCanLean && tune.lean;
-  auto kernel = tune.stream_loads == 8 && !kFixed
+  const bool loads8 = tune.stream_loads == 8 && !kFixed;
+  auto kernel = loads8
                     ? (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, kCanLean>
                             : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, false>)
                     : (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, kCanLean>
@@ -333,7 +337,7 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
   // threads * loads chunks, so that the last CTAs of the grid hold a piece each rather than a whole row.
   int64_t piece = chunks, pieces = 1;
   if (!kStats && tune.grad_piece_kb > 0) {
-    const int64_t group = int64_t{threads} * (tune.stream_loads == 8 && !kFixed ? 8 : 4);
+    const int64_t group = int64_t{threads} * (loads8 ? 8 : 4);
     piece = std::max<int64_t>(group, int64_t{tune.grad_piece_kb} * 64 / group * group);
     pieces = (chunks + piece - 1) / piece;
   }
@@ -410,10 +414,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     auto kernel = tune.lean && o.eps == 0.0 ? columns::columns_kernel<T, kStats, kGrad, true>
                                             : columns::columns_kernel<T, kStats, kGrad, false>;
     const void* key = reinterpret_cast<const void*>(kernel);
-    launch_fact(device, key, kFactSmem, 0, [&] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, columns::kBlockBudget));
-      return 1;
-    });
+    allow_smem(device, kernel, [] { return columns::kBlockBudget; });
     const int per_sm = launch_fact(device, key, threads, smem, [&] {
       int r = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));

@@ -353,12 +353,16 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   uint4* const slots = staged + (threadIdx.x >> 5) * ring * slot;
+  // A row's chunks found from its index alone (rows ahead: staged or loaded before they are this warp's row).
+  const auto chunks_of = [&](int64_t row_index) {
+    const RowIndex i = split_row(row_index, L.S);
+    return RowChunks<T>(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+  };
   // kRing: this lane's chunks of row `row_index` into slot q, one commit group per row (empty past the last row,
   // so that the waits count rows).
   const auto stage = [&](int64_t row_index, int q) {
     if (row_index < L.rows()) {
-      const RowIndex i = split_row(row_index, L.S);
-      const RowChunks<T> k(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+      const RowChunks<T> k = chunks_of(row_index);
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
         if (j * 32 + lane < k.count) copy_async16(slots + q * slot + j * 32 + lane, k.base + j * 32 + lane);
@@ -371,16 +375,13 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     for (int p = 0; p + 1 < ring; ++p) stage(r + p * warps, p);
     if (r < L.rows()) t_next = Row<T, kGrad>::target_of(a, r);
   }
-  // A row's chunks, this lane's VPT of them; load_row finds the row's chunks from its index alone (ahead).
+  // A row's chunks, this lane's VPT of them (load_row: by the row's index, for the row ahead).
   const auto load_chunks = [&](const RowChunks<T>& k, uint4 (&u)[VPT]) {
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
       if (j * 32 + lane < k.count) u[j] = load_stream(k.base + j * 32 + lane);
   };
-  const auto load_row = [&](int64_t row_index, uint4 (&u)[VPT]) {
-    const RowIndex i = split_row(row_index, L.S);
-    load_chunks(RowChunks<T>(a.x + i.b * L.x_sB + i.s * L.x_sS, C), u);
-  };
+  const auto load_row = [&](int64_t row_index, uint4 (&u)[VPT]) { load_chunks(chunks_of(row_index), u); };
   const bool partial = kAhead && kStats && a.loss_partials != nullptr;
   float loss_acc = 0.f;  // lane 0: this warp's rows, in order (with loss_partials)
   uint4 u[VPT];
@@ -580,7 +581,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     // This item's chunks [k_lo, k_hi): the whole row, or one piece of it (the last ones may be short or empty).
     const int64_t k_lo = kStats ? 0 : (item - r * pieces) * piece;
-    const int64_t k_hi = kStats || pieces == 1 ? xk.count : min(xk.count, k_lo + piece);
+    const int64_t k_hi = kStats ? xk.count : min(xk.count, k_lo + piece);  // one piece: piece >= count
     if (!valid_row<T, kStats, kGrad>(a, r, row, tid == 0 && k_lo == 0, k_lo + tid, k_hi, nt)) continue;
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
