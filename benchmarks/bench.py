@@ -264,6 +264,11 @@ def reference_errors(case, mode, opts, loss, grad):
 
 
 def measure(provider, case, mode, opts, reps, budget_ms):
+    with provider.scope():  # a tuned provider's settings hold through its backward too
+        return measure_in_scope(provider, case, mode, opts, reps, budget_ms)
+
+
+def measure_in_scope(provider, case, mode, opts, reps, budget_ms):
     fn = provider.make(opts)
     # Correctness first, on a fresh copy (in-place peers overwrite their input), which also warms up.
     loss, grad = run_once(fn, case.inputs[0].clone() if provider.inplace else case.inputs[0], case, mode)

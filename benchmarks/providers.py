@@ -2,6 +2,7 @@
 found installed (Liger's Triton kernel, flash-attn's Triton kernel).  Each builds a loss function
 fn(logits, target) -> loss for given options, or says why it cannot run here."""
 
+import contextlib
 import importlib.util
 
 import torch
@@ -18,6 +19,10 @@ class Provider:
     def unavailable(self, device, shape, opts):
         """None when it can run; else the reason it is skipped."""
         return None
+
+    def scope(self):
+        """A context every call runs in, its backward included (autograd runs that after fn returned)."""
+        return contextlib.nullcontext()
 
     def make(self, opts):
         raise NotImplementedError
@@ -42,8 +47,8 @@ class OursInplace(Provider):
 
 
 class OursTuned(Provider):
-    """Ours under other CUDA settings (softmax_ce_ext.tuning: kernel family, slices, prefetch, ring), to compare
-    them in one run."""
+    """Ours under other CUDA settings (softmax_ce_ext.tuning: kernel family, slices, ring, ...), to compare them in
+    one run.  The settings hold through the whole step (scope), so a backward-only setting is timed too."""
 
     def __init__(self, name, **settings):
         self.name, self.settings = name, settings
@@ -51,12 +56,11 @@ class OursTuned(Provider):
     def unavailable(self, device, shape, opts):
         return None if device == "cuda" else "a CUDA kernel family"
 
-    def make(self, opts):
-        def fn(x, t):
-            with tuning.using(**self.settings):
-                return softmax_ce_ext.cross_entropy(x, t, **opts)
+    def scope(self):
+        return tuning.using(**self.settings)
 
-        return fn
+    def make(self, opts):
+        return lambda x, t: softmax_ce_ext.cross_entropy(x, t, **opts)
 
 
 class TorchEager(Provider):

@@ -104,6 +104,53 @@ def test_gpu_check_script_is_sound():
         subprocess.run([sys.executable, "-m", "py_compile", str(root.parent / py)], check=True)
 
 
+def test_a_providers_scope_holds_through_its_backward():
+    """A tuned provider's settings must cover the backward, which autograd runs after the provider's function
+    returned: a backward-only setting (the gradient from a saved lse) was once timed under the defaults."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench import Case, measure
+        from providers import Ours
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    seen, inside = [], [False]
+
+    class Recording(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", inside[0]))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", inside[0]))
+            return g
+
+    class Scoped(Ours):
+        name = "scoped"
+
+        def scope(self):
+            import contextlib
+
+            @contextlib.contextmanager
+            def flag():
+                inside[0] = True
+                try:
+                    yield
+                finally:
+                    inside[0] = False
+
+            return flag()
+
+        def make(self, opts):
+            return lambda x, t: softmax_ce_ext.cross_entropy(Recording.apply(x), t, **opts)
+
+    case = Case((8, 5), torch.float32, "cpu", 0.0, 0)
+    opts = dict(reduction="none", ignore_index=-100, label_smoothing=0.0)
+    measure(Scoped(), case, "none+bwd", opts, 3, 1.0)
+    assert {kind for kind, _ in seen} == {"fwd", "bwd"} and all(flag for _, flag in seen), seen
+
+
 def test_lean_exponent_argument_is_as_exact_as_the_subtraction():
     """benchmarks/exp2base_error.py emulates the lean sweeps' exponent argument (one FFMA and a per-row factor,
     csrc/cuda/softmax_ce_chunks.cuh Exp2Base) in float32: its constants split log2(e) exactly, and its error
