@@ -2,14 +2,14 @@
 # The one prepared GPU call: build in place against the machine's torch, run the CUDA tests (every CUDA kernel
 # family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
 # (set by the device tool) or ./gpu_check_out.  Each part has a timeout; the default parts' timeouts sum to
-# more than the device tool's 600 s per call, but on the H200 (2026-11-27) build to variants took 318 s and
-# the second call's tests 93 s: expect ~495 s for the default parts now (compile_debug out, the lean and warp_ring paths'
-# tests in; timeout_s ~560; the last parts are what the tool cuts if the call runs long).  Seen: a start of ~30 s, builds of 57-88 s (H200) and 101 s
-# (H100), a 15-minute device budget per session, the machine given back 30 s after a call: plan two calls.
-#   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s ~560)
+# more than the device tool's 600 s per call; the default parts took 434 s on the H200 (2026-11-27, build 136 s
+# with 320 instantiations; 85 s with the 198 left after the losers were deleted): timeout_s ~520; the last
+# parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s, a 15-minute device budget per
+# session, the machine given back 30 s after a call: plan two calls (a short third: `build confirm`, ~150 s).
+#   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s ~520)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants ceilings probe ncu stalls grid compile"
+#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants confirm ceilings probe ncu stalls grid compile"
 #                (default: build smoke tests bench variants ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -93,14 +93,24 @@ if part bench; then
 fi
 
 if part variants; then
-  stamp "our CUDA settings not yet default, side by side with the defaults (benchmarks/providers.py VARIANTS)"
+  stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 100 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
-    --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_lean ours_noring ours_pipeline8 ours_warp_ring ours_warp_ring_lean ours_l2keep 2>&1 \
-    | tee "$OUT/variants.log"
+    --dtype bfloat16 float32 --mode fwd+bwd --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 \
+    2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd none+bwd --providers ours ours_stream8 ours_lean ours_pieces32 2>&1 | tee -a "$OUT/variants.log"
+  timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
+    --mode fwd none+bwd --providers ours ours_nolean ours_whole_rows ours_pieces64 ours_unstaged 2>&1 \
+    | tee -a "$OUT/variants.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part confirm; then
+  # A short call's check of the defaults against the alternative to each (new defaults of 2026-11-27): one LLM
+  # shape and the warp-row shape, every mode, every row checked against float64 (~1 min).
+  stamp "confirm: the defaults against the alternative to each, two shapes, every mode"
+  timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x32000 65536x1000 \
+    --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd \
+    --providers ours ours_nolean ours_whole_rows ours_unstaged torch 2>&1 | tee "$OUT/confirm.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
@@ -119,7 +129,7 @@ fi
 
 if part ncu; then
   stamp "ncu: one call of each main kernel (throughput, occupancy, issue, stalls)"
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|slice_pipe|warp_rows|stream_rows|columns_kernel" --launch-count 9 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 9 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats $PY benchmarks/gpu_probe.py --ncu > "$OUT/ncu.log" 2>&1
   grep -E "ncu case|_kernel|Duration|DRAM Throughput|L2 Hit|Achieved Occupancy|Registers Per|Issued Warp|Grid Size" \
@@ -130,7 +140,7 @@ if part stalls; then
   stamp "ncu: why warps wait (stall reasons per warp, %), the same kernels"
   STALLS=$(printf 'smsp__warp_issue_stalled_%s_per_warp_active.pct,' barrier long_scoreboard short_scoreboard membar \
     mio_throttle lg_throttle math_pipe_throttle wait selected not_selected dispatch_stall no_instruction)
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|slice_pipe|warp_rows|stream_rows|columns_kernel" --launch-count 9 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 9 \
     --metrics "${STALLS%,}" $PY benchmarks/gpu_probe.py --ncu > "$OUT/stalls.log" 2>&1
   grep -E "ncu case|_kernel|stalled" "$OUT/stalls.log" | sed 's/smsp__warp_issue_stalled_//' | head -90
 fi

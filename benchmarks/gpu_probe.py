@@ -18,17 +18,15 @@ from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
 DEFAULT = tuning.BUILT_IN
 # Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, the ring
-# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two, 216 one; 0 none), and the
-# pipelined slices (one sweep per row, statistics 4 or 8 copies behind; 48 KiB slices with 8), the lean sweeps.
+# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two, 216 one; 0 none), the
+# general sweeps instead of the lean ones.
 TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),
            dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(ring_kb=216), dict(slice_kb=48, ring_kb=108),
-           dict(pipeline=4), dict(pipeline=8), dict(pipeline=8, slice_kb=48), dict(lean=True),
-           dict(lean=True, ring_kb=0)]
-# Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32; 262144x256: VPT 2 / 4 and ~80 rows per resident warp).
-WARP_TUNINGS = [{}, dict(warp_ahead=True), dict(warp_ring=2), dict(warp_ring=3), dict(warp_ring=4),
-                dict(warp_ring=4, lean=True)]
+           dict(lean=False), dict(lean=False, ring_kb=0)]
+# Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32, where the rows are staged; 262144x256: VPT 2 / 4).
+WARP_TUNINGS = [{}, dict(warp_ring=0), dict(warp_ring=3), dict(warp_ring=4)]
 SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
-         ((65536, 1000), WARP_TUNINGS), ((262144, 256), WARP_TUNINGS), ((16, 21, 512, 512), [{}, dict(l2_keep=True)])]
+         ((65536, 1000), WARP_TUNINGS), ((262144, 256), [{}]), ((16, 21, 512, 512), [{}])]
 
 
 def label(tune):
@@ -39,11 +37,11 @@ def label(tune):
 # 8, which lost 12-20 points on the H200 (2026-11-27) for reasons not yet seen (barrier stalls?).
 NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4", {}),
              ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 8", dict(slice_kb=36)),
-             ((8192, 128256), torch.bfloat16, "fwd+bwd", "pipelined slices, 8 copies behind", dict(pipeline=8)),
-             ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, lean sweeps", dict(lean=True)),
+             ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, general sweeps", dict(lean=False)),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2", {}),
              ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows", {}),
-             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows, 3 rows staged ahead per warp", dict(warp_ring=4)),
+             ((65536, 1000), torch.float32, "fwd+bwd", "warp rows, the next row staged per warp", {}),
+             ((65536, 1000), torch.float32, "fwd+bwd", "warp rows, unstaged", dict(warp_ring=0)),
              ((16, 21, 512, 512), torch.float32, "fwd+bwd", "K-dim columns", {}),
              ((8192, 32000), torch.bfloat16, "fwd", "streaming forward", {})]
 
@@ -118,8 +116,8 @@ CEILING_SHAPES = [(8192, 128256), (8192, 32000)]
 def ceilings(reps):
     """What a kernel that reads N*C elements and writes N*C reaches on this card, beside our fused pass: torch's
     copy, torch.exp into a second buffer (one exponential per element), our gradient from a saved lse (the
-    backward of reduction='none'; 4 or 8 loads in flight; rows whole or in pieces), our fwd+bwd (default, the lean sweeps, the pipelined
-    slices).  Floor: 2*N*C*E bytes."""
+    backward of reduction='none': rows in pieces or whole, lean sweeps or not), our fwd+bwd (lean sweeps or not).
+    Floor: 2*N*C*E bytes."""
     bw = copy_bandwidth("cuda")
     print(f"ceilings: read + write N*C elements; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
     for shape in CEILING_SHAPES:
@@ -139,14 +137,12 @@ def ceilings(reps):
                 return call(case, "fwd+bwd")
 
             runs = [("torch copy_", lambda: y.copy_(x), {}), ("torch.exp(out=)", lambda: torch.exp(x, out=y), {}),
-                    ("ours: grad from lse", grad_from_lse, {}), ("ours: grad, 8 loads", grad_from_lse,
-                                                                 dict(stream_loads=8)),
-                    # rows in pieces: the grid's last CTAs hold a piece each, not a whole row (the tail)
-                    ("ours: grad, 32K pieces", grad_from_lse, dict(grad_piece_kb=32)),
-                    ("ours: grad, 16K pieces", grad_from_lse, dict(grad_piece_kb=16)),
-                    ("ours: grad lean+pieces", grad_from_lse, dict(grad_piece_kb=32, lean=True)),
-                    ("ours: fwd+bwd", fwd_bwd, {}), ("ours: fwd+bwd lean", fwd_bwd, dict(lean=True)),
-                    ("ours: fwd+bwd pipeline 8", fwd_bwd, dict(pipeline=8))]
+                    # rows in pieces (32 KiB, lean: the defaults): the grid's last CTAs hold a piece each
+                    ("ours: grad from lse", grad_from_lse, {}),
+                    ("ours: grad, 64K pieces", grad_from_lse, dict(grad_piece_kb=64)),
+                    ("ours: grad, not lean", grad_from_lse, dict(lean=False)),
+                    ("ours: grad, whole rows", grad_from_lse, dict(grad_piece_kb=0)),
+                    ("ours: fwd+bwd", fwd_bwd, {}), ("ours: fwd+bwd, not lean", fwd_bwd, dict(lean=False))]
             for name, fn, tune in runs:
                 with tuning.using(**tune):
                     fn()

@@ -131,20 +131,11 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # the ring (72 KiB, the default since 2026-11-27: 3 CTAs per SM, 8 KiB of the next row ahead at 62.5
             # KiB slices): none, or 108 KiB (2 CTAs, 44 KiB ahead)
             OursTuned("ours_noring", ring_kb=0), OursTuned("ours_ring108", ring_kb=108),
-            # the slices in one sweep per row: gradient, the next row's copies and statistics 4 or 8 copies behind
-            OursTuned("ours_pipeline", pipeline=4), OursTuned("ours_pipeline8", pipeline=8),
-            # the streaming kernel (forward, gradient from the lse) with 8 16-byte loads in flight per thread, not 4
-            OursTuned("ours_stream8", stream_loads=8),
-            # the streaming gradient from the lse (reduction='none') by 32 KiB pieces of rows, not whole rows
-            OursTuned("ours_pieces32", grad_piece_kb=32),
-            # the lean sweeps (slices, warp rows, streaming, K-dim; no smoothing): no per-chunk tests in the loops,
-            # the exponent argument as one FFMA (~41-56% fewer loop instructions per element in the sm_90 SASS)
-            OursTuned("ours_lean", lean=True),
-            # warp rows: a resident grid, each warp loading its next row before computing this one
-            OursTuned("ours_warp_ahead", warp_ahead=True),
-            # warp rows: a resident grid, each warp staging its next rows in shared memory (up to 3 ahead), plain
-            # or under the lean sweeps
-            OursTuned("ours_warp_ring", warp_ring=4), OursTuned("ours_warp_ring_lean", warp_ring=4, lean=True),
-            # K-dim: the targets read by the mean's denominator kept in L2 (evict-last) for the loss kernel
-            OursTuned("ours_l2keep", l2_keep=True))
+            # the general sweeps (per-chunk tests) where the lean ones are the default (slices, streaming)
+            OursTuned("ours_nolean", lean=False),
+            # the gradient from a saved lse (reduction='none') by whole rows, or by 64 KiB pieces (default 32)
+            OursTuned("ours_whole_rows", grad_piece_kb=0), OursTuned("ours_pieces64", grad_piece_kb=64),
+            # the fused pass of float warp rows of 129-256 chunks unstaged, or staging up to 3 rows ahead per warp as
+            # shared memory allows (default: 1)
+            OursTuned("ours_unstaged", warp_ring=0), OursTuned("ours_warp_ring4", warp_ring=4))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

@@ -78,8 +78,7 @@ int env_int(const char* name, int fallback) {
 }
 
 struct TuningState {
-  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads, lean,
-      warp_ring, grad_piece_kb;
+  std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
@@ -87,13 +86,9 @@ struct TuningState {
         cluster_max(env_int("SOFTMAX_CE_CUDA_CLUSTER_MAX", 16)),
         prefetch(env_int("SOFTMAX_CE_CUDA_PREFETCH", 1) != 0),
         ring_kb(env_int("SOFTMAX_CE_CUDA_RING_KB", 72)),
-        warp_ahead(env_int("SOFTMAX_CE_CUDA_WARP_AHEAD", 0) != 0),
-        l2_keep(env_int("SOFTMAX_CE_CUDA_L2_KEEP", 0) != 0),
-        pipeline(env_int("SOFTMAX_CE_CUDA_PIPELINE", 0)),
-        stream_loads(env_int("SOFTMAX_CE_CUDA_STREAM_LOADS", 4)),
-        lean(env_int("SOFTMAX_CE_CUDA_LEAN", 0) != 0),
-        warp_ring(env_int("SOFTMAX_CE_CUDA_WARP_RING", 0)),
-        grad_piece_kb(env_int("SOFTMAX_CE_CUDA_GRAD_PIECE_KB", 0)) {}
+        lean(env_int("SOFTMAX_CE_CUDA_LEAN", 1) != 0),
+        warp_ring(env_int("SOFTMAX_CE_CUDA_WARP_RING", 2)),
+        grad_piece_kb(env_int("SOFTMAX_CE_CUDA_GRAD_PIECE_KB", 32)) {}
 };
 
 TuningState& state() {
@@ -105,14 +100,11 @@ TuningState& state() {
 CudaTuning cuda_tuning() {
   TuningState& s = state();
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
-          s.ring_kb.load(), s.warp_ahead.load() != 0, s.l2_keep.load() != 0, s.pipeline.load(),
-          s.stream_loads.load(), s.lean.load() != 0, s.warp_ring.load(),
-          s.grad_piece_kb.load()};
+          s.ring_kb.load(), s.lean.load() != 0, s.warp_ring.load(), s.grad_piece_kb.load()};
 }
 
-void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb,
-                     bool warp_ahead, bool l2_keep, int pipeline, int stream_loads, bool lean, int warp_ring,
-                     int grad_piece_kb) {
+void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
+                     int warp_ring, int grad_piece_kb) {
   const CudaPath p = parse_path(path);
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
                     slice_kb);
@@ -120,10 +112,6 @@ void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, boo
                     "set_cuda_tuning: expected cluster_max 1, 2, 4, 8 or 16, got ", cluster_max);
   TORCH_CHECK_VALUE(ring_kb >= 0 && ring_kb <= 227, "set_cuda_tuning: expected ring_kb in [0, 227] (0: off), got ",
                     ring_kb);
-  TORCH_CHECK_VALUE(pipeline == 0 || pipeline == 4 || pipeline == 8,
-                    "set_cuda_tuning: expected pipeline 0 (off), 4 or 8 copies in flight per thread, got ", pipeline);
-  TORCH_CHECK_VALUE(stream_loads == 4 || stream_loads == 8, "set_cuda_tuning: expected stream_loads 4 or 8, got ",
-                    stream_loads);
   TORCH_CHECK_VALUE(warp_ring == 0 || (warp_ring >= 2 && warp_ring <= 4),
                     "set_cuda_tuning: expected warp_ring 0 (off) or 2-4 rows staged per warp, got ", warp_ring);
   TORCH_CHECK_VALUE(grad_piece_kb == 0 || (grad_piece_kb >= 4 && grad_piece_kb <= 4096),
@@ -134,10 +122,6 @@ void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, boo
   s.cluster_max = cluster_max;
   s.prefetch = prefetch;
   s.ring_kb = ring_kb;
-  s.warp_ahead = warp_ahead;
-  s.l2_keep = l2_keep;
-  s.pipeline = pipeline;
-  s.stream_loads = stream_loads;
   s.lean = lean;
   s.warp_ring = warp_ring;
   s.grad_piece_kb = grad_piece_kb;
@@ -150,15 +134,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas", &softmax_ce::cpu_isas, "The instruction sets this CPU can run, best first.");
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
   m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
-        "slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads, lean, warp_ring, "
-        "grad_piece_kb (softmax_ce_ext.tuning "
-        "wraps this; all checked before any is set).");
+        "slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb (softmax_ce_ext.tuning wraps this; "
+        "all checked before any is set).");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
     return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max,
-                           t.prefetch, t.ring_kb, t.warp_ahead, t.l2_keep, t.pipeline, t.stream_loads,
-                           t.lean, t.warp_ring, t.grad_piece_kb);
-  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline, stream_loads, "
-        "lean, warp_ring, grad_piece_kb).");
+                           t.prefetch, t.ring_kb, t.lean, t.warp_ring, t.grad_piece_kb);
+  }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb).");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
 }

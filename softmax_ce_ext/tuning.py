@@ -1,20 +1,17 @@
 """The CUDA row kernels' settings, for comparisons and tests (csrc/softmax_ce_tuning.h says what each does):
-path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, warp_ahead, l2_keep, pipeline,
-stream_loads, lean, warp_ring, grad_piece_kb.  Defaults come from the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB,
-_CLUSTER_MAX, _PREFETCH, _RING_KB, _WARP_AHEAD, _L2_KEEP, _PIPELINE, _STREAM_LOADS, _LEAN, _WARP_RING,
-_GRAD_PIECE_KB); they apply process-wide."""
+path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb.
+Defaults come from the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB, _LEAN,
+_WARP_RING, _GRAD_PIECE_KB); they apply process-wide."""
 
 import contextlib
 
 from ._ops import _C
 
-FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "warp_ahead", "l2_keep", "pipeline",
-          "stream_loads", "lean", "warp_ring", "grad_piece_kb")
+FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "lean", "warp_ring", "grad_piece_kb")
 # The defaults without environment variables (csrc/softmax_ce.cpp, TuningState): what tests and benchmarks set
 # as their baseline, whatever the environment says.
-BUILT_IN = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=72, warp_ahead=False, l2_keep=False,
-                pipeline=0, stream_loads=4, lean=False, warp_ring=0,
-                grad_piece_kb=0)
+BUILT_IN = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=72, lean=True, warp_ring=2,
+                grad_piece_kb=32)
 
 
 def get() -> dict:

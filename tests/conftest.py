@@ -30,26 +30,22 @@ CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always l
 # CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as softmax_ce_ext.tuning selects them (every
 # setting given, whatever the environment says), and why each is in the grid.
 CUDA_PATHS = {
-    "auto": (dict(), "the defaults: warp rows for small C, shared-memory slices (in a ring) for larger C"),
+    "auto": (dict(), "the defaults: warp rows for small C (the fused pass of float rows of 129-256 chunks staged), "
+             "shared-memory slices (in a ring, lean sweeps) for larger C, the gradient from the lse in 32 KiB pieces"),
     "clusters": (dict(slice_kb=1, ring_kb=0), "1 KiB slices: rows of a few thousand classes split over clusters of "
                  "CTAs, no ring"),
     "clusters-ring": (dict(slice_kb=1, ring_kb=8), "the same, each CTA's slots a ring holding the next row too"),
-    "ahead": (dict(ring_kb=72, warp_ahead=True, l2_keep=True), "the defaults plus the loads of the next row ahead "
-              "(ring, warps) and the K-dim targets kept in L2"),
-    "pipeline": (dict(pipeline=8), "the slices in one sweep per row: gradient, next row's copies and statistics "
-                 "8 copies behind"),
-    "pipeline-clusters": (dict(slice_kb=1, pipeline=4), "the same 4 copies behind, over clusters of 1 KiB slices"),
-    "lean": (dict(lean=True), "the defaults with the slices' lean sweeps (no per-chunk tests, the exponent argument "
-             "as one FFMA; rows without smoothing)"),
-    "lean-clusters": (dict(slice_kb=1, ring_kb=8, lean=True), "the lean sweeps over clusters of 1 KiB slices, a ring"),
-    "lean-stream": (dict(path="stream", lean=True), "the streaming kernel's lean gradient from the lse, small C too"),
-    "warp-ring": (dict(warp_ring=4), "warp rows staging each warp's next rows in shared memory (cp.async), a "
-                  "resident grid"),
+    "plain": (dict(lean=False, warp_ring=0, grad_piece_kb=0), "the alternatives to the measured defaults: the "
+              "general sweeps (per-chunk tests), no staged warp rows, the gradient from the lse by whole rows"),
+    "plain-clusters": (dict(slice_kb=1, ring_kb=8, lean=False), "the general sweeps over clusters of 1 KiB slices, "
+                       "a ring"),
+    "warp-ring": (dict(warp_ring=4), "the loss + gradient of float warp rows of 129-256 chunks staging more of "
+                  "each warp's next rows in shared memory (cp.async), a resident grid"),
     "grad-pieces": (dict(grad_piece_kb=16), "the gradient from a saved lse (reduction='none') by rows cut into "
                     "pieces of 1024 chunks (rows of 4096+ floats, 8192+ 2-byte values)"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
-    "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too"),
-    "stream8": (dict(path="stream", stream_loads=8), "the same with 8 loads in flight per thread"),
+    "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
+    "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),
 }
 KERNEL_PATHS = [("cpu", isa) for isa in CPU_ISAS] + [("cuda", name) for name in CUDA_PATHS]

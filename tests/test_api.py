@@ -117,8 +117,8 @@ def test_cuda_tuning_is_set_and_restored():
 
     before = tuning.get()
     assert set(before) == set(tuning.FIELDS)
-    changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, warp_ahead=True, l2_keep=True,
-                   pipeline=8, stream_loads=8, lean=True, warp_ring=3, grad_piece_kb=32)
+    changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, lean=False, warp_ring=3,
+                   grad_piece_kb=64)
     with tuning.using(**changed):
         assert tuning.get() == changed
     assert tuning.get() == before
@@ -126,8 +126,8 @@ def test_cuda_tuning_is_set_and_restored():
         with tuning.using(ring_kb=16):
             raise KeyError("inside")
     assert tuning.get() == before
-    for bad in (dict(ring_kb=228), dict(slice_kb=0), dict(cluster_max=3), dict(path="fast"), dict(stream_loads=6),
-                dict(pipeline=5), dict(warp_ring=1), dict(warp_ring=5), dict(grad_piece_kb=2)):
+    for bad in (dict(ring_kb=228), dict(slice_kb=0), dict(cluster_max=3), dict(path="fast"), dict(warp_ring=1),
+                dict(warp_ring=5), dict(grad_piece_kb=2), dict(grad_piece_kb=4097)):
         with pytest.raises(ValueError):
             tuning.set(prefetch=not before["prefetch"], **bad)
         assert tuning.get() == before

@@ -137,20 +137,14 @@ def test_rows_centred_far_from_zero(device, kernel_path, centre, dtype):
 # How the slice kernel stages a cluster's rows, as (slice_kb, ring_kb, prefetch, rows), and why each is here.
 # 3001 classes: 751 float32 chunks, 376 bfloat16 ones.
 SLICE_SCHEDULES = {
-    "no-prefetch": ((1, 0, False, 0, 1000, 3001), "each row copied, waited for, then used (1 KiB slices: "
+    "no-prefetch": ((1, 0, False, 1000, 3001), "each row copied, waited for, then used (1 KiB slices: "
                     "clusters of 8-16)"),
-    "prefetch": ((1, 0, True, 0, 1000, 3001), "the next row copied into the slots the gradient sweep frees"),
-    "ring-whole-row": ((1, 8, True, 0, 1000, 3001), "a 512-slot ring: all of the next row's slice copied before "
+    "prefetch": ((1, 0, True, 1000, 3001), "the next row copied into the slots the gradient sweep frees"),
+    "ring-whole-row": ((1, 8, True, 1000, 3001), "a 512-slot ring: all of the next row's slice copied before "
                        "the statistics (64-chunk slices need 256 slots each)"),
-    "ring-head-and-tail": ((6, 12, True, 0, 12000, 3001), "a 768-slot ring, 376-chunk slices needing 512: the "
+    "ring-head-and-tail": ((6, 12, True, 12000, 3001), "a 768-slot ring, 376-chunk slices needing 512: the "
                            "next row's first 256 chunks before the statistics, the rest during the gradient sweep; "
                            "rows wrap around the ring (12000 rows: each CTA walks ~10 of them)"),
-    "pipeline-short": ((1, 0, True, 4, 1000, 3001), "one sweep per row (gradient, next row's copies and "
-                       "statistics), fewer chunks per thread than copies in flight: statistics after the sweep"),
-    "pipeline-long": ((24, 0, True, 4, 3000, 20000), "the same with ~5 chunks per thread: statistics inside the "
-                      "sweep, 4 copies behind; clusters of 2 (bf16) or 4 (fp32), each walking ~6 rows"),
-    "pipeline-lag8": ((48, 0, True, 8, 3000, 40000), "~10 chunks per thread, statistics 8 copies behind; clusters "
-                      "of 2 (bf16) or 4 (fp32)"),
 }
 
 
@@ -158,26 +152,24 @@ SLICE_SCHEDULES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
-@pytest.mark.parametrize("sweeps", ["smoothed", "lean"])
+@pytest.mark.parametrize("sweeps", ["smoothed", "plain", "lean"])
 def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, sweeps):
     """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
     ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh),
     and so are a run of rows in the middle and the last third (several skipped in a row; nothing left to fetch);
     offset-by-one rows alternate between chunk counts, so the next row's slice can be a chunk longer than this
-    row's.  sweeps: label smoothing (the smoothing sums), or none under the lean sweeps (tuning lean), whose
-    interior trips skip the end chunks and step over the ring's wrap."""
+    row's.  sweeps: label smoothing (the smoothing sums), or none under the plain sweeps (tuning lean off: per-chunk
+    tests) or the lean ones (the default), whose interior trips skip the end chunks and step over the ring's wrap."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
-    slice_kb, ring_kb, prefetch, pipeline, rows, classes = SLICE_SCHEDULES[schedule][0]
-    if sweeps == "lean" and pipeline:
-        pytest.skip("the pipelined slices have no lean sweeps")
+    slice_kb, ring_kb, prefetch, rows, classes = SLICE_SCHEDULES[schedule][0]
     smoothing = 0.1 if sweeps == "smoothed" else 0.0
     x, t, g = _logits(rows, classes, dtype, device, offset, seed=11)
     t[::7] = -100
     t[rows // 2:rows // 2 + 300] = -100
     t[-(rows // 3):] = -100  # with ~500-1000 clusters walking the rows: each skips its last few in a row
     with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb,
-                      pipeline=pipeline, lean=sweeps == "lean"):
+                      lean=sweeps == "lean"):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
         loss = cross_entropy(xi, t, label_smoothing=smoothing, inplace_backward=inplace)
@@ -193,12 +185,13 @@ WARP_ROW_CLASSES = {torch.float32: [200, 500, 1000], torch.bfloat16: [300, 1000,
 
 
 # How the warp-row kernel walks its rows, and why each is here.
+# Staging applies to the loss + gradient (mean) of float rows of 129-256 chunks (vpt8) only; the other rows and
+# the forward and gradient kernels of reduction='none' run unstaged under every setting.
 WARP_STAGING = {
-    "warp-per-row": (dict(), "the default: a warp per row, the grid as large as the rows need"),
-    "warp-ahead": (dict(warp_ahead=True), "a resident grid, each warp loading its next row into registers first"),
-    "ring2": (dict(warp_ring=2), "a resident grid, each warp's next row staged in shared memory (cp.async)"),
-    "ring4": (dict(warp_ring=4), "the same, 3 rows ahead (fewer where shared memory is short: float 129-256 chunks)"),
-    "ring4-lean": (dict(warp_ring=4, lean=True), "the staged rows under the lean sweeps"),
+    "unstaged": (dict(warp_ring=0), "a warp per row, the grid as large as the rows need"),
+    "ring2": (dict(warp_ring=2), "the default: a resident grid, each warp's next row staged in shared memory "
+              "(cp.async)"),
+    "ring4": (dict(warp_ring=4), "the same, as many rows ahead as shared memory holds (2 at 1000 floats)"),
 }
 
 
@@ -207,8 +200,8 @@ WARP_STAGING = {
 @pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_warp_rows_many_rows_per_warp(device, staging, dtype, vpt, reduction):
-    """20000 rows: with warp_ahead or warp_ring each resident warp walks several of them, loading or staging the
-    next ones while it computes this one (mean: the fused pass; none: the forward, then the gradient from the
+    """20000 rows: staged (warp_ring), each resident warp walks several of them, staging the next ones while it
+    computes this one (mean: the fused pass; none: the forward, then the gradient from the
     lse, each a warp-row kernel).  Every 7th row is ignored (its loads are wasted, its gradient zero); rows start
     one element off 16 bytes, so neighbouring rows differ in chunk count (and in the slot chunks they fill)."""
     if device != "cuda":
@@ -217,7 +210,7 @@ def test_warp_rows_many_rows_per_warp(device, staging, dtype, vpt, reduction):
     x, t, g = _logits(20000, c, dtype, device, 1, seed=5)
     t[::7] = -100
     grad_out = torch.rand(20000, generator=g).to(device) if reduction == "none" else torch.ones((), device=device)
-    # No smoothing: warp_ahead and warp_ring leave smoothed rows alone.
+    # No smoothing: warp_ring leaves smoothed rows alone.
     with tuning.using(**{**tuning.BUILT_IN, **WARP_STAGING[staging][0]}):
         loss, grad = ours(x, t, grad_out, reduction=reduction)
     ref_loss, ref_grad = reference(x, t, grad_out, reduction=reduction)

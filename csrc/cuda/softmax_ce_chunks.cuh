@@ -170,32 +170,6 @@ __device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-// L2 eviction priorities (sm_80+): `last` for data a later kernel reads again (the K-dim targets, read by the
-// mean's denominator and then by the loss kernel), `first` for data read once (the logits around them).
-__device__ __forceinline__ uint64_t l2_policy_last() {
-  uint64_t p;
-  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ uint64_t l2_policy_first() {
-  uint64_t p;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-  return p;
-}
-__device__ __forceinline__ longlong2 load_hinted(const longlong2* p, uint64_t policy) {
-  longlong2 v;
-  asm volatile("ld.global.L2::cache_hint.v2.s64 {%0, %1}, [%2], %3;" : "=l"(v.x), "=l"(v.y) : "l"(p), "l"(policy));
-  return v;
-}
-__device__ __forceinline__ int64_t load_hinted(const int64_t* p, uint64_t policy) {
-  int64_t v;
-  asm volatile("ld.global.L2::cache_hint.s64 %0, [%1], %2;" : "=l"(v) : "l"(p), "l"(policy));
-  return v;
-}
-__device__ __forceinline__ void copy_async16_hinted(void* smem, const void* gmem, uint64_t policy) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "l"(policy) : "memory");
-}
 
 // Copies issued since the last commit form a group; wait_prior waits for every group but the newest.
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }

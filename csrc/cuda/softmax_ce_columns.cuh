@@ -19,29 +19,8 @@ using rows::kInf;
 constexpr int kMaxClasses = 192;
 constexpr int kBlockBudget = 96 * 1024;
 
-// Exp2Base for each of a thread's E positions (one base each); fit: whether every one can be folded.
-template <int E>
-struct Exp2Bases {
-  Exp2Base of[E];
-  __device__ static bool fit(const float (&b)[E]) {
-    bool all = true;
-#pragma unroll
-    for (int i = 0; i < E; ++i) all = all && Exp2Base::fits(b[i]);
-    return all;
-  }
-  __device__ explicit Exp2Bases(const float (&b)[E]) {
-#pragma unroll
-    for (int i = 0; i < E; ++i) of[i] = Exp2Base(b[i]);
-  }
-};
-
-// l2_hints: the logits and targets are read with L2 evict-first priority, the targets being read last here after
-// the mean's denominator kernel read them with evict-last (so that they can stay in L2 while the logits stream).
-// kLean (tuning lean, no smoothing): exponent arguments as one FFMA (Exp2Base, where every position's base fits),
-// the gradient sweep without the smoothing term or a per-element test of the target's class (each position's
-// target gradient stored again after it, by the same thread), its store pointer stepped per class.
-template <typename T, bool kStats, bool kGrad, bool kLean>
-__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hints) {
+template <typename T, bool kStats, bool kGrad>
+__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -53,7 +32,6 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
   const float W = w ? *a.P.weight_sum : static_cast<float>(C);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * nt;
   const bool partial = a.loss_partials != nullptr;
-  const uint64_t once = l2_hints ? l2_policy_first() : 0;
   float loss_acc = 0.f;  // this thread's positions, in its fixed order
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * nt + tid; item < L.B * per_b; item += stride) {
     const int64_t b = static_cast<uint32_t>(item) / static_cast<uint32_t>(per_b);  // < 2^31 items: see the launcher
@@ -61,12 +39,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
     const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
     const T* x = a.x + b * L.x_sB + s0;
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
-    for (int c = 0; c < Ci; ++c) {
-      if (l2_hints)
-        copy_async16_hinted(&staged[c * nt + tid], x + c * L.x_sC, once);
-      else
-        copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
-    }
+    for (int c = 0; c < Ci; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
     auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
     // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
     // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
@@ -75,7 +48,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       const int64_t* tp = a.P.index + b * L.t_sB + (s0 + i) * L.t_sS;
-      const int64_t ti = i >= n ? a.P.ignore_index : l2_hints ? load_hinted(tp, once) : *tp;
+      const int64_t ti = i >= n ? a.P.ignore_index : *tp;
       const bool ignored = ti == a.P.ignore_index, bad = !ignored && target_out_of_range(ti, C);
       if (bad) rows::flag_bad_target(a.P.status, ti);
       t[i] = ignored ? kIgnored : bad ? kBad : static_cast<int>(ti);
@@ -96,20 +69,12 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
 #pragma unroll
         for (int i = 0; i < E; ++i) m[i] = fmaxf(m[i], v[i]);  // NaN never becomes the max; it poisons s
       }
-      // Folded where every position's max fits (positions past the row's end included).
-      folded_or_not(kLean && Exp2Bases<E>::fit(m), [&](auto folded) {
-        const Exp2Bases<E> base(m);  // unused (and dropped) unfolded
-        for (int c = 0; c < Ci; ++c) {
-          float v[E];
-          chunk(c, v);
+      for (int c = 0; c < Ci; ++c) {
+        float v[E];
+        chunk(c, v);
 #pragma unroll
-          for (int i = 0; i < E; ++i) s[i] += base.of[i].term<decltype(folded)::value>(v[i], m[i]);
-        }
-        if (folded) {
-#pragma unroll
-          for (int i = 0; i < E; ++i) s[i] *= base.of[i].k;
-        }
-      });
+        for (int i = 0; i < E; ++i) s[i] += ex2((v[i] - m[i]) * kLog2e);
+      }
       if (spread) {  // the smoothing term, sum_c a_c (m - x_c), once each max is final
         for (int c = 0; c < Ci; ++c) {
           float v[E];
@@ -144,35 +109,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, bool l2_hint
 #pragma unroll
       for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t(i), W, a.P.eps, C);
     }
-    if (kLean && kGrad) {
-      folded_or_not(Exp2Bases<E>::fit(lse), [&](auto folded) {
-        const Exp2Bases<E> base(lse);
-        float p_mul[E];
-#pragma unroll
-        for (int i = 0; i < E; ++i) p_mul[i] = folded ? rg[i].p_mul * base.of[i].k : rg[i].p_mul;
-        T* gc = g;
-        for (int c = 0; c < Ci; ++c, gc += L.g_sC) {
-          float v[E];
-          chunk(c, v);
-#pragma unroll
-          for (int i = 0; i < E; ++i)
-            v[i] = ok(i) ? base.of[i].term<decltype(folded)::value>(v[i], lse[i]) * p_mul[i] : fill(i);
-          if (n == E) {
-            store_stream(reinterpret_cast<uint4*>(gc), Chunk<T>::pack(v));
-          } else {
-#pragma unroll
-            for (int i = 0; i < E; ++i)
-              if (i < n) gc[i] = static_cast<T>(v[i]);
-          }
-        }
-      });
-#pragma unroll
-      for (int i = 0; i < E; ++i) {  // the target's class, over what the sweep stored there (x_t: still staged)
-        if (!ok(i)) continue;
-        const float x_t = static_cast<float>(reinterpret_cast<const T*>(&staged[t[i] * nt + tid])[i]);
-        g[t[i] * L.g_sC + i] = static_cast<T>(rows::target_grad(x_t, lse[i], rg[i]));
-      }
-    } else if (kGrad) {
+    if (kGrad) {
       for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);

@@ -21,7 +21,6 @@
 #include "../softmax_ce.h"
 #include "../softmax_ce_tuning.h"
 #include "softmax_ce_columns.cuh"
-#include "softmax_ce_pipeline.cuh"
 #include "softmax_ce_rows.cuh"
 #include "softmax_ce_stats.cuh"
 
@@ -227,18 +226,11 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
   return false;
 }
 
-// The loss + gradient of rows staged in shared memory: slice_rows (ring, prefetch) or, under `pipeline`, its
-// one-sweep form slice_pipe (no ring: the next row's copies run through the whole sweep).
+// The loss + gradient of rows staged in shared memory (slice_rows: ring, prefetch, lean where no smoothing).
 template <typename T>
 bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
                        cudaStream_t stream) {
   const bool spread = a.P.eps != 0.f;
-  if (tune.pipeline) {
-    auto kernel = tune.pipeline == 8 ? (spread ? rows::slice_pipe_kernel<T, true, 8> : rows::slice_pipe_kernel<T, false, 8>)
-                                     : (spread ? rows::slice_pipe_kernel<T, true, 4> : rows::slice_pipe_kernel<T, false, 4>);
-    return launch_slices(kernel, a.L.rows(), chunks, tune, 0, device, stream,
-                         [&](cudaLaunchConfig_t& cfg, int slice, int) { return cudaLaunchKernelEx(&cfg, kernel, a, slice); });
-  }
   auto kernel = spread      ? rows::slice_rows_kernel<T, true, false>
                 : tune.lean ? rows::slice_rows_kernel<T, false, true>
                             : rows::slice_rows_kernel<T, false, false>;
@@ -250,59 +242,42 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
 
 at::Tensor sum_values(const at::Tensor& values, const at::Tensor& divisor, c10::optional<at::ScalarType> dtype);
 
-// Whether the warp-row kernel with warp_ahead takes rows of `chunks` chunks (not with smoothing).
-bool warp_ahead_applies(int64_t chunks, double eps, const CudaTuning& tune) {
-  return tune.path == CudaPath::kAuto && chunks <= 32 * 8 && tune.warp_ahead && eps == 0.0;
-}
+// Whether warp rows stage rows in shared memory (warp_ring): the fused loss + gradient of float rows of 129-256
+// chunks without smoothing, whose registers (94) allow only 2 CTAs per SM.  On the H200 (2026-11-27) staging
+// gained 3.5 points there (65536x1000 float32 fwd+bwd, 73.4 -> 76.9% at depth 2) and lost elsewhere: the forward
+// alone 74.3 -> 61.6% (80 registers: 3 CTAs per SM unstaged, 2 staged), reduction='none' 88.6 -> 80.8%, 2-byte
+// or shorter rows 5-8 points (3 CTAs per SM: enough loads in flight without it).
+template <typename T, bool kStats, bool kGrad, bool kSpread>
+constexpr bool kWarpRingRows = kStats && kGrad && !kSpread && sizeof(T) == 4;
 
-// warp_ring: rows staged per warp, as many of tune.warp_ring as fit in an SM's shared memory beside the CTAs its
-// registers allow (the kernel's launch bounds: 2 for float rows of 129-256 chunks, else 3); 0 (off) under 2.
-int warp_ring_depth(int64_t chunks, size_t elem_bytes, const CudaTuning& tune, int device) {
-  if (tune.warp_ring < 2) return 0;
-  const int per_sm = elem_bytes == 4 && chunks > 128 ? 2 : 3;
-  const int64_t per_cta = device_attr(device, cudaDevAttrMaxSharedMemoryPerMultiprocessor) / per_sm - 1024;
+// warp_ring: rows staged per warp, as many of tune.warp_ring as fit in an SM's shared memory beside the 2 CTAs
+// (the kernel's launch bounds); 0 where off or not applying.
+template <typename T, bool kStats, bool kGrad, bool kSpread>
+int warp_ring_depth(int64_t chunks, const CudaTuning& tune, int device) {
+  if (!kWarpRingRows<T, kStats, kGrad, kSpread> || tune.warp_ring < 2 || chunks <= 128) return 0;
+  const int64_t per_cta = device_attr(device, cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2 - 1024;
   const int64_t fits = per_cta / (rows::kWarpRowThreads / 32 * chunks * 16);
   const int ring = static_cast<int>(std::min<int64_t>(tune.warp_ring, fits));
   return ring >= 2 ? ring : 0;
 }
 
 // Warp rows for short rows, slices for loss + gradient of longer ones, else the streaming kernel; the
-// smoothing sums are compiled in only where label smoothing is on (kSpread).  Returns the warp-row kernel's
-// grid (the number of loss partials it wrote, if asked to), else 0.
+// smoothing sums are compiled in only where label smoothing is on (kSpread).
 template <typename T, bool kStats, bool kGrad, bool kSpread>
-int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
-                           cudaStream_t stream) {
+void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
+                        cudaStream_t stream) {
   const int64_t rows_n = a.L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
-  if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {
-    // A warp per row; with warp_ahead (not with smoothing), only the warps that fit at once, each walking rows.
-    // The lean sweeps where they apply (no smoothing, no rows ahead); the staged rows likewise (warp_ring).
-    const bool ahead = warp_ahead_applies(chunks, a.P.eps, tune), lean = tune.lean && !kSpread && !ahead;
-    // Not the loss + gradient of 2-byte rows of 129-256 chunks: staged, they spilled at 3 CTAs' 80 registers.
-    constexpr bool kRingFits8 = !(sizeof(T) == 2 && kStats && kGrad);
-    const int ring = kSpread || ahead || (!kRingFits8 && chunks > 128) ? 0
-                                                                       : warp_ring_depth(chunks, sizeof(T), tune, device);
-    auto pick = [&](auto ahead_tag, auto lean_tag, auto ring_tag) {
-      constexpr bool kAhead = decltype(ahead_tag)::value && !kSpread;
-      constexpr bool kLean = decltype(lean_tag)::value && !kSpread && !kAhead;
-      constexpr bool kRing = decltype(ring_tag)::value && !kSpread && !kAhead;
-      // Not the gradients of 2-byte rows of 129-256 chunks: lean, they spilled at 3 CTAs' 80 registers (the
-      // loss + gradient on sm_90, the gradient from the lse on sm_80).
-      constexpr bool kLean8 = kLean && !(sizeof(T) == 2 && kGrad);
-      return chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, kAhead, kLean, kRing>
-             : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, kAhead, kLean, kRing>
-                             : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kAhead, kLean8, kRing && kRingFits8>;
-    };
-    const auto no = std::false_type{};
-    const auto yes = std::true_type{};
-    auto kernel = ahead          ? pick(yes, no, no)
-                  : ring && lean ? pick(no, yes, yes)
-                  : ring         ? pick(no, no, yes)
-                  : lean         ? pick(no, yes, no)
-                                 : pick(no, no, no);
+  if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {  // a warp per row
+    const int ring = warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
+    constexpr bool kRing = kWarpRingRows<T, kStats, kGrad, kSpread>;
+    auto kernel = chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, false>
+                  : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, false>
+                  : ring          ? rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kRing>
+                                  : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, false>;
     const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16;
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
-    if (ahead || ring) {  // a resident grid: the CTAs that fit at once
+    if (ring) {  // a resident grid: the CTAs that fit at once
       const void* key = reinterpret_cast<const void*>(kernel);
       allow_smem(device, kernel, [&] {
         cudaFuncAttributes fa;
@@ -318,38 +293,29 @@ int64_t launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTun
     }
     kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return blocks;
+    return;
   }
-  if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream))
-    return 0;
+  if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream)) return;
   int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads; a power of two (the lean gradient's rule)
   while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
-  constexpr bool kFixed = kStats || kSpread;  // 4 loads (2, smoothing + both): 8 spilled or took 105-118 registers
   constexpr bool kCanLean = !kSpread && !(kStats && kGrad);  // lean: the forward, or the gradient from a saved lse
-  const bool lean = kCanLean && tune.lean;
-  const bool loads8 = tune.stream_loads == 8 && !kFixed;
-  auto kernel = loads8
-                    ? (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, kCanLean>
-                            : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kFixed ? 4 : 8, false>)
-                    : (lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, kCanLean>
-                            : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, 4, false>);
+  auto kernel = kCanLean && tune.lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kCanLean>
+                                      : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, false>;
   // grad_piece_kb (the gradient from a saved lse): rows cut into pieces of about that many KiB, a multiple of
-  // threads * loads chunks, so that the last CTAs of the grid hold a piece each rather than a whole row.
+  // threads * 4 chunks, so that the last CTAs of the grid hold a piece each rather than a whole row.
   int64_t piece = chunks, pieces = 1;
   if (!kStats && tune.grad_piece_kb > 0) {
-    const int64_t group = int64_t{threads} * (loads8 ? 8 : 4);
+    const int64_t group = int64_t{threads} * 4;
     piece = std::max<int64_t>(group, int64_t{tune.grad_piece_kb} * 64 / group * group);
     pieces = (chunks + piece - 1) / piece;
   }
   kernel<<<static_cast<unsigned>(std::min<int64_t>(rows_n * pieces, kMaxGrid)), threads, 0, stream>>>(a, pieces,
                                                                                                       piece);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return 0;
 }
 
 // The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.  The
-// training pass (no loss buffer given) gets per-row loss and lse buffers, except under warp_ahead, whose
-// kernel sums its rows' losses per CTA (fewer values to sum, no per-row writes).
+// training pass (no loss buffer given) gets per-row loss and lse buffers.
 template <typename scalar_t, bool kStats, bool kGrad>
 bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
   if constexpr (std::is_same_v<scalar_t, double>) {
@@ -362,23 +328,15 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
-    const bool train = kStats && kGrad && !o.loss.defined();
-    const bool partial = train && warp_ahead_applies(chunks, o.eps, tune);
-    if (train && !partial) row_outputs(o);
-    at::Tensor partials;  // at most one per resident CTA (8 of 256 threads per SM)
-    if (partial) partials = at::empty({int64_t{sm_count(device)} * 8}, o.logits.options().dtype(at::kFloat));
+    if (kStats && kGrad && !o.loss.defined()) row_outputs(o);
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
-                          row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
-                          partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
-                          partial ? partials.data_ptr<float>() : nullptr};
+                          row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
+                          o.lse.data_ptr<float>(), factor_of<float>(o), nullptr};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const int64_t blocks = a.P.eps != 0.f ? launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream)
-                                          : launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
-    if (partial) {  // a fixed grid on a given device: a fixed order
-      TORCH_INTERNAL_ASSERT(blocks > 0 && blocks <= partials.numel(), "warp_ahead: ", blocks, " loss partials");
-      o.loss_sum = sum_values(partials.narrow(0, 0, blocks), o.loss_divisor, o.loss_dtype);
-      o.loss_finished = true;
-    }
+    if (a.P.eps != 0.f)
+      launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream);
+    else
+      launch_row_kernels<T, kStats, kGrad, false>(a, chunks, tune, device, stream);
     return true;
   }
 }
@@ -411,8 +369,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     while (threads > 32 && int64_t{threads} * L.C * 16 > columns::kBlockBudget) threads /= 2;
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = tune.lean && o.eps == 0.0 ? columns::columns_kernel<T, kStats, kGrad, true>
-                                            : columns::columns_kernel<T, kStats, kGrad, false>;
+    auto kernel = columns::columns_kernel<T, kStats, kGrad>;
     const void* key = reinterpret_cast<const void*>(kernel);
     allow_smem(device, kernel, [] { return columns::kBlockBudget; });
     const int per_sm = launch_fact(device, key, threads, smem, [&] {
@@ -430,7 +387,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
                           partial ? partials.data_ptr<float>() : nullptr};
-    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, tune.l2_keep);
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
       o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);
@@ -656,10 +613,9 @@ __device__ __forceinline__ void mean_scale_add(sum_t& acc, int64_t c, const w_t*
     acc += static_cast<sum_t>(w[c]);
 }
 
-// keep: the dense targets are read with L2 evict-last priority, for the K-dim loss kernel that reads them next.
 template <typename sum_t, typename w_t>
 __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
-                                          const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial, bool keep) {
+                                          const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
   sum_t acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -668,11 +624,10 @@ __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t s
   if (w == nullptr && sS == 1 && sB == S && (reinterpret_cast<uintptr_t>(t) & 15) == 0) {
     const longlong2* t2 = reinterpret_cast<const longlong2*>(t);
     const int64_t pairs = n / 2;
-    const uint64_t last = keep ? chunks::l2_policy_last() : 0;
     for (; i + 3 * stride < pairs; i += 4 * stride) {
       longlong2 v[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) v[k] = keep ? chunks::load_hinted(t2 + i + k * stride, last) : t2[i + k * stride];
+      for (int k = 0; k < 4; ++k) v[k] = t2[i + k * stride];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         mean_scale_add(acc, v[k].x, w, C, ignore_index);
@@ -738,14 +693,14 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   if (!weight.has_value()) {
     mean_scale_partial_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
         target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, nullptr, 0, ignore_index,
-        partial.data_ptr<int64_t>(), cuda_tuning().l2_keep);
+        partial.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish(int64_t{});
   } else {
     AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "mean_scale_cuda", [&] {
       mean_scale_partial_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
           target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, weight->data_ptr<scalar_t>(),
-          weight->numel(), ignore_index, partial.data_ptr<scalar_t>(), false);
+          weight->numel(), ignore_index, partial.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       finish(scalar_t{});
     });

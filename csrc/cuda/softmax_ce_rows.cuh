@@ -34,7 +34,7 @@ struct Args {
   float* loss;  // per-row outputs; both nullptr when the kernel writes loss_partials instead
   float* lse;
   Factor<float> factor;
-  float* loss_partials;  // one partial loss sum per CTA (training passes of K-dim, warp_ahead), or nullptr
+  float* loss_partials;  // one partial loss sum per CTA (the training pass of K-dim), or nullptr
 };
 
 constexpr int kWarpRowThreads = 256;
@@ -327,23 +327,16 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 
 // ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
 // enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
-// kAhead (the launcher then sizes the grid to the resident warps, each walking many rows): the next row's chunks
-// are loaded before this row's statistics and gradient, so every warp keeps reads in flight while it computes
-// (without it a warp reads, computes, then writes, and only other warps cover its compute).  The next row is
-// read before its target is known: an ignored row costs a wasted read of its chunks.  Its second buffer of
-// chunks needs registers: 2 CTAs per SM from 4 chunks per lane (3 spilled there).  With loss_partials (the
-// training pass, kAhead) each CTA sums its rows' losses in a fixed order instead of writing per-row loss and lse.
-// kLean (tuning lean; not with kSpread or kAhead): the end chunks found by 32-bit trip index, the exponent
-// arguments as one FFMA (Exp2Base), the target's class stored again by lane 0 after the sweep, not tested per chunk.
-// kRing (tuning warp_ring; not with kSpread or kAhead; the launcher sizes the grid to the resident CTAs): each warp
-// stages its next ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so
-// its reads stay in flight through its arithmetic without warp_ahead's second register buffer; each lane copies
-// and reads back only its own chunks (no barrier), and a row's slot is refilled one row later, once read.
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kAhead, bool kLean, bool kRing>
-__global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) || (kAhead && VPT >= 4) ? 2 : 3)
+// kRing (tuning warp_ring; the loss + gradient of float rows of 129-256 chunks without smoothing, where the
+// registers allow 2 CTAs per SM; the launcher sizes the grid to the resident CTAs): each warp stages its next ring - 1 rows in shared memory
+// (cp.async, `slot` chunks per row) while it works on this one, so that its reads stay in flight through its
+// arithmetic; each lane copies and reads back only its own chunks (no barrier), and a row's slot is refilled one
+// row later, once read.
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing>
+__global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3)
     warp_rows_kernel(Args<T> a, int ring, int slot) {
-  static_assert(!(kLean && (kSpread || kAhead)), "the lean sweeps have no smoothing sums and no rows ahead");
-  static_assert(!(kRing && (kSpread || kAhead)), "the staged rows: no smoothing sums, no rows ahead in registers");
+  static_assert(!(kRing && (!kStats || !kGrad || kSpread || VPT != 8 || sizeof(T) != 4)),
+                "staged: the loss + gradient of float rows of 129-256 chunks, no smoothing");
   extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks
   constexpr int E = Chunk<T>::E;
   const RowLayout& L = a.L;
@@ -353,16 +346,12 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   uint4* const slots = staged + (threadIdx.x >> 5) * ring * slot;
-  // A row's chunks found from its index alone (rows ahead: staged or loaded before they are this warp's row).
-  const auto chunks_of = [&](int64_t row_index) {
-    const RowIndex i = split_row(row_index, L.S);
-    return RowChunks<T>(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
-  };
   // kRing: this lane's chunks of row `row_index` into slot q, one commit group per row (empty past the last row,
   // so that the waits count rows).
   const auto stage = [&](int64_t row_index, int q) {
     if (row_index < L.rows()) {
-      const RowChunks<T> k = chunks_of(row_index);
+      const RowIndex i = split_row(row_index, L.S);
+      const RowChunks<T> k(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
         if (j * 32 + lane < k.count) copy_async16(slots + q * slot + j * 32 + lane, k.base + j * 32 + lane);
@@ -375,17 +364,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     for (int p = 0; p + 1 < ring; ++p) stage(r + p * warps, p);
     if (r < L.rows()) t_next = Row<T, kGrad>::target_of(a, r);
   }
-  // A row's chunks, this lane's VPT of them (load_row: by the row's index, for the row ahead).
-  const auto load_chunks = [&](const RowChunks<T>& k, uint4 (&u)[VPT]) {
-#pragma unroll
-    for (int j = 0; j < VPT; ++j)
-      if (j * 32 + lane < k.count) u[j] = load_stream(k.base + j * 32 + lane);
-  };
-  const auto load_row = [&](int64_t row_index, uint4 (&u)[VPT]) { load_chunks(chunks_of(row_index), u); };
-  const bool partial = kAhead && kStats && a.loss_partials != nullptr;
-  float loss_acc = 0.f;  // lane 0: this warp's rows, in order (with loss_partials)
   uint4 u[VPT];
-  if (kAhead && r < L.rows()) load_row(r, u);
   for (; r < L.rows(); r += warps, q = q + 1 == ring ? 0 : q + 1) {
     int64_t t_r = 0;
     if (kRing) {
@@ -400,63 +379,15 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     }
     const Row<T, kGrad> row(a, r, kRing ? t_r : Row<T, kGrad>::target_of(a, r));
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
-    uint4 un[VPT] = {};  // the next row's chunks, in flight during this row
-    const bool next = kAhead && r + warps < L.rows();
-    if (next) load_row(r + warps, un);
-    if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) {
-      if (partial && lane == 0) loss_acc += t == a.P.ignore_index ? 0.f : NAN;
-      if (next) {
+    if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) continue;
+    const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
 #pragma unroll
-        for (int j = 0; j < VPT; ++j) u[j] = un[j];
-      }
-      continue;
-    }
-    const float x_t = (kStats || kLean) && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
-    if (kRing) {
-#pragma unroll
-      for (int j = 0; j < VPT; ++j)
-        if (j * 32 + lane < xk.count) u[j] = slots[q * slot + j * 32 + lane];
-    } else if (!kAhead) {
-      load_chunks(xk, u);
-    }
+    for (int j = 0; j < VPT; ++j)
+      if (j * 32 + lane < xk.count) u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * 32 + lane);
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
-    // kLean: this lane's chunks are k = 32 j + lane, j < VPT, k < cnt; its end chunks as trip indices, or -1.
-    const int cnt = static_cast<int>(xk.count);
-    const int jh = he == 0 && lane == 0 ? 0 : -1;
-    const int je = te >= 0 && te % 32 == lane ? static_cast<int>(te / 32) : -1;
     float lse;
-    if (kLean && kStats) {
-      float m = -FLT_MAX;
-#pragma unroll
-      for (int j = 0; j < VPT; ++j) {
-        if (j * 32 + lane >= cnt) continue;
-        m = j == jh || j == je ? chunk_max_masked<T>(u[j], m, true, xk.first_class(j * 32 + lane), C)
-                               : chunk_max<T>(u[j], m);
-      }
-      m = warp_max(m);
-      float sum = 0.f;
-      const auto sweep = [&](auto folded) {  // m is the row's: the same choice in every lane
-        const Exp2Base base(folded ? m : 0.f);
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) {
-          if (j * 32 + lane >= cnt) continue;
-          float v[E];
-          Chunk<T>::unpack(u[j], v);
-          if (j == jh || j == je) mask_chunk(v, xk.first_class(j * 32 + lane), C);
-#pragma unroll
-          for (int e = 0; e < E; ++e) sum += base.term<decltype(folded)::value>(v[e], m);
-        }
-        sum = warp_sum(sum);
-        if (folded) sum *= base.k;
-      };
-      folded_or_not(Exp2Base::fits(m), sweep);
-      lse = lse_of(m, sum);
-      if (lane == 0) {
-        a.lse[r] = lse;
-        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, 0.f, 0.f}, logf(sum), x_t, w_t, a.P.eps, C);
-      }
-    } else if (kStats) {
+    if (kStats) {
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
@@ -479,37 +410,13 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
       if (kSpread) A = warp_sum(A), D = warp_sum(D);
       lse = lse_of(m, sum);
       if (lane == 0) {
-        const float loss = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
-        if (partial) {
-          loss_acc += loss;
-        } else {
-          a.lse[r] = lse;
-          a.loss[r] = loss;
-        }
+        a.lse[r] = lse;
+        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
       }
     } else {
       lse = a.lse[r];
     }
-    if (kLean && kGrad) {
-      const RowGrad<float> g = row.grad_factors(a, w_t);
-      uint4* gk = row.grad_chunks();
-      __syncwarp();  // in place: lane 0's read of x_t is ordered before the stores below
-      folded_or_not(Exp2Base::fits(lse), [&](auto folded) {  // lse is the row's: the same choice in every lane
-        const Exp2Base base(folded ? lse : 0.f);
-        const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
-#pragma unroll
-        for (int j = 0; j < VPT; ++j) {
-          const int k = j * 32 + lane;
-          if (k >= cnt) continue;
-          float v[E];
-          Chunk<T>::unpack(u[j], v);
-          lean_chunk_store<decltype(folded)::value>(row, gk, k, same_shift && j != jh && j != je, v, lse, base, p_mul, g,
-                                                    w, C);
-        }
-      });
-      __syncwarp();  // every lane's stores before lane 0 stores x_t's gradient over its chunk's
-      if (lane == 0) gr[t] = static_cast<T>(target_grad(x_t, lse, g));
-    } else if (kGrad) {
+    if (kGrad) {
       const RowGrad<float> g = row.grad_factors(a, w_t);
       const int64_t kt = row.target_chunk();
       const int et = row.target_lane();
@@ -525,16 +432,8 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
         chunk_store(row, gk, k, he, te, C, out);
       }
     }
-    if (next) {
-#pragma unroll
-      for (int j = 0; j < VPT; ++j) u[j] = un[j];
-    }
   }
   if (kRing) copy_async_wait_all();  // only empty groups can be left (rows past the last)
-  if (partial) {  // every thread of the CTA gets here: the loop above has no early exit
-    const float total = block_sum(loss_acc);
-    if (threadIdx.x == 0) a.loss_partials[blockIdx.x] = total;
-  }
 }
 
 // The gradient sweeps of stream_rows: this thread's chunks k = k_lo + tid + nt i below k_hi, U loads issued before
@@ -560,17 +459,17 @@ __device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int64_t k_
 
 // ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
 // kSpread: a minimum of 1 CTA per SM lets ptxas keep the smoothing sums in registers (it spilled at 64).
-// kLoads: U for the gradient from a saved lse without smoothing (tuning stream_loads: 4, or 8 for more bytes in
-// flight per SM).  kLean (tuning lean, no smoothing; the forward or the gradient from a saved lse): the forward's
+// U: 16-byte loads issued per thread before the first is used (8 gained nothing over 4 on the H200, 2026-11-27).
+// kLean (tuning lean, no smoothing; the forward or the gradient from a saved lse): the forward's
 // groups of U chunks inside the row without per-chunk tests; the gradient's exponent arguments as one FFMA
 // (Exp2Base), the target's class not tested per chunk but stored again by the thread whose chunk holds it.
 // pieces (the gradient from a saved lse only; else 1): each row's chunks as that many work items of `piece` chunks
 // (a multiple of blockDim.x), so that the grid's last CTAs hold pieces, not whole rows (tuning grad_piece_kb).
-template <typename T, bool kStats, bool kGrad, bool kSpread, int kLoads, bool kLean>
+template <typename T, bool kStats, bool kGrad, bool kSpread, bool kLean>
 __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
     stream_rows_kernel(Args<T> a, int64_t pieces, int64_t piece) {
   static_assert(!(kLean && (kSpread || (kStats && kGrad))), "lean: the forward or the gradient, no smoothing");
-  constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : kLoads;  // U = 4 spilled there
+  constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : 4;  // U = 4 spilled there
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x, nt = blockDim.x;
