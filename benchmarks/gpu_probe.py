@@ -40,6 +40,8 @@ NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4"
              ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, general sweeps", dict(lean=False)),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2", {}),
              ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows", {}),
+             ((65536, 1000), torch.bfloat16, "fwd", "warp rows, forward only (55% of its floor: bytes in flight?)",
+              {}),
              ((65536, 1000), torch.float32, "fwd+bwd", "warp rows, the next row staged per warp", {}),
              ((65536, 1000), torch.float32, "fwd+bwd", "warp rows, unstaged", dict(warp_ring=0)),
              ((16, 21, 512, 512), torch.float32, "fwd+bwd", "K-dim columns", {}),
