@@ -102,6 +102,14 @@ def test_gpu_check_script_is_sound():
         assert (root.parent / test_file).exists(), test_file
     for py in set(re.findall(r"benchmarks/\w+\.py", script)):  # every script it runs exists and compiles
         subprocess.run([sys.executable, "-m", "py_compile", str(root.parent / py)], check=True)
+    # ncu profiles as many launches as gpu_probe --ncu has cases (one main kernel each): fewer would drop the last
+    sys.path.insert(0, str(root))
+    try:
+        from gpu_probe import NCU_CASES
+    finally:
+        sys.path.remove(str(root))
+    counts = {int(n) for n in re.findall(r"--launch-count (\d+)", script)}
+    assert counts == {len(NCU_CASES)}, (counts, len(NCU_CASES))
 
 
 def test_a_providers_scope_holds_through_its_backward():
