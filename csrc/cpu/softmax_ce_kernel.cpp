@@ -180,7 +180,8 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   int flag = 0;
   a.bad = &flag;
   // Rows of few classes, one position each (classification): width rows per item, one per lane.
-  const bool small = rows && L.S == 1 && L.C >= 1 && L.C <= kSmallRowClasses && k->small_rows != nullptr;
+  const bool small = rows && L.S == 1 && L.C >= 1 && L.C <= small_row_classes(sizeof(scalar_t)) &&
+                     k->small_rows != nullptr;
   const int64_t work = std::max<int64_t>(L.C, 1) * (rows && !small ? 1 : k->width);  // elements per item
   const int64_t items = small  ? (L.B + k->width - 1) / k->width
                         : rows ? L.rows()
