@@ -47,7 +47,7 @@ fi
 
 if part smoke; then
   stamp "smoke: every CUDA kernel family on four shapes"
-  timeout 60 $PY benchmarks/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
+  timeout 90 $PY benchmarks/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
