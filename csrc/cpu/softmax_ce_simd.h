@@ -182,10 +182,10 @@ inline float row_loss(float log_s, float m, float x_t, float w_t, float A, float
   return (1.0f - eps) * nll + eps / static_cast<float>(C) * (A == 0.0f ? D : A * log_s + D);
 }
 
-inline vi lanes_below(int n) {
-  vi m;
-  for (int i = 0; i < W; ++i) m[i] = i < n ? -1 : 0;
-  return m;
+inline vi lanes_below(int n) {  // one compare with a constant 0, 1, .., W - 1
+  vi iota;
+  for (int i = 0; i < W; ++i) iota[i] = i;
+  return iota < (vi{} + n);
 }
 
 // The first n (< W) lanes of a vector from memory, the rest `fill`; and the first n lanes back.  Masked loads
@@ -202,7 +202,7 @@ vf load_lanes(const typename T::raw* p, int n, float fill) {
   } else {
     raw tmp[W];
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmp), _mm256_maskz_loadu_epi16(k, p));
-    return lanes_below(n) ? T::load(tmp) : splat(fill);
+    return (vf)_mm512_mask_blend_ps(k, _mm512_set1_ps(fill), (__m512)T::load(tmp));
   }
 #else
   if constexpr (sizeof(raw) == 4) {
