@@ -187,6 +187,9 @@ inline vi lanes_below(int n) {  // one compare with a constant 0, 1, .., W - 1
   for (int i = 0; i < W; ++i) iota[i] = i;
   return iota < (vi{} + n);
 }
+#if SCE_SIMD_WIDTH == 16
+inline __mmask16 first_lanes(int n) { return static_cast<__mmask16>((1u << n) - 1); }  // lanes_below as a mask
+#endif
 
 // The first n (< W) lanes of a vector from memory, the rest `fill`; and the first n lanes back.  Masked loads
 // and stores where the ISA has them (AVX-512 every dtype, AVX2 float; they never touch the lanes past n), else a
@@ -196,7 +199,7 @@ vf load_lanes(const typename T::raw* p, int n, float fill) {
   if (n == W) return T::load(p);
   using raw = typename T::raw;
 #if SCE_SIMD_WIDTH == 16
-  const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 k = first_lanes(n);
   if constexpr (sizeof(raw) == 4) {
     return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), k, p);
   } else {
@@ -205,13 +208,13 @@ vf load_lanes(const typename T::raw* p, int n, float fill) {
     return (vf)_mm512_mask_blend_ps(k, _mm512_set1_ps(fill), (__m512)T::load(tmp));
   }
 #else
+  const vi lanes = lanes_below(n);
   if constexpr (sizeof(raw) == 4) {
-    const vf v = (vf)_mm256_maskload_ps(p, (__m256i)lanes_below(n));
-    return lanes_below(n) ? v : splat(fill);
+    return lanes ? (vf)_mm256_maskload_ps(p, (__m256i)lanes) : splat(fill);
   } else {  // no 16-bit masked load: through a zeroed copy
     raw tmp[W] = {};
     __builtin_memcpy(tmp, p, n * sizeof(raw));
-    return lanes_below(n) ? T::load(tmp) : splat(fill);
+    return lanes ? T::load(tmp) : splat(fill);
   }
 #endif
 }
@@ -220,7 +223,7 @@ void store_lanes(typename T::raw* p, vf v, int n) {
   if (n == W) return T::store(p, v);
   using raw = typename T::raw;
 #if SCE_SIMD_WIDTH == 16
-  const __mmask16 k = static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 k = first_lanes(n);
   if constexpr (sizeof(raw) == 4) {
     _mm512_mask_storeu_ps(p, k, (__m512)v);
   } else {

@@ -328,10 +328,10 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 // ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
 // enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
 // kRing (tuning warp_ring; the loss + gradient of float rows of 129-256 chunks without smoothing, where the
-// registers allow 2 CTAs per SM; the launcher sizes the grid to the resident CTAs): each warp stages its next ring - 1 rows in shared memory
-// (cp.async, `slot` chunks per row) while it works on this one, so that its reads stay in flight through its
-// arithmetic; each lane copies and reads back only its own chunks (no barrier), and a row's slot is refilled one
-// row later, once read.
+// registers allow 2 CTAs per SM; the launcher sizes the grid to the resident CTAs): each warp stages its next
+// ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so that its reads
+// stay in flight through its arithmetic; each lane copies and reads back only its own chunks (no barrier), and a
+// row's slot is refilled one row later, once read.
 template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing>
 __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3)
     warp_rows_kernel(Args<T> a, int ring, int slot) {
@@ -383,7 +383,8 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
-      if (j * 32 + lane < xk.count) u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * 32 + lane);
+      if (j * 32 + lane < xk.count)
+        u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * 32 + lane);
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
     float lse;
