@@ -70,7 +70,7 @@ if part tests; then
   # the big parity grid is a separate part ('grid'), for a second call.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py"
-  timeout 180 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout 210 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

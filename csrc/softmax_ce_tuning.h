@@ -17,7 +17,7 @@ struct CudaTuning {
   bool prefetch;    // slice kernel: copy the next row's slice during this row's gradient sweep
   int ring_kb;      // slice kernel: shared memory per CTA as a ring holding this row and the next one's start (0: off)
   bool lean;  // no smoothing, slices and streaming (forward, gradient from a saved lse): no per-chunk tests,
-              // the exponent argument by one FFMA
+              // the exponent argument by one FFMA; warp rows' loss + gradient: exponentials kept from the sum
   int warp_ring;  // warp rows, loss + gradient of float rows of 129-256 chunks, no smoothing (0: off): rows
                   // staged per warp, 2-4 slots
   int grad_piece_kb;  // streaming gradient from a saved lse (0: whole rows): rows cut into pieces of ~this many KiB

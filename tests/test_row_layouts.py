@@ -192,6 +192,9 @@ WARP_STAGING = {
     "ring2": (dict(warp_ring=2), "the default: a resident grid, each warp's next row staged in shared memory "
               "(cp.async)"),
     "ring4": (dict(warp_ring=4), "the same, as many rows ahead as shared memory holds (2 at 1000 floats)"),
+    "unkept": (dict(lean=False), "the gradient sweep recomputing each exponential (the default keeps them from the "
+               "sum sweep, in registers or in shared memory by row width)"),
+    "unstaged-unkept": (dict(warp_ring=0, lean=False), "neither staged nor kept"),
 }
 
 
@@ -242,3 +245,43 @@ def test_gradient_from_lse_in_pieces(device, dtype, lean, offset):
     scale = x.float().abs().max().item()
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+
+
+# Special values in one row of a warp-row batch, and why each: the fused pass divides kept exponentials by the
+# row's sum where the gradient sweep recomputed e^(x - lse), so these must still give what PyTorch gives.
+WARP_SPECIAL_ROWS = {
+    "-inf non-target": ([-math.inf], 0, "adds e^-inf = 0 to the sum, a 0 gradient"),
+    "all -inf": (None, 0, "sum 0: NaN loss and gradient (0 / 0)"),
+    "+inf": ([math.inf], 0, "the max is inf: NaN (inf - inf)"),
+    "nan": ([math.nan], 0, "poisons the sum"),
+    "+-1e30": ([1e30, -1e30], 2, "a huge max: the subtraction first, every other exponential 0"),
+}
+
+
+@pytest.mark.parametrize("row", list(WARP_SPECIAL_ROWS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
+@pytest.mark.parametrize("lean", [True, False], ids=["kept", "unkept"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_warp_rows_special_values(device, row, dtype, vpt, lean, smoothing):
+    """64 warp rows, row 5 special (its values at the start and the end of the row: first and last chunks), the
+    others normal; reduction='sum' (the fused pass, which keeps the exponentials under lean) against float64."""
+    if device != "cuda":
+        pytest.skip("the CUDA warp-row kernel")
+    values, target, _ = WARP_SPECIAL_ROWS[row]
+    c = WARP_ROW_CLASSES[dtype][vpt]
+    x, t, g = _logits(64, c, dtype, device, 0, seed=c)
+    if values is None:
+        x[5] = -math.inf
+    else:
+        x[5, : len(values)] = torch.tensor(values, dtype=dtype)
+        x[5, c - len(values):] = torch.tensor(values, dtype=dtype)
+    t[5] = target
+    one = torch.ones((), device=device)
+    with tuning.using(**{**tuning.BUILT_IN, "lean": lean}):
+        loss, grad = ours(x, t, one, reduction="sum", label_smoothing=smoothing)
+    ref_loss, ref_grad = reference(x, t, one, reduction="sum", label_smoothing=smoothing)
+    # x - lse is off by ~|x| eps in any implementation: the loss's tolerance widens with the largest logit; the
+    # gradient's stays that of the normal rows (its entries are e^(x - lse), exactly 0 or 1/2 in the huge row).
+    assert_close(loss, ref_loss, dtype, "loss", logit_scale=x[x.isfinite()].float().abs().max().item())
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=x[6].float().abs().max().item())

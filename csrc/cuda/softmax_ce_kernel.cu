@@ -261,6 +261,31 @@ int warp_ring_depth(int64_t chunks, const CudaTuning& tune, int device) {
   return ring >= 2 ? ring : 0;
 }
 
+// The shared memory per CTA of warp rows that keep their exponentials there (rows::keep_shared).
+template <typename T, int VPT, bool kSpread>
+constexpr int warp_kept_smem() {
+  return rows::keep_shared<T, VPT, kSpread>() ? rows::kept_smem_chunks<T, VPT>() * (rows::kWarpRowThreads / 32) * 16 : 0;
+}
+
+// The warp-row kernel for rows of `chunks` chunks: 2, 4 or 8 per lane, staged (ring > 0) or not, keeping its
+// exponentials (the loss + gradient, under lean) in registers or in *kept_smem bytes of shared memory per CTA.
+template <typename T, bool kStats, bool kGrad, bool kSpread>
+auto warp_rows_for(int64_t chunks, int ring, bool lean, int* kept_smem) {
+  constexpr bool kRing = kWarpRingRows<T, kStats, kGrad, kSpread>, kKeep = kStats && kGrad;
+  const int vpt = chunks <= 64 ? 2 : chunks <= 128 ? 4 : 8;
+  const bool keep = kKeep && lean;
+  *kept_smem = !keep ? 0 : vpt == 2 ? warp_kept_smem<T, 2, kSpread>() : vpt == 4 ? warp_kept_smem<T, 4, kSpread>()
+                                                                                  : warp_kept_smem<T, 8, kSpread>();
+  if (vpt == 2) return keep ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, false, kKeep>
+                            : rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, false, false>;
+  if (vpt == 4) return keep ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, false, kKeep>
+                            : rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, false, false>;
+  if (ring) return keep ? rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kRing, kKeep>
+                        : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kRing, false>;
+  return keep ? rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, false, kKeep>
+              : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, false, false>;
+}
+
 // Warp rows for short rows, slices for loss + gradient of longer ones, else the streaming kernel; the
 // smoothing sums are compiled in only where label smoothing is on (kSpread).
 template <typename T, bool kStats, bool kGrad, bool kSpread>
@@ -270,12 +295,10 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {  // a warp per row
     const int ring = warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
-    constexpr bool kRing = kWarpRingRows<T, kStats, kGrad, kSpread>;
-    auto kernel = chunks <= 64    ? rows::warp_rows_kernel<T, 2, kStats, kGrad, kSpread, false>
-                  : chunks <= 128 ? rows::warp_rows_kernel<T, 4, kStats, kGrad, kSpread, false>
-                  : ring          ? rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, kRing>
-                                  : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, false>;
-    const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16;
+    int kept = 0;  // bytes
+    auto kernel = warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.lean, &kept);
+    const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16 + kept;
+    if (kept) allow_smem(device, kernel, [&] { return kept; });
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
     if (ring) {  // a resident grid: the CTAs that fit at once
       const void* key = reinterpret_cast<const void*>(kernel);

@@ -257,20 +257,20 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
 __device__ __forceinline__ float lse_of(float m, float s) { return m == kInf ? NAN : m + logf(s); }
 
 // The kernels' per-element work, kept to a few instructions (the bound at Hopper bandwidth, see slice_rows):
-// chunk values with the row's end chunks masked; the gradient of one chunk; its store.
-template <typename T, bool kGrad>
-__device__ __forceinline__ void chunk_values(const Row<T, kGrad>& row, const uint4& u, int64_t k, int64_t he,
-                                             int64_t te, int64_t C, float (&v)[Chunk<T>::E]) {
+// chunk values with the row's end chunks masked; the gradient of one chunk; its store.  Chunk indices I: int64_t,
+// or int in the warp rows' loss + gradient (see there).
+template <typename T, bool kGrad, typename I>
+__device__ __forceinline__ void chunk_values(const Row<T, kGrad>& row, const uint4& u, I k, I he, I te, int64_t C,
+                                             float (&v)[Chunk<T>::E]) {
   Chunk<T>::unpack(u, v);
   if (k == he || k == te) mask_chunk(v, row.xk.first_class(k), C);
 }
 
-// out = f * (p * p_mul - a_c * c_mul - [c == t] * t_sub), p = e^(x - lse); et: t's lane if this chunk holds it.
+// out (p * p_mul on entry) -= a_c * c_mul + [c == t] * t_sub: the gradient f * (p * p_mul - a_c * c_mul -
+// [c == t] * t_sub); et: t's lane if this chunk holds it, else -1.
 template <int E, bool kSpread>
-__device__ __forceinline__ void chunk_grad(float (&out)[E], const float (&v)[E], float lse, const RowGrad<float>& g,
-                                           const float* w, int64_t first, int64_t C, int et) {
-#pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = ex2((v[e] - lse) * kLog2e) * g.p_mul;
+__device__ __forceinline__ void chunk_grad_terms(float (&out)[E], const RowGrad<float>& g, const float* w,
+                                                 int64_t first, int64_t C, int et) {
   if (kSpread) {
 #pragma unroll
     for (int e = 0; e < E; ++e) out[e] -= class_weight(w, first + e, C) * g.c_mul;
@@ -281,10 +281,19 @@ __device__ __forceinline__ void chunk_grad(float (&out)[E], const float (&v)[E],
   }
 }
 
+// out = f * (p * p_mul - a_c * c_mul - [c == t] * t_sub), p = e^(x - lse); et: t's lane if this chunk holds it.
+template <int E, bool kSpread>
+__device__ __forceinline__ void chunk_grad(float (&out)[E], const float (&v)[E], float lse, const RowGrad<float>& g,
+                                           const float* w, int64_t first, int64_t C, int et) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = ex2((v[e] - lse) * kLog2e) * g.p_mul;
+  chunk_grad_terms<E, kSpread>(out, g, w, first, C, et);
+}
+
 // One 16-byte store for a chunk inside the row with the logits' alignment; element by element otherwise.
-template <typename T, bool kGrad>
-__device__ __forceinline__ void chunk_store(const Row<T, kGrad>& row, uint4* gk, int64_t k, int64_t he, int64_t te,
-                                            int64_t C, const float (&out)[Chunk<T>::E]) {
+template <typename T, bool kGrad, typename I>
+__device__ __forceinline__ void chunk_store(const Row<T, kGrad>& row, uint4* gk, I k, I he, I te, int64_t C,
+                                            const float (&out)[Chunk<T>::E]) {
   if (row.same_shift && k != he && k != te)
     store_stream(gk + k, Chunk<T>::pack(out));
   else
@@ -325,6 +334,51 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
   }
 }
 
+// Where warp rows keep their exponentials (kKeep): in registers, or in the warp's shared memory where registers
+// spilled at the kernel's CTAs per SM (sm_90, 2026-11-27: 2-byte rows of 4+ chunks per lane, float rows of 4
+// without smoothing; all at 3 CTAs, 80 registers, but the 2-byte rows of 4 or 8 with smoothing, at 2).
+template <typename T, int VPT, bool kSpread>
+constexpr bool keep_shared() {
+  return (sizeof(T) == 2 && VPT >= 4) || (VPT == 4 && !kSpread);
+}
+// 16-byte slots of shared memory per warp for kept exponentials (a float per element of its 32 * VPT chunks).
+template <typename T, int VPT>
+constexpr int kept_smem_chunks() {
+  return VPT * 32 * Chunk<T>::E / 4;
+}
+
+// One lane's kept values, E per chunk j < VPT: in registers, or in float4 slots of its warp's shared memory laid
+// out [chunk][quarter][lane] (a warp's 16-byte accesses consecutive: no bank conflicts).  Each lane reads back
+// only what it wrote: no barrier.
+template <int VPT, int E, bool kSmem>
+struct Kept {
+  float reg[kSmem ? 1 : VPT][E];
+  float4* lane_slots;  // kSmem: this lane's first slot
+  __device__ void put(int j, const float (&p)[E]) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if constexpr (kSmem) {
+        if (e % 4 == 0) lane_slots[(j * (E / 4) + e / 4) * 32] = make_float4(p[e], p[e + 1], p[e + 2], p[e + 3]);
+      } else {
+        reg[j][e] = p[e];
+      }
+    }
+  }
+  __device__ void get(int j, float (&p)[E]) const {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      if constexpr (kSmem) {
+        if (e % 4 == 0) {
+          const float4 q = lane_slots[(j * (E / 4) + e / 4) * 32];
+          p[e] = q.x, p[e + 1] = q.y, p[e + 2] = q.z, p[e + 3] = q.w;
+        }
+      } else {
+        p[e] = reg[j][e];
+      }
+    }
+  }
+};
+
 // ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
 // enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
 // kRing (tuning warp_ring; the loss + gradient of float rows of 129-256 chunks without smoothing, where the
@@ -332,13 +386,24 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
 // ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so that its reads
 // stay in flight through its arithmetic; each lane copies and reads back only its own chunks (no barrier), and a
 // row's slot is refilled one row later, once read.
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing>
+// kKeep (tuning lean; the loss + gradient): the sum sweep keeps each e^(x - max), and the gradient is that times
+// p_mul / sum: one product per element where the gradient sweep repeated the unpacking, the subtraction, the
+// scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
+// shared memory (keep_shared).
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep>
 __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3)
     warp_rows_kernel(Args<T> a, int ring, int slot) {
   static_assert(!(kRing && (!kStats || !kGrad || kSpread || VPT != 8 || sizeof(T) != 4)),
                 "staged: the loss + gradient of float rows of 129-256 chunks, no smoothing");
-  extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks
+  static_assert(!kKeep || (kStats && kGrad), "kept exponentials: the loss + gradient only");
+  constexpr bool kSmem = kKeep && keep_shared<T, VPT, kSpread>();
+  static_assert(!(kRing && kSmem), "the ring and kept exponentials share `staged`");
+  extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks; else the kept exponentials
   constexpr int E = Chunk<T>::E;
+  // Chunk indices (at most 32 * VPT): 32-bit in the loss + gradient (64-bit compares were a tenth of its sum
+  // sweep's SASS); 64-bit in the others, which took more registers with 32-bit ones (a spill on sm_80 in the
+  // forward of 2-byte rows of 8 chunks; 4 -> 3 CTAs per SM for the gradient of float rows of 4).
+  using I = std::conditional_t<kStats && kGrad, int, int64_t>;
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int lane = threadIdx.x & 31;
@@ -381,30 +446,36 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) continue;
     const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
+    const I count = static_cast<I>(xk.count);
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
-      if (j * 32 + lane < xk.count)
+      if (j * 32 + lane < count)
         u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * 32 + lane);
-    const int64_t he = row.head_edge(), te = row.tail_edge(C);
+    const I he = static_cast<I>(row.head_edge()), te = static_cast<I>(row.tail_edge(C));
     const float w_t = w ? w[t] : 1.f;
-    float lse;
+    float lse, sum = 0.f;
+    // kKeep: e^(x - max) of this lane's chunks (0 outside the row)
+    Kept<kKeep ? VPT : 1, E, kSmem> kept;
+    kept.lane_slots = reinterpret_cast<float4*>(staged) + (threadIdx.x >> 5) * kept_smem_chunks<T, VPT>() + lane;
     if (kStats) {
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const int64_t k = j * 32 + lane;
-        if (k < xk.count) m = chunk_max_masked<T>(u[j], m, k == he || k == te, xk.first_class(k), C);
+        const I k = j * 32 + lane;
+        if (k < count) m = chunk_max_masked<T>(u[j], m, k == he || k == te, xk.first_class(k), C);
       }
       m = warp_max(m);
-      float sum = 0.f, A = 0.f, D = 0.f;
+      float A = 0.f, D = 0.f;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const int64_t k = j * 32 + lane;
-        if (k >= xk.count) continue;
+        const I k = j * 32 + lane;
+        if (k >= count) continue;
         float v[E];
         chunk_values(row, u[j], k, he, te, C, v);
+        float p[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) sum += ex2((v[e] - m) * kLog2e);
+        for (int e = 0; e < E; ++e) sum += p[e] = ex2((v[e] - m) * kLog2e);
+        if (kKeep) kept.put(kKeep ? j : 0, p);
         if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k), C);
       }
       sum = warp_sum(sum);
@@ -419,17 +490,26 @@ __global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeo
     }
     if (kGrad) {
       const RowGrad<float> g = row.grad_factors(a, w_t);
-      const int64_t kt = row.target_chunk();
+      const float p_scale = __fdividef(g.p_mul, sum);  // kKeep: p * p_mul = e^(x - max) * p_mul / sum; sum in [1, C]
+      const I kt = static_cast<I>(row.target_chunk());
       const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
       __syncwarp();  // in place: lane 0's read of x_t is ordered before the stores below
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const int64_t k = j * 32 + lane;
-        if (k >= xk.count) continue;
-        float v[E], out[E];
-        Chunk<T>::unpack(u[j], v);
-        chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+        const I k = j * 32 + lane;
+        if (k >= count) continue;
+        float out[E];
+        if (kKeep) {
+          kept.get(kKeep ? j : 0, out);
+#pragma unroll
+          for (int e = 0; e < E; ++e) out[e] *= p_scale;
+          chunk_grad_terms<E, kSpread>(out, g, w, xk.first_class(k), C, k == kt ? et : -1);
+        } else {
+          float v[E];
+          Chunk<T>::unpack(u[j], v);
+          chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+        }
         chunk_store(row, gk, k, he, te, C, out);
       }
     }
