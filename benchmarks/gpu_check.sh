@@ -95,7 +95,7 @@ fi
 if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 100 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
-    --dtype bfloat16 float32 --mode fwd+bwd --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 \
+    --dtype bfloat16 float32 --mode fwd+bwd --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_fold \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \

@@ -292,6 +292,24 @@ std::tuple<at::Tensor, at::Tensor> forward_op(Launch launch, const at::Tensor& l
   return {o.loss, o.lse};
 }
 
+// The training pass's tensors (its gradient allocated, or the logits themselves in place), before the factor.
+inline OpTensors training_tensors(RowLayout& L, const at::Tensor& logits, const at::Tensor& target,
+                                  const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                                  const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype,
+                                  GradAlloc alloc, bool inplace, const char* op) {
+  OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
+  o.status = status.value_or(at::Tensor());
+  o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
+  o.loss_dtype = loss_dtype;
+  return o;
+}
+
+// The summed loss of a training pass, divided and cast where the backend's sum kernel did not do it.
+inline void finish_training(OpTensors& o) {
+  if (!o.loss_sum.defined()) o.loss_sum = at::zeros({}, o.logits.options().dtype(acc_dtype(o.logits.scalar_type())));
+  if (!o.loss_finished) o.loss_sum = finish_loss(o.loss_sum, o.loss_divisor, o.loss_dtype);
+}
+
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -308,16 +326,37 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
   TORCH_CHECK(grad_scale.dim() == 0 && grad_scale.scalar_type() == acc && grad_scale.device() == logits.device(),
               op, ": expected a 0-d grad_scale in ", acc, " on ", logits.device(), ", got ",
               dims(grad_scale.sizes()), " ", grad_scale.scalar_type(), " on ", grad_scale.device());
-  OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
-  o.status = status.value_or(at::Tensor());
-  o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
+  OpTensors o = training_tensors(L, logits, target, weight, ignore_index, eps, status, loss_dtype, alloc, inplace, op);
   o.factor = grad_scale;
   o.loss_divisor = loss_divisor.value_or(at::Tensor());
-  o.loss_dtype = loss_dtype;
   launch(Mode::kStatsGrad, L, o);
-  if (!o.loss_sum.defined()) o.loss_sum = at::zeros({}, logits.options().dtype(acc));  // no rows
-  if (!o.loss_finished) o.loss_sum = finish_loss(o.loss_sum, o.loss_divisor, o.loss_dtype);
+  finish_training(o);
   return {o.loss_sum, o.grad};
+}
+
+// reduction='mean' with class indices, the training pass in one op: (the loss sum / d in loss_dtype, the gradient
+// / d, d), d the mean's denominator as mean_scale(target, weight, ignore_index, acc) gives it.  fold(L, o): a
+// backend's pass that counts d itself (setting o.loss_divisor and the finished loss), or false, having launched
+// nothing: then mean_scale, and the training pass as forward_backward runs it.
+template <typename Launch, typename MeanScale, typename Fold>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
+    Launch launch, MeanScale mean_scale, Fold fold, const at::Tensor& logits, const at::Tensor& target,
+    const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps, const c10::optional<at::Tensor>& status,
+    c10::optional<at::ScalarType> loss_dtype, GradAlloc alloc = nullptr, bool inplace = false) {
+  const char* op = inplace ? "mean_forward_backward_" : "mean_forward_backward";
+  RowLayout L = check_and_layout(logits, target, weight, op);
+  TORCH_CHECK(!target.is_floating_point(), op, ": expected class indices (B, S), got ", target.scalar_type(),
+              " probabilities");
+  check_status(status, logits);
+  const auto acc = acc_dtype(logits.scalar_type());
+  check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
+  OpTensors o = training_tensors(L, logits, target, weight, ignore_index, eps, status, loss_dtype, alloc, inplace, op);
+  if (!fold(L, o)) {
+    std::tie(o.loss_divisor, o.factor) = mean_scale(target, weight, ignore_index, acc);
+    launch(Mode::kStatsGrad, L, o);
+  }
+  finish_training(o);
+  return {o.loss_sum, o.grad, o.loss_divisor};
 }
 
 // The per-row loss and lse buffers of a kStatsGrad launch that wants them.

@@ -21,10 +21,11 @@ struct CudaTuning {
   int warp_ring;  // warp rows, loss + gradient of float rows of 129-256 chunks, no smoothing (0: off): rows
                   // staged per warp, 2-4 slots
   int grad_piece_kb;  // streaming gradient from a saved lse (0: whole rows): rows cut into pieces of ~this many KiB
+  bool kdim_fold;     // K-dim mean training: the denominator counted inside the columns kernel (a grid barrier)
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
-                     int warp_ring, int grad_piece_kb);
+                     int warp_ring, int grad_piece_kb, bool kdim_fold);
 
 }  // namespace softmax_ce

@@ -183,23 +183,34 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if inplace:
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
-        denom, inv_denom = p.mean_denominator()
-        divisor, loss_dtype = p.loss_fold(denom)
         grad = None
-        if want_input_grad and reduction != "none":
-            grad_scale = p.grad_scale(inv_denom)
-            # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
+        if want_input_grad and reduction == "mean" and not p.prob:
+            # One op: the mean's denominator, the loss and its gradient (CUDA may count the denominator in-kernel).
             lse = None
             if inplace:  # the input now holds the gradient, and is saved as such below
-                total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
-                                              divisor, loss_dtype)
+                total, denom = ops.mean_forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
+                                                          p.out_dtype)
                 torch.autograd.graph.increment_version(input)
             else:
-                total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
-                                                   divisor, loss_dtype)
+                total, grad, denom = ops.mean_forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
+                                                               p.out_dtype)
         else:
-            rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
-            total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype)
+            denom, inv_denom = p.mean_denominator()
+            divisor, loss_dtype = p.loss_fold(denom)
+            if want_input_grad and reduction != "none":  # sum, or a mean of probabilities
+                grad_scale = p.grad_scale(inv_denom)
+                # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
+                lse = None
+                if inplace:
+                    total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
+                                                  divisor, loss_dtype)
+                    torch.autograd.graph.increment_version(input)
+                else:
+                    total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
+                                                       status, divisor, loss_dtype)
+            else:
+                rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+                total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype)
         _status.launched(input.device)
 
         total = p.finish(total, denom)

@@ -1,17 +1,18 @@
 """The CUDA row kernels' settings, for comparisons and tests (csrc/softmax_ce_tuning.h says what each does):
-path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb.
-Defaults come from the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB, _LEAN,
-_WARP_RING, _GRAD_PIECE_KB); they apply process-wide."""
+path ('auto', 'stream', 'legacy'), slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb,
+kdim_fold.  Defaults come from the environment (SOFTMAX_CE_CUDA_PATH, _SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
+_LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD); they apply process-wide."""
 
 import contextlib
 
 from ._ops import _C
 
-FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "lean", "warp_ring", "grad_piece_kb")
+FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "lean", "warp_ring", "grad_piece_kb",
+          "kdim_fold")
 # The defaults without environment variables (csrc/softmax_ce.cpp, TuningState): what tests and benchmarks set
 # as their baseline, whatever the environment says.
 BUILT_IN = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=72, lean=True, warp_ring=2,
-                grad_piece_kb=32)
+                grad_piece_kb=32, kdim_fold=False)
 
 
 def get() -> dict:

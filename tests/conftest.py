@@ -44,6 +44,8 @@ CUDA_PATHS = {
     "grad-pieces": (dict(grad_piece_kb=16), "the gradient from a saved lse (reduction='none') by rows cut into "
                     "pieces of 1024 chunks (rows of 4096+ floats, 8192+ 2-byte values)"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
+    "kdim-fold": (dict(kdim_fold=True), "K-dim mean training (unweighted) with the denominator counted inside the "
+                  "K-dim kernel (a cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
     "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

@@ -105,7 +105,7 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
 class _OpSpy:
     """Records which row kernels ran (not the small reductions), passing the calls through."""
 
-    KERNELS = ("forward", "forward_backward", "backward", "scale_grad_")
+    KERNELS = ("forward", "forward_backward", "mean_forward_backward", "backward", "scale_grad_")
 
     def __init__(self, ops):
         self._ops, self.calls = ops, []
@@ -134,12 +134,14 @@ def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode):
     torch.testing.assert_close(loss, F.cross_entropy(x.detach(), target))
 
 
-def test_training_uses_one_fused_pass(device, monkeypatch):
+@pytest.mark.parametrize("reduction,fused", [("mean", "mean_forward_backward"), ("sum", "forward_backward")])
+def test_training_uses_one_fused_pass(device, monkeypatch, reduction, fused):
+    """mean: the denominator, the loss and the gradient in one op (no separate mean_scale call)."""
     spy = _OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
     x, target, _ = case(device)
-    cross_entropy(x, target).backward()
-    assert spy.calls == ["forward_backward", "scale_grad_"]
+    cross_entropy(x, target, reduction=reduction).backward()
+    assert spy.calls == [fused, "scale_grad_"]
 
 
 def test_reduction_none_recomputes_from_lse(device, monkeypatch):

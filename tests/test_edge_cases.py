@@ -210,6 +210,58 @@ def test_mean_denominator_op(device, layout):
     torch.testing.assert_close(scale.cpu(), expected, rtol=1e-12, atol=0)
 
 
+# Targets of the mean's one-op training pass, and why each.
+MEAN_PASS_TARGETS = {
+    "some ignored": ("every 5th position ignored: the count is not the number of positions"),
+    "all ignored": ("d = 0: the loss 0 / 0 = NaN, the gradient 0"),
+    "smoothed": ("label smoothing: the same count, the smoothing sums in the kernel"),
+    "bad target": ("an out-of-range class counts in d, its position NaN (CUDA: flagged, not raised)"),
+}
+
+
+@pytest.mark.parametrize("case", list(MEAN_PASS_TARGETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "in-place"])
+@pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "kdim-fold"])
+def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
+    """mean_forward_backward (reduction='mean' with class indices, training) gives what mean_scale and then
+    forward_backward give: the same denominator and gradient bits, the same loss but for the order of its sum.
+    K-dim logits (B, C, S) of the K-dim kernel's layout; kdim_fold: that kernel counts d itself (CUDA)."""
+    from softmax_ce_ext import tuning
+    from softmax_ce_ext._ops import ops
+
+    if fold and device != "cuda":
+        pytest.skip("the CUDA K-dim kernel's fold")
+    if case == "bad target" and device != "cuda":
+        pytest.skip("the CPU raises IndexError on an out-of-range class (test_errors)")
+    g = torch.Generator().manual_seed(3)
+    # CUDA: 262144 or 131072 items of 4 float / 8 bf16 positions, ~2-4 per thread of the resident grid
+    B, C, S = (4, 21, 262144) if device == "cuda" else (3, 21, 4000)
+    x = torch.randn(B, C, S, generator=g).to(dtype).to(device)
+    t = torch.randint(0, C, (B, S), generator=g)
+    t[:, ::5] = -100
+    if case == "all ignored":
+        t[:] = -100
+    if case == "bad target":
+        t[1, 7] = C
+    t = t.to(device)
+    eps = 0.1 if case == "smoothed" else 0.0
+    with tuning.using(**{**tuning.BUILT_IN, "kdim_fold": fold}):
+        if inplace:
+            grad = x.clone()
+            loss, d = ops.mean_forward_backward_(grad, t, None, -100, eps, None, torch.float32)
+        else:
+            loss, grad, d = ops.mean_forward_backward(x, t, None, -100, eps, None, torch.float32)
+    d_ref, inv = ops.mean_scale(t, None, -100, torch.float32)
+    loss_ref, grad_ref = ops.forward_backward(x, t, None, -100, eps, inv, None, d_ref, torch.float32)
+    assert d.dtype == torch.float32 and d.shape == ()
+    assert d.item() == d_ref.item() == (t != -100).sum().item()
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0, equal_nan=True)
+    if case == "all ignored":
+        assert loss.isnan().item() and not grad.any().item()
+
+
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 65536, 1 << 18, (1 << 18) + 1],
                          ids=["empty", "one", "under-a-block", "over-a-block", "65536-rows", "one-block-max",
                               "at-sum-path"])

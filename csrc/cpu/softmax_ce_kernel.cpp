@@ -422,6 +422,24 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, cons
   return {denom, inv};
 }
 
+bool no_fold(const RowLayout&, OpTensors&) { return false; }  // the CPU counts the denominator first
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+    double eps, const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype) {
+  return mean_forward_backward_op(launch_cpu, mean_scale_cpu, no_fold, logits, target, weight, ignore_index, eps,
+                                  status, loss_dtype, grad_alloc_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> mean_forward_backward_inplace_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+    double eps, const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype) {
+  auto [loss, grad, denom] = mean_forward_backward_op(launch_cpu, mean_scale_cpu, no_fold, logits, target, weight,
+                                                      ignore_index, eps, status, loss_dtype, nullptr,
+                                                      /*inplace=*/true);
+  return {loss, denom};
+}
+
 }  // namespace
 
 void empty_grad_cache() { GradBlockCache::get().clear(); }
@@ -455,6 +473,8 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("sum_rows", &sum_rows_cpu);
   m.impl("mean_scale", &mean_scale_cpu);
+  m.impl("mean_forward_backward", &mean_forward_backward_cpu);
+  m.impl("mean_forward_backward_", &mean_forward_backward_inplace_cpu);
 }
 
 }  // namespace softmax_ce

@@ -4,7 +4,15 @@
 // an online max/sum per position and again for the gradient, so the logits are read from memory once.
 // Class-index targets; float, bfloat16, half; logits and gradient aligned to 16 bytes with S*E-byte class
 // strides (else the general thread-per-row kernel runs).  No barrier: each thread touches only its slots.
+// kFold (tuning kdim_fold; mean training, unweighted): the mean's denominator counted here rather than by a kernel
+// before (two launches reading the targets): each thread first reads its items' targets once, counts the ones not
+// ignored and keeps them as bytes in shared memory for its main loop; one grid barrier (a cooperative launch: all
+// CTAs resident) and every CTA sums the CTAs' counts, an exact integer, so every CTA has the same 1 / d.
 #pragma once
+
+#include <cooperative_groups.h>
+
+#include <type_traits>
 
 #include "softmax_ce_chunks.cuh"
 #include "softmax_ce_rows.cuh"
@@ -18,9 +26,36 @@ using rows::kInf;
 // Shared memory per thread: C chunks.  Threads per block shrink as C grows; beyond kMaxClasses, the general kernel.
 constexpr int kMaxClasses = 192;
 constexpr int kBlockBudget = 96 * 1024;
+// kFold: at most this much shared memory per CTA for its threads' target bytes (else the unfolded path).
+constexpr int kFoldBudget = 32 * 1024;
+constexpr uint8_t kCodeIgnored = 255, kCodeBad = 254;  // a target byte: its class (< kMaxClasses), or these
 
-template <typename T, bool kStats, bool kGrad>
-__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
+// kFold's outputs: each CTA's count of targets that are not ignored; the denominator (CTA 0 writes it).
+struct MeanFold {
+  int* cta_counts;
+  float* denom;
+};
+
+// An item's E target bytes, one word (E = 4) or two (E = 8): [item i of the thread][thread].
+template <int E>
+using Codes = std::conditional_t<E == 4, uint32_t, uint2>;
+template <int E>
+__device__ __forceinline__ Codes<E> pack_codes(const uint8_t (&c)[E]) {
+  uint32_t w[E / 4];
+#pragma unroll
+  for (int k = 0; k < E / 4; ++k) w[k] = c[4 * k] | c[4 * k + 1] << 8 | c[4 * k + 2] << 16 | uint32_t{c[4 * k + 3]} << 24;
+  if constexpr (E == 4) return w[0]; else return make_uint2(w[0], w[1]);
+}
+template <int E>
+__device__ __forceinline__ int code_at(const Codes<E>& v, int i) {
+  uint32_t w;
+  if constexpr (E == 4) w = v; else w = i < 4 ? v.x : v.y;
+  return (w >> (8 * (i & 3))) & 0xff;
+}
+
+template <typename T, bool kStats, bool kGrad, bool kFold>
+__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fold) {
+  static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -33,25 +68,71 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * nt;
   const bool partial = a.loss_partials != nullptr;
   float loss_acc = 0.f;  // this thread's positions, in its fixed order
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * nt + tid; item < L.B * per_b; item += stride) {
-    const int64_t b = static_cast<uint32_t>(item) / static_cast<uint32_t>(per_b);  // < 2^31 items: see the launcher
-    const int64_t s0 = (item - b * per_b) * E;
-    const int n = S - s0 < E ? static_cast<int>(S - s0) : E;  // positions of this chunk inside the row
+  const int64_t items = L.B * per_b, first = static_cast<int64_t>(blockIdx.x) * nt + tid;
+  // Item -> (b, s0), its logits, its gradient, and n: its positions inside the row.
+  auto locate = [&](int64_t item, int64_t& b, int64_t& s0, int& n) {
+    b = static_cast<uint32_t>(item) / static_cast<uint32_t>(per_b);  // < 2^31 items: see the launcher
+    s0 = (item - b * per_b) * E;
+    n = S - s0 < E ? static_cast<int>(S - s0) : E;
+  };
+  auto copy_item = [&](int64_t b, int64_t s0) {
     const T* x = a.x + b * L.x_sB + s0;
-    T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
     for (int c = 0; c < Ci; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
-    auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
-    // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
-    // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
-    constexpr int kIgnored = -1, kBad = -2;
-    int t[E];
+  };
+  // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
+  // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
+  constexpr int kIgnored = -1, kBad = -2;
+  auto target_class = [&](int64_t b, int64_t s, bool inside) -> int {
+    const int64_t ti = inside ? a.P.index[b * L.t_sB + s * L.t_sS] : a.P.ignore_index;
+    const bool ignored = ti == a.P.ignore_index, bad = !ignored && target_out_of_range(ti, C);
+    if (bad) rows::flag_bad_target(a.P.status, ti);
+    return ignored ? kIgnored : bad ? kBad : static_cast<int>(ti);
+  };
+  Codes<E>* const codes = reinterpret_cast<Codes<E>*>(staged + Ci * nt);  // kFold: after the logits' slots
+  float inv_denom = 0.f;  // kFold: 1 / the mean's denominator
+  if constexpr (kFold) {
+    int64_t b, s0;
+    int n;
+    if (first < items) locate(first, b, s0, n), copy_item(b, s0);  // in flight while the targets are read
+    int count = 0;
+    for (int64_t item = first, k = 0; item < items; item += stride, ++k) {
+      locate(item, b, s0, n);
+      uint8_t c[E];
 #pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const int64_t* tp = a.P.index + b * L.t_sB + (s0 + i) * L.t_sS;
-      const int64_t ti = i >= n ? a.P.ignore_index : *tp;
-      const bool ignored = ti == a.P.ignore_index, bad = !ignored && target_out_of_range(ti, C);
-      if (bad) rows::flag_bad_target(a.P.status, ti);
-      t[i] = ignored ? kIgnored : bad ? kBad : static_cast<int>(ti);
+      for (int i = 0; i < E; ++i) {
+        const int ti = target_class(b, s0 + i, i < n);
+        count += ti != kIgnored;  // as mean_scale counts: every target but ignore_index
+        c[i] = ti == kIgnored ? kCodeIgnored : ti == kBad ? kCodeBad : static_cast<uint8_t>(ti);
+      }
+      codes[k * nt + tid] = pack_codes<E>(c);
+    }
+    const int cta_count = block_sum(count);
+    if (tid == 0) fold.cta_counts[blockIdx.x] = cta_count;
+    cooperative_groups::this_grid().sync();  // every CTA's count is written
+    int64_t d = 0;
+    for (int q = tid; q < static_cast<int>(gridDim.x); q += nt) d += __ldcg(fold.cta_counts + q);
+    const float denom = static_cast<float>(block_sum(d));  // exact: the same bits as mean_scale's
+    inv_denom = 1.f / denom;
+    if (blockIdx.x == 0 && tid == 0) *fold.denom = denom;
+  }
+  for (int64_t item = first, k = 0; item < items; item += stride, ++k) {
+    int64_t b, s0;
+    int n;
+    locate(item, b, s0, n);
+    T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
+    if (!kFold || k > 0) copy_item(b, s0);
+    auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
+    int t[E];
+    if constexpr (kFold) {
+      const Codes<E> cv = codes[k * nt + tid];
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        const int ci = code_at<E>(cv, i);
+        t[i] = ci == kCodeIgnored ? kIgnored : ci == kCodeBad ? kBad : ci;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < E; ++i) t[i] = target_class(b, s0 + i, i < n);
     }
     auto ok = [&](int i) { return t[i] >= 0; };
     auto fill = [&](int i) { return t[i] == kBad ? NAN : 0.f; };
@@ -107,7 +188,10 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a) {
     RowGrad<float> rg[E];
     if (kGrad) {
 #pragma unroll
-      for (int i = 0; i < E; ++i) rg[i] = RowGrad<float>::index(i < n ? a.factor.at(b, s0 + i) : 0.f, w_t(i), W, a.P.eps, C);
+      for (int i = 0; i < E; ++i) {
+        const float f = i >= n ? 0.f : kFold ? inv_denom : a.factor.at(b, s0 + i);
+        rg[i] = RowGrad<float>::index(f, w_t(i), W, a.P.eps, C);
+      }
     }
     if (kGrad) {
       for (int c = 0; c < Ci; ++c) {

@@ -241,6 +241,7 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
 }
 
 at::Tensor sum_values(const at::Tensor& values, const at::Tensor& divisor, c10::optional<at::ScalarType> dtype);
+int64_t* mapped_status(const at::Tensor& status, int device);
 
 // Whether warp rows stage rows in shared memory (warp_ring): the fused loss + gradient of float rows of 129-256
 // chunks without smoothing, whose registers (94) allow only 2 CTAs per SM.  On the H200 (2026-11-27) staging
@@ -378,6 +379,13 @@ bool columns_apply(const RowLayout& L, const OpTensors& o, const CudaTuning& tun
          (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB)));
 }
 
+// Threads per CTA of the K-dim kernel: C chunks of shared memory each, within its budget.
+inline int columns_threads(int64_t C) {
+  int threads = 128;
+  while (threads > 32 && int64_t{threads} * C * 16 > columns::kBlockBudget) threads /= 2;
+  return threads;
+}
+
 // The K-dim kernel.  In the training pass (no per-row buffers) each CTA writes one partial loss sum: the
 // positions' loss and lse rows would add ~10% to the floor's bytes, and their memory to the peak.
 template <typename scalar_t, bool kStats, bool kGrad>
@@ -388,11 +396,10 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     using T = scalar_t;
     const CudaTuning tune = cuda_tuning();  // one reading for the whole launch
     if (!columns_apply<T, kGrad>(L, o, tune)) return false;
-    int threads = 128;
-    while (threads > 32 && int64_t{threads} * L.C * 16 > columns::kBlockBudget) threads /= 2;
+    const int threads = columns_threads(L.C);
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = columns::columns_kernel<T, kStats, kGrad>;
+    auto kernel = columns::columns_kernel<T, kStats, kGrad, false>;
     const void* key = reinterpret_cast<const void*>(kernel);
     allow_smem(device, kernel, [] { return columns::kBlockBudget; });
     const int per_sm = launch_fact(device, key, threads, smem, [&] {
@@ -410,7 +417,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
                           partial ? partials.data_ptr<float>() : nullptr};
-    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a);
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, columns::MeanFold{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
       o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);
@@ -418,6 +425,73 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     }
     return true;
   }
+}
+
+// K-dim mean training with the mean's denominator counted by the K-dim kernel itself (kFold, tuning kdim_fold):
+// class indices, unweighted, the kernel's layout.  A cooperative launch (all CTAs resident, or the launch fails
+// rather than the grid barrier hanging) of as many CTAs as fit with their threads' target bytes beside the logits'
+// slots.  Sets the denominator (o.loss_divisor) and the finished loss; false, with nothing launched, where it does
+// not apply (then mean_scale and the plain training pass run).
+template <typename T>
+bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& tune) {
+  if (!columns_apply<T, true>(L, o, tune)) return false;
+  const int device = o.logits.get_device();
+  if (!device_attr(device, cudaDevAttrCooperativeLaunch)) return false;
+  constexpr int E = chunks::Chunk<T>::E;
+  const int threads = columns_threads(L.C);
+  const int logit_smem = static_cast<int>(int64_t{threads} * L.C * 16);
+  auto kernel = columns::columns_kernel<T, true, true, true>;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  allow_smem(device, kernel, [] { return columns::kBlockBudget + columns::kFoldBudget; });
+  auto per_sm_at = [&](int smem) {
+    return launch_fact(device, key, threads, smem, [&] {
+      int r = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));
+      return r;
+    });
+  };
+  const int64_t items = L.B * ((L.S + E - 1) / E);
+  // Fewer CTAs give each thread more items, so more target bytes: from the most CTAs per SM the logits allow
+  // down, the first count at which the CTAs still fit with their bytes.
+  for (int per_sm = per_sm_at(logit_smem); per_sm >= 1; --per_sm) {
+    const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{per_sm} * sm_count(device));
+    const int64_t per_thread = (items + blocks * threads - 1) / (blocks * threads);
+    const int64_t code_smem = (per_thread * threads * E + 15) / 16 * 16;
+    if (code_smem > columns::kFoldBudget) return false;  // fewer CTAs would only need more
+    const int smem = logit_smem + static_cast<int>(code_smem);
+    if (int64_t{per_sm_at(smem)} * sm_count(device) < blocks) continue;
+    at::Tensor counts = at::empty({blocks}, o.logits.options().dtype(at::kInt));
+    at::Tensor denom = at::empty({}, o.logits.options().dtype(at::kFloat));
+    at::Tensor partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
+    if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status, device);
+    rows::Args<T> a{o.logits.data_ptr<T>(), o.grad.data_ptr<T>(), L, row_params<T, float, T>(o, false), nullptr,
+                    nullptr, Factor<float>{nullptr, 0, 0}, partials.data_ptr<float>()};
+    columns::MeanFold fold{counts.data_ptr<int>(), denom.data_ptr<float>()};
+    void* args[] = {&a, &fold};
+    const cudaError_t err = cudaLaunchCooperativeKernel(key, dim3(static_cast<unsigned>(blocks)), dim3(threads), args,
+                                                        smem, c10::cuda::getCurrentCUDAStream());
+    if (err != cudaSuccess) {  // e.g. fewer SMs than the occupancy said (MPS): the unfolded path instead
+      (void)cudaGetLastError();
+      return false;
+    }
+    o.loss_divisor = denom;
+    o.loss_sum = sum_values(partials, denom, o.loss_dtype);  // a fixed grid on a given device: a fixed order
+    o.loss_finished = true;
+    return true;
+  }
+  return false;
+}
+
+bool fold_mean_cuda(const RowLayout& L, OpTensors& o) {
+  if (o.weight.defined() || L.rows() == 0 || o.target.is_floating_point()) return false;
+  const CudaTuning tune = cuda_tuning();  // one reading for the whole launch
+  if (!tune.kdim_fold) return false;
+  const c10::cuda::CUDAGuard guard(o.logits.device());
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.logits.scalar_type(), "fold_mean_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) done = launch_folded_columns<scalar_t>(L, o, tune);
+  });
+  return done;
 }
 
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
@@ -589,6 +663,25 @@ at::Tensor backward_cuda(const at::Tensor& grad_rows, const at::Tensor& logits, 
   return backward_op(launch_cuda, grad_rows, logits, target, weight, lse, ignore_index, eps);
 }
 
+std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, at::ScalarType dtype);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+    double eps, const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype) {
+  return mean_forward_backward_op(launch_cuda, mean_scale_cuda, fold_mean_cuda, logits, target, weight, ignore_index,
+                                  eps, status, loss_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> mean_forward_backward_inplace_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+    double eps, const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype) {
+  auto [loss, grad, denom] = mean_forward_backward_op(launch_cuda, mean_scale_cuda, fold_mean_cuda, logits, target,
+                                                      weight, ignore_index, eps, status, loss_dtype, nullptr,
+                                                      /*inplace=*/true);
+  return {loss, denom};
+}
+
 at::Tensor forward_backward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
                                         const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
                                         const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status,
@@ -743,6 +836,8 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CUDA, m) {
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("sum_rows", &sum_rows_cuda);
   m.impl("mean_scale", &mean_scale_cuda);
+  m.impl("mean_forward_backward", &mean_forward_backward_cuda);
+  m.impl("mean_forward_backward_", &mean_forward_backward_inplace_cuda);
 }
 
 }  // namespace softmax_ce
