@@ -3,10 +3,11 @@
 # family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
 # (set by the device tool) or ./gpu_check_out.  Each part has a timeout; the default parts' timeouts sum to
 # more than the device tool's 600 s per call; the default parts took 434 s on the H200 (2026-11-27, build 136 s
-# with 320 instantiations; 85 s with the 198 left after the losers were deleted): timeout_s ~520; the last
+# with 320 instantiations; 85 s with the 198 left after the losers were deleted; 218 per arch now, ~95 s
+# expected; the smoke script 3x longer, ~150 tests more): timeout_s ~540; the last
 # parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s, a 15-minute device budget per
 # session, the machine given back 30 s after a call: plan two calls (a short third: `build confirm`, ~150 s).
-#   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s ~520)
+#   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s ~540)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants confirm ceilings probe ncu stalls grid compile"

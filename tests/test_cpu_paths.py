@@ -108,3 +108,75 @@ def test_small_rows_blocks(kernel_path, size, dtype, kw, inplace):
     scale = x.float().abs().max().item()
     assert_close(loss, ref, dtype, "loss", logit_scale=scale)
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+
+
+def _mean_and_none_against_float64(x, t, g, **kw):
+    """Loss and gradient of reduction='mean', then 'none' with random per-position upstream gradients, against
+    float64 (the tolerance widened by the largest finite logit)."""
+    for reduction in ("mean", "none"):
+        grad_out = torch.rand(t.shape, generator=g) + 0.5 if reduction == "none" else torch.ones(())
+        leaf = x.clone().requires_grad_()
+        loss = cross_entropy(leaf, t, reduction=reduction, **kw)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+        ref, ref_grad = reference(x, t, grad_out, reduction=reduction, **kw)
+        scale = x[x.isfinite()].float().abs().max().item()
+        assert_close(loss, ref, x.dtype, f"{reduction} loss", logit_scale=scale)
+        assert_close(grad, ref_grad, x.dtype, f"{reduction} grad", logit_scale=scale)
+
+
+# K-dim blocks (classes strided, W positions per block): the loss + gradient keeps each exponential of the sum
+# sweep for up to 256 classes and recomputes them past it; smoothing and weights; a position past the last
+# block (S not a multiple of W); why each.
+KDIM_CLASSES = [(21, "a segmentation's class count: kept"), (256, "the most classes kept"),
+                (257, "one more: the gradient sweep recomputes the exponentials")]
+
+
+@pytest.mark.parametrize("classes", KDIM_CLASSES, ids=[str(c) for c, _ in KDIM_CLASSES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
+def test_kdim_blocks_kept_exponentials(kernel_path, classes, dtype, kw):
+    """Every CPU path against float64, mean and 'none' (whose backward recomputes from the saved lse); a row with
+    -inf and one with NaN among normal ones."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    c, _ = classes
+    g = torch.Generator().manual_seed(c)
+    x = (torch.randn(2, c, 37, generator=g) * 3).to(dtype)
+    x[0, 3, 5] = -float("inf")
+    x[1, :, 9] = float("nan")
+    t = torch.randint(0, c, (2, 37), generator=g)
+    t[:, ::6] = -100
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g) + 0.2
+    _mean_and_none_against_float64(x, t, g, **kw)
+
+
+# Contiguous rows: the loss + gradient keeps the sum sweep's exponentials (each chunk of 256 / 128 classes relative
+# to the running max it was summed at) for rows of up to 32768 classes; why each size.
+KEPT_ROWS = [(300, "a chunk, a short chunk and a tail (AVX-512)"), (512, "whole chunks only, no tail"),
+             (32768, "the most classes kept"), (32769, "one more: the gradient sweep recomputes")]
+
+
+@pytest.mark.parametrize("classes", KEPT_ROWS, ids=[str(c) for c, _ in KEPT_ROWS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
+def test_rows_kept_exponentials(kernel_path, classes, dtype, kw):
+    """Every CPU path against float64, mean and 'none': a row whose maximum grows chunk after chunk (every chunk's
+    kept values re-based by a different factor), one whose maximum is in its tail, -inf and NaN rows."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    c, _ = classes
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(6, c, generator=g) * 3
+    x[1] += torch.linspace(0, 30, c)  # the max moves up through every chunk
+    x[2, -1] = 25.0  # the max in the last class (the tail where there is one)
+    x[3, c // 2] = -float("inf")
+    x[4, 7] = float("nan")
+    x = x.to(dtype)
+    t = torch.randint(0, c, (6,), generator=g)
+    t[5] = -100
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g) + 0.2
+    _mean_and_none_against_float64(x, t, g, **kw)

@@ -4,6 +4,7 @@
 // AVX-512 to a caller on a CPU without it.  Same algebra as csrc/softmax_ce.h (RowGrad, row_loss).
 #include <immintrin.h>
 
+#include <memory>
 #include <type_traits>
 #include <utility>
 
@@ -243,9 +244,14 @@ void store_lanes(typename T::raw* p, vf v, int n) {
 }
 
 // ---- Rows whose classes are contiguous: three sweeps over the row (max; sum-exp; gradient), the later two
-// from cache.
+// from cache.  kept (the loss + gradient of rows of up to kRowKeptClasses; else nullptr): the sum sweep's
+// exponentials, each chunk's relative to the running max it was summed at, so that the gradient sweep is a
+// product per element (by a factor per chunk) where it loaded, converted and exponentiated again.
+constexpr int kRowChunk = 16;  // vectors per chunk of the online max
+constexpr int64_t kRowKeptClasses = 32768;
+
 template <class T, bool kSpread>
-void row_contiguous(const SimdArgs& a, int64_t r) {
+void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
   using raw = typename T::raw;
   const int64_t C = a.C, b = r / a.S, s = r - b * a.S;
   const raw* x = static_cast<const raw*>(a.x) + b * a.x_sB + s * a.x_sS;
@@ -269,13 +275,13 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
   const int tail = static_cast<int>(C - full);
   const vi in_tail = lanes_below(tail);
   auto weights = [&](int64_t c, int n) { return a.weight ? load_lanes<F32>(a.weight + c, n, 0.0f) : splat(1.0f); };
-  float lse;
+  float lse, m = -__FLT_MAX__, sum = 0.0f;
+  float chunk_m[kRowKeptClasses / (kRowChunk * W) + 1];  // kept: the max each chunk's (and the tail's) were taken at
   if (a.stats) {
-    // One pass: per chunk of kChunk vectors (in L1), its max; when the running max m grows, the sums so far
+    // One pass: per chunk of kRowChunk vectors (in L1), its max; when the running max m grows, the sums so far
     // are re-based (s *= e^(m_old - m), D += (m - m_old) A); then the chunk's exps.  m starts at the lowest
     // finite value, so exp(-inf - m) is 0, never (-inf) - (-inf).
-    constexpr int kChunk = 16;
-    float m = -__FLT_MAX__;
+    constexpr int kChunk = kRowChunk;
     vf vs = {}, vA = {}, vD = {};
     auto rebase = [&](float cmax) {
       if (!(cmax > m)) return;
@@ -283,8 +289,10 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
       if (kSpread) vD += vA == 0.0f ? splat(0.0f) : (cmax - m) * vA;  // no inf * 0 on the first chunk
       m = cmax;
     };
-    auto accumulate = [&](vf v, vf w, vi lanes) {
-      vs += vexp(v - m);
+    auto accumulate = [&](vf v, vf w, vi lanes, int64_t c) {
+      const vf e = vexp(v - m);
+      if (kept) kept[c / W] = e;
+      vs += e;
       if (kSpread) {
         w = lanes ? w : splat(0.0f);
         vA += w;
@@ -298,15 +306,18 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
       for (int64_t j = c + W; j < end; j += W) cm = vmax(cm, T::load(x + j));
       if (end == full && tail) cm = vmax(cm, load_lanes<T>(x + full, tail, -kInf));
       rebase(hmax(cm));
-      for (int64_t j = c; j < end; j += W) accumulate(T::load(x + j), kSpread ? weights(j, W) : vf{}, all);
+      if (kept) chunk_m[c / (kChunk * W)] = m;
+      for (int64_t j = c; j < end; j += W) accumulate(T::load(x + j), kSpread ? weights(j, W) : vf{}, all, j);
     }
     if (tail) {  // padding: -inf adds exp(-inf) = 0 to the sum, and nothing to A or D
       const vf v = load_lanes<T>(x + full, tail, -kInf);
       if (full == 0) rebase(hmax(v));
-      accumulate(v, kSpread ? weights(full, tail) : vf{}, in_tail);
+      if (kept) chunk_m[(full + kChunk * W - 1) / (kChunk * W)] = m;  // a slot of its own after the whole chunks
+      accumulate(v, kSpread ? weights(full, tail) : vf{}, in_tail, full);
     }
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
-    const float log_s = __builtin_logf(hsum(vs));
+    sum = hsum(vs);
+    const float log_s = __builtin_logf(sum);
     lse = m + log_s;
     a.lse[r] = lse;
     a.loss[r] = row_loss(log_s, m, x_t, w_t, hsum(vA), hsum(vD), a.eps, C);
@@ -316,13 +327,18 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
   if (g) {
     const Coef k = coef(a.factor[b * a.f_sB + s * a.f_sS], w_t, a.weight_sum, a.eps, C);
     const vf vl = splat(lse), vp = splat(k.p_mul), vc = splat(k.c_mul);
+    // kept: p * p_mul = e^(x - m_chunk) * e^(m_chunk - m) * p_mul / sum, one factor per chunk
+    const float q = kept ? k.p_mul / sum : 0.0f;
+    vf f = {};
     for (int64_t c = 0; c < full; c += W) {
-      vf gv = vexp(T::load(x + c) - vl) * vp;
+      if (kept && c % (kRowChunk * W) == 0) f = splat(exp1(chunk_m[c / (kRowChunk * W)] - m) * q);
+      vf gv = kept ? kept[c / W] * f : vexp(T::load(x + c) - vl) * vp;
       if (kSpread) gv -= weights(c, W) * vc;
       T::store(g + c, gv);
     }
     if (tail) {
-      vf gv = vexp(load_lanes<T>(x + full, tail, 0.0f) - vl) * vp;
+      if (kept) f = splat(exp1(chunk_m[(full + kRowChunk * W - 1) / (kRowChunk * W)] - m) * q);
+      vf gv = kept ? kept[full / W] * f : vexp(load_lanes<T>(x + full, tail, 0.0f) - vl) * vp;
       if (kSpread) gv -= weights(full, tail) * vc;
       store_lanes<T>(g + full, gv, tail);
     }
@@ -333,11 +349,17 @@ void row_contiguous(const SimdArgs& a, int64_t r) {
 
 template <class T, bool kSpread>
 void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) row_contiguous<T, kSpread>(a, r);
+  const bool keep = a.stats && a.grad && a.C <= kRowKeptClasses;
+  std::unique_ptr<vf[]> kept(keep ? new vf[(a.C + W - 1) / W] : nullptr);  // per task, reused row after row
+  for (int64_t r = begin; r < end; ++r) row_contiguous<T, kSpread>(a, r, kept.get());
 }
 
 // ---- Positions contiguous, classes strided (K-dim inputs): W positions at a time, one lane each, walking
-// the classes; the block of W*C values stays in cache between the sweeps.
+// the classes; the block of W*C values stays in cache between the sweeps.  The loss + gradient of up to
+// kKeptClasses classes keeps each exponential of the sum sweep (a float per element, on the stack) and the
+// gradient sweep multiplies it by p_mul / sum, where it loaded, converted and exponentiated again.
+constexpr int64_t kKeptClasses = 256;
+
 template <class T, bool kSpread>
 void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   using raw = typename T::raw;
@@ -363,14 +385,18 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     vxt[i] = T::get(x + t * a.x_sC + i);
   }
   for (int i = n; i < W; ++i) tv[i] = -1;
-  vf vlse;
+  vf vlse, vs = {};
+  vf kept[kKeptClasses];  // keep: e^(x - max) per class, [c][lane] (16 KiB at W = 16)
+  const bool keep = a.stats && g && C <= kKeptClasses;
   if (a.stats) {
     vf vm = splat(-kInf);
     for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n, 0.0f));
-    vf vs = {}, vA = {}, vD = {};
+    vf vA = {}, vD = {};
     for (int64_t c = 0; c < C; ++c) {
       const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
-      vs += vexp(v - vm);
+      const vf e = vexp(v - vm);
+      if (keep) kept[c] = e;
+      vs += e;
       if (kSpread) {
         const float w = a.weight ? a.weight[c] : 1.0f;
         vA += w;
@@ -399,9 +425,10 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     const vf vt = f * (1.0f - a.eps) * vwt;  // the same algebra as coef(), per lane
     const vf vc = a.eps == 0.0f ? splat(0.0f) : f * (a.eps / static_cast<float>(C));
     const vf vp = a.eps == 0.0f ? f * vwt : vt + vc * a.weight_sum;
+    const vf vq = vp / vs;  // keep: p * p_mul = e^(x - max) * p_mul / sum
     for (int64_t c = 0; c < C; ++c) {
-      const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
-      vf gv = vexp(v - vlse) * vp - (a.weight ? a.weight[c] : 1.0f) * vc;
+      const vf p = keep ? kept[c] * vq : vexp(load_lanes<T>(x + c * a.x_sC, n, 0.0f) - vlse) * vp;
+      vf gv = p - (a.weight ? a.weight[c] : 1.0f) * vc;
       gv = tv == static_cast<int>(c) ? gv - vt : gv;
       store_lanes<T>(g + c * a.g_sC, ok ? gv : fill, n);
     }
