@@ -334,6 +334,12 @@ __device__ __forceinline__ void chunk_spread(float& A, float& D, const float (&v
   }
 }
 
+// The CTAs per SM a warp-row kernel is compiled for (its launch bounds: the registers each thread may take).
+template <typename T, int VPT, bool kSpread>
+constexpr int warp_rows_ctas() {
+  return kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3;
+}
+
 // Where warp rows keep their exponentials (kKeep): in registers, or in the warp's shared memory where registers
 // spilled at the kernel's CTAs per SM (sm_90, 2026-11-27: 2-byte rows of 4+ chunks per lane, float rows of 4
 // without smoothing; all at 3 CTAs, 80 registers, but the 2-byte rows of 4 or 8 with smoothing, at 2).
@@ -391,7 +397,7 @@ struct Kept {
 // scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
 // shared memory (keep_shared).
 template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep>
-__global__ void __launch_bounds__(kWarpRowThreads, kSpread || (VPT == 8 && sizeof(T) == 4) ? 2 : 3)
+__global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpread>()))
     warp_rows_kernel(Args<T> a, int ring, int slot) {
   static_assert(!(kRing && (!kStats || !kGrad || kSpread || VPT != 8 || sizeof(T) != 4)),
                 "staged: the loss + gradient of float rows of 129-256 chunks, no smoothing");
