@@ -69,16 +69,17 @@ def test_reused_gradient_blocks_hold_the_right_values():
 
 # Rows of few classes take the SIMD paths 16 (AVX-512) or 8 (AVX2) rows at a time, one row per lane, through
 # transposed copies (whole blocks by W x W tiles in registers, the rest element by element): the number of rows
-# against the block, the classes against the tiles and the limits (64 float, 96 2-byte), and why.
+# against the block, the classes against the tiles and the limits (96 float, 128 2-byte), and why.
 SMALL_ROWS = [(1, 10, "one row: a block of 1 lane"), (17, 10, "one full block of 16 and one lane: no whole tile"),
               (100, 1, "a single class: every loss 0, every gradient 0"),
               (39, 31, "odd rows; 1 tile + 15 classes element-wise (AVX-512), 3 + 7 (AVX2)"),
               (40, 32, "whole tiles only: 2 (AVX-512), 4 (AVX2); the last 8 rows element-wise (AVX-512)"),
               (33, 50, "3 tiles + 2 classes (AVX-512), 6 + 2 (AVX2); a last block of 1 row"),
-              (40, 64, "float's largest class count on the path: 4 / 8 tiles"),
-              (40, 65, "float: one row at a time; 2-byte: 4 / 8 tiles + 1 class"),
-              (40, 96, "2-byte's largest class count on the path: 6 / 12 tiles"),
-              (40, 97, "one more: one row at a time for every dtype")]
+              (40, 64, "4 / 8 tiles"),
+              (40, 96, "float's largest class count on the path: 6 / 12 tiles"),
+              (40, 97, "float: one row at a time; 2-byte: 6 / 12 tiles + 1 class"),
+              (40, 128, "2-byte's largest class count on the path: 8 / 16 tiles"),
+              (40, 129, "one more: one row at a time for every dtype")]
 
 
 @pytest.mark.parametrize("size", SMALL_ROWS, ids=[f"{n}x{c}" for n, c, _ in SMALL_ROWS])

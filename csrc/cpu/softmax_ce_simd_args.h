@@ -41,10 +41,11 @@ struct SimdKernels {
   void (*small_rows)(const SimdArgs&, int64_t, int64_t);
 };
 // The limits by element size, measured (2026-11-27, 16384 rows, 1 thread, W x W tiles transposed in registers)
-// against one row at a time: float 1.2-4x faster up to 64 classes, fwd+bwd even to 0.7x at 96; bfloat16 1.1-2x
-// up to 96, even at 128; both slower in fwd+bwd from 160.
-constexpr int64_t kSmallRowClasses = 96;  // the larger of the two: the blocks' buffers
-inline int64_t small_row_classes(int elem_bytes) { return elem_bytes == 4 ? 64 : kSmallRowClasses; }
+// against one row at a time; again once both kept their exponentials (same day): float forward 1.3-1.6x and
+// fwd+bwd 1.14-1.2x at 72-96 classes, at 112-128 the forward 1.2-1.3x but fwd+bwd even or 0.93x; bfloat16 at
+// 112-128 forward 1.14-1.4x, fwd+bwd 1.08-1.22x (both slower in fwd+bwd from 160 before).
+constexpr int64_t kSmallRowClasses = 128;  // the larger of the two: the blocks' buffers
+inline int64_t small_row_classes(int elem_bytes) { return elem_bytes == 4 ? 96 : kSmallRowClasses; }
 
 // Data, not functions: looking them up runs no code built for an instruction set the CPU may lack.
 extern const SimdKernels kSimdAvx2;    // AVX2 + FMA + F16C, 8 lanes
