@@ -95,8 +95,9 @@ fi
 
 if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
-  timeout 100 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
-    --dtype bfloat16 float32 --mode fwd+bwd --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_fold \
+  timeout 130 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
+    --dtype bfloat16 float32 --mode fwd+bwd \
+    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_fold ours_warp_keep \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
@@ -111,7 +112,7 @@ if part confirm; then
   stamp "confirm: the defaults against the alternative to each, two shapes, every mode"
   timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x32000 65536x1000 \
     --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd \
-    --providers ours ours_nolean ours_whole_rows ours_unstaged torch 2>&1 | tee "$OUT/confirm.log"
+    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep torch 2>&1 | tee "$OUT/confirm.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

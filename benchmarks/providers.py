@@ -131,14 +131,14 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # the ring (72 KiB, the default since 2026-11-27: 3 CTAs per SM, 8 KiB of the next row ahead at 62.5
             # KiB slices): none, or 108 KiB (2 CTAs, 44 KiB ahead)
             OursTuned("ours_noring", ring_kb=0), OursTuned("ours_ring108", ring_kb=108),
-            # the general sweeps (per-chunk tests) where the lean ones are the default (slices, streaming), and the
-            # warp rows' loss + gradient recomputing its exponentials
+            # the general sweeps (per-chunk tests) where the lean ones are the default (slices, streaming)
             OursTuned("ours_nolean", lean=False),
             # the gradient from a saved lse (reduction='none') by whole rows, or by 64 KiB pieces (default 32)
             OursTuned("ours_whole_rows", grad_piece_kb=0), OursTuned("ours_pieces64", grad_piece_kb=64),
             # the fused pass of float warp rows of 129-256 chunks unstaged, or staging up to 3 rows ahead per warp as
             # shared memory allows (default: 1)
             OursTuned("ours_unstaged", warp_ring=0), OursTuned("ours_warp_ring4", warp_ring=4),
-            # K-dim mean training with the denominator counted in the K-dim kernel (off by default until measured)
-            OursTuned("ours_kdim_fold", kdim_fold=True))
+            # off by default until measured: K-dim mean training with the denominator counted in the K-dim kernel;
+            # warp rows' loss + gradient keeping the sum sweep's exponentials
+            OursTuned("ours_kdim_fold", kdim_fold=True), OursTuned("ours_warp_keep", warp_keep=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

@@ -44,6 +44,8 @@ CUDA_PATHS = {
     "grad-pieces": (dict(grad_piece_kb=16), "the gradient from a saved lse (reduction='none') by rows cut into "
                     "pieces of 1024 chunks (rows of 4096+ floats, 8192+ 2-byte values)"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
+    "warp-keep": (dict(warp_keep=True), "warp rows' loss + gradient keeping the sum sweep's exponentials (registers, "
+                  "or the warp's shared memory) for a gradient of one product per element"),
     "kdim-fold": (dict(kdim_fold=True), "K-dim mean training (unweighted) with the denominator counted inside the "
                   "K-dim kernel (a cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),

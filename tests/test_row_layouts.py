@@ -192,9 +192,9 @@ WARP_STAGING = {
     "ring2": (dict(warp_ring=2), "the default: a resident grid, each warp's next row staged in shared memory "
               "(cp.async)"),
     "ring4": (dict(warp_ring=4), "the same, as many rows ahead as shared memory holds (2 at 1000 floats)"),
-    "unkept": (dict(lean=False), "the gradient sweep recomputing each exponential (the default keeps them from the "
-               "sum sweep, in registers or in shared memory by row width)"),
-    "unstaged-unkept": (dict(warp_ring=0, lean=False), "neither staged nor kept"),
+    "kept": (dict(warp_keep=True), "the gradient sweep multiplying the sum sweep's exponentials, kept in registers "
+             "or in shared memory by row width (the default recomputes them)"),
+    "unstaged-kept": (dict(warp_ring=0, warp_keep=True), "kept, not staged"),
 }
 
 
@@ -261,11 +261,11 @@ WARP_SPECIAL_ROWS = {
 @pytest.mark.parametrize("row", list(WARP_SPECIAL_ROWS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
-@pytest.mark.parametrize("lean", [True, False], ids=["kept", "unkept"])
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "unkept"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_warp_rows_special_values(device, row, dtype, vpt, lean, smoothing):
+def test_warp_rows_special_values(device, row, dtype, vpt, keep, smoothing):
     """64 warp rows, row 5 special (its values at the start and the end of the row: first and last chunks), the
-    others normal; reduction='sum' (the fused pass, which keeps the exponentials under lean) against float64."""
+    others normal; reduction='sum' (the fused pass, which keeps the exponentials under warp_keep) against float64."""
     if device != "cuda":
         pytest.skip("the CUDA warp-row kernel")
     values, target, _ = WARP_SPECIAL_ROWS[row]
@@ -278,7 +278,7 @@ def test_warp_rows_special_values(device, row, dtype, vpt, lean, smoothing):
         x[5, c - len(values):] = torch.tensor(values, dtype=dtype)
     t[5] = target
     one = torch.ones((), device=device)
-    with tuning.using(**{**tuning.BUILT_IN, "lean": lean}):
+    with tuning.using(**{**tuning.BUILT_IN, "warp_keep": keep}):
         loss, grad = ours(x, t, one, reduction="sum", label_smoothing=smoothing)
     ref_loss, ref_grad = reference(x, t, one, reduction="sum", label_smoothing=smoothing)
     # x - lse is off by ~|x| eps in any implementation: the loss's tolerance widens with the largest logit; the

@@ -43,7 +43,8 @@ template <int E>
 __device__ __forceinline__ Codes<E> pack_codes(const uint8_t (&c)[E]) {
   uint32_t w[E / 4];
 #pragma unroll
-  for (int k = 0; k < E / 4; ++k) w[k] = c[4 * k] | c[4 * k + 1] << 8 | c[4 * k + 2] << 16 | uint32_t{c[4 * k + 3]} << 24;
+  for (int k = 0; k < E / 4; ++k)
+    w[k] = c[4 * k] | c[4 * k + 1] << 8 | c[4 * k + 2] << 16 | uint32_t{c[4 * k + 3]} << 24;
   if constexpr (E == 4) return w[0]; else return make_uint2(w[0], w[1]);
 }
 template <int E>

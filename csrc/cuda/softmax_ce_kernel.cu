@@ -267,7 +267,8 @@ int warp_ring_depth(int64_t chunks, const CudaTuning& tune, int device) {
 // of the 2-byte rows of 8 chunks, where the unkept kernel runs three).
 template <typename T, int VPT, bool kSpread>
 constexpr int warp_kept_smem() {
-  return rows::keep_shared<T, VPT, kSpread>() ? rows::kept_smem_chunks<T, VPT>() * (rows::kWarpRowThreads / 32) * 16 : 0;
+  constexpr int kWarps = rows::kWarpRowThreads / 32;
+  return rows::keep_shared<T, VPT, kSpread>() ? rows::kept_smem_chunks<T, VPT>() * kWarps * 16 : 0;
 }
 template <typename T, int VPT, bool kSpread>
 bool warp_kept_fits(int device) {
@@ -277,13 +278,13 @@ bool warp_kept_fits(int device) {
 }
 
 // The warp-row kernel for rows of `chunks` chunks: 2, 4 or 8 per lane, staged (ring > 0) or not, keeping its
-// exponentials (the loss + gradient, under lean, where they fit) in registers or in *kept_smem bytes of shared
+// exponentials (the loss + gradient, tuning warp_keep, where they fit) in registers or in *kept_smem bytes of shared
 // memory per CTA.
 template <typename T, bool kStats, bool kGrad, bool kSpread>
-auto warp_rows_for(int64_t chunks, int ring, bool lean, int device, int* kept_smem) {
+auto warp_rows_for(int64_t chunks, int ring, bool warp_keep, int device, int* kept_smem) {
   constexpr bool kRing = kWarpRingRows<T, kStats, kGrad, kSpread>, kKeep = kStats && kGrad;
   const int vpt = chunks <= 64 ? 2 : chunks <= 128 ? 4 : 8;
-  const bool keep = kKeep && lean &&
+  const bool keep = kKeep && warp_keep &&
                     (vpt == 2   ? warp_kept_fits<T, 2, kSpread>(device)
                      : vpt == 4 ? warp_kept_fits<T, 4, kSpread>(device) : warp_kept_fits<T, 8, kSpread>(device));
   *kept_smem = !keep ? 0 : vpt == 2 ? warp_kept_smem<T, 2, kSpread>() : vpt == 4 ? warp_kept_smem<T, 4, kSpread>()
@@ -308,7 +309,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
   if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {  // a warp per row
     const int ring = warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
     int kept = 0;  // bytes
-    auto kernel = warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.lean, device, &kept);
+    auto kernel = warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.warp_keep, device, &kept);
     const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16 + kept;
     if (kept) allow_smem(device, kernel, [&] { return kept; });
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);

@@ -392,9 +392,9 @@ struct Kept {
 // ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so that its reads
 // stay in flight through its arithmetic; each lane copies and reads back only its own chunks (no barrier), and a
 // row's slot is refilled one row later, once read.
-// kKeep (tuning lean; the loss + gradient): the sum sweep keeps each e^(x - max), and the gradient is that times
-// p_mul / sum: one product per element where the gradient sweep repeated the unpacking, the subtraction, the
-// scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
+// kKeep (tuning warp_keep; the loss + gradient): the sum sweep keeps each e^(x - max), and the gradient is that
+// times p_mul / sum: one product per element where the gradient sweep repeated the unpacking, the subtraction,
+// the scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
 // shared memory (keep_shared).
 template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep>
 __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpread>()))
