@@ -277,6 +277,7 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
   auto weights = [&](int64_t c, int n) { return a.weight ? load_lanes<F32>(a.weight + c, n, 0.0f) : splat(1.0f); };
   float lse, m = -__FLT_MAX__, sum = 0.0f;
   float chunk_m[kRowKeptClasses / (kRowChunk * W) + 1];  // kept: the max each chunk's (and the tail's) were taken at
+  const int64_t tail_slot = (full + kRowChunk * W - 1) / (kRowChunk * W);  // the tail's, after the whole chunks'
   if (a.stats) {
     // One pass: per chunk of kRowChunk vectors (in L1), its max; when the running max m grows, the sums so far
     // are re-based (s *= e^(m_old - m), D += (m - m_old) A); then the chunk's exps.  m starts at the lowest
@@ -312,7 +313,7 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
     if (tail) {  // padding: -inf adds exp(-inf) = 0 to the sum, and nothing to A or D
       const vf v = load_lanes<T>(x + full, tail, -kInf);
       if (full == 0) rebase(hmax(v));
-      if (kept) chunk_m[(full + kChunk * W - 1) / (kChunk * W)] = m;  // a slot of its own after the whole chunks
+      if (kept) chunk_m[tail_slot] = m;
       accumulate(v, kSpread ? weights(full, tail) : vf{}, in_tail, full);
     }
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
@@ -337,7 +338,7 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
       T::store(g + c, gv);
     }
     if (tail) {
-      if (kept) f = splat(exp1(chunk_m[(full + kRowChunk * W - 1) / (kRowChunk * W)] - m) * q);
+      if (kept) f = splat(exp1(chunk_m[tail_slot] - m) * q);
       vf gv = kept ? kept[full / W] * f : vexp(load_lanes<T>(x + full, tail, 0.0f) - vl) * vp;
       if (kSpread) gv -= weights(full, tail) * vc;
       store_lanes<T>(g + full, gv, tail);
