@@ -139,6 +139,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # shared memory allows (default: 1)
             OursTuned("ours_unstaged", warp_ring=0), OursTuned("ours_warp_ring4", warp_ring=4),
             # off by default until measured: K-dim mean training with the denominator counted in the K-dim kernel;
-            # warp rows' loss + gradient keeping the sum sweep's exponentials
-            OursTuned("ours_kdim_fold", kdim_fold=True), OursTuned("ours_warp_keep", warp_keep=True))
+            # warp rows' loss + gradient keeping the sum sweep's exponentials; the slices' cluster exchange by
+            # st.async and mbarriers (no per-row cluster barrier)
+            OursTuned("ours_kdim_fold", kdim_fold=True), OursTuned("ours_warp_keep", warp_keep=True),
+            OursTuned("ours_cluster_async", cluster_async=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

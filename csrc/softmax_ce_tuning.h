@@ -1,7 +1,8 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _LEAN, _WARP_RING, _GRAD_PIECE_KB).  The defaults are the winners measured on the H200 (benchmarks/NOTES.md).
+// _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC).  The defaults are the winners measured
+// on the H200 (benchmarks/NOTES.md).
 #pragma once
 
 #include <string>
@@ -23,10 +24,11 @@ struct CudaTuning {
   int grad_piece_kb;  // streaming gradient from a saved lse (0: whole rows): rows cut into pieces of ~this many KiB
   bool kdim_fold;     // K-dim mean training: the denominator counted inside the columns kernel (a grid barrier)
   bool warp_keep;     // warp rows' loss + gradient: the sum sweep's exponentials kept for the gradient sweep
+  bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
-                     int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep);
+                     int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async);
 
 }  // namespace softmax_ce

@@ -107,6 +107,11 @@ def _op_samples(device):
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status, scale,
                                                     dtype)))
             samples.append((ops.backward_, (rows, x.clone(), target, weight, lse, ignore, 0.1)))
+            if target is idx:  # the mean's training op takes class indices only
+                samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, status)))
+                samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, None, dtype)))
+                samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, status)))
+                samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, None, dtype)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale.to(torch.bfloat16))))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
@@ -135,33 +140,58 @@ def test_opcheck_traced_ops(device):
 def test_opcheck_every_op(device):
     samples = _op_samples(device)
     assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.forward_backward_,
-                                         ops.backward_, ops.scale_grad_, ops.sum_rows, ops.mean_scale}
+                                         ops.backward_, ops.scale_grad_, ops.sum_rows, ops.mean_scale,
+                                         ops.mean_forward_backward, ops.mean_forward_backward_}
+    # ... which are all the library's C++ ops (traced.py's two are opchecked below): a new op cannot be left out.
+    registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("softmax_ce_ext::")}
+    traced_ops = {"softmax_ce_ext::train_loss", "softmax_ce_ext::row_losses"}
+    assert {op._qualified_op_name for op, _ in samples} == registered - traced_ops
     for op, args in samples:
         torch.library.opcheck(op, args)
 
 
-def test_cuda_graph_captures_forward_and_backward():
+# (shape, loss keywords, tuning, why)
+GRAPH_CASES = {
+    "rows-smoothed": ((64, 1000), dict(label_smoothing=0.1), dict(), "warp rows, the smoothing sums"),
+    "slices-clusters": ((8, 50000), dict(), dict(), "rows of 195 KiB in float32: slices over clusters of 4 CTAs"),
+    "slices-async": ((8, 50000), dict(), dict(cluster_async=True), "the same, the statistics exchanged by st.async "
+                     "and mbarriers (tuning cluster_async)"),
+    "kdim-mean-fold": ((4, 21, 16, 16), dict(), dict(kdim_fold=True), "K-dim mean training under kdim_fold: "
+                       "captured without its cooperative launch (the unfolded path), which replays right"),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_cuda_graph_captures_forward_and_backward(case):
     if not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()):
         pytest.skip("needs CUDA")
-    x, t = _case("cuda", (64, 1000))
+    from softmax_ce_ext import tuning
+
+    shape, kw, settings, _ = GRAPH_CASES[case]
+    with tuning.using(**{**tuning.BUILT_IN, **settings}):
+        _graph_matches_eager(shape, kw)
+
+
+def _graph_matches_eager(shape, kw):
+    x, t = _case("cuda", shape)
     x.requires_grad_()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (allocations, lazy init) outside the capture
         for _ in range(2):
             x.grad = None
-            cross_entropy(x, t, label_smoothing=0.1).backward()
+            cross_entropy(x, t, **kw).backward()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     x.grad = None
     with torch.cuda.graph(graph):
-        loss = cross_entropy(x, t, label_smoothing=0.1)
+        loss = cross_entropy(x, t, **kw)
         loss.backward()
     x.data.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
     ref = x.detach().clone().requires_grad_()
-    expected = F.cross_entropy(ref, t, label_smoothing=0.1)
+    expected = F.cross_entropy(ref, t, **kw)
     expected.backward()
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(x.grad, ref.grad)

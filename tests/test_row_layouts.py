@@ -153,15 +153,20 @@ SLICE_SCHEDULES = {
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
 @pytest.mark.parametrize("sweeps", ["smoothed", "plain", "lean"])
-def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, sweeps):
+@pytest.mark.parametrize("exchange", ["sync", "async"])
+def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, sweeps, exchange):
     """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
     ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh),
     and so are a run of rows in the middle and the last third (several skipped in a row; nothing left to fetch);
     offset-by-one rows alternate between chunk counts, so the next row's slice can be a chunk longer than this
     row's.  sweeps: label smoothing (the smoothing sums), or none under the plain sweeps (tuning lean off: per-chunk
-    tests) or the lean ones (the default), whose interior trips skip the end chunks and step over the ring's wrap."""
+    tests) or the lean ones (the default), whose interior trips skip the end chunks and step over the ring's wrap.
+    exchange: the cluster's statistics by cluster.sync() (the default) or st.async (tuning cluster_async: each
+    row's exchange on one of two mbarriers, in turn, so skipped rows and many rows test their phases)."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
+    if sweeps == "plain" and exchange == "async":
+        pytest.skip("the plain sweeps have only the cluster.sync() exchange")
     slice_kb, ring_kb, prefetch, rows, classes = SLICE_SCHEDULES[schedule][0]
     smoothing = 0.1 if sweeps == "smoothed" else 0.0
     x, t, g = _logits(rows, classes, dtype, device, offset, seed=11)
@@ -169,7 +174,7 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
     t[rows // 2:rows // 2 + 300] = -100
     t[-(rows // 3):] = -100  # with ~500-1000 clusters walking the rows: each skips its last few in a row
     with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb,
-                      lean=sweeps == "lean"):
+                      lean=sweeps == "lean", cluster_async=exchange == "async"):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
         loss = cross_entropy(xi, t, label_smoothing=smoothing, inplace_backward=inplace)

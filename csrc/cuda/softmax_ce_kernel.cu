@@ -231,9 +231,13 @@ template <typename T>
 bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
                        cudaStream_t stream) {
   const bool spread = a.P.eps != 0.f;
-  auto kernel = spread      ? rows::slice_rows_kernel<T, true, false>
-                : tune.lean ? rows::slice_rows_kernel<T, false, true>
-                            : rows::slice_rows_kernel<T, false, false>;
+  // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled.
+  const bool async = tune.cluster_async;
+  auto kernel = spread      ? async ? rows::slice_rows_kernel<T, true, false, true>
+                                    : rows::slice_rows_kernel<T, true, false, false>
+                : tune.lean ? async ? rows::slice_rows_kernel<T, false, true, true>
+                                    : rows::slice_rows_kernel<T, false, true, false>
+                            : rows::slice_rows_kernel<T, false, false, false>;
   return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
                        [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
                          return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch);
@@ -449,6 +453,10 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
   if (!columns_apply<T, true>(L, o, tune)) return false;
   const int device = o.logits.get_device();
   if (!device_attr(device, cudaDevAttrCooperativeLaunch)) return false;
+  // Under graph capture a launch that cannot be co-resident fails at replay, not here: no fallback, so no fold.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
   constexpr int E = chunks::Chunk<T>::E;
   const int threads = columns_threads(L.C);
   const int logit_smem = static_cast<int>(int64_t{threads} * L.C * 16);

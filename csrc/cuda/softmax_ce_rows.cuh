@@ -105,37 +105,103 @@ __device__ __forceinline__ void merge_ex2(OnlineStats<float>& st, float om, floa
 
 // The CTAs that share a row (a cluster on sm_90, else one CTA): this CTA's rank, their number, and the exchange
 // of each one's statistics through distributed shared memory, in a `peer` array declared by the kernel and
-// double-buffered by row parity (a CTA one exchange ahead never overwrites a slot still being read).
+// double-buffered by row parity (a CTA one exchange ahead never overwrites a slot still being read: it cannot
+// start the next exchange before this CTA's statistics of the row between have reached it).
+// Two ways (tuning cluster_async): cluster.sync() after plain remote stores (every thread of every CTA passes a
+// MEMBAR.ALL.GPU, the barrier's release in the sm_90 SASS, then waits at the cluster barrier), or kAsync: each
+// CTA's statistics stored into its peers' `peer` slots by st.async, completing their bytes on the peer's mbarrier
+// for that slot; a CTA waits only on its own mbarrier (no fence, no cluster barrier per row).
+template <bool kAsync>
 struct SliceCluster {
   unsigned rank = 0, n = 1;
   int parity = 0;
-  __device__ SliceCluster() {
+  unsigned phases = 0;  // kAsync: the phase parity each of the two mbarriers waits for next (bit b: mbarrier b)
+  __device__ explicit SliceCluster(uint64_t (&bars)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
     rank = cluster.block_rank();
     n = cluster.num_blocks();
-    if (n > 1) cluster.sync();  // every CTA of the cluster has started before anyone writes to its shared memory
+    if (kAsync && n > 1 && threadIdx.x == 0) {
+      for (int b = 0; b < 2; ++b)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(&bars[b])) : "memory");
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (n > 1) cluster.sync();  // every CTA of the cluster has started (and its mbarriers are set) before anyone
+                                // writes to its shared memory
 #endif
   }
   // This CTA's statistics -> the row's, merged in the same order in every CTA (the same bits).  Every CTA of the
   // cluster calls it once per row that it does not skip (they skip the same rows).
-  __device__ OnlineStats<float> exchange(OnlineStats<float> st, float4 (&peer)[2][kMaxCluster]) {
+  __device__ OnlineStats<float> exchange(OnlineStats<float> st, float4 (&peer)[2][kMaxCluster],
+                                        uint64_t (&bars)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (n > 1) {
       cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
       const int tid = threadIdx.x;
-      if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = make_float4(st.m, st.s, st.A, st.D);
-      cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
-      const float4 p0 = peer[parity][0];
+      const float4 mine = make_float4(st.m, st.s, st.A, st.D);
+      if constexpr (kAsync) {
+        uint64_t* bar = &bars[parity];
+        if (tid == 0) {  // this phase ends when the n - 1 peers' 16 bytes have landed (they may come first)
+          asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)),
+                       "r"(16 * (n - 1)) : "memory");
+        }
+        if (tid < static_cast<int>(n) && tid != static_cast<int>(rank)) {
+          const unsigned slot = map_rank(&peer[parity][rank], tid), remote_bar = map_rank(bar, tid);
+          asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+                       ::"r"(slot), "r"(__float_as_uint(mine.x)), "r"(__float_as_uint(mine.y)),
+                       "r"(__float_as_uint(mine.z)), "r"(__float_as_uint(mine.w)), "r"(remote_bar) : "memory");
+        }
+        wait_phase(bar, (phases >> parity) & 1u);
+        phases ^= 1u << parity;
+      } else {
+        if (tid < static_cast<int>(n)) cluster.map_shared_rank(&peer[parity][0], tid)[rank] = mine;
+        cluster.sync();  // release/acquire: every CTA's statistics are now in every CTA's `peer`
+      }
+      // Own statistics from registers (st.async leaves this CTA's slot unwritten), the others from `peer`.
+      const auto at = [&](unsigned q) { return q == rank ? mine : peer[parity][q]; };
+      const float4 p0 = at(0);
       st.m = p0.x, st.s = p0.y, st.A = p0.z, st.D = p0.w;
       for (unsigned q = 1; q < n; ++q) {
-        const float4 pq = peer[parity][q];
+        const float4 pq = at(q);
         merge_ex2(st, pq.x, pq.y, pq.z, pq.w);
       }
       parity ^= 1;
     }
 #endif
     return st;
+  }
+  // st.async: no CTA leaves while a peer's store to it may be in flight (once per kernel).
+  __device__ void finish() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (kAsync && n > 1)
+      asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
+#endif
+  }
+
+ private:
+  // Until mbarrier `bar` completes its phase of parity `want`.  A peer that never sends would hang the kernel: past
+  // 2 s (the exchange takes microseconds) it traps instead, a launch error rather than a hung process.
+  __device__ static void wait_phase(uint64_t* bar, unsigned want) {
+    unsigned done = 0;
+    uint64_t start = 0;
+    for (;;) {
+      asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+                   " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(smem_address(bar)), "r"(want) : "memory");
+      if (done) return;
+      uint64_t now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      if (start == 0) start = now;
+      else if (now - start > 2000000000ull) __trap();
+    }
+  }
+  __device__ static unsigned smem_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+  }
+  // The address of the same shared object in CTA `q` of the cluster.
+  __device__ static unsigned map_rank(const void* p, int q) {
+    unsigned out;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(smem_address(p)), "r"(q));
+    return out;
   }
 };
 
@@ -725,12 +791,13 @@ struct OwnChunks {
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
-template <typename T, bool kSpread, bool kLean>
+template <typename T, bool kSpread, bool kLean, bool kAsync>
 __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
+  __shared__ uint64_t peer_bars[2];        // kAsync: the mbarrier of each `peer` buffer
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x;
@@ -738,7 +805,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   const int wrap = ring ? ring : slice;  // without the ring every row starts at slot 0 and never wraps
   // The slot of chunk j of a row that starts at slot `first` (both < wrap).
   const auto at = [wrap](int first, int j) { return first + j >= wrap ? first + j - wrap : first + j; };
-  SliceCluster cl;
+  SliceCluster<kAsync> cl(peer_bars);
   const unsigned rank = cl.rank, n = cl.n;
   const int64_t step = gridDim.x / n;
   int64_t r = blockIdx.x / n;
@@ -832,7 +899,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int64_t kt = row.target_chunk();
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
     const int et = row.target_lane();
-    st = cl.exchange(st, peer);
+    st = cl.exchange(st, peer, peer_bars);
     const float lse = lse_of(st.m, st.s);
     const bool holds_t = jt >= 0 && jt % kSliceThreads == tid;
     float x_t = 0.f;
@@ -891,6 +958,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     first = next_first;
     // No barrier: the staged chunks are each thread's own, block_stats ends with one, `peer` has parity.
   }
+  cl.finish();
 }
 
 }  // namespace rows
