@@ -3,11 +3,11 @@
 # family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
 # (set by the device tool) or ./gpu_check_out.  Each part has a timeout; the default parts' timeouts sum to
 # more than the device tool's 600 s per call; the default parts took 434 s on the H200 (2026-11-27, build 136 s
-# with 320 instantiations; 85 s with the 198 left after the losers were deleted; 218 per arch now, ~95 s
-# expected; the smoke script 3x longer, ~150 tests more): timeout_s ~540; the last
-# parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s, a 15-minute device budget per
-# session, the machine given back 30 s after a call: plan two calls (a short third: `build confirm`, ~150 s).
-#   device run:  bash benchmarks/gpu_check.sh          (carry .whl for Liger; timeout_s ~540)
+# with 320 instantiations).  Since v0.12-dev: 224 instantiations per arch (~100 s build), the tests ~190 s of
+# their 240, the variants ~220 s: all default parts no longer fit one call, so name them in two (NOTES.md,
+# v0.12-dev, the next GPU session).  Seen: a start of ~30 s, a 15-minute device budget per session, the machine
+# given back 30 s after a call; the build directory survives between calls while the machine stays warm.
+#   device run:  bash benchmarks/gpu_check.sh, GPU_CHECK_PARTS naming the parts (carry .whl for Liger)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants confirm ceilings probe ncu stalls grid compile"
@@ -71,7 +71,7 @@ if part tests; then
   # the big parity grid is a separate part ('grid'), for a second call.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py"
-  timeout 210 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -100,9 +100,11 @@ if part variants; then
     --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_fold ours_warp_keep \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  # The slices' exchange by st.async: only rows split over clusters (the LLM shapes but 8192x32000 bf16) differ.
-  timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd+bwd --providers ours ours_cluster_async 2>&1 | tee -a "$OUT/variants.log"
+  # The slices (v0.12-dev): the exchange by st.async (only rows split over clusters differ: the LLM shapes but
+  # 8192x32000 bf16), with 36 KiB slices too; a quarter of the sum's exponentials on the FMA pipe; both.
+  timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
+    --mode fwd+bwd --providers ours ours_cluster_async ours_async_s36 ours_fma_exp2 ours_async_fma 2>&1 \
+    | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
     --mode fwd none+bwd --providers ours ours_nolean ours_whole_rows ours_pieces64 ours_unstaged 2>&1 \

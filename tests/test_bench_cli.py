@@ -92,8 +92,10 @@ def test_gpu_check_script_is_sound():
         from providers import PROVIDERS
     finally:
         sys.path.remove(str(root))
-    for names in re.findall(r"--providers ([\w ]+?) (?:\\|--)", script):
-        assert set(names.split()) <= set(PROVIDERS), names
+    provider_lists = re.findall(r"--providers ([\w \\\n]+?) (?:--|2>&1)", script)
+    assert len(provider_lists) == script.count("--providers"), provider_lists  # each list read, over its lines
+    for names in provider_lists:
+        assert set(names.replace("\\", " ").split()) <= set(PROVIDERS), names
     for presets in re.findall(r"--shapes ([\w ]+?) (?:\\|--)", script):
         assert all(p in PRESETS or p[0].isdigit() for p in presets.split()), presets
     parts = set(re.search(r'GPU_CHECK_PARTS="([\w ]+)"', script).group(1).split())

@@ -231,13 +231,15 @@ template <typename T>
 bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
                        cudaStream_t stream) {
   const bool spread = a.P.eps != 0.f;
-  // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled.
-  const bool async = tune.cluster_async;
-  auto kernel = spread      ? async ? rows::slice_rows_kernel<T, true, false, true>
-                                    : rows::slice_rows_kernel<T, true, false, false>
-                : tune.lean ? async ? rows::slice_rows_kernel<T, false, true, true>
-                                    : rows::slice_rows_kernel<T, false, true, false>
-                            : rows::slice_rows_kernel<T, false, false, false>;
+  // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled; fma_exp2: lean.
+  const bool async = tune.cluster_async, fma = tune.fma_exp2;
+  auto kernel = spread      ? async ? rows::slice_rows_kernel<T, true, false, true, false>
+                                    : rows::slice_rows_kernel<T, true, false, false, false>
+                : tune.lean ? async ? fma ? rows::slice_rows_kernel<T, false, true, true, true>
+                                          : rows::slice_rows_kernel<T, false, true, true, false>
+                                    : fma ? rows::slice_rows_kernel<T, false, true, false, true>
+                                          : rows::slice_rows_kernel<T, false, true, false, false>
+                            : rows::slice_rows_kernel<T, false, false, false, false>;
   return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
                        [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
                          return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch);

@@ -791,9 +791,14 @@ struct OwnChunks {
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
-template <typename T, bool kSpread, bool kLean, bool kAsync>
+// kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  kFmaExp2 (tuning fma_exp2,
+// lean): one exponential per chunk of the sum sweep by ex2_fma, the phase in which the 3 CTAs of an SM, in step,
+// wait on the special-function unit (MUFU: 16 per clock per SM, 8 cycles per warp instruction; the bf16 sum sweep
+// issues ~34 instructions per chunk and 8 MUFU, 64 cycles of the unit).
+template <typename T, bool kSpread, bool kLean, bool kAsync, bool kFmaExp2>
 __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
+  static_assert(kLean || !kFmaExp2, "ex2_fma is in the lean sum sweep only");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
@@ -865,7 +870,12 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         const Exp2Base base(folded ? m : 0.f);
         const auto add = [&](const float (&v)[E]) {
 #pragma unroll
-          for (int e = 0; e < E; ++e) sum += base.term<decltype(folded)::value>(v[e], m);
+          for (int e = 0; e < E; ++e) {
+            constexpr bool kF = decltype(folded)::value;
+            // kFmaExp2: one term per chunk on the FMA pipe (sm_90a bf16: MUFU 64 -> 56 cycles per warp and chunk,
+            // issue 34 -> ~46; float32: MUFU 32 -> 24, issue ~15 -> ~25).
+            sum += kFmaExp2 && e == E - 1 ? base.term_fma<kF>(v[e], m) : base.term<kF>(v[e], m);
+          }
         };
         own.interior([&](int p, int) {
           float v[E];
