@@ -100,10 +100,12 @@ if part variants; then
     --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_fold ours_warp_keep \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  # The slices (v0.12-dev): the exchange by st.async (only rows split over clusters differ: the LLM shapes but
-  # 8192x32000 bf16), with 36 KiB slices too; a quarter of the sum's exponentials on the FMA pipe; both.
-  timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd+bwd --providers ours ours_cluster_async ours_async_s36 ours_fma_exp2 ours_async_fma 2>&1 \
+  # The slices (v0.12-dev): the CTAs out of step (stagger), alone and with the exchange by st.async; the exchange
+  # by st.async (only rows split over clusters differ: the LLM shapes but 8192x32000 bf16), with 36 KiB slices
+  # too; one sum exponential per chunk on the FMA pipe; with st.async.
+  timeout 120 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
+    --mode fwd+bwd --providers ours ours_stagger ours_stagger_async ours_cluster_async ours_async_s36 \
+    ours_fma_exp2 ours_async_fma 2>&1 \
     | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
@@ -118,7 +120,8 @@ if part confirm; then
   stamp "confirm: the defaults against the alternative to each, two shapes, every mode"
   timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x32000 65536x1000 \
     --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd \
-    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep ours_cluster_async torch 2>&1 \
+    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep ours_cluster_async ours_stagger \
+    torch 2>&1 \
     | tee "$OUT/confirm.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -142,9 +142,11 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # warp rows' loss + gradient keeping the sum sweep's exponentials; the slices' cluster exchange by
             # st.async and mbarriers (no per-row cluster barrier), and with it 36 KiB slices (twice the clusters,
             # half of the 72 KiB ring for the next row's slice during the statistics); a quarter of the slices'
-            # sum exponentials on the FMA pipe; both
+            # sum exponentials on the FMA pipe; both; the slices' CTAs put out of step after their first row, alone
+            # and with the st.async exchange
             OursTuned("ours_kdim_fold", kdim_fold=True), OursTuned("ours_warp_keep", warp_keep=True),
             OursTuned("ours_cluster_async", cluster_async=True),
             OursTuned("ours_async_s36", cluster_async=True, slice_kb=36),
-            OursTuned("ours_fma_exp2", fma_exp2=True), OursTuned("ours_async_fma", cluster_async=True, fma_exp2=True))
+            OursTuned("ours_fma_exp2", fma_exp2=True), OursTuned("ours_async_fma", cluster_async=True, fma_exp2=True),
+            OursTuned("ours_stagger", stagger=True), OursTuned("ours_stagger_async", stagger=True, cluster_async=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

@@ -2,7 +2,7 @@
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
 // _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC,
-// _FMA_EXP2).  The defaults are the winners measured
+// _FMA_EXP2, _STAGGER).  The defaults are the winners measured
 // on the H200 (benchmarks/NOTES.md).
 #pragma once
 
@@ -26,12 +26,13 @@ struct CudaTuning {
   bool kdim_fold;     // K-dim mean training: the denominator counted inside the columns kernel (a grid barrier)
   bool warp_keep;     // warp rows' loss + gradient: the sum sweep's exponentials kept for the gradient sweep
   bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()
-  bool fma_exp2;       // lean slice kernel: a quarter of the sum sweep's exponentials by a polynomial (no MUFU)
+  bool fma_exp2;       // lean slice kernel: one sum exponential per chunk by a polynomial (no MUFU)
+  bool stagger;        // slice kernel: the CTAs of an SM put out of step after their first row
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
                      int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async,
-                     bool fma_exp2);
+                     bool fma_exp2, bool stagger);
 
 }  // namespace softmax_ce

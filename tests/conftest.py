@@ -46,10 +46,11 @@ CUDA_PATHS = {
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "warp-keep": (dict(warp_keep=True), "warp rows' loss + gradient keeping the sum sweep's exponentials (registers, "
                   "or the warp's shared memory) for a gradient of one product per element"),
-    "clusters-async-fma": (dict(slice_kb=1, ring_kb=8, cluster_async=True, fma_exp2=True), "the two slice "
-                           "settings of v0.12 in one path (each alone: the slice schedules' tests): clusters of 1 "
-                           "KiB slices in a ring, their statistics exchanged by st.async into each peer's shared "
-                           "memory and mbarriers, a quarter of the lean sum's exponentials by ex2_fma"),
+    "clusters-v012": (dict(slice_kb=1, ring_kb=8, cluster_async=True, fma_exp2=True, stagger=True), "the slice "
+                      "settings of v0.12 in one path (each alone: the slice schedules' tests): clusters of 1 KiB "
+                      "slices in a ring, their statistics exchanged by st.async into each peer's shared memory and "
+                      "mbarriers, one lean sum exponential per chunk by ex2_fma, the CTAs put out of step where "
+                      "rows are many"),
     "kdim-fold": (dict(kdim_fold=True), "K-dim mean training (unweighted) with the denominator counted inside the "
                   "K-dim kernel (a cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),

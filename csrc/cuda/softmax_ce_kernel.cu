@@ -162,7 +162,8 @@ void allow_smem(int device, Kernel kernel, const Bytes& bytes) {
 }
 
 // A slice kernel, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
-// launch(cfg, slice, ring) launches it (the kernels' parameters differ); ring_kb 0: no ring.
+// launch(cfg, slice, ring, stagger) launches it (the kernels' parameters differ); ring_kb 0: no ring; stagger:
+// the CTAs per SM where tuning stagger asks for it and each resident cluster gets 4+ rows, else 0.
 template <typename Kernel, typename Launch>
 bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning& tune, int ring_kb, int device,
                    cudaStream_t stream, const Launch& launch) {
@@ -220,7 +221,9 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(rows, resident) * n));
-    C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring)));
+    const int per_sm = static_cast<int>((int64_t{resident} * n + sm_count(device) - 1) / sm_count(device));
+    const int stagger = tune.stagger && rows >= 4 * int64_t{resident} ? per_sm : 0;
+    C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring), stagger));
     return true;
   }
   return false;
@@ -241,8 +244,8 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
                                           : rows::slice_rows_kernel<T, false, true, false, false>
                             : rows::slice_rows_kernel<T, false, false, false, false>;
   return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
-                       [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
-                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch);
+                       [&](cudaLaunchConfig_t& cfg, int slice, int ring, int stagger) {
+                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, stagger);
                        });
 }
 

@@ -170,6 +170,21 @@ struct SliceCluster {
 #endif
     return st;
   }
+  // Rank 0's value of v in every CTA of the cluster, through `sh` (thread 0's v counts; once per kernel).
+  __device__ int from_rank0(int v, int* sh) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (n > 1) {
+      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+      const int v0 = __shfl_sync(0xffffffffu, v, 0);  // every thread calls this: warp 0 whole
+      if (rank == 0 && threadIdx.x < n) *cluster.map_shared_rank(sh, threadIdx.x) = v0;
+      cluster.sync();
+      return *sh;
+    }
+#endif
+    if (threadIdx.x == 0) *sh = v;
+    __syncthreads();
+    return *sh;
+  }
   // st.async: no CTA leaves while a peer's store to it may be in flight (once per kernel).
   __device__ void finish() const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -778,6 +793,20 @@ struct OwnChunks {
   }
 };
 
+// stagger (slice_rows): a ticket per SM, taken by every CTA that starts there (rank 0 of a cluster); consecutive
+// tickets modulo the CTAs per SM differ, so the CTAs sharing an SM get different slots, across launches too.
+static __device__ unsigned int g_sm_tickets[1024];
+__device__ __forceinline__ int sm_slot(int slots) {
+  unsigned smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  return static_cast<int>(atomicAdd(&g_sm_tickets[smid % 1024], 1u) % static_cast<unsigned>(slots));
+}
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
 // [rank * slice, (rank + 1) * slice) of its row in shared memory.  Each thread copies, and later reads, only its
 // own chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
@@ -791,12 +820,19 @@ struct OwnChunks {
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
+// stagger (tuning stagger; > 1: the CTAs per SM): all CTAs start together and, sharing the SM's memory and
+// special-function unit alike, stay in step: their max/sum sweeps, block reduction and exchange (a phase with
+// little in flight) coincide, and the memory idles (~20% of the time by the v0.7 numbers).  A model in which
+// CTAs share bandwidth and MUFU keeps whatever offsets they start with; so each CTA takes a slot s on its SM
+// (the cluster takes its rank 0's) and, after its first row, waits s / stagger of that row's time: afterwards
+// some CTA of every SM is always moving bytes.
 // kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  kFmaExp2 (tuning fma_exp2,
 // lean): one exponential per chunk of the sum sweep by ex2_fma, the phase in which the 3 CTAs of an SM, in step,
 // wait on the special-function unit (MUFU: 16 per clock per SM, 8 cycles per warp instruction; the bf16 sum sweep
 // issues ~34 instructions per chunk and 8 MUFU, 64 cycles of the unit).
 template <typename T, bool kSpread, bool kLean, bool kAsync, bool kFmaExp2>
-__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch) {
+__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch,
+                                                                   int stagger) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
   static_assert(kLean || !kFmaExp2, "ex2_fma is in the lean sum sweep only");
   constexpr int E = Chunk<T>::E;
@@ -812,6 +848,14 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   const auto at = [wrap](int first, int j) { return first + j >= wrap ? first + j - wrap : first + j; };
   SliceCluster<kAsync> cl(peer_bars);
   const unsigned rank = cl.rank, n = cl.n;
+  // stagger: this CTA's slot until its first row is done (0 after), and when it started; in shared memory, which
+  // holds them through the row loop without registers (kept in registers, they spilled on sm_80).
+  __shared__ int slot_sh;
+  __shared__ uint64_t t_start_sh;
+  if (stagger > 1) {
+    cl.from_rank0(tid == 0 && rank == 0 ? sm_slot(stagger) : 0, &slot_sh);
+    if (tid == 0) t_start_sh = global_ns();
+  }
   const int64_t step = gridDim.x / n;
   int64_t r = blockIdx.x / n;
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
@@ -966,6 +1010,16 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       copy_async16(&staged[at(first, j)], nbase + j + head);
     copy_async_commit();
     first = next_first;
+    if (stagger > 1 && slot_sh > 0) {  // this CTA's first row done (next row's copies in flight): out of step
+      __syncthreads();  // every thread has read slot_sh before thread 0 clears it
+      if (tid == 0) {
+        const uint64_t now = global_ns(), until = now + (now - t_start_sh) * slot_sh / stagger;
+        for (uint64_t t = now; t < until; t = global_ns())
+          __nanosleep(static_cast<unsigned>(until - t < 100000 ? until - t : 100000));
+        slot_sh = 0;
+      }
+      __syncthreads();
+    }
     // No barrier: the staged chunks are each thread's own, block_stats ends with one, `peer` has parity.
   }
   cl.finish();
