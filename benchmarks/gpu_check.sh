@@ -2,12 +2,12 @@
 # The one prepared GPU call: build in place against the machine's torch, run the CUDA tests (every CUDA kernel
 # family, see tests/conftest.py), benchmark against the peers, compare our kernel families.  Logs go to $OUT
 # (set by the device tool) or ./gpu_check_out.  Each part has a timeout; the default parts' timeouts sum to
-# more than the device tool's 600 s per call; the default parts took 434 s on the H200 (2026-11-27, build 136 s
-# with 320 instantiations).  Since v0.12-dev: 224 instantiations per arch (~100 s build), the tests ~190 s of
-# their 240, the variants ~220 s: all default parts no longer fit one call, so name them in two (NOTES.md,
-# v0.12-dev, the next GPU session).  Seen: a start of ~30 s, a 15-minute device budget per session, the machine
-# given back 30 s after a call; the build directory survives between calls while the machine stays warm.
-#   device run:  bash benchmarks/gpu_check.sh, GPU_CHECK_PARTS naming the parts (carry .whl for Liger)
+# more than the device tool's 600 s per call.  The default parts took 434 s on the H200 (2026-11-27, build 136 s
+# with 320 instantiations; tests ~160 s, smoke + bench + variants + ceilings ~140 s).  Since v0.12-dev: 230
+# instantiations per arch (~100 s build), ~500 more tests (~200 s), a second variants line (~40 s): ~490 s
+# expected, timeout_s ~580; the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
+# a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
+#   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
 #   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants confirm ceilings probe ncu stalls grid compile"

@@ -37,7 +37,7 @@ def label(tune):
 # 8, which lost 12-20 points on the H200 (2026-11-27) for reasons not yet seen (barrier stalls?).
 NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4", {}),
              ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 8", dict(slice_kb=36)),
-             ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, general sweeps", dict(lean=False)),
+             ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, CTAs out of step (stagger)", dict(stagger=True)),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2", {}),
              ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows", {}),
              ((65536, 1000), torch.bfloat16, "fwd", "warp rows, forward only (55% of its floor: bytes in flight?)",
