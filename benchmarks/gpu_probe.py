@@ -18,11 +18,13 @@ from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
 DEFAULT = tuning.BUILT_IN
 # Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, the ring
-# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two, 216 one; 0 none), the
-# general sweeps instead of the lean ones.
+# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two; 0 none); the CTAs out of step
+# (stagger, v0.12-dev) with smaller slices (more of the ring ahead, larger clusters, cheaper by st.async), without
+# the ring, with every v0.12 setting.
 TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),
-           dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(ring_kb=216), dict(slice_kb=48, ring_kb=108),
-           dict(lean=False), dict(lean=False, ring_kb=0)]
+           dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(stagger=True),
+           dict(stagger=True, slice_kb=36, cluster_async=True), dict(stagger=True, ring_kb=0),
+           dict(stagger=True, cluster_async=True, fma_exp2=True)]
 # Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32, where the rows are staged; 262144x256: VPT 2 / 4).
 WARP_TUNINGS = [{}, dict(warp_ring=0), dict(warp_ring=3), dict(warp_ring=4)]
 SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
