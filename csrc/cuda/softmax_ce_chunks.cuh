@@ -125,16 +125,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLog2eHi = 0x1.714p+0f;
 constexpr float kLog2eLo = 0x1.476p-12f;
 
-// 2^((x - b) log2 e) as ex2(fmaf(x, kLog2e, c)) * k: one FFMA per element instead of a subtraction and a
-// product, with the bits of the subtraction kept.  c = -b' kLog2eHi is exact for b' = b cut to 11 significant
-// bits (every bfloat16/half b is its own b'), and k = 2^(b' kLog2eHi - b kLog2e) is one accurate exp2f per row,
-// its argument formed exactly but for one rounding ((b' - b) and b' kLog2eLo are exact).  For |b| < 2^12 only
-// (fits), where ex2's argument is off from (x - b) log2 e by at most ~7: no overflow, nothing that matters flushed.
 // 2^y without the special-function unit (MUFU, 16 per clock per SM, the bound of the slices' sum sweep): y = j + f
 // with j = round(y) (adding 1.5 * 2^23 rounds it into the low bits), |f| <= 1/2; 2^f by a degree-5 polynomial
 // (relative error 1.7e-7 in float32, as ex2.approx's ~2^-22; 1 exactly at 0), times 2^j built as exponent bits.
-// 11 instructions on the FMA and integer pipes.  For y <= ~0 (a sum's terms): y below -127 gives 0 (as ftz
-// would), -inf gives 0, NaN stays NaN (max.NaN keeps it, and it reaches the product).
+// 11 instructions on the FMA and integer pipes.  For y < 128 (a sum's terms: y <= ~7 where Exp2Base folds them):
+// y below -127 gives 0 (as ftz would), -inf gives 0, NaN stays NaN (max.NaN keeps it, and it reaches the product).
 __device__ __forceinline__ float ex2_fma(float y) {
   float yc;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(yc) : "f"(y), "f"(-127.f));
@@ -149,6 +144,11 @@ __device__ __forceinline__ float ex2_fma(float y) {
   return p * __uint_as_float((__float_as_uint(t) << 23) + 0x3f800000u);
 }
 
+// 2^((x - b) log2 e) as ex2(fmaf(x, kLog2e, c)) * k: one FFMA per element instead of a subtraction and a
+// product, with the bits of the subtraction kept.  c = -b' kLog2eHi is exact for b' = b cut to 11 significant
+// bits (every bfloat16/half b is its own b'), and k = 2^(b' kLog2eHi - b kLog2e) is one accurate exp2f per row,
+// its argument formed exactly but for one rounding ((b' - b) and b' kLog2eLo are exact).  For |b| < 2^12 only
+// (fits), where ex2's argument is off from (x - b) log2 e by at most ~7: no overflow, nothing that matters flushed.
 struct Exp2Base {
   float c, k;
   Exp2Base() = default;  // set before it is used
