@@ -163,7 +163,8 @@ void allow_smem(int device, Kernel kernel, const Bytes& bytes) {
 
 // A slice kernel, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
 // launch(cfg, slice, ring, stagger) launches it (the kernels' parameters differ); ring_kb 0: no ring; stagger:
-// the CTAs per SM where tuning stagger asks for it and each resident cluster gets 4+ rows, else 0.
+// the slots (the CTAs per SM, at least 3) where tuning stagger asks for it and each resident cluster gets 4+ rows,
+// else 0.
 template <typename Kernel, typename Launch>
 bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning& tune, int ring_kb, int device,
                    cudaStream_t stream, const Launch& launch) {
@@ -222,7 +223,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(rows, resident) * n));
     const int per_sm = static_cast<int>((int64_t{resident} * n + sm_count(device) - 1) / sm_count(device));
-    const int stagger = tune.stagger && rows >= 4 * int64_t{resident} ? per_sm : 0;
+    const int stagger = tune.stagger && rows >= 4 * int64_t{resident} ? std::max(per_sm, 3) : 0;
     C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring), stagger));
     return true;
   }

@@ -794,12 +794,14 @@ struct OwnChunks {
 };
 
 // stagger (slice_rows): a ticket per SM, taken by every CTA that starts there (rank 0 of a cluster); consecutive
-// tickets modulo the CTAs per SM differ, so the CTAs sharing an SM get different slots, across launches too.
+// tickets modulo `slots` (at least the CTAs per SM) differ, so the CTAs sharing an SM get different slots, across
+// launches too; the SM's index shifts them, so the slots spread over the GPU as well (its memory is what idles,
+// also with one CTA per SM).
 static __device__ unsigned int g_sm_tickets[1024];
 __device__ __forceinline__ int sm_slot(int slots) {
   unsigned smid;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-  return static_cast<int>(atomicAdd(&g_sm_tickets[smid % 1024], 1u) % static_cast<unsigned>(slots));
+  return static_cast<int>((atomicAdd(&g_sm_tickets[smid % 1024], 1u) + smid) % static_cast<unsigned>(slots));
 }
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
@@ -820,12 +822,12 @@ __device__ __forceinline__ uint64_t global_ns() {
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
-// stagger (tuning stagger; > 1: the CTAs per SM): all CTAs start together and, sharing the SM's memory and
-// special-function unit alike, stay in step: their max/sum sweeps, block reduction and exchange (a phase with
-// little in flight) coincide, and the memory idles (~20% of the time by the v0.7 numbers).  A model in which
-// CTAs share bandwidth and MUFU keeps whatever offsets they start with; so each CTA takes a slot s on its SM
-// (the cluster takes its rank 0's) and, after its first row, waits s / stagger of that row's time: afterwards
-// some CTA of every SM is always moving bytes.
+// stagger (tuning stagger; > 1: the slots, the CTAs per SM but at least 3): all CTAs start together and, sharing
+// the memory and the SM's special-function unit alike, stay in step: their max/sum sweeps, block reduction and
+// exchange (a phase with little in flight) coincide, and the memory idles (~20% of the time by the v0.7
+// numbers).  A model in which CTAs share bandwidth and MUFU keeps whatever offsets they start with
+// (benchmarks/stagger_model.py); so each CTA takes a slot s (sm_slot; a cluster takes its rank 0's) and, after
+// its first row, waits s / stagger of that row's time: afterwards some CTAs are always moving bytes.
 // kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  kFmaExp2 (tuning fma_exp2,
 // lean): one exponential per chunk of the sum sweep by ex2_fma, the phase in which the 3 CTAs of an SM, in step,
 // wait on the special-function unit (MUFU: 16 per clock per SM, 8 cycles per warp instruction; the bf16 sum sweep
