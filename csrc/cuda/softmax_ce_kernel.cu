@@ -161,6 +161,16 @@ void allow_smem(int device, Kernel kernel, const Bytes& bytes) {
   });
 }
 
+// CTAs of `threads` threads and `smem` bytes of dynamic shared memory that fit on one SM at once (cached).
+template <typename Kernel>
+int blocks_per_sm(int device, Kernel kernel, int threads, int smem) {
+  return launch_fact(device, reinterpret_cast<const void*>(kernel), threads, smem, [&] {
+    int r = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));
+    return r;
+  });
+}
+
 // A slice kernel, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
 // launch(cfg, slice, ring, stagger) launches it (the kernels' parameters differ); ring_kb 0: no ring; stagger:
 // the slots (the CTAs per SM, at least 3) where tuning stagger asks for it and each resident cluster gets 4+ rows,
@@ -324,17 +334,12 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     if (kept) allow_smem(device, kernel, [&] { return kept; });
     int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
     if (ring) {  // a resident grid: the CTAs that fit at once
-      const void* key = reinterpret_cast<const void*>(kernel);
       allow_smem(device, kernel, [&] {
         cudaFuncAttributes fa;
         C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
         return device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin) - static_cast<int>(fa.sharedSizeBytes);
       });
-      const int per_sm = launch_fact(device, key, 1, smem, [&] {
-        int r = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, rows::kWarpRowThreads, smem));
-        return r;
-      });
+      const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
     kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks));
@@ -422,13 +427,8 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
     auto kernel = columns::columns_kernel<T, kStats, kGrad, false>;
-    const void* key = reinterpret_cast<const void*>(kernel);
     allow_smem(device, kernel, [] { return columns::kBlockBudget; });
-    const int per_sm = launch_fact(device, key, threads, smem, [&] {
-      int r = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));
-      return r;
-    });
+    const int per_sm = blocks_per_sm(device, kernel, threads, smem);
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
     const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{std::max(per_sm, 1)} * sm_count(device));
@@ -469,13 +469,7 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
   auto kernel = columns::columns_kernel<T, true, true, true>;
   const void* key = reinterpret_cast<const void*>(kernel);
   allow_smem(device, kernel, [] { return columns::kBlockBudget + columns::kFoldBudget; });
-  auto per_sm_at = [&](int smem) {
-    return launch_fact(device, key, threads, smem, [&] {
-      int r = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));
-      return r;
-    });
-  };
+  auto per_sm_at = [&](int smem) { return blocks_per_sm(device, kernel, threads, smem); };
   const int64_t items = L.B * ((L.S + E - 1) / E);
   // Fewer CTAs give each thread more items, so more target bytes: from the most CTAs per SM the logits allow
   // down, the first count at which the CTAs still fit with their bytes.

@@ -103,6 +103,13 @@ __device__ __forceinline__ void merge_ex2(OnlineStats<float>& st, float om, floa
   st.m = nm;
 }
 
+// Nanoseconds of the GPU's global timer.
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // The CTAs that share a row (a cluster on sm_90, else one CTA): this CTA's rank, their number, and the exchange
 // of each one's statistics through distributed shared memory, in a `peer` array declared by the kernel and
 // double-buffered by row parity (a CTA one exchange ahead never overwrites a slot still being read: it cannot
@@ -203,8 +210,7 @@ struct SliceCluster {
       asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
                    " selp.u32 %0, 1, 0, p;\n}" : "=r"(done) : "r"(smem_address(bar)), "r"(want) : "memory");
       if (done) return;
-      uint64_t now;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+      const uint64_t now = global_ns();
       if (start == 0) start = now;
       else if (now - start > 2000000000ull) __trap();
     }
@@ -802,11 +808,6 @@ __device__ __forceinline__ int sm_slot(int slots) {
   unsigned smid;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
   return static_cast<int>((atomicAdd(&g_sm_tickets[smid % 1024], 1u) + smid) % static_cast<unsigned>(slots));
-}
-__device__ __forceinline__ uint64_t global_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
