@@ -33,6 +33,11 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def(
       "mean_forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
       " Tensor(a!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor grad, Tensor denominator)");
+  // reduction='mean' with class indices and no gradient: (the loss sum / d in loss_dtype, d), d as in
+  // mean_forward_backward.  One op where mean_scale, forward and sum_rows took three: a small call is host time.
+  m.def(
+      "mean_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+      " Tensor(a!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor denominator)");
   // Gradient recomputed from the saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
   m.def(
       "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"

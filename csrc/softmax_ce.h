@@ -278,6 +278,11 @@ inline OpTensors op_tensors(const at::Tensor& logits, const at::Tensor& target,
   return o;
 }
 
+inline void check_class_indices(const at::Tensor& target, const char* op) {
+  TORCH_CHECK(!target.is_floating_point(), op, ": expected class indices (B, S), got ", target.scalar_type(),
+              " probabilities");
+}
+
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                               const c10::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -345,8 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
     c10::optional<at::ScalarType> loss_dtype, GradAlloc alloc = nullptr, bool inplace = false) {
   const char* op = inplace ? "mean_forward_backward_" : "mean_forward_backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
-  TORCH_CHECK(!target.is_floating_point(), op, ": expected class indices (B, S), got ", target.scalar_type(),
-              " probabilities");
+  check_class_indices(target, op);
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
   check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
@@ -357,6 +361,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
   }
   finish_training(o);
   return {o.loss_sum, o.grad, o.loss_divisor};
+}
+
+// reduction='mean' with class indices, no gradient: (the loss sum / d in loss_dtype, d), d as mean_scale(target,
+// weight, ignore_index, acc) counts it; sum_rows(values, divisor, dtype) is the backend's fixed-order sum.
+template <typename Launch, typename MeanScale, typename SumRows>
+std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean_scale, SumRows sum_rows,
+                                                   const at::Tensor& logits, const at::Tensor& target,
+                                                   const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                   double eps, const c10::optional<at::Tensor>& status,
+                                                   c10::optional<at::ScalarType> loss_dtype) {
+  const char* op = "mean_forward";
+  RowLayout L = check_and_layout(logits, target, weight, op);
+  check_class_indices(target, op);
+  check_status(status, logits);
+  const auto acc = acc_dtype(logits.scalar_type());
+  check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
+  OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
+  o.status = status.value_or(at::Tensor());
+  o.loss = row_buffer(logits);
+  o.lse = row_buffer(logits);
+  at::Tensor denom = std::get<0>(mean_scale(target, weight, ignore_index, acc));
+  launch(Mode::kStats, L, o);
+  return {sum_rows(o.loss, denom, loss_dtype), denom};
 }
 
 // The per-row loss and lse buffers of a kStatsGrad launch that wants them.

@@ -135,6 +135,28 @@ class _Prepared:
         return total
 
 
+def _rows_total(p, status):
+    """(the rows' losses, or their sum; their lse) where no mean over class indices is taken."""
+    divisor, loss_dtype = p.loss_fold(None)
+    rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+    return rows.reshape(p.out_shape) if p.reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype), lse
+
+
+def _loss_only(p, status):
+    """(total, denom) for p.finish where no gradient is wanted: one op for a mean over class indices."""
+    if p.reduction == "mean" and not p.prob:
+        return ops.mean_forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status, p.out_dtype)
+    return _rows_total(p, status)[0], None
+
+
+def loss_without_grad(p):
+    """The loss of a _Prepared `p` outside autograd (nothing requires a gradient): no Function, nothing saved."""
+    device = p.x3.device
+    total, denom = _loss_only(p, _status.buffer_for(device))
+    _status.launched(device)
+    return p.finish(total, denom).to(p.out_dtype)
+
+
 def kernel_views(input, target, weight, x3_shape, prob):
     """What the kernels take: logits (B, C, S); targets (B, S) int64 or (B, C, S) in the logits' or the
     accumulation dtype; weight contiguous in the accumulation dtype.  Views where possible, never of the logits
@@ -194,23 +216,25 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 total, grad, denom = ops.mean_forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
                                                                p.out_dtype)
-        else:
+        elif want_input_grad and reduction != "none":  # sum, or a mean of probabilities
             denom, inv_denom = p.mean_denominator()
             divisor, loss_dtype = p.loss_fold(denom)
-            if want_input_grad and reduction != "none":  # sum, or a mean of probabilities
-                grad_scale = p.grad_scale(inv_denom)
-                # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
-                lse = None
-                if inplace:
-                    total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
-                                                  divisor, loss_dtype)
-                    torch.autograd.graph.increment_version(input)
-                else:
-                    total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
-                                                       status, divisor, loss_dtype)
+            grad_scale = p.grad_scale(inv_denom)
+            # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
+            lse = None
+            if inplace:
+                total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
+                                              divisor, loss_dtype)
+                torch.autograd.graph.increment_version(input)
             else:
-                rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
-                total = rows.reshape(p.out_shape) if reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype)
+                total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
+                                                   status, divisor, loss_dtype)
+        elif want_input_grad or want_target_grad:  # reduction='none', or probabilities: the rows' lse kept
+            total, lse = _rows_total(p, status)
+            denom = None  # no mean over class indices here
+        else:
+            lse = None
+            total, denom = _loss_only(p, status)
         _status.launched(input.device)
 
         total = p.finish(total, denom)

@@ -6,7 +6,7 @@ import torch
 from torch.nn import _reduction as _Reduction
 
 from . import traced
-from .function import SoftmaxCrossEntropyFunction, _Prepared
+from .function import SoftmaxCrossEntropyFunction, _Prepared, loss_without_grad
 
 
 def cross_entropy(
@@ -27,8 +27,15 @@ def cross_entropy(
     the logits are destroyed by the call (mean/sum) or by the backward ('none').  `input` must not be a leaf."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and _requires_grad(input, target, weight)):
+        # Nothing to differentiate (eval, no_grad): the loss alone, without an autograd.Function around it.
+        return loss_without_grad(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing))
     if traced.wanted(input, target):  # SOFTMAX_CE_COMPILE_PATH=custom_op (in place is not taken there)
         return traced.cross_entropy(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing))
     return SoftmaxCrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward
     )
+
+
+def _requires_grad(input, target, weight):
+    return input.requires_grad or target.requires_grad or (weight is not None and weight.requires_grad)

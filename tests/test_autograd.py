@@ -105,7 +105,7 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
 class _OpSpy:
     """Records which row kernels ran (not the small reductions), passing the calls through."""
 
-    KERNELS = ("forward", "forward_backward", "mean_forward_backward", "backward", "scale_grad_")
+    KERNELS = ("forward", "mean_forward", "forward_backward", "mean_forward_backward", "backward", "scale_grad_")
 
     def __init__(self, ops):
         self._ops, self.calls = ops, []
@@ -117,21 +117,29 @@ class _OpSpy:
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])
-def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode):
+@pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward"), ("none", "forward")])
+def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode, reduction, kernel):
+    """Without a gradient to compute: one row kernel, no gradient buffer, and no autograd.Function (a small
+    call is mostly host time; a mean of class indices is one op, its denominator and sum included)."""
     spy = _OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
+
+    def no_function(*args, **kwargs):
+        raise AssertionError("the autograd.Function ran without a gradient to compute")
+
+    monkeypatch.setattr(SoftmaxCrossEntropyFunction, "forward", staticmethod(no_function))
     x, target, _ = case(device)
     if mode == "no_grad":
         with torch.no_grad():
-            loss = cross_entropy(x, target)
+            loss = cross_entropy(x, target, reduction=reduction)
     elif mode == "inference_mode":
         with torch.inference_mode():
-            loss = cross_entropy(x, target)
+            loss = cross_entropy(x, target, reduction=reduction)
     else:
-        loss = cross_entropy(x.detach(), target)
-    assert spy.calls == ["forward"]
-    assert not loss.requires_grad
-    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), target))
+        loss = cross_entropy(x.detach(), target, reduction=reduction)
+    assert spy.calls == [kernel]
+    assert not loss.requires_grad and loss.grad_fn is None
+    torch.testing.assert_close(loss, F.cross_entropy(x.detach(), target, reduction=reduction))
 
 
 @pytest.mark.parametrize("reduction,fused", [("mean", "mean_forward_backward"), ("sum", "forward_backward")])

@@ -107,7 +107,9 @@ def _op_samples(device):
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status, scale,
                                                     dtype)))
             samples.append((ops.backward_, (rows, x.clone(), target, weight, lse, ignore, 0.1)))
-            if target is idx:  # the mean's training op takes class indices only
+            if target is idx:  # the mean's ops take class indices only
+                samples.append((ops.mean_forward, (x, target, weight, ignore, 0.1, status)))
+                samples.append((ops.mean_forward, (x, target, weight, ignore, 0.1, None, dtype)))
                 samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, status)))
                 samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, None, dtype)))
                 samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, status)))
@@ -141,7 +143,7 @@ def test_opcheck_every_op(device):
     samples = _op_samples(device)
     assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.forward_backward_,
                                          ops.backward_, ops.scale_grad_, ops.sum_rows, ops.mean_scale,
-                                         ops.mean_forward_backward, ops.mean_forward_backward_}
+                                         ops.mean_forward, ops.mean_forward_backward, ops.mean_forward_backward_}
     # ... which are all the library's C++ ops (traced.py's two are opchecked below): a new op cannot be left out.
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("softmax_ce_ext::")}
     traced_ops = {"softmax_ce_ext::train_loss", "softmax_ce_ext::row_losses"}

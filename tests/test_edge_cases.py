@@ -22,6 +22,8 @@ def both(x, target, grad=True, **kw):
         if grad:
             (g,) = torch.autograd.grad(loss.sum(), xi)
         out.append((loss, g))
+    with torch.no_grad():  # the loss alone takes its own path (no autograd.Function, one op for a mean)
+        same(cross_entropy(x.detach(), target, **kw), out[0][0].detach())
     return out
 
 
@@ -219,6 +221,23 @@ MEAN_PASS_TARGETS = {
 }
 
 
+def _mean_case(device, case, dtype, shape, seed):
+    """Logits (B, C, S), targets with every 5th position ignored, and the smoothing, for a MEAN_PASS_TARGETS case;
+    and the generator, to draw more."""
+    if case == "bad target" and device != "cuda":
+        pytest.skip("the CPU raises IndexError on an out-of-range class (test_errors)")
+    g = torch.Generator().manual_seed(seed)
+    B, C, S = shape
+    x = torch.randn(B, C, S, generator=g).to(dtype).to(device)
+    t = torch.randint(0, C, (B, S), generator=g)
+    t[:, ::5] = -100
+    if case == "all ignored":
+        t[:] = -100
+    if case == "bad target":
+        t[1, min(7, S - 1)] = C
+    return x, t.to(device), 0.1 if case == "smoothed" else 0.0, g
+
+
 @pytest.mark.parametrize("case", list(MEAN_PASS_TARGETS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "in-place"])
@@ -232,20 +251,8 @@ def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
 
     if fold and device != "cuda":
         pytest.skip("the CUDA K-dim kernel's fold")
-    if case == "bad target" and device != "cuda":
-        pytest.skip("the CPU raises IndexError on an out-of-range class (test_errors)")
-    g = torch.Generator().manual_seed(3)
     # CUDA: 262144 or 131072 items of 4 float / 8 bf16 positions, ~2-4 per thread of the resident grid
-    B, C, S = (4, 21, 262144) if device == "cuda" else (3, 21, 4000)
-    x = torch.randn(B, C, S, generator=g).to(dtype).to(device)
-    t = torch.randint(0, C, (B, S), generator=g)
-    t[:, ::5] = -100
-    if case == "all ignored":
-        t[:] = -100
-    if case == "bad target":
-        t[1, 7] = C
-    t = t.to(device)
-    eps = 0.1 if case == "smoothed" else 0.0
+    x, t, eps, _ = _mean_case(device, case, dtype, (4, 21, 262144) if device == "cuda" else (3, 21, 4000), seed=3)
     with tuning.using(**{**tuning.BUILT_IN, "kdim_fold": fold}):
         if inplace:
             grad = x.clone()
@@ -260,6 +267,28 @@ def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0, equal_nan=True)
     if case == "all ignored":
         assert loss.isnan().item() and not grad.any().item()
+
+
+@pytest.mark.parametrize("case", list(MEAN_PASS_TARGETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("layout", ["rows", "kdim"])
+def test_mean_forward_op(device, case, dtype, weighted, layout):
+    """mean_forward (reduction='mean' with class indices, no gradient) is mean_scale, forward and sum_rows in
+    one op: the same bits, the loss in the dtype asked for."""
+    from softmax_ce_ext._ops import ops
+
+    x, t, eps, g = _mean_case(device, case, dtype, (3, 21, 4000) if layout == "kdim" else (3000, 1000, 1), seed=5)
+    w = (torch.rand(x.shape[1], generator=g) + 0.5).to(device) if weighted else None
+    loss, d = ops.mean_forward(x, t, w, -100, eps, None, dtype)
+    d_ref, _ = ops.mean_scale(t, w, -100, torch.float32)
+    rows, _ = ops.forward(x, t, w, -100, eps, None)
+    loss_ref = ops.sum_rows(rows, d_ref, dtype)
+    assert loss.dtype == dtype and loss.shape == () and d.dtype == torch.float32 and d.shape == ()
+    torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0, equal_nan=True)
+    if case == "all ignored":
+        assert d.item() == 0 and loss.isnan().item()
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 65536, 1 << 18, (1 << 18) + 1],

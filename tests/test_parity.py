@@ -5,6 +5,7 @@ import zlib
 import pytest
 import torch
 
+import softmax_ce_ext
 from helpers import assert_close, ours, reference
 
 # (input shape, why it is in the grid)
@@ -62,3 +63,8 @@ def test_matches_torch(device, kernel_path, shape, dtype, reduction, weighted, i
     assert grad.dtype == dtype and grad.shape == x.shape
     assert_close(loss, ref_loss, dtype, "loss")
     assert_close(grad, ref_grad, dtype, "grad")
+    # The loss alone (no_grad) takes a path of its own: no autograd.Function, one op for a mean of class indices.
+    with torch.no_grad():
+        alone = softmax_ce_ext.cross_entropy(x, target, **kw)
+    assert alone.dtype == dtype and alone.shape == ref_loss.shape
+    assert_close(alone, ref_loss, dtype, "loss without a gradient")
