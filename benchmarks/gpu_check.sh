@@ -5,23 +5,24 @@
 # more than the device tool's 600 s per call.  The default parts took 434 s on the H200 (2026-11-27, build 136 s
 # with 320 instantiations; tests ~160 s, smoke + bench + variants + ceilings ~140 s).  Since v0.12-dev: 230
 # instantiations per arch (~100 s build), ~500 more tests (~200 s), a second variants line (~40 s): ~490 s
-# expected, timeout_s ~580; the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
+# expected, +~20 s for the host part (v0.13-dev), timeout_s ~580; the last parts are what the tool cuts if the call
+# runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants confirm ceilings probe ncu stalls grid compile"
-#                (default: build smoke tests bench variants ceilings, the last ones cut first if the
+#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench host variants confirm ceilings probe ncu stalls grid compile"
+#                (default: build smoke tests bench host variants ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
 #   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs
-#                (the default parts write 7 files: build, smoke, tests_core, bench x2, variants, ceilings;
+#                (the default parts write 8 files: build, smoke, tests_core, bench x2, host, variants, ceilings;
 #                compile_debug, default until torch 2.11's compiled gradients were seen right on an H100 and an
 #                H200, is a part of its own now).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
-PARTS=" ${GPU_CHECK_PARTS:-build smoke tests bench variants ceilings} "
+PARTS=" ${GPU_CHECK_PARTS:-build smoke tests bench host variants ceilings} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -90,6 +91,14 @@ if part bench; then
   timeout 140 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd --providers ours ours_inplace torch liger flash_attn \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part host; then
+  # The bench's host column had our forward at 0.15-0.44 ms a call against torch's 0.03 (H200, 2026-11-27).
+  stamp "host time per call, ours piece by piece beside torch's (calls issued behind a GPU spin)"
+  timeout 40 $PY benchmarks/host_time.py --device cuda --shapes 8x100 65536x1000 8192x32000 --dtype bfloat16 2>&1 \
+    | tee "$OUT/host.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

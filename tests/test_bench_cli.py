@@ -196,3 +196,28 @@ def test_stagger_model_in_and_out_of_step():
     assert all(abs(f - 0.2) < 0.03 for f in in_step), in_step
     apart = idle_fractions([0, 5 / 3, 10 / 3], m=4.0, s=1.0, horizon=300.0, window=150.0)
     assert all(f < 0.005 for f in apart), apart
+
+
+def test_host_time_names_every_piece():
+    """benchmarks/host_time.py (host time per call, ours piece by piece beside torch's): a quick CPU run prints a
+    positive time for every piece of every shape; a malformed shape exits 2."""
+    script = BENCH.parent / "host_time.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "8x100", "3x7", "--calls", "2",
+                        "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    header, *lines = r.stdout.splitlines()
+    assert header.startswith("host us per call (cpu, float32")
+    tables, shape = {}, None
+    for line in lines:
+        if not line.startswith(" "):
+            shape = tables.setdefault(line, {})
+        else:
+            name, us = line.strip().rsplit(maxsplit=1)
+            shape[name] = float(us)
+    assert set(tables) == {"8x100", "3x7"}
+    for times in tables.values():
+        assert {"torch F.cross_entropy, no_grad", "ours cross_entropy, no_grad", "ours fwd+bwd", "op mean_forward",
+                "op mean_forward_backward"} <= set(times), times
+        assert len(times) == 14 and all(us > 0 for us in times.values()), times
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "8"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "expected a shape NxC" in bad.stderr

@@ -1,0 +1,120 @@
+"""Host time per call: how long the host takes to issue one call, ours piece by piece beside torch's.
+
+On CUDA the calls are issued behind a GPU spin (torch.cuda._sleep), so no launch waits for the GPU: what is
+measured is the host's own work (Python, dispatch, allocation, driver calls). The H200 bench's host column had
+our forward at 0.15-0.44 ms a call against torch's 0.03 (2026-11-27): this names the piece that costs it.
+Each row: the median over rounds of (time of `calls` calls) / calls, in microseconds.
+    python benchmarks/host_time.py [--device cuda] [--shapes 8x100 64x1000 8192x32000] [--dtype bfloat16]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import softmax_ce_ext
+from softmax_ce_ext._ops import ops
+from softmax_ce_ext.function import _Prepared
+
+SPIN_MS = 50.0
+
+
+def spin(device, ms):
+    if device == "cuda":
+        # ~1.4-2 GHz: enough cycles for `ms` on any current card; the exact length does not matter here
+        torch.cuda._sleep(int(ms * 2.0e6))
+
+
+def per_call_us(fn, device, calls, rounds):
+    for _ in range(3):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    samples = []
+    for _ in range(rounds):
+        spin(device, SPIN_MS)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def pieces(shape, dtype, device):
+    """(name, callable) in the order a call runs them: the whole calls, then ours piece by piece."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(shape, generator=g, device=device).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0],), generator=g, device=device)
+    xg = x.detach().requires_grad_()
+    p = _Prepared(x, t, None, -100, "mean", 0.0)
+    rows, _ = ops.forward(p.x3, p.t, None, -100, 0.0, None)
+    denom, inv = ops.mean_scale(p.t, None, -100, torch.float32)
+    grad = torch.empty_like(p.x3)
+    one = torch.ones((), device=device)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn(x, t)
+        return run
+
+    def train(fn):
+        def run():
+            xg.grad = None
+            fn(xg, t).backward()
+        return run
+
+    return [
+        ("torch F.cross_entropy, no_grad", no_grad(F.cross_entropy)),
+        ("ours cross_entropy, no_grad", no_grad(softmax_ce_ext.cross_entropy)),
+        ("torch forward with grad", lambda: F.cross_entropy(xg, t)),
+        ("ours forward with grad", lambda: softmax_ce_ext.cross_entropy(xg, t)),
+        ("torch fwd+bwd", train(F.cross_entropy)),
+        ("ours fwd+bwd", train(softmax_ce_ext.cross_entropy)),
+        ("  _Prepared (checks, views)", lambda: _Prepared(x, t, None, -100, "mean", 0.0)),
+        ("  op mean_forward", lambda: ops.mean_forward(p.x3, p.t, None, -100, 0.0, None, x.dtype)),
+        ("  op forward", lambda: ops.forward(p.x3, p.t, None, -100, 0.0, None)),
+        ("  op mean_scale", lambda: ops.mean_scale(p.t, None, -100, torch.float32)),
+        ("  op sum_rows", lambda: ops.sum_rows(rows, denom, x.dtype)),
+        ("  op mean_forward_backward", lambda: ops.mean_forward_backward(p.x3, p.t, None, -100, 0.0, None, x.dtype)),
+        ("  op scale_grad_ (g == 1)", lambda: ops.scale_grad_(grad, one)),
+        ("  torch.empty_like(logits)", lambda: torch.empty_like(p.x3)),
+    ]
+
+
+def parse_shape(text):
+    try:
+        n, c = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape NxC, got {text!r}") from None
+    return n, c
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shapes", nargs="+", type=parse_shape, default=[(8, 100), (64, 1000), (8192, 32000)])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--calls", type=int, default=50, help="calls per round (behind one spin on CUDA)")
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args(argv)
+    if a.device == "cuda" and not (torch.cuda.is_available() and softmax_ce_ext.cuda_built()):
+        print("host_time.py: --device cuda needs a GPU and a CUDA build", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, a.dtype)
+    print(f"host us per call ({a.device}, {a.dtype}; median of {a.rounds} rounds of {a.calls} calls"
+          f"{', behind a GPU spin' if a.device == 'cuda' else ''}); torch {torch.__version__}")
+    for shape in a.shapes:
+        print(f"{shape[0]}x{shape[1]}")
+        for name, fn in pieces(shape, dtype, a.device):
+            print(f"  {name:<36} {per_call_us(fn, a.device, a.calls, a.rounds):9.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
