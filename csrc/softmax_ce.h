@@ -162,8 +162,9 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad
 
 // What a backend's launch(mode, layout, tensors) receives.  factor is the gradient's upstream multiplier:
 // 0-d (broadcast to every row) or (B, S); both in the accumulation dtype.
-// kStatsGrad leaves loss/lse to the backend (it may need no per-row buffers) and gets back loss_sum, the
-// 0-d sum of the row losses, summed in an order that does not depend on the thread count.
+// A kStats or kStatsGrad launch without a loss buffer (always so for kStatsGrad) wants only loss_sum, the 0-d sum
+// of the row losses, summed in an order that does not depend on the thread count: the backend allocates what
+// per-row buffers its kernels need (the K-dim kernel needs none).
 // loss_divisor / loss_dtype: what loss_sum is divided by and cast to (undefined / nullopt: nothing); a backend
 // whose sum kernel folds them in sets loss_finished, else forward_backward_op applies them.
 struct OpTensors {
@@ -174,6 +175,9 @@ struct OpTensors {
   int64_t ignore_index;
   double eps;
 };
+
+// Whether a launch wants only the summed loss (see OpTensors).
+inline bool sum_only(Mode mode, const OpTensors& o) { return mode != Mode::kGrad && !o.loss.defined(); }
 
 // sum / divisor in dtype, by ATen ops (where no kernel folded them into the sum).
 inline at::Tensor finish_loss(at::Tensor sum, const at::Tensor& divisor, c10::optional<at::ScalarType> dtype) {
@@ -309,7 +313,7 @@ inline OpTensors training_tensors(RowLayout& L, const at::Tensor& logits, const 
   return o;
 }
 
-// The summed loss of a training pass, divided and cast where the backend's sum kernel did not do it.
+// The summed loss of a sum-only launch, divided and cast where the backend's sum kernel did not do it.
 inline void finish_training(OpTensors& o) {
   if (!o.loss_sum.defined()) o.loss_sum = at::zeros({}, o.logits.options().dtype(acc_dtype(o.logits.scalar_type())));
   if (!o.loss_finished) o.loss_sum = finish_loss(o.loss_sum, o.loss_divisor, o.loss_dtype);
@@ -364,12 +368,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
 }
 
 // reduction='mean' with class indices, no gradient: (the loss sum / d in loss_dtype, d), d as mean_scale(target,
-// weight, ignore_index, acc) counts it; sum_rows(values, divisor, dtype) is the backend's fixed-order sum.
-template <typename Launch, typename MeanScale, typename SumRows>
-std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean_scale, SumRows sum_rows,
-                                                   const at::Tensor& logits, const at::Tensor& target,
-                                                   const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                   double eps, const c10::optional<at::Tensor>& status,
+// weight, ignore_index, acc) counts it.
+template <typename Launch, typename MeanScale>
+std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean_scale, const at::Tensor& logits,
+                                                   const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, double eps,
+                                                   const c10::optional<at::Tensor>& status,
                                                    c10::optional<at::ScalarType> loss_dtype) {
   const char* op = "mean_forward";
   RowLayout L = check_and_layout(logits, target, weight, op);
@@ -379,11 +383,11 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean
   check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.status = status.value_or(at::Tensor());
-  o.loss = row_buffer(logits);
-  o.lse = row_buffer(logits);
-  at::Tensor denom = std::get<0>(mean_scale(target, weight, ignore_index, acc));
-  launch(Mode::kStats, L, o);
-  return {sum_rows(o.loss, denom, loss_dtype), denom};
+  o.loss_divisor = std::get<0>(mean_scale(target, weight, ignore_index, acc));
+  o.loss_dtype = loss_dtype;
+  launch(Mode::kStats, L, o);  // no loss buffer: the summed loss only
+  finish_training(o);
+  return {o.loss_sum, o.loss_divisor};
 }
 
 // The per-row loss and lse buffers of a kStatsGrad launch that wants them.

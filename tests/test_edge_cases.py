@@ -275,7 +275,8 @@ def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
 @pytest.mark.parametrize("layout", ["rows", "kdim"])
 def test_mean_forward_op(device, case, dtype, weighted, layout):
     """mean_forward (reduction='mean' with class indices, no gradient) is mean_scale, forward and sum_rows in
-    one op: the same bits, the loss in the dtype asked for."""
+    one op: the same denominator, the same loss in the dtype asked for (the same bits on the CPU; CUDA's K-dim
+    kernel sums a partial per CTA instead of writing per-position rows: another order)."""
     from softmax_ce_ext._ops import ops
 
     x, t, eps, g = _mean_case(device, case, dtype, (3, 21, 4000) if layout == "kdim" else (3000, 1000, 1), seed=5)
@@ -286,7 +287,9 @@ def test_mean_forward_op(device, case, dtype, weighted, layout):
     loss_ref = ops.sum_rows(rows, d_ref, dtype)
     assert loss.dtype == dtype and loss.shape == () and d.dtype == torch.float32 and d.shape == ()
     torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
-    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0, equal_nan=True)
+    exact = device == "cpu" or layout == "rows"
+    rtol = 0 if exact else 1e-6 if dtype == torch.float32 else 2.0**-8  # another order: a bf16 ulp at most
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=0, equal_nan=True)
     if case == "all ignored":
         assert d.item() == 0 and loss.isnan().item()
 

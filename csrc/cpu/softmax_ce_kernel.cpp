@@ -231,11 +231,12 @@ at::Tensor sum_rows_cpu(const at::Tensor& values, const c10::optional<at::Tensor
                         c10::optional<at::ScalarType> dtype);
 
 void launch_cpu(Mode mode, const RowLayout& L, OpTensors& o) {
-  if (mode == Mode::kStatsGrad) row_outputs(o);
+  const bool sum = sum_only(mode, o);
+  if (sum) row_outputs(o);
   std::atomic<bool> bad{false};
   launch_dtypes(mode, L, o, bad);
   if (bad.load()) raise_bad_target(o.target, L.C, o.ignore_index);
-  if (mode == Mode::kStatsGrad) {  // the divisor and the dtype folded in, as on CUDA
+  if (sum) {  // the divisor and the dtype folded in, as on CUDA
     const c10::optional<at::Tensor> divisor =
         o.loss_divisor.defined() ? c10::optional<at::Tensor>(o.loss_divisor) : c10::nullopt;
     o.loss_sum = sum_rows_cpu(o.loss, divisor, o.loss_dtype);
@@ -448,10 +449,7 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_cpu(const at::Tensor& logits, co
                                                     const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                     double eps, const c10::optional<at::Tensor>& status,
                                                     c10::optional<at::ScalarType> loss_dtype) {
-  return mean_forward_op(
-      launch_cpu, mean_scale_cpu,
-      [](const at::Tensor& v, const at::Tensor& d, c10::optional<at::ScalarType> dt) { return sum_rows_cpu(v, d, dt); },
-      logits, target, weight, ignore_index, eps, status, loss_dtype);
+  return mean_forward_op(launch_cpu, mean_scale_cpu, logits, target, weight, ignore_index, eps, status, loss_dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> mean_forward_backward_inplace_cpu(

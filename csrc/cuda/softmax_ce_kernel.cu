@@ -379,7 +379,7 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
-    if (kStats && kGrad && !o.loss.defined()) row_outputs(o);
+    if (kStats && !o.loss.defined()) row_outputs(o);
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
                           o.lse.data_ptr<float>(), factor_of<float>(o), nullptr};
@@ -413,8 +413,9 @@ inline int columns_threads(int64_t C) {
   return threads;
 }
 
-// The K-dim kernel.  In the training pass (no per-row buffers) each CTA writes one partial loss sum: the
-// positions' loss and lse rows would add ~10% to the floor's bytes, and their memory to the peak.
+// The K-dim kernel.  Where only the summed loss is wanted (the training pass, a no-grad mean: no per-row buffers)
+// each CTA writes one partial loss sum: the positions' loss and lse rows would add ~10% to the training floor's
+// bytes (~20% to the forward's) and their memory to the peak, and their sum two more launches.
 template <typename scalar_t, bool kStats, bool kGrad>
 bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
   if constexpr (std::is_same_v<scalar_t, double>) {
@@ -432,7 +433,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
     const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{std::max(per_sm, 1)} * sm_count(device));
-    const bool partial = kStats && kGrad && !o.loss.defined();
+    const bool partial = kStats && !o.loss.defined();  // the summed loss only: a partial sum per CTA
     at::Tensor partials;
     if (partial) partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
@@ -518,12 +519,12 @@ template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kP
 void launch_typed(const RowLayout& L, OpTensors& o) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (!kProb) {
-    if (kStats && kGrad && !o.loss.defined() && launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
+    if (kStats && !o.loss.defined() && launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
   }
   if constexpr (!kProb) {
     if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;  // allocates the row outputs it needs
   }
-  if (kStats && kGrad && !o.loss.defined()) row_outputs(o);  // every other kernel writes per-row loss and lse
+  if (kStats && !o.loss.defined()) row_outputs(o);  // every other kernel writes per-row loss and lse
   if constexpr (!kProb) {
     if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
   }
@@ -644,8 +645,9 @@ void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   if (L.rows() == 0) return;
   const c10::cuda::CUDAGuard guard(o.logits.device());
   if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status, o.logits.get_device());
+  const bool sum = sum_only(mode, o);  // before the launch, which may allocate per-row buffers
   launch_dtypes(mode, L, o);
-  if (mode == Mode::kStatsGrad && !o.loss_sum.defined()) {  // fixed order; the mean and dtype in the same launch
+  if (sum && !o.loss_sum.defined()) {  // fixed order; the mean and dtype in the same launch
     o.loss_sum = sum_values(o.loss, o.loss_divisor, o.loss_dtype);
     o.loss_finished = true;
   }
@@ -697,8 +699,7 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_cuda(const at::Tensor& logits, c
                                                      const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                      double eps, const c10::optional<at::Tensor>& status,
                                                      c10::optional<at::ScalarType> loss_dtype) {
-  return mean_forward_op(launch_cuda, mean_scale_cuda, sum_values, logits, target, weight, ignore_index, eps, status,
-                         loss_dtype);
+  return mean_forward_op(launch_cuda, mean_scale_cuda, logits, target, weight, ignore_index, eps, status, loss_dtype);
 }
 
 std::tuple<at::Tensor, at::Tensor> mean_forward_backward_inplace_cuda(
