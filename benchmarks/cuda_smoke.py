@@ -1,5 +1,5 @@
 """A quick look at every CUDA kernel family before the full tests: one line per (family, shape, dtype) with
-the largest loss and gradient errors against float64 PyTorch.  Small enough to run under compute-sanitizer
+the largest loss (with a gradient, and alone under no_grad) and gradient errors against float64 PyTorch.  Small enough to run under compute-sanitizer
 (gpu_check.sh's 'sanitize' part).  Exit code 1 if any error exceeds its dtype's tolerance."""
 
 import sys
@@ -44,10 +44,12 @@ def errors(shape, dtype, inplace, smoothing, reduction):
     loss = softmax_ce_ext.cross_entropy(logits, t, label_smoothing=smoothing, reduction=reduction,
                                         inplace_backward=inplace)
     loss.backward(None if up is None else up.to(loss.dtype))
+    with torch.no_grad():  # the loss alone: its own path (a mean: mean_forward, the K-dim kernel's partial sums)
+        alone = softmax_ce_ext.cross_entropy(x, t, label_smoothing=smoothing, reduction=reduction)
     softmax_ce_ext.check_errors()
     torch.cuda.synchronize()
     scale = ref_x.grad.abs().max().item()
-    loss_err = ((loss.double() - ref).abs().max() / ref.abs().max()).item()
+    loss_err = max(((out.double() - ref).abs().max() / ref.abs().max()).item() for out in (loss, alone))
     return loss_err, (leaf.grad.double() - ref_x.grad).abs().max().item() / scale
 
 

@@ -40,6 +40,20 @@ def test_compile_fullgraph_forward_and_backward(device, kw, dynamic, path, monke
         torch.testing.assert_close(xa.grad, xb.grad)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="sum"), dict(reduction="none", label_smoothing=0.1),
+                                dict(weight="w", ignore_index=2)], ids=["mean", "sum", "none-smoothing", "mean-weighted"])
+def test_compile_without_gradient(device, kw):
+    """Traced under no_grad (evaluation): the loss alone (mean_forward for a mean of class indices, through its
+    fake kernel), fullgraph, as eager PyTorch computes it."""
+    torch._dynamo.reset()
+    x, t = _case(device, (6, 9))
+    if kw.get("weight") == "w":
+        kw = {**kw, "weight": torch.rand(9, device=device) + 0.5}
+    fn = torch.compile(lambda x, t: cross_entropy(x, t, **kw), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, t), F.cross_entropy(x, t, **kw))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_bfloat16(device, reduction):
     """bfloat16 losses come back through a real cast (float32 ones, whose .to() was a no-op, are the case that
