@@ -314,7 +314,7 @@ inline OpTensors training_tensors(RowLayout& L, const at::Tensor& logits, const 
 }
 
 // The summed loss of a sum-only launch, divided and cast where the backend's sum kernel did not do it.
-inline void finish_training(OpTensors& o) {
+inline void finish_loss_sum(OpTensors& o) {
   if (!o.loss_sum.defined()) o.loss_sum = at::zeros({}, o.logits.options().dtype(acc_dtype(o.logits.scalar_type())));
   if (!o.loss_finished) o.loss_sum = finish_loss(o.loss_sum, o.loss_divisor, o.loss_dtype);
 }
@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
   o.factor = grad_scale;
   o.loss_divisor = loss_divisor.value_or(at::Tensor());
   launch(Mode::kStatsGrad, L, o);
-  finish_training(o);
+  finish_loss_sum(o);
   return {o.loss_sum, o.grad};
 }
 
@@ -363,7 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
     std::tie(o.loss_divisor, o.factor) = mean_scale(target, weight, ignore_index, acc);
     launch(Mode::kStatsGrad, L, o);
   }
-  finish_training(o);
+  finish_loss_sum(o);
   return {o.loss_sum, o.grad, o.loss_divisor};
 }
 
@@ -386,11 +386,11 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean
   o.loss_divisor = std::get<0>(mean_scale(target, weight, ignore_index, acc));
   o.loss_dtype = loss_dtype;
   launch(Mode::kStats, L, o);  // no loss buffer: the summed loss only
-  finish_training(o);
+  finish_loss_sum(o);
   return {o.loss_sum, o.loss_divisor};
 }
 
-// The per-row loss and lse buffers of a kStatsGrad launch that wants them.
+// The per-row loss and lse buffers of a sum-only launch whose kernels write them.
 inline void row_outputs(OpTensors& o) {
   o.loss = row_buffer(o.logits);
   o.lse = row_buffer(o.logits);
