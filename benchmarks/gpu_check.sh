@@ -5,24 +5,24 @@
 # more than the device tool's 600 s per call.  The default parts took 434 s on the H200 (2026-11-27, build 136 s
 # with 320 instantiations; tests ~160 s, smoke + bench + variants + ceilings ~140 s).  Since v0.12-dev: 230
 # instantiations per arch (~100 s build), ~500 more tests (~200 s), a second variants line (~40 s): ~490 s
-# expected, +~20 s for the host part (v0.13-dev), timeout_s ~580; the last parts are what the tool cuts if the call
-# runs long.  Seen: a start of ~30 s,
+# expected; v0.13-dev: +~20 s of tests, +~20 s for the host part (after the variants, which decide the defaults):
+# ~530 s, timeout_s ~580; the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench host variants confirm ceilings probe ncu stalls grid compile"
-#                (default: build smoke tests bench host variants ceilings, the last ones cut first if the
+#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings probe ncu stalls grid compile"
+#                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
 #   files back: at most 8 per call (device README), so only the main bench writes JSON; the other tables are logs
-#                (the default parts write 8 files: build, smoke, tests_core, bench x2, host, variants, ceilings;
+#                (the default parts write 8 files: build, smoke, tests_core, bench x2, variants, host, ceilings;
 #                compile_debug, default until torch 2.11's compiled gradients were seen right on an H100 and an
 #                H200, is a part of its own now).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
-PARTS=" ${GPU_CHECK_PARTS:-build smoke tests bench host variants ceilings} "
+PARTS=" ${GPU_CHECK_PARTS:-build smoke tests bench variants host ceilings} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -72,7 +72,7 @@ if part tests; then
   # the big parity grid is a separate part ('grid'), for a second call.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py"
-  timeout 240 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout 270 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -94,14 +94,6 @@ if part bench; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-if part host; then
-  # The bench's host column had our forward at 0.15-0.44 ms a call against torch's 0.03 (H200, 2026-11-27).
-  stamp "host time per call, ours piece by piece beside torch's (calls issued behind a GPU spin)"
-  timeout 40 $PY benchmarks/host_time.py --device cuda --shapes 8x100 65536x1000 8192x32000 --dtype bfloat16 2>&1 \
-    | tee "$OUT/host.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
 if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 130 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
@@ -120,6 +112,14 @@ if part variants; then
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
     --mode fwd none+bwd --providers ours ours_nolean ours_whole_rows ours_pieces64 ours_unstaged 2>&1 \
     | tee -a "$OUT/variants.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part host; then
+  # The bench's host column had our forward at 0.15-0.44 ms a call against torch's 0.03 (H200, 2026-11-27).
+  stamp "host time per call, ours piece by piece beside torch's (calls issued behind a GPU spin)"
+  timeout 40 $PY benchmarks/host_time.py --device cuda --shapes 8x100 65536x1000 8192x32000 --dtype bfloat16 2>&1 \
+    | tee "$OUT/host.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
