@@ -265,7 +265,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad, ctx.grad_in_input = input, False
             else:
                 grad, ctx.grad_buf = ctx.grad_buf, None
-            ops.scale_grad_(grad, grad_out.reshape(()))  # read in its own dtype: no cast launch
+            ops.scale_grad_(grad, grad_out)  # the 0-d loss's gradient, read in its own dtype: no cast, no view
             grad_input = grad.reshape(input.shape)
             if not (ctx.prob and ctx.needs_input_grad[1]):
                 return grad_input, None, None, None, None, None, None, None
