@@ -33,6 +33,12 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def(
       "mean_forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
       " Tensor(a!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor grad, Tensor denominator)");
+  // The summed loss alone (no gradient, no per-row outputs), divided by loss_divisor and cast to loss_dtype where
+  // given: reduction='sum', or a mean of probabilities (divided by the caller); one op where forward and sum_rows
+  // took two, and no per-row buffers where a kernel can sum as it goes (CUDA K-dim).
+  m.def(
+      "forward_sum(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+      " Tensor(a!)? status, Tensor? loss_divisor=None, ScalarType? loss_dtype=None) -> Tensor");
   // reduction='mean' with class indices and no gradient: (the loss sum / d in loss_dtype, d), d as in
   // mean_forward_backward.  One op where mean_scale, forward and sum_rows took three: a small call is host time.
   m.def(

@@ -367,6 +367,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
   return {o.loss_sum, o.grad, o.loss_divisor};
 }
 
+// The summed loss of a pass without a gradient (no loss buffer: sum_only), / divisor (undefined: none) in loss_dtype.
+template <typename Launch>
+at::Tensor summed_loss(Launch launch, const RowLayout& L, const at::Tensor& logits, const at::Tensor& target,
+                       const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                       const c10::optional<at::Tensor>& status, const at::Tensor& divisor,
+                       c10::optional<at::ScalarType> loss_dtype) {
+  OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
+  o.status = status.value_or(at::Tensor());
+  o.loss_divisor = divisor;
+  o.loss_dtype = loss_dtype;
+  launch(Mode::kStats, L, o);
+  finish_loss_sum(o);
+  return o.loss_sum;
+}
+
+// The summed loss alone (no gradient): the sum of the row losses / loss_divisor, in loss_dtype.
+template <typename Launch>
+at::Tensor forward_sum_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
+                          const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                          const c10::optional<at::Tensor>& status, const c10::optional<at::Tensor>& loss_divisor,
+                          c10::optional<at::ScalarType> loss_dtype) {
+  const char* op = "forward_sum";
+  const RowLayout L = check_and_layout(logits, target, weight, op);
+  check_status(status, logits);
+  check_loss_finish(loss_divisor, loss_dtype, acc_dtype(logits.scalar_type()), logits.device(), op);
+  return summed_loss(launch, L, logits, target, weight, ignore_index, eps, status,
+                     loss_divisor.value_or(at::Tensor()), loss_dtype);
+}
+
 // reduction='mean' with class indices, no gradient: (the loss sum / d in loss_dtype, d), d as mean_scale(target,
 // weight, ignore_index, acc) counts it.
 template <typename Launch, typename MeanScale>
@@ -376,18 +405,13 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean
                                                    const c10::optional<at::Tensor>& status,
                                                    c10::optional<at::ScalarType> loss_dtype) {
   const char* op = "mean_forward";
-  RowLayout L = check_and_layout(logits, target, weight, op);
+  const RowLayout L = check_and_layout(logits, target, weight, op);
   check_class_indices(target, op);
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
   check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
-  OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
-  o.status = status.value_or(at::Tensor());
-  o.loss_divisor = std::get<0>(mean_scale(target, weight, ignore_index, acc));
-  o.loss_dtype = loss_dtype;
-  launch(Mode::kStats, L, o);  // no loss buffer: the summed loss only
-  finish_loss_sum(o);
-  return {o.loss_sum, o.loss_divisor};
+  at::Tensor denom = std::get<0>(mean_scale(target, weight, ignore_index, acc));
+  return {summed_loss(launch, L, logits, target, weight, ignore_index, eps, status, denom, loss_dtype), denom};
 }
 
 // The per-row loss and lse buffers of a sum-only launch whose kernels write them.

@@ -27,6 +27,12 @@ def _forward_backward_fake(logits, target, weight, ignore_index, label_smoothing
     return logits.new_empty((), dtype=loss_dtype or acc_dtype(logits.dtype)), torch.empty_like(logits)
 
 
+@torch.library.register_fake("softmax_ce_ext::forward_sum")
+def _forward_sum_fake(logits, target, weight, ignore_index, label_smoothing, status, loss_divisor=None,
+                      loss_dtype=None):
+    return logits.new_empty((), dtype=loss_dtype or acc_dtype(logits.dtype))
+
+
 @torch.library.register_fake("softmax_ce_ext::mean_forward")
 def _mean_forward_fake(logits, target, weight, ignore_index, label_smoothing, status, loss_dtype=None):
     acc = acc_dtype(logits.dtype)

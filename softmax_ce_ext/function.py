@@ -143,10 +143,15 @@ def _rows_total(p, status):
 
 
 def _loss_only(p, status):
-    """(total, denom) for p.finish where no gradient is wanted: one op for a mean over class indices."""
+    """(total, denom) for p.finish where no gradient is wanted: one op, and no per-row outputs but for 'none'."""
     if p.reduction == "mean" and not p.prob:
         return ops.mean_forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status, p.out_dtype)
-    return _rows_total(p, status)[0], None
+    # 'none'; and traced, where torch 2.14's Inductor fails on forward_sum ("getitem is not an OpOverload": one
+    # output, and its one mutable argument, the status, None there): the rows (and their sum).
+    if p.reduction == "none" or torch.compiler.is_compiling():
+        return _rows_total(p, status)[0], None
+    divisor, loss_dtype = p.loss_fold(None)  # sum; or a mean of probabilities, which finish() divides
+    return ops.forward_sum(p.x3, p.t, p.weight, p.ignore_index, p.eps, status, divisor, loss_dtype), None
 
 
 def loss_without_grad(p):

@@ -105,7 +105,8 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
 class _OpSpy:
     """Records which row kernels ran (not the small reductions), passing the calls through."""
 
-    KERNELS = ("forward", "mean_forward", "forward_backward", "mean_forward_backward", "backward", "scale_grad_")
+    KERNELS = ("forward", "forward_sum", "mean_forward", "forward_backward", "mean_forward_backward", "backward",
+               "scale_grad_")
 
     def __init__(self, ops):
         self._ops, self.calls = ops, []
@@ -117,10 +118,10 @@ class _OpSpy:
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])
-@pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward"), ("none", "forward")])
+@pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward_sum"), ("none", "forward")])
 def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode, reduction, kernel):
     """Without a gradient to compute: one row kernel, no gradient buffer, and no autograd.Function (a small
-    call is mostly host time; a mean of class indices is one op, its denominator and sum included)."""
+    call is mostly host time; a mean of class indices or a sum is one op, the sum included)."""
     spy = _OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
 

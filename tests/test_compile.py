@@ -113,6 +113,8 @@ def _op_samples(device):
             rows = torch.rand(4, 3, dtype=acc, device=device)
             samples.append((ops.backward, (rows, x, target, weight, lse, ignore, 0.1)))
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status)))
+            samples.append((ops.forward_sum, (x, target, weight, ignore, 0.1, status)))
+            samples.append((ops.forward_sum, (x, target, weight, ignore, 0.1, None, scale, dtype)))
             # status=None: what traced code passes (nothing recorded, no mutated tensor in the graph)
             samples.append((ops.forward, (x, target, weight, ignore, 0.1, None)))
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, None)))
@@ -155,9 +157,10 @@ def test_opcheck_traced_ops(device):
 
 def test_opcheck_every_op(device):
     samples = _op_samples(device)
-    assert {op for op, _ in samples} == {ops.forward, ops.forward_backward, ops.backward, ops.forward_backward_,
-                                         ops.backward_, ops.scale_grad_, ops.sum_rows, ops.mean_scale,
-                                         ops.mean_forward, ops.mean_forward_backward, ops.mean_forward_backward_}
+    assert {op for op, _ in samples} == {ops.forward, ops.forward_sum, ops.forward_backward, ops.backward,
+                                         ops.forward_backward_, ops.backward_, ops.scale_grad_, ops.sum_rows,
+                                         ops.mean_scale, ops.mean_forward, ops.mean_forward_backward,
+                                         ops.mean_forward_backward_}
     # ... which are all the library's C++ ops (traced.py's two are opchecked below): a new op cannot be left out.
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("softmax_ce_ext::")}
     traced_ops = {"softmax_ce_ext::train_loss", "softmax_ce_ext::row_losses"}

@@ -273,10 +273,11 @@ def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("layout", ["rows", "kdim"])
-def test_mean_forward_op(device, case, dtype, weighted, layout):
+def test_mean_forward_and_forward_sum_ops(device, case, dtype, weighted, layout):
     """mean_forward (reduction='mean' with class indices, no gradient) is mean_scale, forward and sum_rows in
-    one op: the same denominator, the same loss in the dtype asked for (the same bits on the CPU; CUDA's K-dim
-    kernel sums a partial per CTA instead of writing per-position rows: another order)."""
+    one op, forward_sum (the summed loss alone) forward and sum_rows: the same denominator, the same loss in the
+    dtype asked for (the same bits on the CPU; CUDA's K-dim kernel sums a partial per CTA instead of writing
+    per-position rows: another order)."""
     from softmax_ce_ext._ops import ops
 
     x, t, eps, g = _mean_case(device, case, dtype, (3, 21, 4000) if layout == "kdim" else (3000, 1000, 1), seed=5)
@@ -292,6 +293,12 @@ def test_mean_forward_op(device, case, dtype, weighted, layout):
     torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=0, equal_nan=True)
     if case == "all ignored":
         assert d.item() == 0 and loss.isnan().item()
+    # forward_sum: the same pass, divided by what it is given (the same bits as mean_forward), or not at all
+    torch.testing.assert_close(ops.forward_sum(x, t, w, -100, eps, None, d, dtype), loss, rtol=0, atol=0,
+                               equal_nan=True)
+    total = ops.forward_sum(x, t, w, -100, eps, None)
+    assert total.dtype == torch.float32 and total.shape == ()
+    torch.testing.assert_close(total, ops.sum_rows(rows), rtol=0 if exact else 1e-6, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 65536, 1 << 18, (1 << 18) + 1],

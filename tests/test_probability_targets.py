@@ -45,6 +45,10 @@ def test_matches_torch(device, shape, dtype, reduction, weighted, smoothing):
     assert loss.dtype == dtype and loss.shape == ref_loss.shape
     assert_close(loss, ref_loss, dtype, "loss")
     assert_close(grad, ref_grad, dtype, "grad")
+    with torch.no_grad():  # the loss alone: its own path (forward_sum for a sum or a mean)
+        alone = cross_entropy(x, y, **kw)
+    assert alone.dtype == dtype and alone.shape == ref_loss.shape
+    assert_close(alone, ref_loss, dtype, "loss without a gradient")
 
 
 def test_float32_targets_with_bfloat16_logits_are_not_rounded(device):

@@ -445,6 +445,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_cpu(
                                   status, loss_dtype, grad_alloc_cpu);
 }
 
+at::Tensor forward_sum_cpu(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                           int64_t ignore_index, double eps, const c10::optional<at::Tensor>& status,
+                           const c10::optional<at::Tensor>& loss_divisor, c10::optional<at::ScalarType> loss_dtype) {
+  return forward_sum_op(launch_cpu, logits, target, weight, ignore_index, eps, status, loss_divisor, loss_dtype);
+}
+
 std::tuple<at::Tensor, at::Tensor> mean_forward_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                     const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                     double eps, const c10::optional<at::Tensor>& status,
@@ -494,6 +500,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
   m.impl("scale_grad_", &scale_grad_cpu);
   m.impl("sum_rows", &sum_rows_cpu);
   m.impl("mean_scale", &mean_scale_cpu);
+  m.impl("forward_sum", &forward_sum_cpu);
   m.impl("mean_forward", &mean_forward_cpu);
   m.impl("mean_forward_backward", &mean_forward_backward_cpu);
   m.impl("mean_forward_backward_", &mean_forward_backward_inplace_cpu);

@@ -695,6 +695,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_cuda(
                                   eps, status, loss_dtype);
 }
 
+at::Tensor forward_sum_cuda(const at::Tensor& logits, const at::Tensor& target,
+                            const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
+                            const c10::optional<at::Tensor>& status, const c10::optional<at::Tensor>& loss_divisor,
+                            c10::optional<at::ScalarType> loss_dtype) {
+  return forward_sum_op(launch_cuda, logits, target, weight, ignore_index, eps, status, loss_divisor, loss_dtype);
+}
+
 std::tuple<at::Tensor, at::Tensor> mean_forward_cuda(const at::Tensor& logits, const at::Tensor& target,
                                                      const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                                      double eps, const c10::optional<at::Tensor>& status,
@@ -865,6 +872,7 @@ TORCH_LIBRARY_IMPL(softmax_ce_ext, CUDA, m) {
   m.impl("scale_grad_", &scale_grad_cuda);
   m.impl("sum_rows", &sum_rows_cuda);
   m.impl("mean_scale", &mean_scale_cuda);
+  m.impl("forward_sum", &forward_sum_cuda);
   m.impl("mean_forward", &mean_forward_cuda);
   m.impl("mean_forward_backward", &mean_forward_backward_cuda);
   m.impl("mean_forward_backward_", &mean_forward_backward_inplace_cuda);
