@@ -117,8 +117,9 @@ fi
 
 if part host; then
   # The bench's host column had our forward at 0.15-0.44 ms a call against torch's 0.03 (H200, 2026-11-27).
-  stamp "host time per call, ours piece by piece beside torch's (calls issued behind a GPU spin)"
-  timeout 40 $PY benchmarks/host_time.py --device cuda --shapes 8x100 65536x1000 8192x32000 --dtype bfloat16 2>&1 \
+  stamp "host time per call, ours piece by piece beside torch's (behind a GPU spin); host events at 8192x32000"
+  timeout 50 $PY benchmarks/host_time.py --device cuda --shapes 8192x32000 8x100 65536x1000 --dtype bfloat16 \
+    --profile 2>&1 \
     | tee "$OUT/host.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

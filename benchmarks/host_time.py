@@ -3,8 +3,10 @@
 On CUDA the calls are issued behind a GPU spin (torch.cuda._sleep), so no launch waits for the GPU: what is
 measured is the host's own work (Python, dispatch, allocation, driver calls). The H200 bench's host column had
 our forward at 0.15-0.44 ms a call against torch's 0.03 (2026-11-27): this names the piece that costs it.
-Each row: the median over rounds of (time of `calls` calls) / calls, in microseconds.
-    python benchmarks/host_time.py [--device cuda] [--shapes 8x100 64x1000 8192x32000] [--dtype bfloat16]
+Each row: the median over rounds of (time of `calls` calls) / calls, in microseconds.  --profile then lists, for
+ours without a gradient and ours fwd+bwd at the first shape, the host events of 10 calls by self time (torch.profiler;
+on CUDA with the runtime's API calls, so a driver call made on every call shows by name).
+    python benchmarks/host_time.py [--device cuda] [--shapes 8x100 64x1000 8192x32000] [--dtype bfloat16] [--profile]
 """
 
 import argparse
@@ -87,6 +89,28 @@ def pieces(shape, dtype, device):
     ]
 
 
+def profile_calls(shape, dtype, device):
+    """The host events of 10 calls of ours (no gradient; fwd+bwd), by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    wanted = ("ours cross_entropy, no_grad", "ours fwd+bwd")
+    for name, fn in pieces(shape, dtype, device):
+        if name not in wanted:
+            continue
+        for _ in range(3):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(10):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        print(f"profile: {name}, {shape[0]}x{shape[1]}, 10 calls")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=48))
+
+
 def parse_shape(text):
     try:
         n, c = (int(v) for v in text.split("x"))
@@ -102,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--calls", type=int, default=50, help="calls per round (behind one spin on CUDA)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile", action="store_true", help="then the host events of ours at the first shape")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not (torch.cuda.is_available() and softmax_ce_ext.cuda_built()):
         print("host_time.py: --device cuda needs a GPU and a CUDA build", file=sys.stderr)
@@ -113,6 +138,8 @@ def main(argv=None):
         print(f"{shape[0]}x{shape[1]}")
         for name, fn in pieces(shape, dtype, a.device):
             print(f"  {name:<36} {per_call_us(fn, a.device, a.calls, a.rounds):9.1f}")
+    if a.profile:
+        profile_calls(a.shapes[0], dtype, a.device)
     return 0
 
 

@@ -159,7 +159,8 @@ def loss_without_grad(p):
     device = p.x3.device
     total, denom = _loss_only(p, _status.buffer_for(device))
     _status.launched(device)
-    return p.finish(total, denom).to(p.out_dtype)
+    total = p.finish(total, denom)
+    return total if total.dtype == p.out_dtype else total.to(p.out_dtype)
 
 
 def kernel_views(input, target, weight, x3_shape, prob):
@@ -173,7 +174,9 @@ def kernel_views(input, target, weight, x3_shape, prob):
             target = target.to(acc)  # the kernels read either dtype; never round a finer target
         target = target.detach().reshape(batch, classes, spatial)
     else:
-        target = target.reshape(batch, spatial).long()
+        target = target.reshape(batch, spatial)
+        if target.dtype != torch.int64:
+            target = target.long()  # uint8 class indices
     if weight is not None:
         weight = weight.detach().to(acc).contiguous()
     return input.reshape(x3_shape), target, weight

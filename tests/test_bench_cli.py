@@ -200,7 +200,7 @@ def test_stagger_model_in_and_out_of_step():
 
 def test_host_time_names_every_piece():
     """benchmarks/host_time.py (host time per call, ours piece by piece beside torch's): a quick CPU run prints a
-    positive time for every piece of every shape; a malformed shape exits 2."""
+    positive time for every piece of every shape; --profile lists our ops' host events; a malformed shape exits 2."""
     script = BENCH.parent / "host_time.py"
     r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "8x100", "3x7", "--calls", "2",
                         "--rounds", "1"], capture_output=True, text=True, timeout=300)
@@ -219,5 +219,10 @@ def test_host_time_names_every_piece():
         assert {"torch F.cross_entropy, no_grad", "ours cross_entropy, no_grad", "ours fwd+bwd", "op mean_forward",
                 "op mean_forward_backward"} <= set(times), times
         assert len(times) == 14 and all(us > 0 for us in times.values()), times
+    prof = subprocess.run([sys.executable, str(script), "--device", "cpu", "--shapes", "3x7", "--calls", "1",
+                           "--rounds", "1", "--profile"], capture_output=True, text=True, timeout=300)
+    assert prof.returncode == 0, prof.stdout + prof.stderr
+    assert "profile: ours cross_entropy, no_grad, 3x7, 10 calls" in prof.stdout
+    assert "softmax_ce_ext::mean_forward_backward" in prof.stdout  # the fwd+bwd table names our op
     bad = subprocess.run([sys.executable, str(script), "--shapes", "8"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "expected a shape NxC" in bad.stderr
