@@ -21,29 +21,25 @@ import softmax_ce_ext
 from softmax_ce_ext._ops import ops
 from softmax_ce_ext.function import _Prepared
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench import _sleep_cycles_per_ms, parse_shape, sync  # noqa: E402
+
 SPIN_MS = 50.0
-
-
-def spin(device, ms):
-    if device == "cuda":
-        # ~1.4-2 GHz: enough cycles for `ms` on any current card; the exact length does not matter here
-        torch.cuda._sleep(int(ms * 2.0e6))
 
 
 def per_call_us(fn, device, calls, rounds):
     for _ in range(3):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     samples = []
     for _ in range(rounds):
-        spin(device, SPIN_MS)
+        if device == "cuda":
+            torch.cuda._sleep(int(SPIN_MS * _sleep_cycles_per_ms()))
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         samples.append((time.perf_counter() - t0) / calls * 1e6)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
     return statistics.median(samples)
 
 
@@ -51,11 +47,11 @@ def pieces(shape, dtype, device):
     """(name, callable) in the order a call runs them: the whole calls, then ours piece by piece."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device).to(dtype)
-    t = torch.randint(0, shape[1], (shape[0],), generator=g, device=device)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g, device=device)
     xg = x.detach().requires_grad_()
     p = _Prepared(x, t, None, -100, "mean", 0.0)
     rows, _ = ops.forward(p.x3, p.t, None, -100, 0.0, None)
-    denom, inv = ops.mean_scale(p.t, None, -100, torch.float32)
+    denom, _ = ops.mean_scale(p.t, None, -100, torch.float32)
     grad = torch.empty_like(p.x3)
     one = torch.ones((), device=device)
 
@@ -100,23 +96,13 @@ def profile_calls(shape, dtype, device):
             continue
         for _ in range(3):
             fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         with profile(activities=activities) as prof:
             for _ in range(10):
                 fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-        print(f"profile: {name}, {shape[0]}x{shape[1]}, 10 calls")
+            sync(device)
+        print(f"profile: {name}, {'x'.join(map(str, shape))}, 10 calls")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=48))
-
-
-def parse_shape(text):
-    try:
-        n, c = (int(v) for v in text.split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shape NxC, got {text!r}") from None
-    return n, c
 
 
 def main(argv=None):
@@ -135,7 +121,7 @@ def main(argv=None):
     print(f"host us per call ({a.device}, {a.dtype}; median of {a.rounds} rounds of {a.calls} calls"
           f"{', behind a GPU spin' if a.device == 'cuda' else ''}); torch {torch.__version__}")
     for shape in a.shapes:
-        print(f"{shape[0]}x{shape[1]}")
+        print("x".join(map(str, shape)))
         for name, fn in pieces(shape, dtype, a.device):
             print(f"  {name:<36} {per_call_us(fn, a.device, a.calls, a.rounds):9.1f}")
     if a.profile:
