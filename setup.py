@@ -101,11 +101,16 @@ def extensions():
         archs, arch_why = cuda_archs(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         info["archs"] = archs
-        say(f"building CUDA + CPU kernels ({why}); archs {archs} ({arch_why})")
+        # One translation unit per logits dtype (softmax_ce_kernel_<dtype>.cu) and the ops' registration in C++
+        # (softmax_ce_ops.cpp): ninja compiles them in parallel.
+        cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").iterdir()
+                              if p.suffix in (".cu", ".cpp"))
+        say(f"building CUDA + CPU kernels ({why}); archs {archs} ({arch_why}); {len(cuda_sources)} files in csrc/cuda, "
+            f"compiled in parallel by ninja ({'MAX_JOBS=' + os.environ['MAX_JOBS'] if os.environ.get('MAX_JOBS') else 'its default: cores + 2'} at once)")
         nvcc = ["-O3", "-lineinfo"] + (["-Xptxas=-v"] if flag("SCE_PTXAS_VERBOSE") else [])
         ext = CUDAExtension(
             "softmax_ce_ext._C",
-            sources + ["csrc/cuda/softmax_ce_kernel.cu"],
+            sources + cuda_sources,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],

@@ -6,7 +6,9 @@
 # with 320 instantiations; tests ~160 s, smoke + bench + variants + ceilings ~140 s).  Since v0.12-dev: 230
 # instantiations per arch (~100 s build), ~500 more tests (~200 s), a second variants line (~40 s): ~490 s
 # expected; v0.13-dev: +~20 s of tests, +~20 s for the host part (after the variants, which decide the defaults):
-# ~530 s, timeout_s ~580; the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
+# ~530 s; v0.14-dev: the CUDA kernels in one file per logits dtype, compiled in parallel (here, sm_90a alone: the
+# longest file ~50-60 s where the one file took ~120): a build ~50 s shorter, ~480 s expected, timeout_s ~560;
+# the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:

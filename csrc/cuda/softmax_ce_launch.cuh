@@ -1,0 +1,66 @@
+// What the CUDA files share: softmax_ce_kernel.cu defines the launch (launch_cuda), its host-side facts and the
+// small ops; softmax_ce_kernel_<dtype>.cu each compile the kernels of one logits dtype (softmax_ce_dispatch.cuh);
+// softmax_ce_ops.cpp registers the ops.
+#pragma once
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <tuple>
+
+#include "../softmax_ce.h"
+#include "../softmax_ce_tuning.h"
+
+namespace softmax_ce {
+
+// Host-side launch facts (function attributes, occupancy, mapped addresses) computed once per device, kernel (or
+// pointer) and configuration: the driver calls behind them cost microseconds on every launch otherwise.
+int launch_fact(int device, const void* kernel, int64_t a, int64_t b, const std::function<int()>& compute);
+enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped = -4 };
+
+int device_attr(int device, cudaDeviceAttr attr);
+int sm_count(int device);
+
+// The kernel's dynamic shared-memory limit raised to bytes() once per device: one value for every launch (never
+// lowered under another thread's launch or a captured graph).
+template <typename Kernel, typename Bytes>
+void allow_smem(int device, Kernel kernel, const Bytes& bytes) {
+  launch_fact(device, reinterpret_cast<const void*>(kernel), kFactSmem, 0, [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes()));
+    return 1;
+  });
+}
+
+// CTAs of `threads` threads and `smem` bytes of dynamic shared memory that fit on one SM at once (cached).
+template <typename Kernel>
+int blocks_per_sm(int device, Kernel kernel, int threads, int smem) {
+  return launch_fact(device, reinterpret_cast<const void*>(kernel), threads, smem, [&] {
+    int r = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r, kernel, threads, smem));
+    return r;
+  });
+}
+
+// The device's address of a status in pinned host memory (cached per buffer and device).
+int64_t* mapped_status(const at::Tensor& status, int device);
+
+// The sum of `values`, divided by `divisor` (0-d, their dtype; undefined: none) and cast to `dtype` where given.
+at::Tensor sum_values(const at::Tensor& values, const at::Tensor& divisor, c10::optional<at::ScalarType> dtype);
+
+// One logits dtype's kernels, specialised in softmax_ce_kernel_<dtype>.cu (SOFTMAX_CE_LOGITS_DTYPE).
+template <typename scalar_t>
+void launch_logits(Mode mode, const RowLayout& L, OpTensors& o);
+// The K-dim mean folded into one cooperative launch (tuning kdim_fold); false where it does not apply.
+template <typename scalar_t>
+bool fold_mean_logits(const RowLayout& L, OpTensors& o, const CudaTuning& tune);
+
+// The ops' CUDA parts (softmax_ce_kernel.cu), as softmax_ce_ops.cpp registers them or passes them to softmax_ce.h.
+void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o);
+bool fold_mean_cuda(const RowLayout& L, OpTensors& o);
+at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
+                         c10::optional<at::ScalarType> dtype);
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output);
+std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                                                   int64_t ignore_index, at::ScalarType dtype);
+
+}  // namespace softmax_ce
