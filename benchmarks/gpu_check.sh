@@ -36,6 +36,11 @@ stamp() { echo "== $1 ($(date -u +%T))"; }
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1; } \
   2>&1 | tee "$OUT/build.log"  # at most 8 files come back: the environment heads the build log
 
+# A call without the build part reuses the last call's build on a warm machine; on a fresh one it builds anyway.
+if ! part build && ! $PY -c "import softmax_ce_ext as s, sys; sys.exit(s.build_info()['backend'] != 'cuda')" 2>/dev/null; then
+  echo "no CUDA build here (a fresh machine): building"
+  PARTS="$PARTS build "
+fi
 if part build; then
   stamp "build (ptxas -v: registers and spills per kernel)"
   if ! (time SCE_PTXAS_VERBOSE=1 timeout 150 $PY -m pip install --no-build-isolation --no-deps -v -e .) >> "$OUT/build.log" 2>&1; then
