@@ -17,7 +17,7 @@ FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(sl
             "stream": dict(path="stream"), "plain-stream": dict(path="stream", lean=False),
             "legacy": dict(path="legacy"), "kdim-fold": dict(kdim_fold=True), "warp-keep": dict(warp_keep=True),
             "ring-async": dict(slice_kb=1, ring_kb=8, cluster_async=True), "fma-exp2": dict(fma_exp2=True),
-            "stagger": dict(stagger=True)}
+            "stagger": dict(stagger=True), "warp-group": dict(warp_group=True)}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),

@@ -148,5 +148,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_cluster_async", cluster_async=True),
             OursTuned("ours_async_s36", cluster_async=True, slice_kb=36),
             OursTuned("ours_fma_exp2", fma_exp2=True), OursTuned("ours_async_fma", cluster_async=True, fma_exp2=True),
-            OursTuned("ours_stagger", stagger=True), OursTuned("ours_stagger_async", stagger=True, cluster_async=True))
+            OursTuned("ours_stagger", stagger=True), OursTuned("ours_stagger_async", stagger=True, cluster_async=True),
+            # off by default until measured: the loss + gradient of rows of up to 128 chunks by groups of 16, 8 or
+            # 4 lanes (2-8 rows per warp)
+            OursTuned("ours_warp_group", warp_group=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

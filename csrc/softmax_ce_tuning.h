@@ -27,11 +27,12 @@ struct CudaTuning {
   bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()
   bool fma_exp2;       // lean slice kernel: one sum exponential per chunk by a polynomial (no MUFU)
   bool stagger;        // slice kernel: the CTAs of an SM put out of step after their first row
+  bool warp_group;     // warp rows' loss + gradient of rows of up to 128 chunks: 16, 8 or 4 lanes per row
 };
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
                      int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async,
-                     bool fma_exp2, bool stagger);
+                     bool fma_exp2, bool stagger, bool warp_group);
 
 }  // namespace softmax_ce

@@ -46,6 +46,9 @@ CUDA_PATHS = {
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "warp-keep": (dict(warp_keep=True), "warp rows' loss + gradient keeping the sum sweep's exponentials (registers, "
                   "or the warp's shared memory) for a gradient of one product per element"),
+    "warp-group": (dict(warp_group=True), "the loss + gradient of rows of up to 128 chunks (no smoothing) by groups "
+                   "of 16, 8 or 4 lanes, 2-8 rows per warp: groups diverging (ignored rows, the grid's last rows), "
+                   "group-masked shuffles"),
     "clusters-v012": (dict(slice_kb=1, ring_kb=8, cluster_async=True, fma_exp2=True, stagger=True), "the slice "
                       "settings of v0.12 in one path (each alone: the slice schedules' tests): clusters of 1 KiB "
                       "slices in a ring, their statistics exchanged by st.async into each peer's shared memory and "

@@ -191,7 +191,10 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
 
 
 # Warp rows by chunks per lane (VPT 2 / 4 / 8: up to 64 / 128 / 256 chunks), as class counts per dtype.
-WARP_ROW_CLASSES = {torch.float32: [200, 500, 1000], torch.bfloat16: [300, 1000, 2000]}
+# Warp rows of 2, 4 and 8 chunks per lane; under warp_group the same rows (but vpt8) by groups of 8 and 16 lanes,
+# and the shortest (25 chunks) by groups of 4.
+WARP_ROW_CLASSES = {torch.float32: [100, 200, 500, 1000], torch.bfloat16: [200, 300, 1000, 2000]}
+WARP_ROW_IDS = ["short", "vpt2", "vpt4", "vpt8"]
 
 
 # How the warp-row kernel walks its rows, and why each is here.
@@ -205,12 +208,14 @@ WARP_STAGING = {
     "kept": (dict(warp_keep=True), "the gradient sweep multiplying the sum sweep's exponentials, kept in registers "
              "or in shared memory by row width (the default recomputes them)"),
     "unstaged-kept": (dict(warp_ring=0, warp_keep=True), "kept, not staged"),
+    "grouped": (dict(warp_group=True), "the loss + gradient of rows of up to 128 chunks by groups of 16, 8 or 4 "
+                "lanes, 2-8 rows per warp: groups of one warp on rows of different chunk counts, ignored or not"),
 }
 
 
 @pytest.mark.parametrize("staging", list(WARP_STAGING))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
+@pytest.mark.parametrize("vpt", range(4), ids=WARP_ROW_IDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_warp_rows_many_rows_per_warp(device, staging, dtype, vpt, reduction):
     """20000 rows: staged (warp_ring), each resident warp walks several of them, staging the next ones while it
@@ -270,10 +275,11 @@ WARP_SPECIAL_ROWS = {
 
 @pytest.mark.parametrize("row", list(WARP_SPECIAL_ROWS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("vpt", [0, 1, 2], ids=["vpt2", "vpt4", "vpt8"])
-@pytest.mark.parametrize("keep", [True, False], ids=["kept", "unkept"])
+@pytest.mark.parametrize("vpt", range(4), ids=WARP_ROW_IDS)
+@pytest.mark.parametrize("setting", [dict(warp_keep=True), dict(), dict(warp_group=True)],
+                         ids=["kept", "unkept", "grouped"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_warp_rows_special_values(device, row, dtype, vpt, keep, smoothing):
+def test_warp_rows_special_values(device, row, dtype, vpt, setting, smoothing):
     """64 warp rows, row 5 special (its values at the start and the end of the row: first and last chunks), the
     others normal; reduction='sum' (the fused pass, which keeps the exponentials under warp_keep) against float64."""
     if device != "cuda":
@@ -288,10 +294,38 @@ def test_warp_rows_special_values(device, row, dtype, vpt, keep, smoothing):
         x[5, c - len(values):] = torch.tensor(values, dtype=dtype)
     t[5] = target
     one = torch.ones((), device=device)
-    with tuning.using(**{**tuning.BUILT_IN, "warp_keep": keep}):
+    with tuning.using(**{**tuning.BUILT_IN, **setting}):
         loss, grad = ours(x, t, one, reduction="sum", label_smoothing=smoothing)
     ref_loss, ref_grad = reference(x, t, one, reduction="sum", label_smoothing=smoothing)
     # x - lse is off by ~|x| eps in any implementation: the loss's tolerance widens with the largest logit; the
     # gradient's stays that of the normal rows (its entries are e^(x - lse), exactly 0 or 1/2 in the huge row).
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=x[x.isfinite()].float().abs().max().item())
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=x[6].float().abs().max().item())
+
+
+# (dtype, classes): the lanes per row that warp_group gives them (at one element off 16 bytes)
+GROUPED_ROWS = [(torch.float32, 100), (torch.float32, 200), (torch.bfloat16, 200), (torch.bfloat16, 400),
+                (torch.bfloat16, 1000)]
+
+
+@pytest.mark.parametrize("dtype,classes", GROUPED_ROWS, ids=["float32-g4", "float32-g8", "bfloat16-g4",
+                                                             "bfloat16-g8", "bfloat16-g16"])
+def test_grouped_rows_walk_the_grid(device, dtype, classes):
+    """warp_group with more rows than its grid holds (64 CTAs per SM): each group of lanes walks 2-3 rows, the
+    grid's last groups fewer (rows not a multiple of the groups), rows one element off 16 bytes (chunk counts
+    differ between neighbours), every 5th row ignored; mean training against float64."""
+    if device != "cuda":
+        pytest.skip("the CUDA warp-row kernel")
+    chunks = (classes * dtype.itemsize + 30) // 16  # at the worst alignment
+    lanes = 16 if chunks > 64 else 8 if chunks > 32 else 4
+    groups = torch.cuda.get_device_properties(0).multi_processor_count * 64 * (256 // lanes)
+    n = 2 * groups + 37
+    x, t, g = _logits(n, classes, dtype, device, 1, seed=n)
+    t[::5] = -100
+    one = torch.ones((), device=device)
+    with tuning.using(**{**tuning.BUILT_IN, "warp_group": True}):
+        loss, grad = ours(x, t, one, reduction="mean")
+    ref_loss, ref_grad = reference(x, t, one, reduction="mean")
+    scale = x.abs().max().item()
+    assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)

@@ -259,6 +259,25 @@ auto warp_rows_for(int64_t chunks, int ring, bool warp_keep, int device, int* ke
               : rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, false, false>;
 }
 
+// warp_group: the lanes per row of grouped warp rows (the loss + gradient of rows of up to 128 chunks, no
+// smoothing), the fewest of 16, 8 and 4 whose 8 chunks each cover the row; 0 (a warp per row) where off or not
+// applying.
+template <bool kStats, bool kGrad, bool kSpread>
+int warp_group_lanes(int64_t chunks, const CudaTuning& tune) {
+  if (!(kStats && kGrad) || kSpread || !tune.warp_group || chunks > 128) return 0;
+  return chunks > 64 ? 16 : chunks > 32 ? 8 : 4;
+}
+template <typename T, bool kStats, bool kGrad, bool kSpread>
+auto grouped_rows_kernel(int lanes) {
+  if constexpr (kStats && kGrad && !kSpread) {
+    return lanes == 16  ? rows::warp_rows_kernel<T, 8, true, true, false, false, false, 16>
+           : lanes == 8 ? rows::warp_rows_kernel<T, 8, true, true, false, false, false, 8>
+                        : rows::warp_rows_kernel<T, 8, true, true, false, false, false, 4>;
+  } else {  // never launched (warp_group_lanes is 0 here): the same type, an instantiation compiled anyway
+    return rows::warp_rows_kernel<T, 8, kStats, kGrad, kSpread, false, false>;
+  }
+}
+
 // Warp rows for short rows, slices for loss + gradient of longer ones, else the streaming kernel; the
 // smoothing sums are compiled in only where label smoothing is on (kSpread).
 template <typename T, bool kStats, bool kGrad, bool kSpread>
@@ -266,13 +285,17 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
                         cudaStream_t stream) {
   const int64_t rows_n = a.L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
-  if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {  // a warp per row
-    const int ring = warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
+  if (tune.path == CudaPath::kAuto && chunks <= 32 * 8) {  // a warp per row (or a group of lanes)
+    const int group = warp_group_lanes<kStats, kGrad, kSpread>(chunks, tune);
+    const int lanes = group ? group : 32;
+    const int ring = group ? 0 : warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
     int kept = 0;  // bytes
-    auto kernel = warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.warp_keep, device, &kept);
+    auto kernel = group ? grouped_rows_kernel<T, kStats, kGrad, kSpread>(group)
+                        : warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.warp_keep, device, &kept);
     const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16 + kept;
     if (kept) allow_smem(device, kernel, [&] { return kept; });
-    int64_t blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * 64);
+    const int64_t cta_rows = rows::kWarpRowThreads / lanes;
+    int64_t blocks = std::min<int64_t>((rows_n + cta_rows - 1) / cta_rows, int64_t{sm_count(device)} * 64);
     if (ring) {  // a resident grid: the CTAs that fit at once
       allow_smem(device, kernel, [&] {
         cudaFuncAttributes fa;

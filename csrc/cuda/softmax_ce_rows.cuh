@@ -43,21 +43,30 @@ constexpr int kSliceThreads = 256;
 constexpr int kMaxCluster = 16;
 constexpr float kInf = INFINITY;
 
-// Lanes may end with +0 and -0 where both are the max: harmless (m is only compared or added to).
-__device__ __forceinline__ float warp_max(float v) {
+// The max over a group of `lanes` lanes (a power of 2 up to 32, aligned; mask: the group's lanes), every lane
+// of it getting the result.  Lanes may end with +0 and -0 where both are the max: harmless (m is only compared or
+// added to).
+__device__ __forceinline__ float group_max(float v, int lanes, unsigned mask) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = lanes >> 1; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(mask, v, off);
     v = o > v ? o : v;
   }
   return v;
 }
+__device__ __forceinline__ float warp_max(float v) { return group_max(v, 32, 0xffffffffu); }
 
-// Every lane ends with the same bits: each step adds the same two partials, in either order.
-__device__ __forceinline__ float warp_sum(float v) {
+// Every lane of the group ends with the same bits: each step adds the same two partials, in either order.
+__device__ __forceinline__ float group_sum(float v, int lanes, unsigned mask) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = lanes >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(mask, v, off);
   return v;
+}
+__device__ __forceinline__ float warp_sum(float v) { return group_sum(v, 32, 0xffffffffu); }
+
+// The lanes of the group of `lanes` (a power of 2 up to 32) that holds `lane`.
+__device__ __forceinline__ unsigned group_mask(int lane, int lanes) {
+  return lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1) << (lane & ~(lanes - 1));
 }
 
 // Block-wide statistics from each thread's (m, s and D relative to m, A): the block max first, then every
@@ -474,6 +483,10 @@ struct Kept {
 
 // ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
 // enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
+// kG < 32 (tuning warp_group; the loss + gradient of rows of up to 8 * kG chunks, no smoothing): each row taken by
+// a group of kG lanes (16, 8 or 4), 32 / kG rows per warp, 8 chunks per lane: a row's set-up, reductions, loss and
+// lse (~300 instructions per warp and row, against ~110 per chunk of 8 values; sm_90a SASS of the bf16 rows of 4
+// chunks per lane) are shared by as many rows, and a warp has twice (or more) the bytes in flight.
 // kRing (tuning warp_ring; the loss + gradient of float rows of 129-256 chunks without smoothing, where the
 // registers allow 2 CTAs per SM; the launcher sizes the grid to the resident CTAs): each warp stages its next
 // ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so that its reads
@@ -483,12 +496,14 @@ struct Kept {
 // times p_mul / sum: one product per element where the gradient sweep repeated the unpacking, the subtraction,
 // the scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
 // shared memory (keep_shared).
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep>
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep, int kG = 32>
 __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpread>()))
     warp_rows_kernel(Args<T> a, int ring, int slot) {
   static_assert(!(kRing && (!kStats || !kGrad || kSpread || VPT != 8 || sizeof(T) != 4)),
                 "staged: the loss + gradient of float rows of 129-256 chunks, no smoothing");
   static_assert(!kKeep || (kStats && kGrad), "kept exponentials: the loss + gradient only");
+  static_assert(kG == 32 || (kStats && kGrad && !kSpread && !kRing && !kKeep && (kG == 16 || kG == 8 || kG == 4)),
+                "grouped rows: the loss + gradient, no smoothing, unstaged, 16, 8 or 4 lanes per row");
   constexpr bool kSmem = kKeep && keep_shared<T, VPT, kSpread>();
   static_assert(!(kRing && kSmem), "the ring and kept exponentials share `staged`");
   extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks; else the kept exponentials
@@ -500,9 +515,13 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int lane = threadIdx.x & 31;
+  constexpr int G = kG;                                  // the lanes of a row
+  const int sub = lane & (G - 1);                        // this lane's place among them
+  const unsigned gmask = group_mask(lane, G);
   const float* w = a.P.weight;
-  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  // Rows in flight over the grid (the row step); this lane's first row.
+  const int64_t warps = ((static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5) * (32 / G);
+  int64_t r = ((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * (32 / G) + lane / G;
   uint4* const slots = staged + (threadIdx.x >> 5) * ring * slot;
   // kRing: this lane's chunks of row `row_index` into slot q, one commit group per row (empty past the last row,
   // so that the waits count rows).
@@ -537,13 +556,13 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
     }
     const Row<T, kGrad> row(a, r, kRing ? t_r : Row<T, kGrad>::target_of(a, r));
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
-    if (!valid_row<T, kStats, kGrad>(a, r, row, lane == 0, lane, xk.count, 32)) continue;
-    const float x_t = kStats && lane == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
+    if (!valid_row<T, kStats, kGrad>(a, r, row, sub == 0, sub, xk.count, G)) continue;
+    const float x_t = kStats && sub == 0 ? static_cast<float>(xr[t]) : 0.f;  // before any lane overwrites it
     const I count = static_cast<I>(xk.count);
 #pragma unroll
     for (int j = 0; j < VPT; ++j)
-      if (j * 32 + lane < count)
-        u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * 32 + lane);
+      if (j * G + sub < count)
+        u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * G + sub);
     const I he = static_cast<I>(row.head_edge()), te = static_cast<I>(row.tail_edge(C));
     const float w_t = w ? w[t] : 1.f;
     float lse, sum = 0.f;
@@ -554,14 +573,14 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       float m = -FLT_MAX;  // the lowest finite value: an all -inf row never computes (-inf) - (-inf)
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const I k = j * 32 + lane;
+        const I k = j * G + sub;
         if (k < count) m = chunk_max_masked<T>(u[j], m, k == he || k == te, xk.first_class(k), C);
       }
-      m = warp_max(m);
+      m = group_max(m, G, gmask);
       float A = 0.f, D = 0.f;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const I k = j * 32 + lane;
+        const I k = j * G + sub;
         if (k >= count) continue;
         float v[E];
         chunk_values(row, u[j], k, he, te, C, v);
@@ -571,10 +590,10 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
         if (kKeep) kept.put(kKeep ? j : 0, p);
         if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k), C);
       }
-      sum = warp_sum(sum);
-      if (kSpread) A = warp_sum(A), D = warp_sum(D);
+      sum = group_sum(sum, G, gmask);
+      if (kSpread) A = group_sum(A, G, gmask), D = group_sum(D, G, gmask);
       lse = lse_of(m, sum);
-      if (lane == 0) {
+      if (sub == 0) {
         a.lse[r] = lse;
         a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
       }
@@ -587,10 +606,10 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       const I kt = static_cast<I>(row.target_chunk());
       const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
-      __syncwarp();  // in place: lane 0's read of x_t is ordered before the stores below
+      __syncwarp(gmask);  // in place: the first lane's read of x_t is ordered before the stores below
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        const I k = j * 32 + lane;
+        const I k = j * G + sub;
         if (k >= count) continue;
         float out[E];
         if (kKeep) {
