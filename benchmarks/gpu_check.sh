@@ -159,7 +159,7 @@ fi
 
 if part ncu; then
   stamp "ncu: one call of each main kernel (throughput, occupancy, issue, stalls)"
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 10 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 11 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats $PY benchmarks/gpu_probe.py --ncu > "$OUT/ncu.log" 2>&1
   grep -E "ncu case|_kernel|Duration|DRAM Throughput|L2 Hit|Achieved Occupancy|Registers Per|Issued Warp|Grid Size" \
@@ -170,7 +170,7 @@ if part stalls; then
   stamp "ncu: why warps wait (stall reasons per warp, %), the same kernels"
   STALLS=$(printf 'smsp__warp_issue_stalled_%s_per_warp_active.pct,' barrier long_scoreboard short_scoreboard membar \
     mio_throttle lg_throttle math_pipe_throttle wait selected not_selected dispatch_stall no_instruction)
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 10 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 11 \
     --metrics "${STALLS%,}" $PY benchmarks/gpu_probe.py --ncu > "$OUT/stalls.log" 2>&1
   grep -E "ncu case|_kernel|stalled" "$OUT/stalls.log" | sed 's/smsp__warp_issue_stalled_//' | head -150
 fi

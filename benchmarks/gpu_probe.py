@@ -25,10 +25,11 @@ TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(clu
            dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(stagger=True),
            dict(stagger=True, slice_kb=36, cluster_async=True), dict(stagger=True, ring_kb=0),
            dict(stagger=True, cluster_async=True, fma_exp2=True)]
-# Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32, where the rows are staged; 262144x256: VPT 2 / 4).
-WARP_TUNINGS = [{}, dict(warp_ring=0), dict(warp_ring=3), dict(warp_ring=4)]
+# Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32, where the rows are staged; 262144x256: VPT 2 / 4); by groups of
+# lanes (warp_group, v0.14-dev: 16 lanes per row at 1000 bf16 classes, 4 / 8 at 256 bf16 / fp32 classes).
+WARP_TUNINGS = [{}, dict(warp_ring=0), dict(warp_ring=3), dict(warp_ring=4), dict(warp_group=True)]
 SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
-         ((65536, 1000), WARP_TUNINGS), ((262144, 256), [{}]), ((16, 21, 512, 512), [{}])]
+         ((65536, 1000), WARP_TUNINGS), ((262144, 256), [{}, dict(warp_group=True)]), ((16, 21, 512, 512), [{}])]
 
 
 def label(tune):
@@ -42,6 +43,7 @@ NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4"
              ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, CTAs out of step (stagger)", dict(stagger=True)),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2", {}),
              ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows", {}),
+             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows by groups of 16 lanes", dict(warp_group=True)),
              ((65536, 1000), torch.bfloat16, "fwd", "warp rows, forward only (55% of its floor: bytes in flight?)",
               {}),
              ((65536, 1000), torch.float32, "fwd+bwd", "warp rows, the next row staged per warp", {}),
