@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fol
       float loss[E];
 #pragma unroll
       for (int i = 0; i < E; ++i) {
-        lse[i] = rows::lse_of(m[i], s[i]);
+        lse[i] = m[i] == rows::kInf ? NAN : m[i] + logf(s[i]);  // its logf inside the branch: 88 registers, not 100
         if (i < n) {
           const float l = loss_at(i);
           if (partial)

@@ -350,7 +350,11 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
   return false;
 }
 
-__device__ __forceinline__ float lse_of(float m, float s) { return m == kInf ? NAN : m + logf(s); }
+// The lse from the max and log_s = logf(sum), which the loss takes too: one logf per row (two did not merge: ~25
+// instructions each in the sm_90a SASS, a tenth of a warp row's set-up).  The K-dim kernel keeps its two per
+// position, the lse's inside the branch: shared, or outside it, its float32 training pass took 100 registers (88):
+// 4 CTAs per SM where 5 fit.
+__device__ __forceinline__ float lse_of(float m, float log_s) { return m == kInf ? NAN : m + log_s; }
 
 // The kernels' per-element work, kept to a few instructions (the bound at Hopper bandwidth, see slice_rows):
 // chunk values with the row's end chunks masked; the gradient of one chunk; its store.  Chunk indices I: int64_t,
@@ -592,10 +596,11 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       }
       sum = group_sum(sum, G, gmask);
       if (kSpread) A = group_sum(A, G, gmask), D = group_sum(D, G, gmask);
-      lse = lse_of(m, sum);
+      const float log_s = logf(sum);
+      lse = lse_of(m, log_s);
       if (sub == 0) {
         a.lse[r] = lse;
-        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, logf(sum), x_t, w_t, a.P.eps, C);
+        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, log_s, x_t, w_t, a.P.eps, C);
       }
     } else {
       lse = a.lse[r];
@@ -746,10 +751,11 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
         }
       }
       const OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
-      lse = lse_of(st.m, st.s);
+      const float log_s = logf(st.s);
+      lse = lse_of(st.m, log_s);
       if (tid == 0) {
         a.lse[r] = lse;
-        a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
+        a.loss[r] = row_loss<false>(st, log_s, x_t, w_t, a.P.eps, C);
       }
     } else {
       lse = a.lse[r];
@@ -976,7 +982,8 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
     const int et = row.target_lane();
     st = cl.exchange(st, peer, peer_bars);
-    const float lse = lse_of(st.m, st.s);
+    const float log_s = logf(st.s);
+    const float lse = lse_of(st.m, log_s);
     const bool holds_t = jt >= 0 && jt % kSliceThreads == tid;
     float x_t = 0.f;
     if (holds_t) {  // x_t's chunk is this thread's own: its staged copy is intact
@@ -984,7 +991,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       Chunk<T>::unpack(staged[at(first, jt)], v);
 #pragma unroll
       for (int e = 0; e < E; ++e) x_t = e == et ? v[e] : x_t;  // a run-time index would put v in local memory
-      a.loss[r] = row_loss<false>(st, logf(st.s), x_t, w_t, a.P.eps, C);
+      a.loss[r] = row_loss<false>(st, log_s, x_t, w_t, a.P.eps, C);
     }
     if (tid == 0 && rank == 0) a.lse[r] = lse;
     uint4* gk = row.grad_chunks() + k0;
