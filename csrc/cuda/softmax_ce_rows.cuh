@@ -319,6 +319,10 @@ struct Row {
     const float W = a.P.weight ? *a.P.weight_sum : static_cast<float>(a.L.C);
     return RowGrad<float>::index(a.factor.at(b, s), w_t, W, a.P.eps, a.L.C);
   }
+  __device__ RowGrad<float> grad_factors(const Args<T>& a, float w_t, float f) const {  // f: factor.at(b, s)
+    const float W = a.P.weight ? *a.P.weight_sum : static_cast<float>(a.L.C);
+    return RowGrad<float>::index(f, w_t, W, a.P.eps, a.L.C);
+  }
   // Where x_t sits: its chunk, and its lane in that chunk.
   __device__ int64_t target_chunk() const { return (t + xk.shift) / Chunk<T>::E; }
   __device__ int target_lane() const { return static_cast<int>((t + xk.shift) % Chunk<T>::E); }
@@ -569,6 +573,9 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
         u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * G + sub);
     const I he = static_cast<I>(row.head_edge()), te = static_cast<I>(row.tail_edge(C));
     const float w_t = w ? w[t] : 1.f;
+    // The row's gradient factor, loaded with its logits: read after the loss's stores, it was a load the compiler
+    // could not move above them (they may alias), waited for just before the gradient sweep.
+    const float f_row = kGrad ? a.factor.at(b, s) : 0.f;
     float lse, sum = 0.f;
     // kKeep: e^(x - max) of this lane's chunks (0 outside the row)
     Kept<kKeep ? VPT : 1, E, kSmem> kept;
@@ -606,7 +613,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       lse = a.lse[r];
     }
     if (kGrad) {
-      const RowGrad<float> g = row.grad_factors(a, w_t);
+      const RowGrad<float> g = row.grad_factors(a, w_t, f_row);
       const float p_scale = __fdividef(g.p_mul, sum);  // kKeep: p * p_mul = e^(x - max) * p_mul / sum; sum in [1, C]
       const I kt = static_cast<I>(row.target_chunk());
       const int et = row.target_lane();
