@@ -4,6 +4,7 @@ Training (mean/sum): the forward writes the gradient of the loss in the same pas
 backward only multiplies it by grad_output, in place, and skips even that when grad_output == 1 (checked
 on the device, so the host never waits).  reduction='none': the forward writes no gradient; the backward
 recomputes it from the logits and the saved log-sum-exp (one read + one write instead of two of each).
+float16 logits take the second way for mean/sum too (see _fuses_gradient).
 
 inplace_backward=True (opt-in): the gradient is written over the logits instead of a new buffer (in the
 forward for mean/sum, in the backward for 'none'), so the logits are destroyed; they must not be a leaf.
@@ -135,6 +136,16 @@ class _Prepared:
         return total
 
 
+def _fuses_gradient(dtype):
+    """Whether the training pass writes the gradient in the forward, before grad_output is known.  Not in float16:
+    the gradient of a mean is (p - y) / N, whose small entries float16 cannot hold (below 2^-24 they are 0, below
+    2^-14 they lose bits), and loss scaling (GradScaler's grad_output of 2^k), which exists to keep them, would then
+    scale zeros: 48% of the entries of a 4096 x 1000 mean came out 0 at grad_output 1024 where PyTorch's were not.
+    So the forward keeps the rows' lse and the backward writes grad_output / N * (p - y), rounded once, as PyTorch
+    does: three passes over the logits where the fused two, and where loss scaling made the fused way four."""
+    return dtype != torch.float16
+
+
 def _rows_total(p, status):
     """(the rows' losses, or their sum; their lse) where no mean over class indices is taken."""
     divisor, loss_dtype = p.loss_fold(None)
@@ -214,7 +225,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
         status = _status.buffer_for(input.device)
         grad = None
-        if want_input_grad and reduction == "mean" and not p.prob:
+        fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
+        if fused and reduction == "mean" and not p.prob:
             # One op: the mean's denominator, the loss and its gradient (CUDA may count the denominator in-kernel).
             lse = None
             if inplace:  # the input now holds the gradient, and is saved as such below
@@ -224,7 +236,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 total, grad, denom = ops.mean_forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
                                                                p.out_dtype)
-        elif want_input_grad and reduction != "none":  # sum, or a mean of probabilities
+        elif fused:  # sum, or a mean of probabilities
             denom, inv_denom = p.mean_denominator()
             divisor, loss_dtype = p.loss_fold(denom)
             grad_scale = p.grad_scale(inv_denom)
@@ -237,6 +249,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
                                                    status, divisor, loss_dtype)
+        elif want_input_grad and reduction != "none":  # float16 mean/sum: the rows' lse kept, the gradient later
+            denom, _ = p.mean_denominator()
+            divisor, loss_dtype = p.loss_fold(denom)
+            rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+            total = ops.sum_rows(rows, divisor, loss_dtype)
         elif want_input_grad or want_target_grad:  # reduction='none', or probabilities: the rows' lse kept
             total, lse = _rows_total(p, status)
             denom = None  # no mean over class indices here
@@ -254,7 +271,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if want_input_grad or want_target_grad:
             ctx.save_for_backward(input, target, weight, lse, denom)
             ctx.grad_buf = grad  # consumed (scaled in place) by the first backward
-            ctx.grad_in_input = inplace and reduction != "none"  # the saved input is the gradient, once
+            ctx.fused = fused  # the forward wrote the gradient
+            ctx.grad_in_input = inplace and fused  # the saved input is the gradient, once
             ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
             ctx.x3_shape, ctx.positions, ctx.inplace = p.x3_shape, p.positions, inplace
         return out
@@ -331,7 +349,7 @@ def _check_inplace_backward(ctx):
             "cross_entropy: inplace_backward=True destroys the logits, which a double backward (create_graph=True) "
             "needs; use inplace_backward=False"
         )
-    if ctx.reduction != "none" and not ctx.grad_in_input:
+    if ctx.fused and not ctx.grad_in_input:
         raise RuntimeError(
             "cross_entropy: inplace_backward=True wrote the gradient over the logits and the first backward handed "
             "it out; a second backward (retain_graph=True) cannot recompute it"

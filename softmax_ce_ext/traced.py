@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._ops import _forward_backward_fake, _forward_fake, acc_dtype, ops
+from .function import _fuses_gradient
 
 PATH = os.environ.get("SOFTMAX_CE_COMPILE_PATH", "function")
 if PATH not in ("function", "custom_op"):
@@ -91,6 +92,9 @@ def cross_entropy(p):
     if p.reduction == "none":
         rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.reshape(p.out_shape)
+    elif not _fuses_gradient(p.x3.dtype):  # float16: the gradient from the lse, grad_output in its factor
+        rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
+        total = rows.sum() if divisor is None else rows.sum() / divisor
     else:
         grad_scale = p.grad_scale(inv_denom)
         total, _ = train_loss(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
