@@ -79,7 +79,7 @@ if part tests; then
   # The tests of the new kernels' risks (layouts, CUDA-only, errors, edge cases, in place, compile, autograd);
   # the big parity grid is a separate part ('grid'), for a second call.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
-  CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py"
+  CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
   timeout 300 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -177,7 +177,7 @@ fi
 
 if part grid; then
   stamp "CUDA tests, part 2: the parity grid and the rest"
-  REST=$(ls tests/test_*.py | grep -v -F -e row_layouts -e test_cuda.py -e test_errors -e edge_cases -e test_inplace -e test_compile -e test_autograd)
+  REST=$(ls tests/test_*.py | grep -v -F -e row_layouts -e test_cuda.py -e test_errors -e edge_cases -e test_inplace -e test_compile -e test_autograd -e test_loss_scaling)
   timeout 300 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $REST 2>&1 \
     | tee "$OUT/tests_rest.log" | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
