@@ -122,7 +122,8 @@ CEILING_SHAPES = [(8192, 128256), (8192, 32000)]
 def ceilings(reps):
     """What a kernel that reads N*C elements and writes N*C reaches on this card, beside our fused pass: torch's
     copy, torch.exp into a second buffer (one exponential per element), our gradient from a saved lse (the
-    backward of reduction='none': rows in pieces or whole, lean sweeps or not), our fwd+bwd (lean sweeps or not).
+    backward of reduction='none': rows in pieces or whole, lean sweeps or not), our fwd+bwd (lean sweeps or not),
+    and the backward's scaling of the fused gradient where grad_output != 1 (a pass of its own, in place).
     Floor: 2*N*C*E bytes."""
     bw = copy_bandwidth("cuda")
     print(f"ceilings: read + write N*C elements; copy bandwidth {bw:.0f} GB/s; floor = 2*N*C*E bytes / bandwidth")
@@ -142,13 +143,19 @@ def ceilings(reps):
             def fwd_bwd():
                 return call(case, "fwd+bwd")
 
+            half = torch.full((), 0.5, dtype=dtype, device="cuda")
+
+            def scale_grad():  # y *= 0.5 (y is overwritten each run; its values do not matter here)
+                return torch.ops.softmax_ce_ext.scale_grad_(y, half)
+
             runs = [("torch copy_", lambda: y.copy_(x), {}), ("torch.exp(out=)", lambda: torch.exp(x, out=y), {}),
                     # rows in pieces (32 KiB, lean: the defaults): the grid's last CTAs hold a piece each
                     ("ours: grad from lse", grad_from_lse, {}),
                     ("ours: grad, 64K pieces", grad_from_lse, dict(grad_piece_kb=64)),
                     ("ours: grad, not lean", grad_from_lse, dict(lean=False)),
                     ("ours: grad, whole rows", grad_from_lse, dict(grad_piece_kb=0)),
-                    ("ours: fwd+bwd", fwd_bwd, {}), ("ours: fwd+bwd, not lean", fwd_bwd, dict(lean=False))]
+                    ("ours: fwd+bwd", fwd_bwd, {}), ("ours: fwd+bwd, not lean", fwd_bwd, dict(lean=False)),
+                    ("ours: scale_grad_ x0.5", scale_grad, {})]
             for name, fn, tune in runs:
                 with tuning.using(**tune):
                     fn()

@@ -64,3 +64,26 @@ def test_which_pass_each_dtype_takes(device, monkeypatch, dtype, calls):
     x, t = _case(device, dtype, (64, 100))
     cross_entropy(x.requires_grad_(), t).backward()
     assert spy.calls == calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "one-element-off"])
+@pytest.mark.parametrize("grad_out", [0.5, 3.0])
+def test_scaling_pass_over_any_buffer(device, dtype, offset, grad_out):
+    """The backward's scaling of the fused gradient (grad_output != 1), in place over dense logits whose buffer
+    starts on a 16-byte boundary (16-byte accesses, then the elements past the last whole chunk: 7 x 1001 is odd)
+    or one element past it (element by element)."""
+    n, c = 7, 1001
+    g = torch.Generator().manual_seed(offset)
+    flat = (torch.randn(n * c + offset, generator=g) * 2).to(dtype).to(device)
+    x = flat[offset:].view(n, c)
+    t = torch.randint(0, c, (n,), generator=g).to(device)
+    ref_loss, ref_grad = reference(x, t, torch.tensor(grad_out, device=device), reduction="sum")
+    leaf = flat.clone().requires_grad_()
+    logits = (leaf * 1)[offset:].view(n, c)  # not a leaf (in place may write over it), the buffer's offset kept
+    assert logits.data_ptr() % 16 == (0 if offset == 0 else dtype.itemsize)
+    loss = cross_entropy(logits, t, reduction="sum", inplace_backward=True)  # the gradient now in that buffer
+    loss.backward(torch.tensor(grad_out, dtype=loss.dtype, device=device))  # scaled there, then to the leaf
+    grad = leaf.grad[offset:].view(n, c)
+    assert_close(loss, ref_loss, dtype, "loss", logit_scale=x.abs().max().item())
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=x.abs().max().item())
