@@ -40,7 +40,10 @@ PRESETS = {
     },
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-MODES = {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3}
+# scaled+bwd: fwd+bwd with the loss's gradient 0.5 (a loss divided by the accumulation steps or the items):
+# the same 2-pass floor, which a gradient written in the forward then scaled in the backward does not reach.
+MODES = {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3, "scaled+bwd": 2}
+SCALED_GRAD = 0.5
 # Largest normalised error accepted per dtype (the loss and gradient are stored in it).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 FIELDS = ["shape", "dtype", "mode", "provider", "status", "ms", "gbps", "pct_floor", "floor_ms", "passes",
@@ -234,7 +237,8 @@ def run_once(fn, x, case, mode):
             return fn(x, case.target), None
     x = x.detach().requires_grad_()
     loss = fn(x, case.target)
-    loss.backward(case.row_grad if mode == "none+bwd" else None)
+    loss.backward(case.row_grad if mode == "none+bwd" else
+                  torch.full((), SCALED_GRAD, dtype=loss.dtype, device=loss.device) if mode == "scaled+bwd" else None)
     return loss.detach(), x.grad
 
 
@@ -246,6 +250,7 @@ def reference_errors(case, mode, opts, loss, grad):
     chunk = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))
     valid = (t != opts["ignore_index"]).sum().item()
     scale = 1.0 / valid if reduction == "mean" else 1.0  # mean: every chunk divides by the global count
+    grad_scale = scale * (SCALED_GRAD if mode == "scaled+bwd" else 1.0)  # the loss's gradient
     ref_loss_parts, grad_err, grad_max = [], 0.0, 0.0
     for i in range(0, n, chunk):
         xs = x[i:i + chunk].detach().double().requires_grad_(grad is not None)
@@ -253,7 +258,8 @@ def reference_errors(case, mode, opts, loss, grad):
                                   label_smoothing=opts["label_smoothing"])
         ref_loss_parts.append(per_row.detach())
         if grad is not None:
-            upstream = case.row_grad[i:i + chunk].double() if reduction == "none" else torch.full_like(per_row, scale)
+            upstream = (case.row_grad[i:i + chunk].double() if reduction == "none"
+                        else torch.full_like(per_row, grad_scale))
             (rg,) = torch.autograd.grad(per_row, xs, upstream)
             grad_err = max(grad_err, (grad[i:i + chunk].double() - rg).abs().max().item())
             grad_max = max(grad_max, rg.abs().max().item())
@@ -311,6 +317,7 @@ def header_lines(device, bw):
         f"softmax_ce_ext {softmax_ce_ext.__version__} ({build}); torch {torch.__version__}",
         f"device: {name}; threads: {torch.get_num_threads()}; copy bandwidth {bw:.1f} GB/s (read + write, this run)",
         "floor: fwd = N*C*E bytes (1 pass); fwd+bwd = 2*N*C*E (2 passes); none+bwd = 3*N*C*E (3 passes); "
+        "scaled+bwd (fwd+bwd, the loss's gradient 0.5) = 2*N*C*E; "
         "% of floor = floor time / measured time; ms = device time of one call with its launches queued behind "
         "a GPU spin (host overhead hidden, as when the host runs ahead); host ms = the host's time to issue it",
     ]

@@ -8,7 +8,8 @@
 # expected; v0.13-dev: +~20 s of tests, +~20 s for the host part (after the variants, which decide the defaults):
 # ~530 s; v0.14-dev: the CUDA kernels in one file per logits dtype, compiled in parallel (here, sm_90a alone: the
 # longest file ~50-60 s where the one file took ~120): a build ~50 s shorter; with warp_group's tests (+~30 s, the
-# tests part's timeout 270 -> 300 s) and variant (+~10 s): ~520 s expected, timeout_s ~580;
+# tests part's timeout 270 -> 300 s), variant (+~10 s) and the bench's scaled+bwd line (+~20 s): ~540 s
+# expected, timeout_s ~590;
 # the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
@@ -99,6 +100,10 @@ if part bench; then
   timeout 140 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd --providers ours ours_inplace torch liger flash_attn \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  # grad_output != 1 (v0.14-dev): the fused gradient then takes a scaling pass of its own, beside the peers
+  timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x32000 8192x128256 65536x1000 \
+    --dtype bfloat16 float32 --mode scaled+bwd --providers ours torch liger 2>&1 | tee -a "$OUT/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

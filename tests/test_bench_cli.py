@@ -21,7 +21,7 @@ def bench(*args):
 
 def test_quick_run_writes_json_and_csv(tmp_path):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    r = bench("--device", "cpu", "--shapes", "quick", "--mode", "fwd", "fwd+bwd", "none+bwd", "--providers", "ours",
+    r = bench("--device", "cpu", "--shapes", "quick", "--mode", "fwd", "fwd+bwd", "none+bwd", "scaled+bwd", "--providers", "ours",
               "torch", "compile", "liger", "--reps", "3", "--ignore-frac", "0.2", "--label-smoothing", "0.1",
               "--json", str(out_json), "--csv", str(out_csv), "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -29,13 +29,13 @@ def test_quick_run_writes_json_and_csv(tmp_path):
     data = json.loads(out_json.read_text())
     assert data["meta"]["copy_gbps"] > 0 and data["meta"]["torch"] == torch.__version__
     rows = data["rows"]
-    assert len(rows) == 2 * 3 * 4  # shapes x modes x providers
+    assert len(rows) == 2 * 4 * 4  # shapes x modes x providers
     timed = [row for row in rows if row["status"] == "ok"]
     assert {row["provider"] for row in timed} == {"ours", "torch", "compile"}
     assert all(row["status"] == "skipped" and row["note"] for row in rows if row["provider"] == "liger")
     for row in timed:
         assert row["ok"] and row["ms"] > 0 and row["pct_floor"] > 0 and row["loss_err"] < 1e-4
-        assert row["passes"] == {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3}[row["mode"]]
+        assert row["passes"] == {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3, "scaled+bwd": 2}[row["mode"]]
         assert (row["grad_err"] is None) == (row["mode"] == "fwd")
         if row["provider"] == "torch":
             assert row["speedup_vs_torch"] == pytest.approx(1.0)
