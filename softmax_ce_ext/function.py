@@ -7,7 +7,8 @@ recomputes it from the logits and the saved log-sum-exp (one read + one write in
 float16 logits take the second way for mean/sum too (see _fuses_gradient).
 
 inplace_backward=True (opt-in): the gradient is written over the logits instead of a new buffer (in the
-forward for mean/sum, in the backward for 'none'), so the logits are destroyed; they must not be a leaf.
+forward for mean/sum, in the backward for 'none' and float16), so the logits are destroyed; they must not be a
+leaf.
 """
 
 import math
