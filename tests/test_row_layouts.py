@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close, ours, reference
+from helpers import TOL, assert_close, ours, reference
 from softmax_ce_ext import cross_entropy, tuning
 
 # (N, C, why)
@@ -319,8 +319,10 @@ def test_grouped_rows_walk_the_grid(device, dtype, classes):
     chunks = (classes * dtype.itemsize + 30) // 16  # at the worst alignment
     lanes = 16 if chunks > 64 else 8 if chunks > 32 else 4
     groups = torch.cuda.get_device_properties(0).multi_processor_count * 64 * (256 // lanes)
-    n = 2 * groups + 37
-    x, t, g = _logits(n, classes, dtype, device, 1, seed=n)
+    n = 2 * groups + 37  # 0.3-0.5 GB of logits: drawn and compared on the GPU (on the CPU, seconds per case)
+    gen = torch.Generator(device=device).manual_seed(n)
+    x = (torch.randn(n, classes + 1, generator=gen, device=device) * 3).to(dtype)[:, 1:]  # one element off 16 bytes
+    t = torch.randint(0, classes, (n,), generator=gen, device=device)
     t[::5] = -100
     one = torch.ones((), device=device)
     with tuning.using(**{**tuning.BUILT_IN, "warp_group": True}):
@@ -328,4 +330,7 @@ def test_grouped_rows_walk_the_grid(device, dtype, classes):
     ref_loss, ref_grad = reference(x, t, one, reduction="mean")
     scale = x.abs().max().item()
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=scale)
-    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+    rtol, atol = TOL[dtype]  # assert_close's bound, entry by entry, on the device
+    bound = atol * ref_grad.abs().max() + 8 * 2.0**-24 * scale + rtol * ref_grad.abs()
+    bad = (grad.double() - ref_grad).abs() > bound
+    assert not bool(bad.any()), f"grad: {int(bad.sum())} of {bad.numel()} entries outside the tolerance"
