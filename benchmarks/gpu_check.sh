@@ -126,6 +126,7 @@ if part variants; then
     --mode fwd none+bwd --providers ours ours_nolean ours_whole_rows ours_pieces64 ours_unstaged 2>&1 \
     | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  $PY benchmarks/verdicts.py "$OUT/variants.log" | tail -16  # each setting's points against the defaults
 fi
 
 if part host; then

@@ -226,3 +226,25 @@ def test_host_time_names_every_piece():
     assert "softmax_ce_ext::mean_forward_backward" in prof.stdout  # the fwd+bwd table names our op
     bad = subprocess.run([sys.executable, str(script), "--shapes", "8"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "malformed shape '8'" in bad.stderr  # bench.py's parser
+
+
+def test_verdicts_reads_a_gpu_log():
+    """benchmarks/verdicts.py on a recorded H200 variants log (2026-11-27b): each tuned provider's points against
+    `ours` in the same case (ours 81.0%, ours_lean 84.3% at 8192x32000 bf16 fwd+bwd)."""
+    root = BENCH.parent
+    log = root / "results_h200" / "2026-11-27b" / "call1_variants.log"
+    sys.path.insert(0, str(root))
+    try:
+        from verdicts import rows, verdicts
+    finally:
+        sys.path.remove(str(root))
+    table = rows(log.read_text().splitlines())
+    assert table[("8192x32000", "bfloat16", "fwd+bwd")]["ours_lean"] == 84.3
+    out, by_provider = verdicts(table, 1.0)
+    lean = {case: delta for provider, case, _, _, delta in out if provider == "ours_lean"}
+    assert lean[("8192x32000", "bfloat16", "fwd+bwd")] == pytest.approx(3.3)
+    assert "ours" not in by_provider and len(by_provider["ours_lean"]) == 22
+    r = subprocess.run([sys.executable, str(root / "verdicts.py"), str(log)], capture_output=True, text=True)
+    assert r.returncode == 0 and "ours_pipeline8 mean  -3.0" in r.stdout, r.stdout + r.stderr
+    empty = subprocess.run([sys.executable, str(root / "verdicts.py"), str(BENCH)], capture_output=True, text=True)
+    assert empty.returncode != 0 and "no case" in empty.stderr
