@@ -147,9 +147,9 @@ def _fuses_gradient(dtype):
     return dtype != torch.float16
 
 
-def _rows_total(p, status):
-    """(the rows' losses, or their sum; their lse) where no mean over class indices is taken."""
-    divisor, loss_dtype = p.loss_fold(None)
+def _rows_total(p, status, denom=None):
+    """(the rows' losses, or their sum, over the mean's denominator where one is given; their lse)."""
+    divisor, loss_dtype = p.loss_fold(denom)
     rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
     return rows.reshape(p.out_shape) if p.reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype), lse
 
@@ -250,14 +250,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
                                                    status, divisor, loss_dtype)
-        elif want_input_grad and reduction != "none":  # float16 mean/sum: the rows' lse kept, the gradient later
-            denom, _ = p.mean_denominator()
-            divisor, loss_dtype = p.loss_fold(denom)
-            rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
-            total = ops.sum_rows(rows, divisor, loss_dtype)
-        elif want_input_grad or want_target_grad:  # reduction='none', or probabilities: the rows' lse kept
-            total, lse = _rows_total(p, status)
-            denom = None  # no mean over class indices here
+        elif want_input_grad or want_target_grad:
+            # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient): the rows' lse kept
+            denom, _ = p.mean_denominator()  # float16's mean over class indices; else None
+            total, lse = _rows_total(p, status, denom)
         else:
             lse = None
             total, denom = _loss_only(p, status)
