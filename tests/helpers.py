@@ -50,3 +50,19 @@ def assert_close(actual, expected, dtype, what, logit_scale=0.0, scale_floor=0.0
         equal_nan=True,  # e.g. a mean over targets that are all ignored is NaN in both
         msg=lambda m: f"{what}: {m}",
     )
+
+
+class OpSpy:
+    """Records which row kernels ran (not the small reductions), passing the calls through: stands in for
+    softmax_ce_ext.function's `ops` (monkeypatch.setattr(function_mod, "ops", OpSpy(function_mod.ops)))."""
+
+    KERNELS = ("forward", "forward_sum", "mean_forward", "forward_backward", "mean_forward_backward", "backward",
+               "scale_grad_")
+
+    def __init__(self, ops):
+        self._ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        if name in self.KERNELS:
+            self.calls.append(name)
+        return getattr(self._ops, name)

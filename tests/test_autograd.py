@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce_ext
+from helpers import OpSpy
 from softmax_ce_ext import CrossEntropyLoss, SoftmaxCrossEntropyFunction, cross_entropy
 from softmax_ce_ext import function as function_mod
 
@@ -102,27 +103,12 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
     torch.testing.assert_close(x.grad, ref.grad)
 
 
-class _OpSpy:
-    """Records which row kernels ran (not the small reductions), passing the calls through."""
-
-    KERNELS = ("forward", "forward_sum", "mean_forward", "forward_backward", "mean_forward_backward", "backward",
-               "scale_grad_")
-
-    def __init__(self, ops):
-        self._ops, self.calls = ops, []
-
-    def __getattr__(self, name):
-        if name in self.KERNELS:
-            self.calls.append(name)
-        return getattr(self._ops, name)
-
-
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])
 @pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward_sum"), ("none", "forward")])
 def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode, reduction, kernel):
     """Without a gradient to compute: one row kernel, no gradient buffer, and no autograd.Function (a small
     call is mostly host time; a mean of class indices or a sum is one op, the sum included)."""
-    spy = _OpSpy(function_mod.ops)
+    spy = OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
 
     def no_function(*args, **kwargs):
@@ -146,7 +132,7 @@ def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode, reductio
 @pytest.mark.parametrize("reduction,fused", [("mean", "mean_forward_backward"), ("sum", "forward_backward")])
 def test_training_uses_one_fused_pass(device, monkeypatch, reduction, fused):
     """mean: the denominator, the loss and the gradient in one op (no separate mean_scale call)."""
-    spy = _OpSpy(function_mod.ops)
+    spy = OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
     x, target, _ = case(device)
     cross_entropy(x, target, reduction=reduction).backward()
@@ -154,7 +140,7 @@ def test_training_uses_one_fused_pass(device, monkeypatch, reduction, fused):
 
 
 def test_reduction_none_recomputes_from_lse(device, monkeypatch):
-    spy = _OpSpy(function_mod.ops)
+    spy = OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
     x, target, _ = case(device)
     cross_entropy(x, target, reduction="none").sum().backward()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import softmax_ce_ext.function as function_mod
-from helpers import assert_close, reference
+from helpers import OpSpy, assert_close, reference
 from softmax_ce_ext import cross_entropy
 
 # (shape, why): rows of 1000 classes (entries (p - y) / N down to ~1e-9 at N = 4096); K-dim positions
@@ -45,21 +45,11 @@ def test_scaled_gradient_keeps_small_entries(device, shape, dtype, reduction, sc
     assert int(lost.sum()) == 0, f"{int(lost.sum())} of {int(held.sum())} gradient entries lost to 0"
 
 
-class _OpSpy:
-    def __init__(self, ops):
-        self._ops, self.calls = ops, []
-
-    def __getattr__(self, name):
-        if name in ("forward", "forward_backward", "mean_forward_backward", "backward", "scale_grad_"):
-            self.calls.append(name)
-        return getattr(self._ops, name)
-
-
 @pytest.mark.parametrize("dtype,calls", [(torch.float16, ["forward", "backward"]),
                                          (torch.bfloat16, ["mean_forward_backward", "scale_grad_"])], ids=str)
 def test_which_pass_each_dtype_takes(device, monkeypatch, dtype, calls):
     """float16: the loss and lse, then the gradient from them; bfloat16: the fused pass, then its scaling."""
-    spy = _OpSpy(function_mod.ops)
+    spy = OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
     x, t = _case(device, dtype, (64, 100))
     cross_entropy(x.requires_grad_(), t).backward()
