@@ -105,8 +105,9 @@ def extensions():
         # (softmax_ce_ops.cpp): ninja compiles them in parallel.
         cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").iterdir()
                               if p.suffix in (".cu", ".cpp"))
-        say(f"building CUDA + CPU kernels ({why}); archs {archs} ({arch_why}); {len(cuda_sources)} files in csrc/cuda, "
-            f"compiled in parallel by ninja ({'MAX_JOBS=' + os.environ['MAX_JOBS'] if os.environ.get('MAX_JOBS') else 'its default: cores + 2'} at once)")
+        jobs = f"MAX_JOBS={os.environ['MAX_JOBS']}" if os.environ.get("MAX_JOBS") else "its default: cores + 2"
+        say(f"building CUDA + CPU kernels ({why}); archs {archs} ({arch_why}); {len(cuda_sources)} files in "
+            f"csrc/cuda, compiled in parallel by ninja ({jobs} at once)")
         nvcc = ["-O3", "-lineinfo"] + (["-Xptxas=-v"] if flag("SCE_PTXAS_VERBOSE") else [])
         ext = CUDAExtension(
             "softmax_ce_ext._C",

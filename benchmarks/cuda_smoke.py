@@ -1,6 +1,7 @@
 """A quick look at every CUDA kernel family before the full tests: one line per (family, shape, dtype) with
-the largest loss (with a gradient, and alone under no_grad) and gradient errors against float64 PyTorch.  Small enough to run under compute-sanitizer
-(gpu_check.sh's 'sanitize' part).  Exit code 1 if any error exceeds its dtype's tolerance."""
+the largest loss (with a gradient, and alone under no_grad) and gradient errors against float64 PyTorch.  Small
+enough to run under compute-sanitizer (gpu_check.sh's 'sanitize' part).  Exit code 1 if any error exceeds its
+dtype's tolerance."""
 
 import sys
 

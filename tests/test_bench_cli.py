@@ -21,9 +21,9 @@ def bench(*args):
 
 def test_quick_run_writes_json_and_csv(tmp_path):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    r = bench("--device", "cpu", "--shapes", "quick", "--mode", "fwd", "fwd+bwd", "none+bwd", "scaled+bwd", "--providers", "ours",
-              "torch", "compile", "liger", "--reps", "3", "--ignore-frac", "0.2", "--label-smoothing", "0.1",
-              "--json", str(out_json), "--csv", str(out_csv), "--no-progress")
+    r = bench("--device", "cpu", "--shapes", "quick", "--mode", "fwd", "fwd+bwd", "none+bwd", "scaled+bwd",
+              "--providers", "ours", "torch", "compile", "liger", "--reps", "3", "--ignore-frac", "0.2",
+              "--label-smoothing", "0.1", "--json", str(out_json), "--csv", str(out_csv), "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "copy bandwidth" in r.stdout and "floor:" in r.stdout
     data = json.loads(out_json.read_text())
