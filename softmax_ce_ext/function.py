@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from . import _status
+from . import _status, transforms
 from ._ops import acc_dtype, ops
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -73,10 +73,7 @@ class _Prepared:
         self.positions = batch * spatial
         # 'none' keeps the target's layout: (N, d1..dk); an unbatched input gives a 0-d loss.
         self.out_shape = () if unbatched else (input.shape[0], *input.shape[2:])
-        out = torch.promote_types(input.dtype, target.dtype) if self.prob else input.dtype
-        if out in _HALF and torch.is_autocast_enabled(input.device.type):
-            out = torch.float32  # autocast runs cross_entropy in float32; ours accumulates in it anyway
-        self.out_dtype = out
+        self.out_dtype = loss_dtype(input, target, self.prob)
 
     @staticmethod
     def _check_class_indices(input, target, batch):
@@ -135,6 +132,15 @@ class _Prepared:
                 # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
                 total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
         return total
+
+
+def loss_dtype(input, target, prob):
+    """The loss's dtype: the logits' (promoted with probability targets'), float32 for half logits under autocast
+    (autocast runs cross_entropy in float32; ours accumulates in it anyway)."""
+    out = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
+    if out in _HALF and torch.is_autocast_enabled(input.device.type):
+        out = torch.float32
+    return out
 
 
 def _fuses_gradient(dtype):
@@ -210,6 +216,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @classmethod
     def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
               inplace_backward=False):
+        if transforms.active(input, target, weight):  # torch.func / forward-mode AD: see transforms.py
+            return transforms.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                            loss_dtype(input, target, input.shape == target.shape))
         # forward runs with grad mode off, so whether a gradient can be wanted is read here.
         return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, bool(inplace_backward),
                              torch.is_grad_enabled())
