@@ -53,6 +53,17 @@ void launch_logits(Mode mode, const RowLayout& L, OpTensors& o);
 // The K-dim mean folded into one cooperative launch (tuning kdim_fold); false where it does not apply.
 template <typename scalar_t>
 bool fold_mean_logits(const RowLayout& L, OpTensors& o, const CudaTuning& tune);
+// The specialisations declared where they are called (the standard wants that; the dtype files define them).
+#define SOFTMAX_CE_DECLARE_LOGITS_DTYPE(T)                                    \
+  template <>                                                                 \
+  void launch_logits<T>(Mode mode, const RowLayout& L, OpTensors& o);         \
+  template <>                                                                 \
+  bool fold_mean_logits<T>(const RowLayout& L, OpTensors& o, const CudaTuning& tune);
+SOFTMAX_CE_DECLARE_LOGITS_DTYPE(at::BFloat16)
+SOFTMAX_CE_DECLARE_LOGITS_DTYPE(at::Half)
+SOFTMAX_CE_DECLARE_LOGITS_DTYPE(float)
+SOFTMAX_CE_DECLARE_LOGITS_DTYPE(double)
+#undef SOFTMAX_CE_DECLARE_LOGITS_DTYPE
 
 // The ops' CUDA parts (softmax_ce_kernel.cu), as softmax_ce_ops.cpp registers them or passes them to softmax_ce.h.
 void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o);

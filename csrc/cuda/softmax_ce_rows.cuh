@@ -834,7 +834,8 @@ struct OwnChunks {
 // stagger (slice_rows): a ticket per SM, taken by every CTA that starts there (rank 0 of a cluster); consecutive
 // tickets modulo `slots` (at least the CTAs per SM) differ, so the CTAs sharing an SM get different slots, across
 // launches too; the SM's index shifts them, so the slots spread over the GPU as well (its memory is what idles,
-// also with one CTA per SM).
+// also with one CTA per SM). One array per dtype's file (static, no -rdc): two dtypes' slices on an SM at once
+// may share a slot, which costs speed, never a result.
 static __device__ unsigned int g_sm_tickets[1024];
 __device__ __forceinline__ int sm_slot(int slots) {
   unsigned smid;
