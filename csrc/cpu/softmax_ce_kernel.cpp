@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../softmax_ce.h"
+#include "../softmax_ce_register.h"
 #include "softmax_ce_cpu_isa.h"
 #include "softmax_ce_simd_args.h"
 
@@ -311,43 +312,6 @@ at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
   return at::empty_like(logits, at::MemoryFormat::Preserve);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                               const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                               double eps, const c10::optional<at::Tensor>& status) {
-  return forward_op(launch_cpu, logits, target, weight, ignore_index, eps, status);
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_backward_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                        const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                        double eps, const at::Tensor& grad_scale,
-                                                        const c10::optional<at::Tensor>& status,
-                                                        const c10::optional<at::Tensor>& loss_divisor,
-                                                        c10::optional<at::ScalarType> loss_dtype) {
-  return forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
-                             loss_divisor, loss_dtype, grad_alloc_cpu);
-}
-
-at::Tensor backward_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                        const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                        double eps) {
-  return backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps, grad_alloc_cpu);
-}
-
-at::Tensor forward_backward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                       const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps,
-                                       const at::Tensor& grad_scale, const c10::optional<at::Tensor>& status,
-                                       const c10::optional<at::Tensor>& loss_divisor,
-                                       c10::optional<at::ScalarType> loss_dtype) {
-  return std::get<0>(forward_backward_op(launch_cpu, logits, target, weight, ignore_index, eps, grad_scale, status,
-                                         loss_divisor, loss_dtype, nullptr, /*inplace=*/true));
-}
-
-void backward_inplace_cpu(const at::Tensor& grad_rows, const at::Tensor& logits, const at::Tensor& target,
-                         const c10::optional<at::Tensor>& weight, const at::Tensor& lse, int64_t ignore_index,
-                         double eps) {
-  backward_op(launch_cpu, grad_rows, logits, target, weight, lse, ignore_index, eps, nullptr, /*inplace=*/true);
-}
-
 void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
   check_scale_grad(grad, grad_output);
   const double g = grad_output.item<double>();  // host memory: reading it costs no synchronisation
@@ -438,34 +402,15 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, cons
 
 bool no_fold(const RowLayout&, OpTensors&) { return false; }  // the CPU counts the denominator first
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-    double eps, const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype) {
-  return mean_forward_backward_op(launch_cpu, mean_scale_cpu, no_fold, logits, target, weight, ignore_index, eps,
-                                  status, loss_dtype, grad_alloc_cpu);
-}
-
-at::Tensor forward_sum_cpu(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                           int64_t ignore_index, double eps, const c10::optional<at::Tensor>& status,
-                           const c10::optional<at::Tensor>& loss_divisor, c10::optional<at::ScalarType> loss_dtype) {
-  return forward_sum_op(launch_cpu, logits, target, weight, ignore_index, eps, status, loss_divisor, loss_dtype);
-}
-
-std::tuple<at::Tensor, at::Tensor> mean_forward_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                                    const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                    double eps, const c10::optional<at::Tensor>& status,
-                                                    c10::optional<at::ScalarType> loss_dtype) {
-  return mean_forward_op(launch_cpu, mean_scale_cpu, logits, target, weight, ignore_index, eps, status, loss_dtype);
-}
-
-std::tuple<at::Tensor, at::Tensor> mean_forward_backward_inplace_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-    double eps, const c10::optional<at::Tensor>& status, c10::optional<at::ScalarType> loss_dtype) {
-  auto [loss, grad, denom] = mean_forward_backward_op(launch_cpu, mean_scale_cpu, no_fold, logits, target, weight,
-                                                      ignore_index, eps, status, loss_dtype, nullptr,
-                                                      /*inplace=*/true);
-  return {loss, denom};
-}
+// The CPU's parts of the ops (softmax_ce_register.h builds the ops from them).
+struct CpuParts {
+  static constexpr auto launch = &launch_cpu;
+  static constexpr auto mean_scale = &mean_scale_cpu;
+  static constexpr auto fold = &no_fold;
+  static constexpr GradAlloc grad_alloc = &grad_alloc_cpu;  // 2 MiB pages, blocks reused
+  static constexpr auto scale_grad = &scale_grad_cpu;
+  static constexpr auto sum_rows = &sum_rows_cpu;
+};
 
 }  // namespace
 
@@ -491,19 +436,6 @@ std::string set_cpu_isa(const std::string& name) {
   return previous;
 }
 
-TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) {
-  m.impl("forward", &forward_cpu);
-  m.impl("forward_backward", &forward_backward_cpu);
-  m.impl("backward", &backward_cpu);
-  m.impl("forward_backward_", &forward_backward_inplace_cpu);
-  m.impl("backward_", &backward_inplace_cpu);
-  m.impl("scale_grad_", &scale_grad_cpu);
-  m.impl("sum_rows", &sum_rows_cpu);
-  m.impl("mean_scale", &mean_scale_cpu);
-  m.impl("forward_sum", &forward_sum_cpu);
-  m.impl("mean_forward", &mean_forward_cpu);
-  m.impl("mean_forward_backward", &mean_forward_backward_cpu);
-  m.impl("mean_forward_backward_", &mean_forward_backward_inplace_cpu);
-}
+TORCH_LIBRARY_IMPL(softmax_ce_ext, CPU, m) { register_backend<CpuParts>(m); }
 
 }  // namespace softmax_ce
