@@ -143,6 +143,12 @@ def loss_dtype(input, target, prob):
     return out
 
 
+def transformed_loss(input, target, weight, ignore_index, reduction, label_smoothing):
+    """The loss under torch.func transforms and forward-mode AD (transforms.py), in the dtype ours returns."""
+    out = loss_dtype(input, target, input.shape == target.shape)
+    return transforms.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, out)
+
+
 def _fuses_gradient(dtype):
     """Whether the training pass writes the gradient in the forward, before grad_output is known.  Not in float16:
     the gradient of a mean is (p - y) / N, whose small entries float16 cannot hold (below 2^-24 they are 0, below
@@ -217,8 +223,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     def apply(cls, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
               inplace_backward=False):
         if transforms.active(input, target, weight):  # torch.func / forward-mode AD: see transforms.py
-            return transforms.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                                            loss_dtype(input, target, input.shape == target.shape))
+            return transformed_loss(input, target, weight, ignore_index, reduction, label_smoothing)
         # forward runs with grad mode off, so whether a gradient can be wanted is read here.
         return super().apply(input, target, weight, ignore_index, reduction, label_smoothing, bool(inplace_backward),
                              torch.is_grad_enabled())

@@ -6,7 +6,7 @@ import torch
 from torch.nn import _reduction as _Reduction
 
 from . import traced, transforms
-from .function import SoftmaxCrossEntropyFunction, _Prepared, loss_without_grad
+from .function import SoftmaxCrossEntropyFunction, _Prepared, loss_without_grad, transformed_loss
 
 
 def cross_entropy(
@@ -27,8 +27,9 @@ def cross_entropy(
     the logits are destroyed by the call (mean/sum) or by the backward ('none').  `input` must not be a leaf."""
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    if transforms.active(input, target, weight):  # torch.func / forward-mode AD: apply runs transforms.py's way
-        return SoftmaxCrossEntropyFunction.apply(input, target, weight, ignore_index, reduction, label_smoothing)
+    if transforms.active(input, target, weight):  # torch.func / forward-mode AD: see transforms.py
+        # Not through the Function's apply: Dynamo traces a Function's forward/backward, not its apply.
+        return transformed_loss(input, target, weight, ignore_index, reduction, label_smoothing)
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and _requires_grad(input, target, weight)):
         # Nothing to differentiate (eval, no_grad): the loss alone, without an autograd.Function around it.
         return loss_without_grad(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing))

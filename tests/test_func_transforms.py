@@ -188,3 +188,21 @@ def test_float16_mean_past_its_sum_range():
     assert F.cross_entropy(x, target).isinf()  # what this test is about; ours untransformed: 30
     got = vmap(lambda x: cross_entropy(x, target))(x[None])
     assert got.dtype == torch.float16 and got.item() == 30.0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("transform", ["grad", "vmap(grad)"])
+def test_compiled_transform(transform):
+    """torch.compile of a transform: Dynamo traces an autograd.Function's forward and backward, never its apply,
+    so routing through the Function would be invisible to it (that gave a zero gradient); the functional routes
+    before the Function."""
+    torch._dynamo.reset()
+    x, target, kw = inputs((6, 7), OPTIONS["sum-smoothed"])
+    if transform == "grad":
+        got = torch.compile(grad(lambda x: cross_entropy(x, target, **kw)))(x)
+        expected = grad(reference_loss(target, kw))(x.double())
+    else:
+        one = lambda x, t: cross_entropy(x[None], t[None], **kw)  # noqa: E731
+        got = torch.compile(vmap(grad(one)))(x, target)
+        expected = vmap(grad(lambda x, t: F.cross_entropy(x[None], t[None], **in_double(kw))))(x.double(), target)
+    check(got, expected, torch.float32, transform)
