@@ -231,6 +231,14 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                 inplace_backward=False, grad_wanted=None):
+        if transforms.active(input, target, weight):
+            # Only torch.compile gets here under a transform (apply routes first): its trace of this forward and
+            # backward gave a wrong gradient (fullgraph), so refuse it.
+            raise RuntimeError(
+                "SoftmaxCrossEntropyFunction inside torch.compile under a torch.func transform (grad, vmap...): "
+                "expected a call through softmax_ce_ext.cross_entropy or CrossEntropyLoss, which handle "
+                "transforms; got the Function itself"
+            )
         p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing)
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
         want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False

@@ -206,3 +206,17 @@ def test_compiled_transform(transform):
         got = torch.compile(vmap(grad(one)))(x, target)
         expected = vmap(grad(lambda x, t: F.cross_entropy(x[None], t[None], **in_double(kw))))(x.double(), target)
     check(got, expected, torch.float32, transform)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_transform_of_the_function_itself():
+    """The Function called directly, compiled under a transform: fullgraph traced its forward/backward and gave a
+    wrong gradient; now it refuses, with a message; with graph breaks allowed it runs eagerly, and right."""
+    torch._dynamo.reset()
+    x, target, _ = inputs((6, 7), OPTIONS["mean"])
+    f = lambda x: SoftmaxCrossEntropyFunction.apply(x, target, None, -100, "sum")  # noqa: E731
+    with pytest.raises(Exception, match="under a torch.func transform"):
+        torch.compile(grad(f), fullgraph=True)(x)
+    torch._dynamo.reset()
+    expected = grad(reference_loss(target, dict(reduction="sum")))(x.double())
+    check(torch.compile(grad(f))(x), expected, torch.float32, "graph breaks")
