@@ -250,11 +250,38 @@ void store_lanes(typename T::raw* p, vf v, int n) {
 constexpr int kRowChunk = 16;  // vectors per chunk of the online max
 constexpr int64_t kRowKeptClasses = 32768;
 
+// The sweep that reads a row from memory prefetches kAheadBytes ahead, into the next row of the task past the
+// row's end: the hardware prefetcher alone left the loads and the exponentials serial (cold 8192x1000 float32
+// forward, 2 threads: 3.5 -> 2.2 ms; 4 and 8 KiB ahead measured alike, 1 KiB less, a write prefetch nothing).
+constexpr int64_t kAheadBytes = 4096;
+constexpr int64_t kLineBytes = 64;
+struct Ahead {
+  const char* row;
+  int64_t bytes;
+  const char* next;  // the task's next row (nullptr: none)
+  void at(int64_t offset) const {  // offset: the byte of this row being read now
+    const int64_t o = offset + kAheadBytes;
+    if (o < bytes)
+      __builtin_prefetch(row + o, 0, 3);
+    else if (next != nullptr && o - bytes < bytes)
+      __builtin_prefetch(next + (o - bytes), 0, 3);
+  }
+};
+
+template <class raw>
+const raw* row_start(const SimdArgs& a, int64_t r) {
+  const int64_t b = r / a.S, s = r - b * a.S;
+  return static_cast<const raw*>(a.x) + b * a.x_sB + s * a.x_sS;
+}
+
 template <class T, bool kSpread>
-void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
+void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::raw* next) {
   using raw = typename T::raw;
+  constexpr int64_t kLine = kLineBytes / sizeof(raw);  // elements per cache line
   const int64_t C = a.C, b = r / a.S, s = r - b * a.S;
-  const raw* x = static_cast<const raw*>(a.x) + b * a.x_sB + s * a.x_sS;
+  const raw* x = row_start<raw>(a, r);
+  const Ahead ahead{reinterpret_cast<const char*>(x), C * static_cast<int64_t>(sizeof(raw)),
+                    reinterpret_cast<const char*>(next)};
   raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s * a.g_sS : nullptr;
   const int64_t t = a.target[b * a.t_sB + s * a.t_sS];
   if (t == a.ignore_index || out_of_range(t, C)) {
@@ -303,6 +330,7 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
     const vi all = lanes_below(W);
     for (int64_t c = 0; c < full; c += kChunk * W) {  // the last chunk may be short
       const int64_t end = c + kChunk * W < full ? c + kChunk * W : full;
+      for (int64_t j = c; j < end; j += kLine) ahead.at(j * sizeof(raw));
       vf cm = T::load(x + c);
       for (int64_t j = c + W; j < end; j += W) cm = vmax(cm, T::load(x + j));
       if (end == full && tail) cm = vmax(cm, load_lanes<T>(x + full, tail, -kInf));
@@ -332,6 +360,7 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept) {
     const float q = kept ? k.p_mul / sum : 0.0f;
     vf f = {};
     for (int64_t c = 0; c < full; c += W) {
+      if (!a.stats && c % kLine == 0) ahead.at(c * sizeof(raw));  // the gradient from a saved lse: x from memory
       if (kept && c % (kRowChunk * W) == 0) f = splat(exp1(chunk_m[c / (kRowChunk * W)] - m) * q);
       vf gv = kept ? kept[c / W] * f : vexp(T::load(x + c) - vl) * vp;
       if (kSpread) gv -= weights(c, W) * vc;
@@ -352,7 +381,9 @@ template <class T, bool kSpread>
 void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
   const bool keep = a.stats && a.grad && a.C <= kRowKeptClasses;
   std::unique_ptr<vf[]> kept(keep ? new vf[(a.C + W - 1) / W] : nullptr);  // per task, reused row after row
-  for (int64_t r = begin; r < end; ++r) row_contiguous<T, kSpread>(a, r, kept.get());
+  using raw = typename T::raw;
+  for (int64_t r = begin; r < end; ++r)
+    row_contiguous<T, kSpread>(a, r, kept.get(), r + 1 < end ? row_start<raw>(a, r + 1) : nullptr);
 }
 
 // ---- Positions contiguous, classes strided (K-dim inputs): W positions at a time, one lane each, walking
