@@ -182,4 +182,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, "
      "warp_keep, cluster_async, fma_exp2, stagger, warp_group).");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
+  m.def("grad_cache_sizes", &softmax_ce::grad_cache_sizes, "The kept CPU gradient blocks' bytes, oldest first.");
 }

@@ -2,6 +2,7 @@
 // set_cpu_isa() picks another (tests run every path this CPU can).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -11,5 +12,6 @@ std::string cpu_isa();                 // "avx512", "avx2" or "generic"
 std::vector<std::string> cpu_isas();   // those this CPU can run, best first
 std::string set_cpu_isa(const std::string& name);  // returns the previous one; throws for an unusable one
 void empty_grad_cache();  // free the CPU gradient blocks kept for reuse
+std::vector<int64_t> grad_cache_sizes();  // the kept blocks' bytes, oldest first (for tests)
 
 }  // namespace softmax_ce
