@@ -216,3 +216,51 @@ def test_rows_kept_exponentials(kernel_path, classes, dtype, kw):
     if kw.pop("weighted", False):
         kw["weight"] = torch.rand(c, generator=g) + 0.2
     _mean_and_none_against_float64(x, t, g, **kw)
+
+
+# Probability targets on contiguous rows (the vectorised rows kernel; other layouts take the portable one): why
+# each class count.
+PROB_ROWS = [(5, "fewer classes than a vector: the tail alone"), (16, "one whole vector, no tail"),
+             (300, "chunks, a short chunk and a tail"), (32769, "past the kept exponentials: recomputed")]
+PROB_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float16, torch.float16)]
+
+
+@pytest.mark.parametrize("classes", PROB_ROWS, ids=[str(c) for c, _ in PROB_ROWS])
+@pytest.mark.parametrize("dtypes", PROB_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
+def test_probability_rows(kernel_path, classes, dtypes, kw):
+    """Every CPU path against float64: mean (the fused pass), 'none' (the gradient from the saved lse, which needs
+    the targets' sum again) and the no-grad sum; a row whose max grows chunk after chunk, a row of one hot target,
+    targets that do not sum to 1, a -inf logit and a NaN row."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    c, _ = classes
+    dtype, target_dtype = dtypes
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(6, c, generator=g) * 3
+    x[1] += torch.linspace(0, 30, c)
+    x[3, c // 2] = -float("inf")
+    x[4, 1] = float("nan")
+    x = x.to(dtype)
+    y = torch.softmax(torch.randn(6, c, generator=g) * 2, 1)
+    y[2] = 0.0
+    y[2, c - 1] = 1.0  # one-hot in the last class (the tail where there is one)
+    y[5] *= 1.7  # not a distribution: the loss is linear in y
+    y = y.to(target_dtype)
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g) + 0.2
+    scale = x[x.isfinite()].float().abs().max().item()
+    for reduction in ("mean", "none"):
+        grad_out = torch.rand(6, generator=g) + 0.5 if reduction == "none" else torch.ones(())
+        leaf = x.clone().requires_grad_()
+        loss = cross_entropy(leaf, y, reduction=reduction, **kw)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+        ref, ref_grad = reference(x, y.double(), grad_out, reduction=reduction, **kw)
+        assert_close(loss, ref, dtype, f"{reduction} loss", logit_scale=scale)
+        assert_close(grad, ref_grad, dtype, f"{reduction} grad", logit_scale=scale)
+    with torch.no_grad():
+        summed = cross_entropy(x, y, reduction="sum", **kw)
+    assert_close(summed, reference(x, y.double(), torch.ones(()), reduction="sum", **kw)[0], dtype, "sum",
+                 logit_scale=scale)

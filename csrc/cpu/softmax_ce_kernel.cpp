@@ -148,12 +148,12 @@ void raise_bad_target(const at::Tensor& target, int64_t C, int64_t ignore_index)
 
 // The vectorised path, when the instruction set, dtype and layout allow: rows whose classes are contiguous,
 // or (K-dim inputs) blocks of contiguous positions.  Returns false to leave the work to the portable kernel.
-template <typename scalar_t, bool kStats, bool kGrad>
+template <typename scalar_t, bool kStats, bool kGrad, bool kProb>
 bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const SimdKernels* k = current_isa().load();
   if (k == nullptr) return false;
-  const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1);
-  const bool columns = !rows && L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1);
+  const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1) && (!kProb || L.t_sC == 1);
+  const bool columns = !kProb && !rows && L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1);
   if (!rows && !columns) return false;
   SimdArgs a{};
   a.dtype = std::is_same_v<scalar_t, float>       ? SimdDtype::kFloat
@@ -163,7 +163,9 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   a.grad = kGrad;
   a.x = o.logits.data_ptr();
   a.g = kGrad ? o.grad.data_ptr() : nullptr;
-  a.target = o.target.data_ptr<int64_t>();
+  a.target = kProb ? nullptr : o.target.data_ptr<int64_t>();
+  a.prob = kProb ? o.target.data_ptr() : nullptr;
+  a.prob_float = kProb && o.target.scalar_type() == at::kFloat;
   a.weight = o.weight.defined() ? o.weight.data_ptr<float>() : nullptr;
   a.weight_sum = o.weight_sum.defined() ? o.weight_sum.item<float>() : static_cast<float>(L.C);
   a.eps = static_cast<float>(o.eps);
@@ -181,7 +183,7 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   int flag = 0;
   a.bad = &flag;
   // Rows of few classes, one position each (classification): width rows per item, one per lane.
-  const bool small = rows && L.S == 1 && L.C >= 1 && L.C <= small_row_classes(sizeof(scalar_t)) &&
+  const bool small = !kProb && rows && L.S == 1 && L.C >= 1 && L.C <= small_row_classes(sizeof(scalar_t)) &&
                      k->small_rows != nullptr;
   const int64_t work = std::max<int64_t>(L.C, 1) * (rows && !small ? 1 : k->width);  // elements per item
   const int64_t items = small  ? (L.B + k->width - 1) / k->width
@@ -196,8 +198,8 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
 template <typename scalar_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 void launch_typed(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (!kProb && !std::is_same_v<scalar_t, double>) {
-    if (launch_simd<scalar_t, kStats, kGrad>(L, o, bad)) return;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (launch_simd<scalar_t, kStats, kGrad, kProb>(L, o, bad)) return;
   }
   const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);
   const Factor<acc_t> f = factor_of<acc_t>(o);

@@ -274,17 +274,22 @@ const raw* row_start(const SimdArgs& a, int64_t r) {
   return static_cast<const raw*>(a.x) + b * a.x_sB + s * a.x_sS;
 }
 
-template <class T, bool kSpread>
+// Y: the probability targets' loads (F32, or T for targets in the logits' dtype); void: class indices.  With
+// probabilities every class has a share a_c = w_c ((1 - eps) y_c + eps / C) of the loss (kSpread), and no class
+// a one-hot term: loss = A log(s) + D, gradient f (p A - a_c).
+template <class T, bool kSpread, class Y = void>
 void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::raw* next) {
   using raw = typename T::raw;
+  constexpr bool kProb = !std::is_void_v<Y>;
+  static_assert(!kProb || kSpread, "probabilities spread the loss over every class");
   constexpr int64_t kLine = kLineBytes / sizeof(raw);  // elements per cache line
   const int64_t C = a.C, b = r / a.S, s = r - b * a.S;
   const raw* x = row_start<raw>(a, r);
   const Ahead ahead{reinterpret_cast<const char*>(x), C * static_cast<int64_t>(sizeof(raw)),
                     reinterpret_cast<const char*>(next)};
   raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s * a.g_sS : nullptr;
-  const int64_t t = a.target[b * a.t_sB + s * a.t_sS];
-  if (t == a.ignore_index || out_of_range(t, C)) {
+  const int64_t t = kProb ? -1 : a.target[b * a.t_sB + s * a.t_sS];
+  if (!kProb && (t == a.ignore_index || out_of_range(t, C))) {
     const bool ignored = t == a.ignore_index;
     if (!ignored) __atomic_store_n(a.bad, 1, __ATOMIC_RELAXED);
     const float v = ignored ? 0.0f : kNaN;
@@ -296,13 +301,22 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     }
     return;
   }
-  const float w_t = a.weight ? a.weight[t] : 1.0f;
-  const float x_t = T::get(x + t);  // read before the gradient sweep, which may overwrite it (in-place ops)
+  const float w_t = !kProb && a.weight ? a.weight[t] : 1.0f;
+  const float x_t = kProb ? 0.0f : T::get(x + t);  // read before the gradient sweep, which may overwrite it (in place)
   const int64_t full = C - C % W;  // classes in whole vectors; the last `tail` go in one padded vector
   const int tail = static_cast<int>(C - full);
   const vi in_tail = lanes_below(tail);
-  auto weights = [&](int64_t c, int n) { return a.weight ? load_lanes<F32>(a.weight + c, n, 0.0f) : splat(1.0f); };
-  float lse, m = -__FLT_MAX__, sum = 0.0f;
+  // Each class's share of the spread term: w_c (class indices), w_c ((1 - eps) y_c + eps / C) (probabilities).
+  auto weights = [&](int64_t c, int n) {
+    const vf w = a.weight ? load_lanes<F32>(a.weight + c, n, 0.0f) : splat(1.0f);
+    if constexpr (kProb) {
+      using yraw = typename Y::raw;
+      const vf y = load_lanes<Y>(static_cast<const yraw*>(a.prob) + b * a.t_sB + s * a.t_sS + c, n, 0.0f);
+      return w * (a.eps == 0.0f ? y : (1.0f - a.eps) * y + a.eps / static_cast<float>(C));
+    }
+    return w;
+  };
+  float lse, m = -__FLT_MAX__, sum = 0.0f, A = 0.0f;
   float chunk_m[kRowKeptClasses / (kRowChunk * W) + 1];  // kept: the max each chunk's (and the tail's) were taken at
   const int64_t tail_slot = (full + kRowChunk * W - 1) / (kRowChunk * W);  // the tail's, after the whole chunks'
   if (a.stats) {
@@ -349,12 +363,21 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     const float log_s = __builtin_logf(sum);
     lse = m + log_s;
     a.lse[r] = lse;
-    a.loss[r] = row_loss(log_s, m, x_t, w_t, hsum(vA), hsum(vD), a.eps, C);
+    A = hsum(vA);
+    const float D = hsum(vD);
+    a.loss[r] = kProb ? (A == 0.0f ? D : A * log_s + D) : row_loss(log_s, m, x_t, w_t, A, D, a.eps, C);
   } else {
     lse = a.lse[r];
+    if (kProb && g) {  // the gradient from a saved lse still needs A
+      vf vA = {};
+      for (int64_t c = 0; c < full; c += W) vA += weights(c, W);
+      if (tail) vA += in_tail ? weights(full, tail) : splat(0.0f);  // lanes past the row: 0, not eps / C
+      A = hsum(vA);
+    }
   }
   if (g) {
-    const Coef k = coef(a.factor[b * a.f_sB + s * a.f_sS], w_t, a.weight_sum, a.eps, C);
+    const float f_row = a.factor[b * a.f_sB + s * a.f_sS];
+    const Coef k = kProb ? Coef{f_row * A, f_row, 0.0f} : coef(f_row, w_t, a.weight_sum, a.eps, C);
     const vf vl = splat(lse), vp = splat(k.p_mul), vc = splat(k.c_mul);
     // kept: p * p_mul = e^(x - m_chunk) * e^(m_chunk - m) * p_mul / sum, one factor per chunk
     const float q = kept ? k.p_mul / sum : 0.0f;
@@ -373,17 +396,17 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
       store_lanes<T>(g + full, gv, tail);
     }
     // The target class, recomputed with its one-hot term.
-    T::put(g + t, exp1(x_t - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
+    if (!kProb) T::put(g + t, exp1(x_t - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
   }
 }
 
-template <class T, bool kSpread>
+template <class T, bool kSpread, class Y = void>
 void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
   const bool keep = a.stats && a.grad && a.C <= kRowKeptClasses;
   std::unique_ptr<vf[]> kept(keep ? new vf[(a.C + W - 1) / W] : nullptr);  // per task, reused row after row
   using raw = typename T::raw;
   for (int64_t r = begin; r < end; ++r)
-    row_contiguous<T, kSpread>(a, r, kept.get(), r + 1 < end ? row_start<raw>(a, r + 1) : nullptr);
+    row_contiguous<T, kSpread, Y>(a, r, kept.get(), r + 1 < end ? row_start<raw>(a, r + 1) : nullptr);
 }
 
 // ---- Positions contiguous, classes strided (K-dim inputs): W positions at a time, one lane each, walking
@@ -573,6 +596,13 @@ void by_dtype(const SimdArgs& a, Run&& run) {
 }
 
 void rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+  if (a.prob != nullptr) {  // probability targets: float32, or the logits' dtype
+    by_dtype(a, [&](auto t, auto) {
+      using T = decltype(t);
+      a.prob_float ? rows_impl<T, true, F32>(a, begin, end) : rows_impl<T, true, T>(a, begin, end);
+    });
+    return;
+  }
   by_dtype(a, [&](auto t, auto spread) { rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 

@@ -14,7 +14,9 @@ struct SimdArgs {
   bool stats, grad;  // compute loss + lse from the logits (else read lse); write the gradient
   const void* x;
   void* g;
-  const int64_t* target;
+  const int64_t* target;  // class indices (B, S), or nullptr with probabilities
+  const void* prob;       // probability targets (B, C, S), classes contiguous (rows only), or nullptr
+  bool prob_float;        // prob in float32 (else in the logits' dtype)
   const float* weight;  // C class weights, or nullptr
   float weight_sum;     // sum of weight (C when unweighted)
   float eps;            // label smoothing in [0, 1]
@@ -28,7 +30,8 @@ struct SimdArgs {
   int* bad;  // set to 1 when a target is outside [0, C) and not ignore_index
 };
 
-// rows(a, begin, end): rows r in [begin, end) whose classes are contiguous (x_sC == g_sC == 1).
+// rows(a, begin, end): rows r in [begin, end) whose classes are contiguous (x_sC == g_sC == 1; probabilities:
+// theirs too); the only kernel that takes probability targets.
 // columns(a, begin, end): blocks of `width` positions, block k = (b, s0 = (k % blocks_per_b) * width), for
 // inputs whose positions are contiguous (x_sS == g_sS == 1) and classes strided.
 // small_rows(a, begin, end): blocks of `width` rows, rows k * width .., of at most small_row_classes() contiguous
