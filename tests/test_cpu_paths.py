@@ -264,3 +264,36 @@ def test_probability_rows(kernel_path, classes, dtypes, kw):
         summed = cross_entropy(x, y, reduction="sum", **kw)
     assert_close(summed, reference(x, y.double(), torch.ones(()), reduction="sum", **kw)[0], dtype, "sum",
                  logit_scale=scale)
+
+
+@pytest.mark.parametrize("classes", [(5, "a few"), (21, "a segmentation's, kept"), (257, "past the kept: recomputed")],
+                         ids=["5", "21", "257"])
+@pytest.mark.parametrize("dtypes", PROB_DTYPES[:3], ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
+def test_probability_kdim_blocks(kernel_path, classes, dtypes, kw):
+    """K-dim probability targets (the vectorised blocks of W positions) against float64: 35 positions per image (two
+    whole blocks and a partial one), a -inf and a NaN logit, a one-hot position, mean and 'none'."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    c, _ = classes
+    dtype, target_dtype = dtypes
+    g = torch.Generator().manual_seed(c + 1)
+    x = torch.randn(2, c, 5, 7, generator=g) * 3
+    x[0, c // 2, 1, 1] = -float("inf")
+    x[1, 0, 4, 6] = float("nan")
+    y = torch.softmax(torch.randn(2, c, 5, 7, generator=g) * 2, 1)
+    y[1, :, 2, 3] = 0.0
+    y[1, c - 1, 2, 3] = 1.0
+    x, y = x.to(dtype), y.to(target_dtype)
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g) + 0.2
+    scale = x[x.isfinite()].float().abs().max().item()
+    for reduction in ("mean", "none"):
+        grad_out = torch.rand(2, 5, 7, generator=g) + 0.5 if reduction == "none" else torch.ones(())
+        leaf = x.clone().requires_grad_()
+        loss = cross_entropy(leaf, y, reduction=reduction, **kw)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+        ref, ref_grad = reference(x, y.double(), grad_out, reduction=reduction, **kw)
+        assert_close(loss, ref, dtype, f"{reduction} loss", logit_scale=scale)
+        assert_close(grad, ref_grad, dtype, f"{reduction} grad", logit_scale=scale)

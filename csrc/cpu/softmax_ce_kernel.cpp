@@ -153,7 +153,7 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const SimdKernels* k = current_isa().load();
   if (k == nullptr) return false;
   const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1) && (!kProb || L.t_sC == 1);
-  const bool columns = !kProb && !rows && L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1);
+  const bool columns = !rows && L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1) && (!kProb || L.t_sS == 1);
   if (!rows && !columns) return false;
   SimdArgs a{};
   a.dtype = std::is_same_v<scalar_t, float>       ? SimdDtype::kFloat
@@ -178,7 +178,7 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
     a.f_sS = o.factor.dim() ? o.factor.stride(1) : 0;
   }
   a.B = L.B, a.C = L.C, a.S = L.S;
-  a.x_sB = L.x_sB, a.x_sC = L.x_sC, a.x_sS = L.x_sS, a.t_sB = L.t_sB, a.t_sS = L.t_sS;
+  a.x_sB = L.x_sB, a.x_sC = L.x_sC, a.x_sS = L.x_sS, a.t_sB = L.t_sB, a.t_sC = L.t_sC, a.t_sS = L.t_sS;
   a.g_sB = L.g_sB, a.g_sC = L.g_sC, a.g_sS = L.g_sS;
   int flag = 0;
   a.bad = &flag;

@@ -415,9 +415,12 @@ void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
 // gradient sweep multiplies it by p_mul / sum, where it loaded, converted and exponentiated again.
 constexpr int64_t kKeptClasses = 256;
 
-template <class T, bool kSpread>
+// Y: as for row_contiguous (probability targets, positions contiguous in them too; void: class indices).
+template <class T, bool kSpread, class Y = void>
 void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   using raw = typename T::raw;
+  constexpr bool kProb = !std::is_void_v<Y>;
+  static_assert(!kProb || kSpread, "probabilities spread the loss over every class");
   const int64_t C = a.C;
   const raw* x = static_cast<const raw*>(a.x) + b * a.x_sB + s0;
   raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s0 : nullptr;
@@ -425,7 +428,7 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   float* lse_io = a.lse + b * a.S + s0;
   vi ok = {}, tv = {};  // lanes with a valid target; the target class per lane (-1 where none)
   vf fill = {}, vwt = {}, vxt = {};  // what invalid lanes get (0 ignored, NaN out of range); w_t; x_t
-  for (int i = 0; i < n; ++i) {
+  for (int i = 0; i < n && !kProb; ++i) {
     const int64_t t = a.target[b * a.t_sB + (s0 + i) * a.t_sS];
     const bool ignored = t == a.ignore_index, bad = !ignored && out_of_range(t, C);
     if (bad) __atomic_store_n(a.bad, 1, __ATOMIC_RELAXED);
@@ -439,21 +442,32 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     vwt[i] = a.weight ? a.weight[t] : 1.0f;
     vxt[i] = T::get(x + t * a.x_sC + i);
   }
-  for (int i = n; i < W; ++i) tv[i] = -1;
-  vf vlse, vs = {};
+  for (int i = kProb ? 0 : n; i < W; ++i) tv[i] = -1;
+  if (kProb) ok = lanes_below(n);
+  // Class c's share of the spread term per lane: w_c, or w_c ((1 - eps) y_c + eps / C) with probabilities.
+  auto share = [&](int64_t c) {
+    const float w = a.weight ? a.weight[c] : 1.0f;
+    if constexpr (kProb) {
+      using yraw = typename Y::raw;
+      const vf y = load_lanes<Y>(static_cast<const yraw*>(a.prob) + b * a.t_sB + c * a.t_sC + s0, n, 0.0f);
+      return w * (a.eps == 0.0f ? y : (1.0f - a.eps) * y + a.eps / static_cast<float>(C));
+    }
+    return splat(w);
+  };
+  vf vlse, vs = {}, vA = {};
   vf kept[kKeptClasses];  // keep: e^(x - max) per class, [c][lane] (16 KiB at W = 16)
   const bool keep = a.stats && g && C <= kKeptClasses;
   if (a.stats) {
     vf vm = splat(-kInf);
     for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n, 0.0f));
-    vf vA = {}, vD = {};
+    vf vD = {};
     for (int64_t c = 0; c < C; ++c) {
       const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
       const vf e = vexp(v - vm);
       if (keep) kept[c] = e;
       vs += e;
       if (kSpread) {
-        const float w = a.weight ? a.weight[c] : 1.0f;
+        const vf w = share(c);
         vA += w;
         vD += w * (vm - v);
       }
@@ -461,11 +475,14 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     const vf vlog_s = vlog(vs);
     vlse = vm + vlog_s;
     vf vloss = vwt * ((vm - vxt) + vlog_s);  // as row_loss: exact where x_t is the max
-    if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * vlog_s + vD);
+    if (kProb) vloss = vA == 0.0f ? vD : vA * vlog_s + vD;
+    else if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * vlog_s + vD);
     store_lanes<F32>(loss, ok ? vloss : fill, n);
     store_lanes<F32>(lse_io, ok ? vlse : fill, n);
   } else {
     vlse = load_lanes<F32>(lse_io, n, 0.0f);
+    if (kProb && g)  // the gradient from a saved lse still needs A
+      for (int64_t c = 0; c < C; ++c) vA += share(c);
   }
   if (g) {
     vf f;  // the upstream factor per lane: broadcast, contiguous, or strided
@@ -477,25 +494,25 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
       f = vf{};
       for (int i = 0; i < n; ++i) f[i] = a.factor[b * a.f_sB + (s0 + i) * a.f_sS];
     }
-    const vf vt = f * (1.0f - a.eps) * vwt;  // the same algebra as coef(), per lane
-    const vf vc = a.eps == 0.0f ? splat(0.0f) : f * (a.eps / static_cast<float>(C));
-    const vf vp = a.eps == 0.0f ? f * vwt : vt + vc * a.weight_sum;
+    const vf vt = f * (1.0f - a.eps) * vwt;  // the same algebra as coef(), per lane (probabilities: f A, f)
+    const vf vc = kProb ? f : a.eps == 0.0f ? splat(0.0f) : f * (a.eps / static_cast<float>(C));
+    const vf vp = kProb ? f * vA : a.eps == 0.0f ? f * vwt : vt + vc * a.weight_sum;
     const vf vq = vp / vs;  // keep: p * p_mul = e^(x - max) * p_mul / sum
     for (int64_t c = 0; c < C; ++c) {
       const vf p = keep ? kept[c] * vq : vexp(load_lanes<T>(x + c * a.x_sC, n, 0.0f) - vlse) * vp;
-      vf gv = p - (a.weight ? a.weight[c] : 1.0f) * vc;
+      vf gv = p - (kSpread ? share(c) : splat(1.0f)) * vc;
       gv = tv == static_cast<int>(c) ? gv - vt : gv;
       store_lanes<T>(g + c * a.g_sC, ok ? gv : fill, n);
     }
   }
 }
 
-template <class T, bool kSpread>
+template <class T, bool kSpread, class Y = void>
 void columns_impl(const SimdArgs& a, int64_t begin, int64_t end) {
   const int64_t per_b = (a.S + W - 1) / W;
   for (int64_t k = begin; k < end; ++k) {
     const int64_t b = k / per_b, s0 = (k - b * per_b) * W;
-    column_block<T, kSpread>(a, b, s0, static_cast<int>(a.S - s0 < W ? a.S - s0 : W));
+    column_block<T, kSpread, Y>(a, b, s0, static_cast<int>(a.S - s0 < W ? a.S - s0 : W));
   }
 }
 
@@ -611,6 +628,13 @@ void small_rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
 }
 
 void columns_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+  if (a.prob != nullptr) {  // as rows_entry
+    by_dtype(a, [&](auto t, auto) {
+      using T = decltype(t);
+      a.prob_float ? columns_impl<T, true, F32>(a, begin, end) : columns_impl<T, true, T>(a, begin, end);
+    });
+    return;
+  }
   by_dtype(a, [&](auto t, auto spread) { columns_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 

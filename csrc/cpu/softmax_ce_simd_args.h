@@ -15,7 +15,7 @@ struct SimdArgs {
   const void* x;
   void* g;
   const int64_t* target;  // class indices (B, S), or nullptr with probabilities
-  const void* prob;       // probability targets (B, C, S), classes contiguous (rows only), or nullptr
+  const void* prob;       // probability targets (B, C, S) laid out as the logits' kernel needs, or nullptr
   bool prob_float;        // prob in float32 (else in the logits' dtype)
   const float* weight;  // C class weights, or nullptr
   float weight_sum;     // sum of weight (C when unweighted)
@@ -26,16 +26,16 @@ struct SimdArgs {
   const float* factor;  // upstream factor, read at b * f_sB + s * f_sS
   int64_t f_sB, f_sS;
   int64_t B, C, S;
-  int64_t x_sB, x_sC, x_sS, t_sB, t_sS, g_sB, g_sC, g_sS;
+  int64_t x_sB, x_sC, x_sS, t_sB, t_sC, t_sS, g_sB, g_sC, g_sS;  // t_sC: probabilities only
   int* bad;  // set to 1 when a target is outside [0, C) and not ignore_index
 };
 
 // rows(a, begin, end): rows r in [begin, end) whose classes are contiguous (x_sC == g_sC == 1; probabilities:
-// theirs too); the only kernel that takes probability targets.
+// theirs too).
 // columns(a, begin, end): blocks of `width` positions, block k = (b, s0 = (k % blocks_per_b) * width), for
-// inputs whose positions are contiguous (x_sS == g_sS == 1) and classes strided.
+// inputs whose positions are contiguous (x_sS == g_sS == 1; probabilities: theirs too) and classes strided.
 // small_rows(a, begin, end): blocks of `width` rows, rows k * width .., of at most small_row_classes() contiguous
-// classes each, one position per row (S == 1).
+// classes each, one position per row (S == 1); class indices only.
 struct SimdKernels {
   const char* name;
   int width;
