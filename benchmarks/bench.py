@@ -6,8 +6,9 @@ Bytes the op must move (its floor), for logits of N*C elements of E bytes:
   none+bwd  3 passes = 3*N*C*E   reduction='none' with an upstream gradient per row: read the logits in the
                                  forward, read them again and write the gradient in the backward
 % of floor = (passes * N*C*E / copy bandwidth) / measured time, where the copy bandwidth is measured in the
-same run (a large copy, counting the bytes read and written).  Targets, per-row losses and the like are a
-rounding error next to the logits and are not counted.
+same run (a large copy, counting the bytes read and written).  Class-index targets, per-row losses and the like
+are a rounding error next to the logits and are not counted; probability targets (--targets probabilities: the
+logits' shape and dtype) are one more pass, read once.
 
 Each timed configuration is also checked against a float64 PyTorch reference (max error relative to the
 largest reference value, for the loss and the gradient); a mismatch marks the row and makes the exit code 1.
@@ -81,6 +82,8 @@ def build_parser():
     p.add_argument("--reduction", choices=["mean", "sum"], default="mean", help="reduction for fwd and fwd+bwd")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of targets set to ignore_index (-100)")
+    p.add_argument("--targets", choices=["indices", "probabilities"], default="indices",
+                   help="class indices, or class probabilities (soft labels: a softmax, the logits' dtype)")
     p.add_argument("--providers", nargs="+", default=["ours", "torch", "compile", "liger", "flash_attn"],
                    choices=list(PROVIDERS), help="absent peers are listed as skipped")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: enough for ~0.3 s on CUDA, "
@@ -113,6 +116,8 @@ def resolve(args, parser):
             parser.error(f"unknown preset {item!r}: choose from {', '.join(PRESETS)} or give a shape like 8192x32000")
     if not 0.0 <= args.ignore_frac < 1.0:
         parser.error(f"--ignore-frac must be in [0, 1), got {args.ignore_frac}")
+    if args.targets == "probabilities" and args.ignore_frac:
+        parser.error("--ignore-frac needs class indices: probability targets have no ignore_index")
     if args.plot and importlib_missing("matplotlib"):
         parser.error("--plot needs matplotlib (pip install matplotlib)")
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
@@ -214,7 +219,7 @@ class Progress:
 class Case:
     """One shape/dtype: inputs (several copies when one would sit in cache), targets, upstream gradient."""
 
-    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes):
+    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes, prob=False):
         # Drawn on the device: a CPU draw of 1G logits took ~8 s per case on the GPU machine (most of the
         # bench's time there, 2026-11-26).
         g = torch.Generator(device=device).manual_seed(0)
@@ -223,11 +228,15 @@ class Case:
         copies = max(1, min(8, math.ceil(cache_bytes / self.nbytes)))
         base = torch.randn(shape, generator=g, device=device).mul_(2).to(dtype)
         self.inputs = [base] + [base.clone() for _ in range(copies - 1)]
-        t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g, device=device)
+        rows = (shape[0], *shape[2:])
+        if prob:
+            t = torch.randn(shape, generator=g, device=device).mul_(2).softmax(1).to(dtype)
+        else:
+            t = torch.randint(0, shape[1], rows, generator=g, device=device)
         if ignore_frac:
             t[torch.rand(t.shape, generator=g, device=device) < ignore_frac] = -100
-        self.target = t
-        self.row_grad = torch.rand(t.shape, generator=g, device=device).add_(0.5).to(dtype)
+        self.target, self.prob = t, prob
+        self.row_grad = torch.rand(rows, generator=g, device=device).add_(0.5).to(dtype)
 
 
 def run_once(fn, x, case, mode):
@@ -248,13 +257,15 @@ def reference_errors(case, mode, opts, loss, grad):
     reduction = "none" if mode == "none+bwd" else opts["reduction"]
     n = x.shape[0]
     chunk = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))
-    valid = (t != opts["ignore_index"]).sum().item()
-    scale = 1.0 / valid if reduction == "mean" else 1.0  # mean: every chunk divides by the global count
+    # mean: every chunk divides by the global count (probabilities: the positions, as PyTorch does)
+    valid = t.numel() // t.shape[1] if case.prob else (t != opts["ignore_index"]).sum().item()
+    scale = 1.0 / valid if reduction == "mean" else 1.0
     grad_scale = scale * (SCALED_GRAD if mode == "scaled+bwd" else 1.0)  # the loss's gradient
     ref_loss_parts, grad_err, grad_max = [], 0.0, 0.0
     for i in range(0, n, chunk):
         xs = x[i:i + chunk].detach().double().requires_grad_(grad is not None)
-        per_row = F.cross_entropy(xs, t[i:i + chunk], reduction="none", ignore_index=opts["ignore_index"],
+        ts = t[i:i + chunk].double() if case.prob else t[i:i + chunk]
+        per_row = F.cross_entropy(xs, ts, reduction="none", ignore_index=opts["ignore_index"],
                                   label_smoothing=opts["label_smoothing"])
         ref_loss_parts.append(per_row.detach())
         if grad is not None:
@@ -317,7 +328,7 @@ def header_lines(device, bw):
         f"softmax_ce_ext {softmax_ce_ext.__version__} ({build}); torch {torch.__version__}",
         f"device: {name}; threads: {torch.get_num_threads()}; copy bandwidth {bw:.1f} GB/s (read + write, this run)",
         "floor: fwd = N*C*E bytes (1 pass); fwd+bwd = 2*N*C*E (2 passes); none+bwd = 3*N*C*E (3 passes); "
-        "scaled+bwd (fwd+bwd, the loss's gradient 0.5) = 2*N*C*E; "
+        "scaled+bwd (fwd+bwd, the loss's gradient 0.5) = 2*N*C*E; probability targets: one pass more; "
         "% of floor = floor time / measured time; ms = device time of one call with its launches queued behind "
         "a GPU spin (host overhead hidden, as when the host runs ahead); host ms = the host's time to issue it",
     ]
@@ -368,10 +379,10 @@ def main(argv=None):
             case = None
             if device == "cuda":
                 torch.cuda.empty_cache()
-            case = Case(shape, dtype, device, args.ignore_frac, cache_bytes)
+            case = Case(shape, dtype, device, args.ignore_frac, cache_bytes, args.targets == "probabilities")
         opts = dict(reduction="none" if mode == "none+bwd" else args.reduction, ignore_index=-100,
                     label_smoothing=args.label_smoothing)
-        passes = MODES[mode]
+        passes = MODES[mode] + (args.targets == "probabilities")  # the targets: read once
         floor_ms = passes * case.nbytes / bw / 1e6
         results = []
         for name in args.providers:
@@ -381,7 +392,7 @@ def main(argv=None):
                        status="ok", ms=None, gbps=None, pct_floor=None, floor_ms=floor_ms, passes=passes,
                        speedup_vs_torch=None, peak_extra_x=None, loss_err=None, grad_err=None, ok=True, note="",
                        host_ms=None)
-            reason = provider.unavailable(device, shape, opts)
+            reason = provider.unavailable(device, shape, opts, case.prob)
             if reason:
                 row.update(status="skipped", note=f"skipped: {reason}")
             else:
@@ -423,7 +434,8 @@ def main(argv=None):
 def write_outputs(args, rows, header, bw, device):
     meta = dict(version=softmax_ce_ext.__version__, build=softmax_ce_ext.build_info(), torch=torch.__version__,
                 device=device, device_name=header[1], threads=torch.get_num_threads(), copy_gbps=bw,
-                date=time.strftime("%Y-%m-%d"), floor="fwd 1 pass, fwd+bwd 2, none+bwd 3 passes of N*C*E bytes")
+                date=time.strftime("%Y-%m-%d"), targets=args.targets,
+                floor="fwd 1 pass, fwd+bwd 2, none+bwd 3 passes of N*C*E bytes (+1 for probability targets)")
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     if args.csv:

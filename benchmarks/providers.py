@@ -16,7 +16,7 @@ class Provider:
     name = ""
     inplace = False  # the backward overwrites the logits with the gradient
 
-    def unavailable(self, device, shape, opts):
+    def unavailable(self, device, shape, opts, prob=False):
         """None when it can run; else the reason it is skipped."""
         return None
 
@@ -53,7 +53,7 @@ class OursTuned(Provider):
     def __init__(self, name, **settings):
         self.name, self.settings = name, settings
 
-    def unavailable(self, device, shape, opts):
+    def unavailable(self, device, shape, opts, prob=False):
         return None if device == "cuda" else "a CUDA kernel family"
 
     def scope(self):
@@ -86,7 +86,7 @@ class TorchCompile(Provider):
 class _TritonPeer(Provider):
     module = ""
 
-    def unavailable(self, device, shape, opts):
+    def unavailable(self, device, shape, opts, prob=False):
         if importlib.util.find_spec(self.module.split(".")[0]) is None:
             return f"{self.module.split('.')[0]} not installed"
         if device != "cuda":
@@ -95,6 +95,8 @@ class _TritonPeer(Provider):
             return "2-D logits only"
         if opts.get("weight") is not None:
             return "no class weights"
+        if prob:
+            return "class indices only"
         return None
 
 

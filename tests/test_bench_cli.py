@@ -45,6 +45,26 @@ def test_quick_run_writes_json_and_csv(tmp_path):
     assert {"shape", "dtype", "mode", "provider", "ms", "pct_floor", "loss_err", "grad_err", "ok"} <= set(csv_rows[0])
 
 
+def test_probability_targets(tmp_path):
+    """--targets probabilities: soft labels in the logits' dtype, checked against float64 like class indices; one
+    more pass in the floor (the targets are read); the fused peers that take class indices only are skipped."""
+    out_json = tmp_path / "r.json"
+    r = bench("--device", "cpu", "--shapes", "quick", "--dtype", "float32", "bfloat16", "--mode", "fwd", "fwd+bwd",
+              "none+bwd", "--providers", "ours", "torch", "liger", "--reps", "3", "--label-smoothing", "0.1",
+              "--targets", "probabilities", "--json", str(out_json), "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out_json.read_text())
+    assert data["meta"]["targets"] == "probabilities"
+    rows = data["rows"]
+    timed = [row for row in rows if row["status"] == "ok"]
+    assert {row["provider"] for row in timed} == {"ours", "torch"} and len(timed) == 2 * 2 * 3 * 2
+    for row in timed:
+        assert row["ok"] and row["loss_err"] < 3e-2
+        assert (row["grad_err"] is None) == (row["mode"] == "fwd")
+        assert row["passes"] == {"fwd": 2, "fwd+bwd": 3, "none+bwd": 4}[row["mode"]]
+    assert all(row["status"] == "skipped" and row["note"] for row in rows if row["provider"] == "liger")
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -53,6 +73,7 @@ def test_quick_run_writes_json_and_csv(tmp_path):
         (["--shapes", "8192"], "malformed shape '8192'"),
         (["--mode", "backwards"], "invalid choice"),
         (["--ignore-frac", "1.5"], "--ignore-frac must be in [0, 1)"),
+        (["--targets", "probabilities", "--ignore-frac", "0.1"], "--ignore-frac needs class indices"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):
