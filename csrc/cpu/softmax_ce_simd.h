@@ -268,6 +268,11 @@ struct Ahead {
   }
 };
 
+// A class's share of a probability target's loss: w ((1 - eps) y + eps / C).
+inline vf prob_share(vf w, vf y, float eps, int64_t C) {
+  return w * (eps == 0.0f ? y : (1.0f - eps) * y + eps / static_cast<float>(C));
+}
+
 template <class raw>
 const raw* row_start(const SimdArgs& a, int64_t r) {
   const int64_t b = r / a.S, s = r - b * a.S;
@@ -311,8 +316,8 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     const vf w = a.weight ? load_lanes<F32>(a.weight + c, n, 0.0f) : splat(1.0f);
     if constexpr (kProb) {
       using yraw = typename Y::raw;
-      const vf y = load_lanes<Y>(static_cast<const yraw*>(a.prob) + b * a.t_sB + s * a.t_sS + c, n, 0.0f);
-      return w * (a.eps == 0.0f ? y : (1.0f - a.eps) * y + a.eps / static_cast<float>(C));
+      const yraw* y = static_cast<const yraw*>(a.prob) + b * a.t_sB + s * a.t_sS + c;
+      return prob_share(w, load_lanes<Y>(y, n, 0.0f), a.eps, C);
     }
     return w;
   };
@@ -449,8 +454,8 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     const float w = a.weight ? a.weight[c] : 1.0f;
     if constexpr (kProb) {
       using yraw = typename Y::raw;
-      const vf y = load_lanes<Y>(static_cast<const yraw*>(a.prob) + b * a.t_sB + c * a.t_sC + s0, n, 0.0f);
-      return w * (a.eps == 0.0f ? y : (1.0f - a.eps) * y + a.eps / static_cast<float>(C));
+      const yraw* y = static_cast<const yraw*>(a.prob) + b * a.t_sB + c * a.t_sC + s0;
+      return prob_share(splat(w), load_lanes<Y>(y, n, 0.0f), a.eps, C);
     }
     return splat(w);
   };
@@ -612,14 +617,15 @@ void by_dtype(const SimdArgs& a, Run&& run) {
   }
 }
 
+// Probability targets: run(T, Y), Y the targets' loads (F32 for float32 targets, else T, the logits' dtype).
+template <class Run>
+void by_prob_dtype(const SimdArgs& a, Run&& run) {
+  by_dtype(a, [&](auto t, auto) { a.prob_float ? run(t, F32{}) : run(t, t); });
+}
+
 void rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
-  if (a.prob != nullptr) {  // probability targets: float32, or the logits' dtype
-    by_dtype(a, [&](auto t, auto) {
-      using T = decltype(t);
-      a.prob_float ? rows_impl<T, true, F32>(a, begin, end) : rows_impl<T, true, T>(a, begin, end);
-    });
-    return;
-  }
+  if (a.prob != nullptr)
+    return by_prob_dtype(a, [&](auto t, auto y) { rows_impl<decltype(t), true, decltype(y)>(a, begin, end); });
   by_dtype(a, [&](auto t, auto spread) { rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 
@@ -628,13 +634,8 @@ void small_rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
 }
 
 void columns_entry(const SimdArgs& a, int64_t begin, int64_t end) {
-  if (a.prob != nullptr) {  // as rows_entry
-    by_dtype(a, [&](auto t, auto) {
-      using T = decltype(t);
-      a.prob_float ? columns_impl<T, true, F32>(a, begin, end) : columns_impl<T, true, T>(a, begin, end);
-    });
-    return;
-  }
+  if (a.prob != nullptr)
+    return by_prob_dtype(a, [&](auto t, auto y) { columns_impl<decltype(t), true, decltype(y)>(a, begin, end); });
   by_dtype(a, [&](auto t, auto spread) { columns_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 
