@@ -243,6 +243,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
         want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False
         want_target_grad = p.prob and ctx.needs_input_grad[1] and grad_wanted is not False
+        if (want_input_grad or want_target_grad) and torch.compiler.is_exporting():
+            _refuse_export(want_target_grad)
         inplace = bool(inplace_backward) and want_input_grad  # without a gradient the logits are left alone
         if inplace:
             p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
@@ -338,6 +340,16 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if ctx.prob and ctx.needs_input_grad[1]:
             grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(target.dtype).reshape(input.shape)
         return grad_input, grad_target, None, None, None, None, None, None
+
+
+def _refuse_export(want_target_grad):
+    """torch.export inlines a Function's forward and drops its backward: the exported gradient would be missing."""
+    got = "probability targets that require grad" if want_target_grad else "SoftmaxCrossEntropyFunction itself"
+    raise RuntimeError(
+        "cross_entropy under torch.export with a gradient: expected a call through softmax_ce_ext.cross_entropy or "
+        f"CrossEntropyLoss wanting the logits' gradient only (exported as custom ops with autograd formulas); got {got}"
+        ", whose gradient an exported program would silently lack"
+    )
 
 
 def _inplace_view(input, x3_shape, want_target_grad):

@@ -1,10 +1,15 @@
-"""The loss in traced code without the autograd.Function (SOFTMAX_CE_COMPILE_PATH=custom_op): two Python custom
-ops with registered autograd formulas, which Dynamo records as opaque calls instead of tracing a Function.
+"""The loss in traced code without the autograd.Function: two Python custom ops with registered autograd
+formulas, which Dynamo records as opaque calls instead of tracing a Function.
 
-Why there are two paths: torch 2.11's Dynamo got the Function's gradient wrong (zeros, H100 2026-11-27;
-pytorch#180642). The Function path (the default, 'function') has a fix for that, not yet run under 2.11: its
-output never aliases an intermediate when traced. This path avoids the mechanism altogether, so one GPU
-session can run both under 2.11 (benchmarks/compile_debug.py) and keep the one that is right.
+Who takes it:
+- torch.export, always: export inlines a Function's forward and drops its backward, so an exported program's
+  gradient was silently missing (None, with a warning) and `_export_forward_backward` failed; the custom ops
+  carry their autograd formulas into the exported graph.
+- torch.compile with SOFTMAX_CE_COMPILE_PATH=custom_op. torch 2.11's Dynamo got the Function's gradient wrong
+  (zeros, H100 2026-11-27; pytorch#180642). The Function path (the default, 'function') has a fix for that, not
+  yet run under 2.11: its output never aliases an intermediate when traced. This path avoids the mechanism
+  altogether, so one GPU session can run both under 2.11 (benchmarks/compile_debug.py) and keep the one that is
+  right.
 """
 
 import os
@@ -80,8 +85,10 @@ row_losses.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
 def wanted(input, target):
-    """This path takes traced calls that want the logits' gradient, and not the targets'."""
-    return (PATH == "custom_op" and torch.compiler.is_compiling() and torch.is_grad_enabled() and input.requires_grad
+    """This path takes traced calls (exported, or compiled under custom_op) that want the logits' gradient, and not
+    the targets'."""
+    return ((PATH == "custom_op" or torch.compiler.is_exporting()) and torch.compiler.is_compiling()
+            and torch.is_grad_enabled() and input.requires_grad
             and not (target.is_floating_point() and target.requires_grad))
 
 
@@ -97,5 +104,10 @@ def cross_entropy(p):
         total = rows.sum() if divisor is None else rows.sum() / divisor
     else:
         grad_scale = p.grad_scale(inv_denom)
+        if p.reduction == "mean" and denom is None:
+            # A mean of probabilities: the op's loss must be the mean its gradient (scaled by 1 / positions) is of;
+            # divided by finish() instead, autograd would apply 1 / positions a second time.
+            denom = divisor = torch.full((), float(p.positions), dtype=p.acc, device=p.x3.device)
+            loss_dtype = p.out_dtype
         total, _ = train_loss(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
     return p.finish(total, denom).to(p.out_dtype)
