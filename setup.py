@@ -96,7 +96,8 @@ def extensions():
     # at::parallel_for is a header template over OpenMP: without -fopenmp its pragma is ignored and every
     # CPU kernel runs on one thread.
     cxx = ["-O3", "-fopenmp"]
-    info = {"backend": "cuda" if use_cuda else "cpu", "why": why, "archs": ""}
+    # The torch it is built against: _ops.py names it if the kernels fail to load under another.
+    info = {"backend": "cuda" if use_cuda else "cpu", "why": why, "archs": "", "torch": torch.__version__}
     if use_cuda:
         archs, arch_why = cuda_archs(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs

@@ -30,11 +30,11 @@ def empty_grad_cache() -> None:
 
 
 def build_info() -> dict:
-    """What setup.py built: backend ('cuda' or 'cpu'), why, and the CUDA archs."""
+    """What setup.py built: backend ('cuda' or 'cpu'), why, the CUDA archs, and the torch it was built against."""
     try:
         from ._build_info import BUILD
     except ImportError:  # built by something other than setup.py
-        BUILD = {"backend": "cuda" if cuda_built() else "cpu", "why": "unknown", "archs": ""}
+        BUILD = {"backend": "cuda" if cuda_built() else "cpu", "why": "unknown", "archs": "", "torch": None}
     return dict(BUILD)
 
 

@@ -1,8 +1,35 @@
 """Loads the compiled ops and registers their fake (meta) kernels so torch.compile can trace them."""
 
+import warnings
+
 import torch
 
-from . import _C  # noqa: F401  (registers the softmax_ce_ext ops with the dispatcher)
+
+def _built_against():
+    try:
+        from ._build_info import BUILD
+    except ImportError:  # built by something other than setup.py
+        return None
+    return BUILD.get("torch")
+
+
+def _minor(version):
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+try:
+    from . import _C  # noqa: F401  (registers the softmax_ce_ext ops with the dispatcher)
+except ImportError as err:
+    # Most often a torch upgraded (or swapped) after the build: the compiled kernels link to that torch's symbols.
+    raise ImportError(
+        f"softmax_ce_ext: the compiled kernels (_C) failed to load ({err}). They were built against torch "
+        f"{_built_against() or '(unrecorded)'}; this is torch {torch.__version__}. A C++ extension must be rebuilt for "
+        "the torch it runs with: `pip install --no-build-isolation .` (or `make build`) in its checkout"
+    ) from err
+if _built_against() and _minor(_built_against()) != _minor(torch.__version__):
+    warnings.warn(f"softmax_ce_ext was built against torch {_built_against()} and runs under torch {torch.__version__}"
+                  ": rebuild it (`pip install --no-build-isolation .`); across minor versions the C++ ABI changes",
+                  RuntimeWarning, stacklevel=2)
 
 ops = torch.ops.softmax_ce_ext
 

@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +150,53 @@ def test_cuda_tuning_built_in_defaults_match_the_extension():
     code = "import json, softmax_ce_ext.tuning as t; print(json.dumps(t.get()))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == tuning.BUILT_IN
+
+
+def test_build_records_its_torch():
+    """The build names the torch it was built against (the load error below quotes it)."""
+    assert softmax_ce_ext.build_info()["torch"] == torch.__version__
+
+
+def _import_copy(tmp_path, edit):
+    """Imports a copy of the package whose files `edit` changed, in a fresh interpreter: (returncode, stderr)."""
+    import pathlib
+
+    package = pathlib.Path(softmax_ce_ext.__file__).parent
+    copy = tmp_path / "softmax_ce_ext"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    edit(copy)
+    code = ("import warnings; warnings.simplefilter('error'); import softmax_ce_ext; "
+            f"assert softmax_ce_ext.__file__.startswith({str(tmp_path)!r}), softmax_ce_ext.__file__")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path, timeout=120)
+    return run.returncode, run.stderr
+
+
+def test_kernels_that_fail_to_load_say_why(tmp_path):
+    """A _C that cannot load (most often: torch upgraded after the build) raises an ImportError that names both
+    torch versions and the rebuild, not only the linker's undefined symbol."""
+    def break_kernels(copy):
+        for so in copy.glob("_C*.so"):
+            so.write_bytes(b"not a shared object")
+        (copy / "_build_info.py").write_text("BUILD = {'backend': 'cpu', 'why': '', 'archs': '', 'torch': '1.0.0'}\n")
+
+    code, err = _import_copy(tmp_path, break_kernels)
+    assert code != 0
+    assert "ImportError: softmax_ce_ext: the compiled kernels (_C) failed to load" in err
+    assert "built against torch 1.0.0" in err and f"this is torch {torch.__version__}" in err
+    assert "pip install --no-build-isolation" in err
+
+
+def test_kernels_built_for_another_minor_version_warn(tmp_path):
+    """Kernels that load under a torch of another minor version than their build's warn (the ABI may differ);
+    a patch release does not."""
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+
+    def record(version):
+        return lambda copy: (copy / "_build_info.py").write_text(
+            f"BUILD = {{'backend': 'cpu', 'why': '', 'archs': '', 'torch': '{version}'}}\n")
+
+    code, err = _import_copy(tmp_path / "minor", record(f"{major}.{int(minor) + 1}.0"))
+    assert code != 0 and "RuntimeWarning: softmax_ce_ext was built against torch" in err, err
+    code, err = _import_copy(tmp_path / "patch", record(f"{major}.{minor}.99+other"))
+    assert code == 0, err
