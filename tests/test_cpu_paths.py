@@ -146,6 +146,66 @@ def test_small_rows_blocks(kernel_path, size, dtype, kw, inplace):
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
 
 
+# Channels-last K-dim logits (each position a row of contiguous classes): where the batch continues the positions'
+# stride, the rows are one (B*S, C) matrix, which the 16-row blocks take; elsewhere one (b, s) row at a time. Why each.
+CHANNELS_LAST = [((3, 21, 9, 7), "whole", "a segmentation's class count: 16-row blocks over all B*S rows"),
+                 ((2, 97, 5, 6), "whole", "past float's block limit: one row at a time, over the flattened rows"),
+                 ((3, 21, 9, 7), "cropped", "rows 0-8 of a 12-row map: the batch does not continue the positions"),
+                 ((3, 21, 9, 7), "shared-target", "one target map expanded over the batch (its batch stride 0)")]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST, ids=[f"{'x'.join(map(str, s))}-{k}" for s, k, _ in CHANNELS_LAST])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", weighted=True, label_smoothing=0.2)],
+                         ids=["mean", "none-weighted-smoothed"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
+def test_channels_last_rows(kernel_path, case, dtype, kw, inplace):
+    """Every CPU path against float64; ignored targets; per-position upstream gradients ('none'); the gradient
+    comes back channels-last, as the logits are, or over them (in place)."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    (n, c, h, w), kind, _ = case
+    g = torch.Generator().manual_seed(c * 10 + len(kind))
+    rows = h + 3 if kind == "cropped" else h
+    x = (torch.randn(n, c, rows, w, generator=g) * 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = x[:, :, :h]
+    t = torch.randint(0, c, (1 if kind == "shared-target" else n, h, w), generator=g)
+    t[..., 1::4, ::3] = -100
+    t = t.expand(n, h, w)
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g) + 0.2
+    grad_out = torch.rand(n, h, w, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())
+    leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    assert leaf.stride(1) == 1
+    logits = leaf * 1 if inplace else leaf  # not a leaf: in place needs one
+    loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
+    (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+    ref, ref_grad = reference(x, t, grad_out, **kw)
+    scale = x.float().abs().max().item()
+    assert_close(loss, ref, dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+
+
+def test_channels_last_gradient_blocks():
+    """A channels-last gradient of 8+ MiB comes from the reused 2 MiB-page blocks with the logits' strides."""
+    x = torch.randn(2, 21, 256, 256).contiguous(memory_format=torch.channels_last).requires_grad_()  # 10.5 MiB
+    t = torch.randint(0, 21, (2, 256, 256))
+    _C.empty_grad_cache()
+    try:
+        for step in range(2):
+            x.grad = None
+            cross_entropy(x * (step + 1), t).backward()
+        assert x.grad.stride() == x.stride()
+        ref = x.detach().contiguous().requires_grad_()
+        F.cross_entropy(ref * 2, t).backward()
+        torch.testing.assert_close(x.grad, ref.grad)
+        x.grad = None  # its block is kept for the next step (an ordinary tensor would be freed)
+        assert _C.grad_cache_sizes() == [12 << 20]
+    finally:
+        _C.empty_grad_cache()
+
+
 def _mean_and_none_against_float64(x, t, g, **kw):
     """Loss and gradient of reduction='mean', then 'none' with random per-position upstream gradients, against
     float64 (the tolerance widened by the largest finite logit); t: class indices or probabilities."""

@@ -146,6 +146,13 @@ void raise_bad_target(const at::Tensor& target, int64_t C, int64_t ignore_index)
   TORCH_CHECK(false, "softmax_ce_ext: an out-of-range target was flagged but not found");
 }
 
+// Whether row (b, s) of the logits, targets, gradient and factor sits at (b * S + s) times the positions' stride:
+// the batch dimension continues the positions (or there is one batch), so the rows form one (B*S, C) matrix.
+bool batch_spans_positions(const RowLayout& L, const SimdArgs& a, bool grad) {
+  auto spans = [&](int64_t sB, int64_t sS) { return L.B == 1 || sB == L.S * sS; };
+  return spans(L.x_sB, L.x_sS) && spans(L.t_sB, L.t_sS) && (!grad || (spans(L.g_sB, L.g_sS) && spans(a.f_sB, a.f_sS)));
+}
+
 // The vectorised path, when the instruction set, dtype and layout allow: rows whose classes are contiguous,
 // or (K-dim inputs) blocks of contiguous positions.  Returns false to leave the work to the portable kernel.
 template <typename scalar_t, bool kStats, bool kGrad, bool kProb>
@@ -182,11 +189,18 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   a.g_sB = L.g_sB, a.g_sC = L.g_sC, a.g_sS = L.g_sS;
   int flag = 0;
   a.bad = &flag;
+  if (rows && L.S > 1 && !kProb && batch_spans_positions(L, a, kGrad)) {
+    // Channels-last K-dim logits (each position a row of contiguous classes, the batch continuing the positions'
+    // stride): one (B*S, C) matrix, so the 16-row blocks below take short rows (8x21x256x256 float32: 5x).
+    a.B = L.B * L.S, a.S = 1;
+    a.x_sB = L.x_sS, a.t_sB = L.t_sS, a.g_sB = L.g_sS, a.f_sB = a.f_sS;
+    a.x_sS = a.t_sS = a.g_sS = a.f_sS = 0;
+  }
   // Rows of few classes, one position each (classification): width rows per item, one per lane.
-  const bool small = !kProb && rows && L.S == 1 && L.C >= 1 && L.C <= small_row_classes(sizeof(scalar_t)) &&
+  const bool small = !kProb && rows && a.S == 1 && L.C >= 1 && L.C <= small_row_classes(sizeof(scalar_t)) &&
                      k->small_rows != nullptr;
   const int64_t work = std::max<int64_t>(L.C, 1) * (rows && !small ? 1 : k->width);  // elements per item
-  const int64_t items = small  ? (L.B + k->width - 1) / k->width
+  const int64_t items = small  ? (a.B + k->width - 1) / k->width
                         : rows ? L.rows()
                                : L.B * ((L.S + k->width - 1) / k->width);
   auto fn = small ? k->small_rows : rows ? k->rows : k->columns;
@@ -317,7 +331,8 @@ at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
 #if defined(__linux__)
   constexpr size_t kHuge = size_t{2} << 20;
   const size_t bytes = static_cast<size_t>(logits.numel()) * logits.element_size();
-  if (logits.is_contiguous() && bytes >= 4 * kHuge) {
+  // Dense layouts of any order (channels-last too): the block takes the logits' strides, as empty_like would.
+  if (logits.is_non_overlapping_and_dense() && bytes >= 4 * kHuge) {
     const size_t want = (bytes + kHuge - 1) / kHuge * kHuge;
     GradBlockCache::Block b = GradBlockCache::get().take(want);
     if (b.p == nullptr) {
@@ -329,7 +344,7 @@ at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
     }
     if (b.p != nullptr) {
       const size_t len = b.len;
-      return at::from_blob(b.p, logits.sizes(), [len](void* q) { GradBlockCache::get().give(q, len); },
+      return at::from_blob(b.p, logits.sizes(), logits.strides(), [len](void* q) { GradBlockCache::get().give(q, len); },
                            logits.options());
     }
   }
