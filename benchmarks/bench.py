@@ -84,6 +84,9 @@ def build_parser():
     p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of targets set to ignore_index (-100)")
     p.add_argument("--targets", choices=["indices", "probabilities"], default="indices",
                    help="class indices, or class probabilities (soft labels: a softmax, the logits' dtype)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="K-dim logits stored channels-last (classes contiguous at each position), as a CNN in "
+                        "channels_last memory format outputs them")
     p.add_argument("--providers", nargs="+", default=["ours", "torch", "compile", "liger", "flash_attn"],
                    choices=list(PROVIDERS), help="absent peers are listed as skipped")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: enough for ~0.3 s on CUDA, "
@@ -118,6 +121,8 @@ def resolve(args, parser):
         parser.error(f"--ignore-frac must be in [0, 1), got {args.ignore_frac}")
     if args.targets == "probabilities" and args.ignore_frac:
         parser.error("--ignore-frac needs class indices: probability targets have no ignore_index")
+    if args.channels_last and any(len(s) < 3 for s in shapes):
+        parser.error("--channels-last needs K-dim shapes (N x C x d1...), got an N x C shape")
     if args.plot and importlib_missing("matplotlib"):
         parser.error("--plot needs matplotlib (pip install matplotlib)")
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
@@ -219,14 +224,18 @@ class Progress:
 class Case:
     """One shape/dtype: inputs (several copies when one would sit in cache), targets, upstream gradient."""
 
-    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes, prob=False):
+    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes, prob=False, channels_last=False):
         # Drawn on the device: a CPU draw of 1G logits took ~8 s per case on the GPU machine (most of the
         # bench's time there, 2026-11-26).
         g = torch.Generator(device=device).manual_seed(0)
         self.shape, self.dtype, self.device = shape, dtype, device
         self.nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         copies = max(1, min(8, math.ceil(cache_bytes / self.nbytes)))
-        base = torch.randn(shape, generator=g, device=device).mul_(2).to(dtype)
+        if channels_last:  # drawn with the classes last, viewed (N, C, d1...): the classes contiguous at each position
+            base = torch.randn((shape[0], *shape[2:], shape[1]), generator=g, device=device).movedim(-1, 1)
+        else:
+            base = torch.randn(shape, generator=g, device=device)
+        base = base.mul_(2).to(dtype)  # .to and clone keep the layout
         self.inputs = [base] + [base.clone() for _ in range(copies - 1)]
         rows = (shape[0], *shape[2:])
         if prob:
@@ -367,6 +376,8 @@ def main(argv=None):
     bw = copy_bandwidth(device)
     for line in header_lines(device, bw):
         print(line)
+    if args.channels_last:
+        print("logits: channels-last (N, C, d1...) views, the classes contiguous at each position")
     print(TABLE_HEAD, flush=True)
     cache_bytes = 2 * torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 64 << 20
     budget_ms = 300.0 if device == "cuda" else 1000.0
@@ -379,7 +390,8 @@ def main(argv=None):
             case = None
             if device == "cuda":
                 torch.cuda.empty_cache()
-            case = Case(shape, dtype, device, args.ignore_frac, cache_bytes, args.targets == "probabilities")
+            case = Case(shape, dtype, device, args.ignore_frac, cache_bytes, args.targets == "probabilities",
+                        args.channels_last)
         opts = dict(reduction="none" if mode == "none+bwd" else args.reduction, ignore_index=-100,
                     label_smoothing=args.label_smoothing)
         passes = MODES[mode] + (args.targets == "probabilities")  # the targets: read once
@@ -434,7 +446,7 @@ def main(argv=None):
 def write_outputs(args, rows, header, bw, device):
     meta = dict(version=softmax_ce_ext.__version__, build=softmax_ce_ext.build_info(), torch=torch.__version__,
                 device=device, device_name=header[1], threads=torch.get_num_threads(), copy_gbps=bw,
-                date=time.strftime("%Y-%m-%d"), targets=args.targets,
+                date=time.strftime("%Y-%m-%d"), targets=args.targets, channels_last=args.channels_last,
                 floor="fwd 1 pass, fwd+bwd 2, none+bwd 3 passes of N*C*E bytes (+1 for probability targets)")
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
