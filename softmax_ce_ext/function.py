@@ -243,11 +243,17 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
         want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False
         want_target_grad = p.prob and ctx.needs_input_grad[1] and grad_wanted is not False
-        if (want_input_grad or want_target_grad) and torch.compiler.is_exporting():
-            _refuse_export(want_target_grad)
+        want_weight_grad = weight is not None and ctx.needs_input_grad[2] and grad_wanted is not False
+        if want_weight_grad and not p.prob:  # PyTorch's nll_loss refuses it too (same class and message)
+            raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument "
+                               "'weight'. This input cannot have requires_grad True.")
+        # The gradients of probability targets and of the weight come from composites of the saved logits.
+        want_composite = want_target_grad or want_weight_grad
+        if (want_input_grad or want_composite) and torch.compiler.is_exporting():
+            _refuse_export(want_composite)
         inplace = bool(inplace_backward) and want_input_grad  # without a gradient the logits are left alone
         if inplace:
-            p.x3 = _inplace_view(input, p.x3_shape, want_target_grad)
+            p.x3 = _inplace_view(input, p.x3_shape, want_composite)
         status = _status.buffer_for(input.device)
         grad = None
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
@@ -274,7 +280,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
                                                    status, divisor, loss_dtype)
-        elif want_input_grad or want_target_grad:
+        elif want_input_grad or want_composite:
             # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient): the rows' lse kept
             denom, _ = p.mean_denominator()  # float16's mean over class indices; else None
             total, lse = _rows_total(p, status, denom)
@@ -289,13 +295,14 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         # it (pytorch#180642): the loss was right, the gradient zeros (H100, 2026-11-27).  One small copy.
         out = total.to(p.out_dtype, copy=torch.compiler.is_compiling())
 
-        if want_input_grad or want_target_grad:
+        if want_input_grad or want_composite:
             ctx.save_for_backward(input, target, weight, lse, denom)
             ctx.grad_buf = grad  # consumed (scaled in place) by the first backward
             ctx.fused = fused  # the forward wrote the gradient
             ctx.grad_in_input = inplace and fused  # the saved input is the gradient, once
             ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
             ctx.x3_shape, ctx.positions, ctx.inplace = p.x3_shape, p.positions, inplace
+            ctx.weight_dtype = None if weight is None else weight.dtype
         return out
 
     @staticmethod
@@ -314,7 +321,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad, ctx.grad_buf = ctx.grad_buf, None
             ops.scale_grad_(grad, grad_out)  # the 0-d loss's gradient, read in its own dtype: no cast, no view
             grad_input = grad.reshape(input.shape)
-            if not (ctx.prob and ctx.needs_input_grad[1]):
+            if not (ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])):
                 return grad_input, None, None, None, None, None, None, None
         x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
@@ -339,12 +346,16 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             grad_input = grad.reshape(input.shape)
         if ctx.prob and ctx.needs_input_grad[1]:
             grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(target.dtype).reshape(input.shape)
-        return grad_input, grad_target, None, None, None, None, None, None
+        grad_weight = None
+        if ctx.prob and ctx.needs_input_grad[2]:
+            grad_weight = _composite_weight_grad(x3, t, factor, ctx.eps).to(ctx.weight_dtype)
+        return grad_input, grad_target, grad_weight, None, None, None, None, None
 
 
-def _refuse_export(want_target_grad):
+def _refuse_export(want_composite):
     """torch.export inlines a Function's forward and drops its backward: the exported gradient would be missing."""
-    got = "probability targets that require grad" if want_target_grad else "SoftmaxCrossEntropyFunction itself"
+    got = ("probability targets or a class weight that require grad" if want_composite
+           else "SoftmaxCrossEntropyFunction itself")
     raise RuntimeError(
         "cross_entropy under torch.export with a gradient: expected a call through softmax_ce_ext.cross_entropy or "
         f"CrossEntropyLoss wanting the logits' gradient only (exported as custom ops with autograd formulas); got {got}"
@@ -352,7 +363,7 @@ def _refuse_export(want_target_grad):
     )
 
 
-def _inplace_view(input, x3_shape, want_target_grad):
+def _inplace_view(input, x3_shape, want_composite):
     """The (B, C, S) view that inplace_backward=True writes the gradient into; refuses what it would corrupt."""
     if input.is_leaf:
         raise RuntimeError(
@@ -360,10 +371,10 @@ def _inplace_view(input, x3_shape, want_target_grad):
             "tensor that requires grad (its .grad would share their memory); got a leaf. Pass the output of the "
             "last layer, or use inplace_backward=False"
         )
-    if want_target_grad:
+    if want_composite:
         raise RuntimeError(
-            "cross_entropy: inplace_backward=True destroys the logits, which the gradient of probability targets "
-            "needs; got targets that require grad"
+            "cross_entropy: inplace_backward=True destroys the logits, which the gradients of probability targets "
+            "and of the class weight need; got targets or a weight that require grad"
         )
     try:
         return input.view(x3_shape)
@@ -411,6 +422,14 @@ def _composite_grad(x3, t, weight, factor, ignore_index, eps, prob):
     c_mul = f * (eps / classes)
     grad = p * (t_sub + c_mul * w_sum) - w * c_mul - onehot * t_sub
     return grad * valid.unsqueeze(1)
+
+
+def _composite_weight_grad(x3, y, factor, eps):
+    """d loss / d w_c = -sum over rows of f * ((1 - eps) y_c + eps / C) * log_softmax(x)_c (probability targets)."""
+    x = x3.to(factor.dtype)
+    logp = x - torch.logsumexp(x, dim=1, keepdim=True)
+    share = (1.0 - eps) * y.to(x.dtype) + eps / x.shape[1]
+    return -(factor.unsqueeze(1) * share * logp).sum(dim=(0, 2))
 
 
 def _composite_target_grad(x3, weight, factor, eps):

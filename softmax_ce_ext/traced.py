@@ -84,12 +84,13 @@ def _rows_backward(ctx, g_rows, g_lse):
 row_losses.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
-def wanted(input, target):
+def wanted(input, target, weight=None):
     """This path takes traced calls (exported, or compiled under custom_op) that want the logits' gradient, and not
-    the targets'."""
+    the targets' or the weight's."""
     return ((PATH == "custom_op" or torch.compiler.is_exporting()) and torch.compiler.is_compiling()
             and torch.is_grad_enabled() and input.requires_grad
-            and not (target.is_floating_point() and target.requires_grad))
+            and not (target.is_floating_point() and target.requires_grad)
+            and not (weight is not None and weight.requires_grad))
 
 
 def cross_entropy(p):

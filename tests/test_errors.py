@@ -132,3 +132,20 @@ def test_cuda_status_must_be_addressable_by_the_gpu():
         assert status.tolist() == [1, 12]
     with pytest.raises(RuntimeError, match="pinned host memory"):
         ops.forward(x3, t2, None, -100, 0.0, torch.zeros(2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="sum", label_smoothing=0.1), dict(reduction="none")],
+                         ids=["mean", "sum-smoothed", "none"])
+def test_class_index_weight_requiring_grad_is_refused_like_torch(device, kw):
+    """PyTorch's nll_loss is not differentiable in its weight: it refuses a weight that requires grad (with grad
+    mode on), and so do we, with its class and message, instead of a silent None gradient."""
+    x = torch.randn(4, 5, device=device, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    w = torch.rand(5, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError) as theirs:
+        F.cross_entropy(x, t, w, **kw)
+    with pytest.raises(RuntimeError) as ours:
+        cross_entropy(x, t, w, **kw)
+    assert str(ours.value) == str(theirs.value)
+    with torch.no_grad():  # nothing to differentiate: both compute the loss
+        torch.testing.assert_close(cross_entropy(x, t, w, **kw), F.cross_entropy(x, t, w, **kw))

@@ -125,7 +125,7 @@ def test_export_refuses_what_it_would_drop(device):
         def forward(self, x, t):
             return softmax_ce_ext.SoftmaxCrossEntropyFunction.apply(x * 1, t)
 
-    with pytest.raises(RuntimeError, match="probability targets that require grad"):
+    with pytest.raises(RuntimeError, match="probability targets or a class weight that require grad"):
         torch.export.export(SoftTargets(), (x, y))
     with pytest.raises(RuntimeError, match="SoftmaxCrossEntropyFunction itself"):
         torch.export.export(Direct(), (x, y.argmax(1)))

@@ -70,6 +70,44 @@ def test_gradient_flows_to_targets(device, reduction):
     )
 
 
+# Which inputs require grad, and why: PyTorch differentiates a probability-target loss in its class weight too
+# (a learned weighting); ours came back None for the weight until 2026-11-28.
+WEIGHT_GRADS = {"weight": ("w",), "weight-logits": ("w", "x"), "weight-logits-targets": ("w", "x", "y")}
+
+
+@pytest.mark.parametrize("wants", list(WEIGHT_GRADS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(4, 6), (2, 5, 3)], ids=["rows", "kdim"])
+def test_gradient_flows_to_the_weight(device, wants, reduction, shape):
+    """gradcheck in float64 (the fused training pass for mean/sum when the logits require grad), smoothing on."""
+    x, y, w, _ = make(shape, torch.float64, device)
+    inputs = dict(x=x, y=y, w=w)
+    for name in WEIGHT_GRADS[wants]:
+        inputs[name].requires_grad_()
+    names = WEIGHT_GRADS[wants]
+
+    def loss(*args):
+        given = {**inputs, **dict(zip(names, args))}
+        return cross_entropy(given["x"], given["y"], given["w"], reduction=reduction, label_smoothing=0.1)
+
+    assert torch.autograd.gradcheck(loss, tuple(inputs[n] for n in names))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_gradient_matches_torch(device, dtype):
+    """The weight's gradient in the weight's dtype, against PyTorch in float64; the logits' gradient beside it."""
+    x, y, w, _ = make((6, 33), dtype, device)
+    w = w.float().requires_grad_()
+    xg = x.clone().requires_grad_()
+    loss = cross_entropy(xg, y, w, label_smoothing=0.2)
+    gx, gw = torch.autograd.grad(loss, (xg, w))
+    xr, wr = x.double().requires_grad_(), w.detach().double().requires_grad_()
+    rx, rw = torch.autograd.grad(F.cross_entropy(xr, y.double(), wr, label_smoothing=0.2), (xr, wr))
+    assert gw.dtype == torch.float32
+    assert_close(gw, rw, dtype, "weight grad")
+    assert_close(gx, rx, dtype, "grad")
+
+
 def test_gradgradcheck(device):
     x, y, w, _ = make((3, 5), torch.float64, device)
     x.requires_grad_()
