@@ -41,7 +41,8 @@ class _Prepared:
             raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
         self.prob = input.shape == target.shape  # PyTorch's rule for class-probability targets
         if self.prob and not target.is_floating_point():
-            raise RuntimeError(f"Expected floating point type for target with class probabilities, got {target.dtype}")
+            raise RuntimeError("Expected floating point type for target with class probabilities, got "
+                               f"{_scalar_type_name(target.dtype)}")
         if input.dim() == 0:
             raise RuntimeError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
         unbatched = input.dim() == 1
@@ -77,24 +78,37 @@ class _Prepared:
 
     @staticmethod
     def _check_class_indices(input, target, batch):
-        if target.dtype not in (torch.int64, torch.uint8):
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {str(target.dtype)[6:].capitalize()}")
-        if input.dim() <= 2:
+        """PyTorch's checks in PyTorch's order (torch 2.14: the batch first; then by input rank, as nll_loss,
+        nll_loss2d and nll_loss_nd make them), so that each bad input gets PyTorch's message."""
+        dim = input.dim()
+
+        def check_dtype():
+            if target.dtype not in (torch.int64, torch.uint8):
+                raise RuntimeError(
+                    f"expected target dtype to be Long or Byte, but got {_scalar_type_name(target.dtype)}")
+
+        if dim >= 2 and target.dim() >= 1 and target.shape[0] != batch:
+            raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size ({target.shape[0]}).")
+        if dim <= 2:
             if target.dim() > 1:
                 raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-            if input.dim() == 1 and target.numel() != 1:
-                raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
-            if input.dim() == 2 and target.dim() == 0:
+            if dim == 2 and target.dim() == 0:
                 raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size (1).")
-        elif target.dim() != input.dim() - 1:
-            raise RuntimeError(
-                f"only batches of spatial targets supported ({input.dim()}D tensors) but got targets of dimension: "
-                f"{target.dim()}"
-            )
-        if input.dim() >= 2 and target.shape[0] != batch:
-            raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size ({target.shape[0]}).")
-        if input.dim() > 2 and target.shape[1:] != input.shape[2:]:
-            raise RuntimeError(f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}")
+            check_dtype()
+            if dim == 1 and target.numel() != 1:
+                raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
+        elif dim == 4:
+            if target.dim() != 3:
+                raise RuntimeError(
+                    f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}")
+            check_dtype()
+            if target.shape[1:] != input.shape[2:]:
+                raise RuntimeError(f"size mismatch (got input: {_shape(input)} , target: {_shape(target)}")
+        else:
+            expected = [batch, *input.shape[2:]]
+            if _shape(target) != expected:
+                raise RuntimeError(f"Expected target size {expected}, got {_shape(target)}")
+            check_dtype()
 
     def mean_denominator(self):
         """reduction='mean' with class indices: (denominator, 1 / denominator) as 0-d device tensors in the
@@ -132,6 +146,16 @@ class _Prepared:
                 # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
                 total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
         return total
+
+
+# c10's ScalarType names, which PyTorch's messages use, where they differ from the dtype's (torch.int32: "Int").
+_SCALAR_TYPE_NAMES = {torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+                      torch.uint8: "Byte", torch.float16: "Half", torch.float32: "Float", torch.float64: "Double",
+                      torch.bfloat16: "BFloat16", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def _scalar_type_name(dtype):
+    return _SCALAR_TYPE_NAMES.get(dtype) or str(dtype)[6:].capitalize()
 
 
 def loss_dtype(input, target, prob):
