@@ -15,7 +15,7 @@
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings probe ncu stalls grid compile"
+#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe ncu stalls grid compile"
 #                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -153,6 +153,18 @@ fi
 if part ceilings; then
   stamp "ceilings: plain read+write kernels (torch copy, torch.exp, our gradient from the lse) beside our fwd+bwd"
   timeout 60 $PY benchmarks/gpu_probe.py --ceilings 2>&1 | tee "$OUT/ceilings.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part layouts; then
+  # Not a default part (v0.16-dev): channels-last K-dim logits (a CNN in channels_last memory format) take the
+  # warp-row kernels at 19-21 classes (the K-dim kernel wants contiguous positions); what they cost, beside the
+  # default layout and torch.  ~40 s.
+  stamp "layouts: channels-last K-dim logits against the default layout"
+  { timeout 45 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 --dtype bfloat16 float32 \
+      --mode fwd fwd+bwd --providers ours torch --channels-last --no-progress
+    timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 --dtype bfloat16 float32 \
+      --mode fwd fwd+bwd --providers ours --no-progress; } 2>&1 | tee "$OUT/layouts.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
