@@ -183,6 +183,49 @@ def test_channels_last_rows(kernel_path, case, dtype, kw, inplace):
     assert leaf.stride(1) == 1  # the layout the test is about
 
 
+# Transposed (N, C) logits (`logits.t()`, e.g. CLIP's symmetric loss): the batch dimension contiguous, so the rows
+# are taken W at a time as the positions of one K-dim item (the column blocks). Why each.
+TRANSPOSED = [((37, 5), "a few classes; 2 blocks and a partial one (AVX-512)"),
+              ((40, 21), "a segmentation's class count, kept exponentials"),
+              ((33, 300), "past the kept 256: the gradient sweep recomputes"),
+              ((1, 9), "one row: not transposed for the kernels (a single row's classes are strided)")]
+
+
+@pytest.mark.parametrize("size", [s for s, _ in TRANSPOSED], ids=[f"{n}x{c}" for (n, c), _ in TRANSPOSED])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", weighted=True, label_smoothing=0.2)],
+                         ids=["mean", "none-weighted-smoothed"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
+def test_transposed_rows(kernel_path, size, dtype, kw, inplace):
+    """Every CPU path against float64; ignored targets; per-row upstream gradients ('none'); in place."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    n, c = size
+    g = torch.Generator().manual_seed(n * 1000 + c)
+    x = (torch.randn(c, n, generator=g) * 3).to(dtype).t()
+    t = torch.randint(0, c, (n,), generator=g)
+    t[1::4] = -100
+    leaf = _training_against_float64(x, t, g, kw, inplace)
+    assert leaf.stride() == x.stride() == (1, n)  # the layout the test is about
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
+@pytest.mark.parametrize("targets", ["transposed", "rows"])
+def test_transposed_rows_with_probabilities(kernel_path, kw, targets):
+    """Soft labels with transposed logits: targets transposed too (the column blocks), or row-major (the portable
+    kernel)."""
+    if kernel_path not in ("avx512", "avx2", "generic"):
+        pytest.skip("a CPU path")
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(23, 35, generator=g) * 3).t()
+    y = torch.softmax(torch.randn(23, 35, generator=g), 0)
+    y = y.t() if targets == "transposed" else y.t().contiguous()
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(23, generator=g) + 0.2
+    _mean_and_none_against_float64(x, y, g, **kw)
+
+
 def test_channels_last_gradient_blocks():
     """A channels-last gradient of 8+ MiB comes from the reused 2 MiB-page blocks with the logits' strides."""
     x = torch.randn(2, 21, 256, 256).contiguous(memory_format=torch.channels_last).requires_grad_()  # 10.5 MiB

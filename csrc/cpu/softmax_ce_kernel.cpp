@@ -160,7 +160,12 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const SimdKernels* k = current_isa().load();
   if (k == nullptr) return false;
   const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1) && (!kProb || L.t_sC == 1);
-  const bool columns = !rows && L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1) && (!kProb || L.t_sS == 1);
+  // Transposed (N, C) logits (the batch dimension contiguous: `logits.t()`, as CLIP's symmetric loss passes
+  // them): the rows are the positions of one K-dim item, taken W at a time by the column blocks.
+  const bool transposed = !rows && L.S == 1 && L.B > 1 && L.x_sB == 1 && (!kGrad || L.g_sB == 1) &&
+                          (!kProb || L.t_sB == 1);
+  const bool columns = !rows && ((L.S > 1 && L.x_sS == 1 && (!kGrad || L.g_sS == 1) && (!kProb || L.t_sS == 1)) ||
+                                 transposed);
   if (!rows && !columns) return false;
   SimdArgs a{};
   a.dtype = std::is_same_v<scalar_t, float>       ? SimdDtype::kFloat
@@ -189,6 +194,11 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   a.g_sB = L.g_sB, a.g_sC = L.g_sC, a.g_sS = L.g_sS;
   int flag = 0;
   a.bad = &flag;
+  if (transposed) {  // (N, C, 1) as (1, C, N): the loss and lse rows, indexed b * S + s, stay where they were
+    a.S = L.B, a.B = 1;
+    a.x_sS = L.x_sB, a.t_sS = L.t_sB, a.g_sS = L.g_sB, a.f_sS = a.f_sB;
+    a.x_sB = a.t_sB = a.g_sB = a.f_sB = 0;
+  }
   if (rows && L.S > 1 && !kProb && batch_spans_positions(L, a, kGrad)) {
     // Channels-last K-dim logits (each position a row of contiguous classes, the batch continuing the positions'
     // stride): one (B*S, C) matrix, so the 16-row blocks below take short rows (8x21x256x256 float32: 5x).
@@ -202,7 +212,7 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const int64_t work = std::max<int64_t>(L.C, 1) * (rows && !small ? 1 : k->width);  // elements per item
   const int64_t items = small  ? (a.B + k->width - 1) / k->width
                         : rows ? L.rows()
-                               : L.B * ((L.S + k->width - 1) / k->width);
+                               : a.B * ((a.S + k->width - 1) / k->width);
   auto fn = small ? k->small_rows : rows ? k->rows : k->columns;
   at::parallel_for(0, items, std::max<int64_t>(1, 32768 / work), [&](int64_t b, int64_t e) { fn(a, b, e); });
   if (__atomic_load_n(&flag, __ATOMIC_RELAXED)) bad.store(true);
