@@ -43,6 +43,10 @@ PRESETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # scaled+bwd: fwd+bwd with the loss's gradient 0.5 (a loss divided by the accumulation steps or the items):
 # the same 2-pass floor, which a gradient written in the forward then scaled in the backward does not reach.
+# How the logits are stored (--layout), and why each is worth timing.
+LAYOUTS = {"default": "contiguous", "channels-last": "K-dim, the classes contiguous at each position, as a CNN in "
+           "channels_last memory format outputs them", "transposed": "N x C with the batch dimension contiguous, "
+           "logits.t() as CLIP's symmetric loss passes them"}
 MODES = {"fwd": 1, "fwd+bwd": 2, "none+bwd": 3, "scaled+bwd": 2}
 SCALED_GRAD = 0.5
 # Largest normalised error accepted per dtype (the loss and gradient are stored in it).
@@ -84,9 +88,8 @@ def build_parser():
     p.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of targets set to ignore_index (-100)")
     p.add_argument("--targets", choices=["indices", "probabilities"], default="indices",
                    help="class indices, or class probabilities (soft labels: a softmax, the logits' dtype)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="K-dim logits stored channels-last (classes contiguous at each position), as a CNN in "
-                        "channels_last memory format outputs them")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="default",
+                   help="how the logits are stored: " + "; ".join(f"{k}: {v}" for k, v in LAYOUTS.items()))
     p.add_argument("--providers", nargs="+", default=["ours", "torch", "compile", "liger", "flash_attn"],
                    choices=list(PROVIDERS), help="absent peers are listed as skipped")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: enough for ~0.3 s on CUDA, "
@@ -121,8 +124,10 @@ def resolve(args, parser):
         parser.error(f"--ignore-frac must be in [0, 1), got {args.ignore_frac}")
     if args.targets == "probabilities" and args.ignore_frac:
         parser.error("--ignore-frac needs class indices: probability targets have no ignore_index")
-    if args.channels_last and any(len(s) < 3 for s in shapes):
-        parser.error("--channels-last needs K-dim shapes (N x C x d1...), got an N x C shape")
+    if args.layout == "channels-last" and any(len(s) < 3 for s in shapes):
+        parser.error("--layout channels-last needs K-dim shapes (N x C x d1...), got an N x C shape")
+    if args.layout == "transposed" and any(len(s) != 2 for s in shapes):
+        parser.error("--layout transposed needs N x C shapes, got a K-dim shape")
     if args.plot and importlib_missing("matplotlib"):
         parser.error("--plot needs matplotlib (pip install matplotlib)")
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))]
@@ -224,15 +229,17 @@ class Progress:
 class Case:
     """One shape/dtype: inputs (several copies when one would sit in cache), targets, upstream gradient."""
 
-    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes, prob=False, channels_last=False):
+    def __init__(self, shape, dtype, device, ignore_frac, cache_bytes, prob=False, layout="default"):
         # Drawn on the device: a CPU draw of 1G logits took ~8 s per case on the GPU machine (most of the
         # bench's time there, 2026-11-26).
         g = torch.Generator(device=device).manual_seed(0)
         self.shape, self.dtype, self.device = shape, dtype, device
         self.nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         copies = max(1, min(8, math.ceil(cache_bytes / self.nbytes)))
-        if channels_last:  # drawn with the classes last, viewed (N, C, d1...): the classes contiguous at each position
+        if layout == "channels-last":  # drawn with the classes last, viewed (N, C, d1...)
             base = torch.randn((shape[0], *shape[2:], shape[1]), generator=g, device=device).movedim(-1, 1)
+        elif layout == "transposed":  # drawn (C, N), viewed (N, C)
+            base = torch.randn(tuple(reversed(shape)), generator=g, device=device).t()
         else:
             base = torch.randn(shape, generator=g, device=device)
         base = base.mul_(2).to(dtype)  # .to and clone keep the layout
@@ -376,8 +383,8 @@ def main(argv=None):
     bw = copy_bandwidth(device)
     for line in header_lines(device, bw):
         print(line)
-    if args.channels_last:
-        print("logits: channels-last (N, C, d1...) views, the classes contiguous at each position")
+    if args.layout != "default":
+        print(f"logits layout: {args.layout} ({LAYOUTS[args.layout]})")
     print(TABLE_HEAD, flush=True)
     cache_bytes = 2 * torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 64 << 20
     budget_ms = 300.0 if device == "cuda" else 1000.0
@@ -391,7 +398,7 @@ def main(argv=None):
             if device == "cuda":
                 torch.cuda.empty_cache()
             case = Case(shape, dtype, device, args.ignore_frac, cache_bytes, args.targets == "probabilities",
-                        args.channels_last)
+                        args.layout)
         opts = dict(reduction="none" if mode == "none+bwd" else args.reduction, ignore_index=-100,
                     label_smoothing=args.label_smoothing)
         passes = MODES[mode] + (args.targets == "probabilities")  # the targets: read once
@@ -446,7 +453,7 @@ def main(argv=None):
 def write_outputs(args, rows, header, bw, device):
     meta = dict(version=softmax_ce_ext.__version__, build=softmax_ce_ext.build_info(), torch=torch.__version__,
                 device=device, device_name=header[1], threads=torch.get_num_threads(), copy_gbps=bw,
-                date=time.strftime("%Y-%m-%d"), targets=args.targets, channels_last=args.channels_last,
+                date=time.strftime("%Y-%m-%d"), targets=args.targets, layout=args.layout,
                 floor="fwd 1 pass, fwd+bwd 2, none+bwd 3 passes of N*C*E bytes (+1 for probability targets)")
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))

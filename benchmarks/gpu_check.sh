@@ -157,14 +157,18 @@ if part ceilings; then
 fi
 
 if part layouts; then
-  # Not a default part (v0.16-dev): channels-last K-dim logits (a CNN in channels_last memory format) take the
-  # warp-row kernels at 19-21 classes (the K-dim kernel wants contiguous positions); what they cost, beside the
-  # default layout and torch.  ~40 s.
-  stamp "layouts: channels-last K-dim logits against the default layout"
+  # Not a default part (v0.16-dev): logits in other layouts, beside the default layout and torch. Channels-last
+  # K-dim logits (a CNN in channels_last memory format) take the warp-row kernels at 21 classes (the K-dim kernel
+  # wants contiguous positions); transposed N x C logits (CLIP's symmetric loss: logits.t()) take the general
+  # kernels: a thread per row from 1024 rows (a few warps per SM at 4096 rows), a CTA per row below (its loads
+  # strided). ~60 s.
+  stamp "layouts: channels-last K-dim and transposed logits against the default layout"
   { timeout 45 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 --dtype bfloat16 float32 \
-      --mode fwd fwd+bwd --providers ours torch --channels-last --no-progress
-    timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 --dtype bfloat16 float32 \
-      --mode fwd fwd+bwd --providers ours --no-progress; } 2>&1 | tee "$OUT/layouts.log"
+      --mode fwd fwd+bwd --providers ours torch --layout channels-last --no-progress
+    timeout 30 $PY benchmarks/bench.py --device cuda --shapes 4096x4096 512x32768 --dtype bfloat16 float32 \
+      --mode fwd+bwd --providers ours torch --layout transposed --no-progress
+    timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 4096x4096 512x32768 \
+      --dtype bfloat16 float32 --mode fwd+bwd --providers ours --no-progress; } 2>&1 | tee "$OUT/layouts.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -65,16 +65,18 @@ def test_probability_targets(tmp_path):
     assert all(row["status"] == "skipped" and row["note"] for row in rows if row["provider"] == "liger")
 
 
-def test_channels_last_logits(tmp_path):
-    """--channels-last: K-dim logits whose classes are contiguous at each position, timed and checked against
-    float64 like the default layout."""
+@pytest.mark.parametrize("layout,shape", [("channels-last", "4x21x16x16"), ("transposed", "64x300")])
+def test_logit_layouts(tmp_path, layout, shape):
+    """--layout: channels-last K-dim logits, transposed N x C logits; timed and checked against float64 like the
+    default layout."""
     out_json = tmp_path / "r.json"
-    r = bench("--device", "cpu", "--shapes", "4x21x16x16", "--dtype", "float32", "--mode", "fwd", "fwd+bwd",
-              "--providers", "ours", "torch", "--reps", "3", "--channels-last", "--json", str(out_json), "--no-progress")
+    r = bench("--device", "cpu", "--shapes", shape, "--dtype", "float32", "--mode", "fwd", "fwd+bwd",
+              "--providers", "ours", "torch", "--reps", "3", "--layout", layout, "--json", str(out_json),
+              "--no-progress")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "channels-last" in r.stdout
+    assert f"logits layout: {layout}" in r.stdout
     data = json.loads(out_json.read_text())
-    assert data["meta"]["channels_last"] is True
+    assert data["meta"]["layout"] == layout
     assert len(data["rows"]) == 4 and all(row["status"] == "ok" and row["ok"] for row in data["rows"])
 
 
@@ -87,7 +89,8 @@ def test_channels_last_logits(tmp_path):
         (["--mode", "backwards"], "invalid choice"),
         (["--ignore-frac", "1.5"], "--ignore-frac must be in [0, 1)"),
         (["--targets", "probabilities", "--ignore-frac", "0.1"], "--ignore-frac needs class indices"),
-        (["--shapes", "64x1000", "--channels-last"], "--channels-last needs K-dim shapes"),
+        (["--shapes", "64x1000", "--layout", "channels-last"], "--layout channels-last needs K-dim shapes"),
+        (["--shapes", "4x21x8x8", "--layout", "transposed"], "--layout transposed needs N x C shapes"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):
