@@ -130,6 +130,7 @@ def main():
 
     setup(
         packages=find_packages(include=["softmax_ce_ext", "softmax_ce_ext.*"]),
+        package_data={"softmax_ce_ext": ["py.typed"]},  # the public functions are typed (PEP 561)
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension},
     )
