@@ -30,7 +30,8 @@ class _Prepared:
     """Validated arguments: logits viewed as (B, C, S); targets as (B, S) int64 or (B, C, S) probabilities.
     Errors carry PyTorch's exception classes, and say what was expected and what came."""
 
-    def __init__(self, input, target, weight, ignore_index, reduction, label_smoothing):
+    def __init__(self, input, target, weight, ignore_index, reduction, label_smoothing, weight_grad=False):
+        """weight_grad: a gradient of the weight is wanted (refused with class indices, as PyTorch refuses it)."""
         if reduction not in _REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
         if not input.is_floating_point():
@@ -53,7 +54,7 @@ class _Prepared:
             if ignore_index >= 0:
                 raise RuntimeError("ignore_index is not supported for floating point target")
         else:
-            self._check_class_indices(input, target, batch)
+            self._check_class_indices(input, target, batch, weight_grad)
             if classes == 0 and target.numel():
                 _raise_no_classes(input, target, ignore_index)
         if weight is not None:
@@ -77,9 +78,10 @@ class _Prepared:
         self.out_dtype = loss_dtype(input, target, self.prob)
 
     @staticmethod
-    def _check_class_indices(input, target, batch):
-        """PyTorch's checks in PyTorch's order (torch 2.14: the batch first; then by input rank, as nll_loss,
-        nll_loss2d and nll_loss_nd make them), so that each bad input gets PyTorch's message."""
+    def _check_class_indices(input, target, batch, weight_grad):
+        """PyTorch's checks in PyTorch's order (torch 2.14: the batch first, then a weight that requires grad; then
+        by input rank, as nll_loss, nll_loss2d and nll_loss_nd make them), so that each bad input gets PyTorch's
+        message."""
         dim = input.dim()
 
         def check_dtype():
@@ -87,13 +89,16 @@ class _Prepared:
                 raise RuntimeError(
                     f"expected target dtype to be Long or Byte, but got {_scalar_type_name(target.dtype)}")
 
-        if dim >= 2 and target.dim() >= 1 and target.shape[0] != batch:
-            raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size ({target.shape[0]}).")
+        target_batch = target.shape[0] if target.dim() else 0  # PyTorch reads a 0-d target's batch as 0
+        if dim >= 2 and target_batch != batch:
+            raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size ({target_batch}).")
+        if weight_grad:  # PyTorch's nll_loss (nll_loss2d from 3-D inputs on) is not differentiable in the weight
+            raise RuntimeError(f"The function '{'nll_loss_forward' if dim <= 2 else 'nll_loss2d_forward'}' is not "
+                               "differentiable with respect to argument 'weight'. This input cannot have requires_grad "
+                               "True.")
         if dim <= 2:
             if target.dim() > 1:
                 raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-            if dim == 2 and target.dim() == 0:
-                raise ValueError(f"Expected input batch_size ({batch}) to match target batch_size (1).")
             check_dtype()
             if dim == 1 and target.numel() != 1:
                 raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
@@ -211,22 +216,23 @@ def loss_without_grad(p):
     return total if total.dtype == p.out_dtype else total.to(p.out_dtype)
 
 
-def kernel_views(input, target, weight, x3_shape, prob):
+def kernel_views(input, target, weight, x3_shape, prob, detach=True):
     """What the kernels take: logits (B, C, S); targets (B, S) int64 or (B, C, S) in the logits' or the
     accumulation dtype; weight contiguous in the accumulation dtype.  Views where possible, never of the logits
-    a copy.  Rebuilt in backward from the saved inputs (torch.compile cannot save views of inputs)."""
+    a copy.  Rebuilt in backward from the saved inputs (torch.compile cannot save views of inputs); detach=False
+    there under create_graph, for the composites to differentiate through the targets and the weight."""
     acc = acc_dtype(input.dtype)
     batch, classes, spatial = x3_shape
     if prob:
         if target.dtype not in (input.dtype, acc):
             target = target.to(acc)  # the kernels read either dtype; never round a finer target
-        target = target.detach().reshape(batch, classes, spatial)
+        target = (target.detach() if detach else target).reshape(batch, classes, spatial)
     else:
         target = target.reshape(batch, spatial)
         if target.dtype != torch.int64:
             target = target.long()  # uint8 class indices
     if weight is not None:
-        weight = weight.detach().to(acc).contiguous()
+        weight = (weight.detach() if detach else weight).to(acc).contiguous()
     return input.reshape(x3_shape), target, weight
 
 
@@ -263,14 +269,12 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 "expected a call through softmax_ce_ext.cross_entropy or CrossEntropyLoss, which handle "
                 "transforms; got the Function itself"
             )
-        p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing)
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
+        want_weight_grad = weight is not None and ctx.needs_input_grad[2] and grad_wanted is not False
+        p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing, weight_grad=want_weight_grad
+                      and input.shape != target.shape)  # class indices: refused there, in PyTorch's order
         want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False
         want_target_grad = p.prob and ctx.needs_input_grad[1] and grad_wanted is not False
-        want_weight_grad = weight is not None and ctx.needs_input_grad[2] and grad_wanted is not False
-        if want_weight_grad and not p.prob:  # PyTorch's nll_loss refuses it too (same class and message)
-            raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument "
-                               "'weight'. This input cannot have requires_grad True.")
         # The gradients of probability targets and of the weight come from composites of the saved logits.
         want_composite = want_target_grad or want_weight_grad
         if (want_input_grad or want_composite) and torch.compiler.is_exporting():
@@ -347,7 +351,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             grad_input = grad.reshape(input.shape)
             if not (ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])):
                 return grad_input, None, None, None, None, None, None, None
-        x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob)
+        graph = torch.is_grad_enabled()  # create_graph=True: composites to differentiate again, targets attached
+        x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob, detach=not graph)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
         g = grad_out.to(acc_dtype(input.dtype))
         if ctx.reduction == "none":

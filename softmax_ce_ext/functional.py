@@ -33,7 +33,7 @@ def cross_entropy(
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and _requires_grad(input, target, weight)):
         # Nothing to differentiate (eval, no_grad): the loss alone, without an autograd.Function around it.
         return loss_without_grad(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing))
-    if traced.wanted(input, target, weight):  # SOFTMAX_CE_COMPILE_PATH=custom_op (in place is not taken there)
+    if traced.wanted(input, target, weight):  # exported; SOFTMAX_CE_COMPILE_PATH=custom_op (never in place)
         return traced.cross_entropy(_Prepared(input, target, weight, ignore_index, reduction, label_smoothing))
     return SoftmaxCrossEntropyFunction.apply(
         input, target, weight, ignore_index, reduction, label_smoothing, inplace_backward

@@ -85,22 +85,27 @@ row_losses.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
 def wanted(input, target, weight=None):
-    """This path takes traced calls (exported, or compiled under custom_op) that want the logits' gradient, and not
-    the targets' or the weight's."""
-    return ((PATH == "custom_op" or torch.compiler.is_exporting()) and torch.compiler.is_compiling()
-            and torch.is_grad_enabled() and input.requires_grad
-            and not (target.is_floating_point() and target.requires_grad)
-            and not (weight is not None and weight.requires_grad))
+    """Whether a traced call takes this path: exported, every call but those wanting the targets' or the weight's
+    gradient (the Function refuses those at export); compiled under custom_op, those wanting the logits' gradient
+    and no other."""
+    if not torch.compiler.is_compiling():
+        return False
+    others = (target.is_floating_point() and target.requires_grad) or (weight is not None and weight.requires_grad)
+    if torch.compiler.is_exporting():  # also without a gradient: the program may be trained later
+        return not (torch.is_grad_enabled() and others)
+    return PATH == "custom_op" and torch.is_grad_enabled() and input.requires_grad and not others
 
 
 def cross_entropy(p):
-    """The loss for a function._Prepared `p`, through the custom ops above."""
+    """The loss for a function._Prepared `p`, through the custom ops above: the training pass where the logits'
+    gradient is wanted; else the rows' losses (whose formula gives the gradient if the program is trained later)."""
     denom, inv_denom = p.mean_denominator()
     divisor, loss_dtype = p.loss_fold(denom)
     if p.reduction == "none":
         rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.reshape(p.out_shape)
-    elif not _fuses_gradient(p.x3.dtype):  # float16: the gradient from the lse, grad_output in its factor
+    elif not (_fuses_gradient(p.x3.dtype) and torch.is_grad_enabled() and p.x3.requires_grad):
+        # float16 (the gradient from the lse, grad_output in its factor), or no gradient wanted now
         rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.sum() if divisor is None else rows.sum() / divisor
     else:

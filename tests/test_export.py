@@ -99,16 +99,28 @@ def test_joint_forward_backward_graph(device, case):
         torch.testing.assert_close(g, q.grad)
 
 
-def test_export_without_gradient_is_the_loss_alone(device):
-    """Exported under no_grad (inference, evaluation): one op for the mean, no gradient computed."""
-    ours, theirs = _modules(device, dict(), False)
-    x, t = _inputs(device, False)
+@pytest.mark.parametrize("case", ["mean", "sum-smoothed", "none", "kdim-mean"])
+def test_export_without_gradient_can_be_trained(device, case):
+    """Exported under no_grad (inference): the program computes the loss without a gradient pass (the rows'
+    losses), and a program trained later still gets PyTorch's gradients (row_losses carries its formula; PyTorch's
+    own loss exports as differentiable ATen ops)."""
+    kw, kdim, _ = CASES[case]
+    ours, theirs = _modules(device, kw, kdim)
+    x, t = _inputs(device, kdim)
     with torch.no_grad():
         ep = torch.export.export(ours, (x, t))
         torch.testing.assert_close(ep.module()(x, t), theirs(x, t))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert "softmax_ce_ext.mean_forward.default" in targets
+    assert "softmax_ce_ext.row_losses.default" in targets
     assert not any("train_loss" in n or "backward" in n for n in targets)
+    program = ep.module()
+    loss, expected = program(x, t), theirs(x, t)
+    upstream = torch.rand_like(expected) + 0.5
+    loss.backward(upstream)
+    expected.backward(upstream)
+    for (name, p), q in zip(program.named_parameters(), theirs.parameters()):
+        assert p.grad is not None, f"{name}: no gradient through the program exported under no_grad"
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def test_export_refuses_what_it_would_drop(device):

@@ -108,6 +108,17 @@ def test_weight_gradient_matches_torch(device, dtype):
     assert_close(gx, rx, dtype, "grad")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_second_order_through_targets_and_weight(device, reduction):
+    """create_graph=True: the gradients of the logits, the targets and the weight are differentiable again in all
+    three (the composites keep the targets and the weight attached); gradgradcheck in float64."""
+    x, y, w, _ = make((3, 5), torch.float64, device)
+    for v in (x, y, w):
+        v.requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda x, y, w: cross_entropy(x, y, w, reduction=reduction, label_smoothing=0.2), (x, y, w))
+
+
 def test_gradgradcheck(device):
     x, y, w, _ = make((3, 5), torch.float64, device)
     x.requires_grad_()
