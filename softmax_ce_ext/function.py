@@ -59,8 +59,8 @@ class _Prepared:
                 _raise_no_classes(input, target, ignore_index)
         if weight is not None:
             if weight.dim() != 1 or weight.numel() != classes:
-                raise RuntimeError(
-                    "weight tensor should be defined either for all "
+                raise RuntimeError(  # PyTorch's words (nll_loss's; its K-dim ones leave out the sizes)
+                    f"{'cross_entropy: ' if self.prob else ''}weight tensor should be defined either for all "
                     f"{classes} classes or no classes but got weight tensor of shape: {_shape(weight)}"
                 )
             if not weight.is_floating_point():

@@ -41,6 +41,9 @@ CASES = [
      r"all 4 classes or no classes but got weight tensor of shape: \[5\]"),
     ("weight of the wrong shape", torch.randn(3, 4), long(0, 1, 2), dict(weight=torch.ones(2, 2)), RuntimeError,
      r"all 4 classes or no classes but got weight tensor of shape: \[2, 2\]"),
+    ("weight of the wrong size, probabilities", torch.randn(3, 4), torch.rand(3, 4), dict(weight=torch.ones(5)),
+     RuntimeError, r"^cross_entropy: weight tensor should be defined either for all 4 classes or no classes but got "
+     r"weight tensor of shape: \[5\]$"),
     ("label_smoothing above 1", torch.randn(3, 4), long(0, 1, 2), dict(label_smoothing=1.5), RuntimeError,
      r"label_smoothing must be between 0.0 and 1.0. Got: 1.5"),
     ("ignore_index with probabilities", torch.randn(3, 4), torch.rand(3, 4), dict(ignore_index=1), RuntimeError,
