@@ -161,12 +161,16 @@ if part layouts; then
   # K-dim logits (a CNN in channels_last memory format) take the warp-row kernels at 21 classes (the K-dim kernel
   # wants contiguous positions); transposed N x C logits (CLIP's symmetric loss: logits.t()) take the general
   # kernels: a thread per row from 1024 rows (a few warps per SM at 4096 rows), a CTA per row below (its loads
-  # strided). ~60 s.
+  # strided). ~75 s.
   stamp "layouts: channels-last K-dim and transposed logits against the default layout"
   { timeout 45 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 --dtype bfloat16 float32 \
       --mode fwd fwd+bwd --providers ours torch --layout channels-last --no-progress
     timeout 30 $PY benchmarks/bench.py --device cuda --shapes 4096x4096 512x32768 --dtype bfloat16 float32 \
       --mode fwd+bwd --providers ours torch --layout transposed --no-progress
+    echo "-- channels-last under warp_group (groups of 4 lanes, 8 rows per warp at 21 classes)"
+    SOFTMAX_CE_CUDA_WARP_GROUP=1 timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 \
+      --dtype bfloat16 float32 --mode fwd+bwd --providers ours --layout channels-last --no-progress
+    echo "-- the default layout"
     timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 4096x4096 512x32768 \
       --dtype bfloat16 float32 --mode fwd+bwd --providers ours --no-progress; } 2>&1 | tee "$OUT/layouts.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
