@@ -73,6 +73,8 @@ class _Prepared:
         self.reduction = reduction
         self.eps = max(float(label_smoothing), 0.0)  # PyTorch treats a negative smoothing as none
         self.positions = batch * spatial
+        # What PyTorch divides a mean of probabilities by (numel / C): no classes give 0, so the mean is NaN.
+        self.prob_count = self.positions if classes else 0
         # 'none' keeps the target's layout: (N, d1..dk); an unbatched input gives a 0-d loss.
         self.out_shape = () if unbatched else (input.shape[0], *input.shape[2:])
         self.out_dtype = loss_dtype(input, target, self.prob)
@@ -145,7 +147,7 @@ class _Prepared:
         denominator: see loss_fold), and PyTorch's NaN where its two-term mean is 0/0."""
         if self.reduction == "mean":
             if denom is None:  # probability targets: PyTorch divides by the number of positions
-                total = total / self.positions
+                total = total / self.prob_count
             if denom is not None and self.weight is not None and self.eps > 0:
                 # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
                 # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).

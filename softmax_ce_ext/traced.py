@@ -113,7 +113,7 @@ def cross_entropy(p):
         if p.reduction == "mean" and denom is None:
             # A mean of probabilities: the op's loss must be the mean its gradient (scaled by 1 / positions) is of;
             # divided by finish() instead, autograd would apply 1 / positions a second time.
-            denom = divisor = torch.full((), float(p.positions), dtype=p.acc, device=p.x3.device)
+            denom = divisor = torch.full((), float(p.prob_count), dtype=p.acc, device=p.x3.device)
             loss_dtype = p.out_dtype
         total, _ = train_loss(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
     return p.finish(total, denom).to(p.out_dtype)

@@ -79,6 +79,22 @@ def test_smoothing_limits(device, smoothing):
     same(g, gt)
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (0,), (2, 0, 3)], ids=["rows", "unbatched", "k-dim"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_classes_with_probability_targets(device, kernel_path, shape, reduction):
+    """C == 0 with probability targets (empty rows): PyTorch's zeros, an empty gradient. The SIMD paths crashed
+    on them (a segmentation fault, found by fuzzing 2026-11-28)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = torch.randn(shape, device=device)
+    loss = cross_entropy(x, y, reduction=reduction)
+    expected = F.cross_entropy(x.detach(), y, reduction=reduction)
+    same(loss.detach(), expected)  # a mean is NaN: PyTorch divides by numel / C
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert grad.shape == x.shape
+    with torch.no_grad():  # the loss alone: its own path
+        same(cross_entropy(x, y, reduction=reduction), expected)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_unbatched_input(device, reduction):
     x = torch.randn(5, device=device)

@@ -158,7 +158,7 @@ bool batch_spans_positions(const RowLayout& L, const SimdArgs& a, bool grad) {
 template <typename scalar_t, bool kStats, bool kGrad, bool kProb>
 bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const SimdKernels* k = current_isa().load();
-  if (k == nullptr) return false;
+  if (k == nullptr || L.C == 0) return false;  // no classes (probability targets): the portable kernel's zeros
   const bool rows = L.x_sC == 1 && (!kGrad || L.g_sC == 1) && (!kProb || L.t_sC == 1);
   // Transposed (N, C) logits (the batch dimension contiguous: `logits.t()`, as CLIP's symmetric loss passes
   // them): the rows are the positions of one K-dim item, taken W at a time by the column blocks.
