@@ -45,7 +45,8 @@ class _Prepared:
             raise RuntimeError("Expected floating point type for target with class probabilities, got "
                                f"{_scalar_type_name(target.dtype)}")
         if input.dim() == 0:
-            raise RuntimeError("cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
+            raise IndexError(  # PyTorch's class (its message: "Dimension out of range")
+                "cross_entropy: expected input of shape (C,), (N, C) or (N, C, d1, ...), got a 0-d tensor")
         unbatched = input.dim() == 1
         batch, classes = (1, input.shape[0]) if unbatched else (input.shape[0], input.shape[1])
         spatial = math.prod(input.shape[2:])
@@ -63,7 +64,7 @@ class _Prepared:
                     f"{'cross_entropy: ' if self.prob else ''}weight tensor should be defined either for all "
                     f"{classes} classes or no classes but got weight tensor of shape: {_shape(weight)}"
                 )
-            if not weight.is_floating_point():
+            if not weight.is_floating_point() and not self.prob:  # probabilities: PyTorch promotes an integer one
                 raise RuntimeError(f"cross_entropy: expected a floating-point weight, got {weight.dtype}")
             if weight.device != input.device:
                 raise RuntimeError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
@@ -77,7 +78,7 @@ class _Prepared:
         self.prob_count = self.positions if classes else 0
         # 'none' keeps the target's layout: (N, d1..dk); an unbatched input gives a 0-d loss.
         self.out_shape = () if unbatched else (input.shape[0], *input.shape[2:])
-        self.out_dtype = loss_dtype(input, target, self.prob)
+        self.out_dtype = loss_dtype(input, target, self.prob, weight)
 
     @staticmethod
     def _check_class_indices(input, target, batch, weight_grad):
@@ -165,10 +166,13 @@ def _scalar_type_name(dtype):
     return _SCALAR_TYPE_NAMES.get(dtype) or str(dtype)[6:].capitalize()
 
 
-def loss_dtype(input, target, prob):
-    """The loss's dtype: the logits' (promoted with probability targets'), float32 for half logits under autocast
-    (autocast runs cross_entropy in float32; ours accumulates in it anyway)."""
+def loss_dtype(input, target, prob, weight=None):
+    """The loss's dtype: the logits' (promoted with probability targets' and the weight's, as PyTorch's product of
+    the three is), float32 for half logits under autocast (autocast runs cross_entropy in float32; ours
+    accumulates in it anyway)."""
     out = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
+    if prob and weight is not None:
+        out = torch.promote_types(out, weight.dtype)
     if out in _HALF and torch.is_autocast_enabled(input.device.type):
         out = torch.float32
     return out
@@ -176,7 +180,7 @@ def loss_dtype(input, target, prob):
 
 def transformed_loss(input, target, weight, ignore_index, reduction, label_smoothing):
     """The loss under torch.func transforms and forward-mode AD (transforms.py), in the dtype ours returns."""
-    out = loss_dtype(input, target, input.shape == target.shape)
+    out = loss_dtype(input, target, input.shape == target.shape, weight)
     return transforms.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, out)
 
 
@@ -438,7 +442,9 @@ def _composite_grad(x3, t, weight, factor, ignore_index, eps, prob):
     csrc/softmax_ce.h: f * (p * p_mul - a_c * c_mul - [c == t] * t_sub)."""
     x = x3.to(factor.dtype)
     classes = x.shape[1]
-    p = torch.exp(x - torch.logsumexp(x, dim=1, keepdim=True))
+    if classes == 0:
+        return x * 0  # no classes: an empty gradient (one_hot and eps / C need a class)
+    p = torch.softmax(x, dim=1)  # x - max first: PyTorch's accuracy at large logits, and its NaN for +inf
     w = _class_weights(weight, classes, x)
     f = factor.unsqueeze(1)
     if prob:
@@ -452,19 +458,20 @@ def _composite_grad(x3, t, weight, factor, ignore_index, eps, prob):
     t_sub = f * (1.0 - eps) * w_t
     c_mul = f * (eps / classes)
     grad = p * (t_sub + c_mul * w_sum) - w * c_mul - onehot * t_sub
-    return grad * valid.unsqueeze(1)
+    # Ignored rows are 0 even where their factor is not finite (a mean whose denominator is 0), as PyTorch's.
+    return torch.where(valid.unsqueeze(1), grad, 0.0)
 
 
 def _composite_weight_grad(x3, y, factor, eps):
     """d loss / d w_c = -sum over rows of f * ((1 - eps) y_c + eps / C) * log_softmax(x)_c (probability targets)."""
     x = x3.to(factor.dtype)
-    logp = x - torch.logsumexp(x, dim=1, keepdim=True)
-    share = (1.0 - eps) * y.to(x.dtype) + eps / x.shape[1]
+    logp = torch.log_softmax(x, dim=1)  # PyTorch's: NaN across a row holding +inf, as its own gradient has
+    share = (1.0 - eps) * y.to(x.dtype) + (eps / x.shape[1] if x.shape[1] else 0.0)
     return -(factor.unsqueeze(1) * share * logp).sum(dim=(0, 2))
 
 
 def _composite_target_grad(x3, weight, factor, eps):
     """d loss / d y_c = -f * (1 - eps) * w_c * log_softmax(x)_c (probability targets that require grad)."""
     x = x3.to(factor.dtype)
-    logp = x - torch.logsumexp(x, dim=1, keepdim=True)
+    logp = torch.log_softmax(x, dim=1)  # PyTorch's: NaN across a row holding +inf, as its own gradient has
     return -factor.unsqueeze(1) * (1.0 - eps) * _class_weights(weight, x.shape[1], x) * logp

@@ -33,6 +33,7 @@ CASES = [
     ("float target of another shape", torch.randn(3, 4), torch.rand(3, 5), {}, RuntimeError,
      r"^0D or 1D target tensor expected, multi-target not supported$"),
     ("1-D input, 2 float targets", torch.randn(4), torch.rand(2), {}, RuntimeError, r"Long or Byte, but got Float$"),
+    ("0-d input", torch.tensor(1.0), long(0), {}, IndexError, r"got a 0-d tensor"),
     ("0-d target for 2-D input", torch.randn(3, 4), long(1)[0], {}, ValueError,
      r"^Expected input batch_size \(3\) to match target batch_size \(0\).$"),
     ("batch size mismatch", torch.randn(3, 4), long(0, 1, 2, 3), {}, ValueError,

@@ -119,6 +119,41 @@ def test_second_order_through_targets_and_weight(device, reduction):
         lambda x, y, w: cross_entropy(x, y, w, reduction=reduction, label_smoothing=0.2), (x, y, w))
 
 
+def test_infinite_logit_gives_torchs_nan_to_targets_and_weight(device):
+    """A row holding +inf: PyTorch's log_softmax is NaN across it, so its gradients in the targets and the weight
+    are NaN there; the composites use log_softmax too (they gave +-inf)."""
+    x = torch.tensor([[1.0, float("inf"), 0.5, -1.0], [0.1, 0.2, 0.3, 0.4]], device=device)
+    y = torch.softmax(torch.tensor([[0.3, 0.1, 2.0, -1.0], [1.0, 0.0, 0.5, 0.2]], device=device), 1)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5], device=device)
+    grads = []
+    for fn in (cross_entropy, F.cross_entropy):
+        yy, ww = y.clone().requires_grad_(), w.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fn(x, yy, ww, reduction="sum"), (yy, ww)))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_loss_dtype_follows_the_weight_too(device):
+    """PyTorch's loss with probability targets is the product of logits, targets and weight: its dtype promotes all
+    three (bfloat16 logits with a float32 weight: float32), and an integer weight is accepted."""
+    x, y, _, _ = make((3, 7), torch.bfloat16, device)
+    w = torch.rand(7, device=device) + 0.5
+    ours, theirs = cross_entropy(x, y, w), F.cross_entropy(x, y, w)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=0)
+    xf, yf = x.float(), y.float()
+    w_int = torch.arange(1, 8, device=device)
+    torch.testing.assert_close(cross_entropy(xf, yf, w_int), F.cross_entropy(xf, yf, w_int))
+
+
+def test_no_classes_with_a_weight_requiring_grad(device):
+    """C == 0: empty gradients for the logits and the weight (the composite divided eps by C)."""
+    x = torch.randn(2, 0, device=device, requires_grad=True)
+    w = torch.rand(0, device=device, requires_grad=True)
+    gx, gw = torch.autograd.grad(cross_entropy(x, torch.rand(2, 0, device=device), w, label_smoothing=0.1), (x, w))
+    assert gx.shape == x.shape and gw.shape == w.shape
+
+
 def test_gradgradcheck(device):
     x, y, w, _ = make((3, 5), torch.float64, device)
     x.requires_grad_()
