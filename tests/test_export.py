@@ -58,7 +58,12 @@ def test_exported_program_backpropagates(device, case):
     kw, kdim, _ = CASES[case]
     ours, theirs = _modules(device, kw, kdim)
     x, t = _inputs(device, kdim)
-    program = torch.export.export(ours, (x, t)).module()
+    _trains_like_torch(torch.export.export(ours, (x, t)).module(), theirs, x, t)
+
+
+def _trains_like_torch(program, theirs, x, t):
+    """The program's loss and, backpropagated with a random upstream gradient, its parameters' gradients equal
+    PyTorch's module's."""
     loss, expected = program(x, t), theirs(x, t)
     torch.testing.assert_close(loss, expected)
     upstream = torch.rand_like(expected) + 0.5  # 'none': any upstream gradient; mean/sum: a scale
@@ -113,14 +118,7 @@ def test_export_without_gradient_can_be_trained(device, case):
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert "softmax_ce_ext.row_losses.default" in targets
     assert not any("train_loss" in n or "backward" in n for n in targets)
-    program = ep.module()
-    loss, expected = program(x, t), theirs(x, t)
-    upstream = torch.rand_like(expected) + 0.5
-    loss.backward(upstream)
-    expected.backward(upstream)
-    for (name, p), q in zip(program.named_parameters(), theirs.parameters()):
-        assert p.grad is not None, f"{name}: no gradient through the program exported under no_grad"
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    _trains_like_torch(ep.module(), theirs, x, t)
 
 
 def test_export_refuses_what_it_would_drop(device):
