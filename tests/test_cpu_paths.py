@@ -188,6 +188,7 @@ def test_channels_last_rows(kernel_path, case, dtype, kw, inplace):
 TRANSPOSED = [((37, 5), "a few classes; 2 blocks and a partial one (AVX-512)"),
               ((40, 21), "a segmentation's class count, kept exponentials"),
               ((33, 300), "past the kept 256: the gradient sweep recomputes"),
+              ((20, 2100), "past 512: rows staged row-major by 16-row tiles (4 tails: rows and classes)"),
               ((1, 9), "one row: not transposed for the kernels (a single row's classes are strided)")]
 
 

@@ -605,6 +605,51 @@ void small_rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// ---- Transposed rows of many classes (a.staged: the column blocks' layout, B == 1, positions = rows): W rows at
+// a time copied row-major into buffers by W x W tiles, swept by row_contiguous, the gradient copied back.  Each
+// class line of the block is read once and written once (the column blocks read it in every sweep, one page
+// per class: page walks).  Class indices only.
+template <class T, bool kSpread>
+void staged_rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
+  using raw = typename T::raw;
+  const int64_t C = a.C;
+  std::unique_ptr<raw[]> xb(new raw[W * C]), gb(a.grad ? new raw[W * C] : nullptr);  // [row * C + c]
+  const bool keep = a.stats && a.grad && C <= kRowKeptClasses;
+  std::unique_ptr<vf[]> kept(keep ? new vf[(C + W - 1) / W] : nullptr);
+  const raw* x = static_cast<const raw*>(a.x);
+  raw* g = static_cast<raw*>(a.g);
+  const int64_t per_b = (a.S + W - 1) / W;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t s0 = (k % per_b) * W;  // B == 1
+    const int n = static_cast<int>(a.S - s0 < W ? a.S - s0 : W);
+    const int64_t tiled = n == W ? C / W * W : 0;  // whole W x W tiles by registers, the rest element-wise
+    for (int64_t c = 0; c < tiled; c += W) transpose_tile(x + c * a.x_sC + s0, a.x_sC, xb.get() + c, C);
+    for (int i = 0; i < n; ++i)
+      for (int64_t c = tiled; c < C; ++c) xb[i * C + c] = x[c * a.x_sC + s0 + i];
+    SimdArgs t = a;  // the block as n contiguous rows
+    t.x = xb.get();
+    t.g = gb.get();
+    t.B = n, t.S = 1;
+    t.x_sB = t.g_sB = C;
+    t.x_sC = t.g_sC = 1;
+    t.x_sS = t.g_sS = 0;
+    t.target = a.target + s0 * a.t_sS;
+    t.t_sB = a.t_sS, t.t_sS = 0;
+    t.loss = a.loss ? a.loss + s0 : nullptr;
+    t.lse = a.lse + s0;
+    if (a.grad) {
+      t.factor = a.factor + s0 * a.f_sS;
+      t.f_sB = a.f_sS, t.f_sS = 0;
+    }
+    for (int i = 0; i < n; ++i) row_contiguous<T, kSpread>(t, i, kept.get(), nullptr);
+    if (a.grad) {
+      for (int64_t c = 0; c < tiled; c += W) transpose_tile(gb.get() + c, C, g + c * a.g_sC + s0, a.g_sC);
+      for (int i = 0; i < n; ++i)
+        for (int64_t c = tiled; c < C; ++c) g[c * a.g_sC + s0 + i] = gb[i * C + c];
+    }
+  }
+}
+
 // One entry per kernel: dispatch on dtype and on whether the loss has a term over every class (spread).
 template <class Run>
 void by_dtype(const SimdArgs& a, Run&& run) {
@@ -634,6 +679,8 @@ void small_rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
 }
 
 void columns_entry(const SimdArgs& a, int64_t begin, int64_t end) {
+  if (a.staged)
+    return by_dtype(a, [&](auto t, auto spread) { staged_rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
   if (a.prob != nullptr)
     return by_prob_dtype(a, [&](auto t, auto y) { columns_impl<decltype(t), true, decltype(y)>(a, begin, end); });
   by_dtype(a, [&](auto t, auto spread) { columns_impl<decltype(t), decltype(spread)::value>(a, begin, end); });

@@ -28,6 +28,7 @@ struct SimdArgs {
   int64_t B, C, S;
   int64_t x_sB, x_sC, x_sS, t_sB, t_sC, t_sS, g_sB, g_sC, g_sS;  // t_sC: probabilities only
   int* bad;  // set to 1 when a target is outside [0, C) and not ignore_index
+  bool staged;  // columns: transposed rows (B == 1) staged row-major in W-row blocks (class indices only)
 };
 
 // rows(a, begin, end): rows r in [begin, end) whose classes are contiguous (x_sC == g_sC == 1; probabilities:
