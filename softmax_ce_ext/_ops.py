@@ -26,8 +26,9 @@ except ImportError as err:
         f"{_built_against() or '(unrecorded)'}; this is torch {torch.__version__}. A C++ extension must be rebuilt for "
         "the torch it runs with: `pip install --no-build-isolation .` (or `make build`) in its checkout"
     ) from err
-if _built_against() and _minor(_built_against()) != _minor(torch.__version__):
-    warnings.warn(f"softmax_ce_ext was built against torch {_built_against()} and runs under torch {torch.__version__}"
+_BUILT = _built_against()
+if _BUILT and _minor(_BUILT) != _minor(torch.__version__):
+    warnings.warn(f"softmax_ce_ext was built against torch {_BUILT} and runs under torch {torch.__version__}"
                   ": rebuild it (`pip install --no-build-isolation .`); across minor versions the C++ ABI changes",
                   RuntimeWarning, stacklevel=2)
 

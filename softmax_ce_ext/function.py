@@ -277,8 +277,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             )
         # torch.compile calls forward without going through apply above: then needs_input_grad decides.
         want_weight_grad = weight is not None and ctx.needs_input_grad[2] and grad_wanted is not False
-        p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing, weight_grad=want_weight_grad
-                      and input.shape != target.shape)  # class indices: refused there, in PyTorch's order
+        # With class indices _Prepared refuses it, in PyTorch's order.
+        p = _Prepared(input, target, weight, ignore_index, reduction, label_smoothing, weight_grad=want_weight_grad)
         want_input_grad = ctx.needs_input_grad[0] and grad_wanted is not False
         want_target_grad = p.prob and ctx.needs_input_grad[1] and grad_wanted is not False
         # The gradients of probability targets and of the weight come from composites of the saved logits.
@@ -379,11 +379,17 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                     _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, None)  # the forward reported
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
-        if ctx.prob and ctx.needs_input_grad[1]:
-            grad_target = _composite_target_grad(x3, weight, factor, ctx.eps).to(target.dtype).reshape(input.shape)
         grad_weight = None
-        if ctx.prob and ctx.needs_input_grad[2]:
-            grad_weight = _composite_weight_grad(x3, t, factor, ctx.eps).to(ctx.weight_dtype)
+        if ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            # Both are -f * (their other factor) * log_softmax(x): one log_softmax for the two.
+            x = x3.to(factor.dtype)
+            f_logp = factor.unsqueeze(1) * torch.log_softmax(x, dim=1)  # PyTorch's: NaN across a row holding +inf
+            if ctx.needs_input_grad[1]:  # d loss / d y_c = -f (1 - eps) w_c log p_c
+                grad_target = -(1.0 - ctx.eps) * _class_weights(weight, x.shape[1], x) * f_logp
+                grad_target = grad_target.to(target.dtype).reshape(input.shape)
+            if ctx.needs_input_grad[2]:  # d loss / d w_c = -sum over rows of f ((1 - eps) y_c + eps / C) log p_c
+                grad_weight = -(_prob_share(t.to(x.dtype), ctx.eps, x.shape[1]) * f_logp).sum(dim=(0, 2))
+                grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_input, grad_target, grad_weight, None, None, None, None, None
 
 
@@ -448,7 +454,7 @@ def _composite_grad(x3, t, weight, factor, ignore_index, eps, prob):
     w = _class_weights(weight, classes, x)
     f = factor.unsqueeze(1)
     if prob:
-        a = w * ((1.0 - eps) * t.to(x.dtype) + eps / classes)
+        a = w * _prob_share(t.to(x.dtype), eps, classes)
         return f * (p * a.sum(1, keepdim=True) - a)
     valid = t != ignore_index
     tc = torch.where(valid, t, 0)
@@ -462,16 +468,6 @@ def _composite_grad(x3, t, weight, factor, ignore_index, eps, prob):
     return torch.where(valid.unsqueeze(1), grad, 0.0)
 
 
-def _composite_weight_grad(x3, y, factor, eps):
-    """d loss / d w_c = -sum over rows of f * ((1 - eps) y_c + eps / C) * log_softmax(x)_c (probability targets)."""
-    x = x3.to(factor.dtype)
-    logp = torch.log_softmax(x, dim=1)  # PyTorch's: NaN across a row holding +inf, as its own gradient has
-    share = (1.0 - eps) * y.to(x.dtype) + (eps / x.shape[1] if x.shape[1] else 0.0)
-    return -(factor.unsqueeze(1) * share * logp).sum(dim=(0, 2))
-
-
-def _composite_target_grad(x3, weight, factor, eps):
-    """d loss / d y_c = -f * (1 - eps) * w_c * log_softmax(x)_c (probability targets that require grad)."""
-    x = x3.to(factor.dtype)
-    logp = torch.log_softmax(x, dim=1)  # PyTorch's: NaN across a row holding +inf, as its own gradient has
-    return -factor.unsqueeze(1) * (1.0 - eps) * _class_weights(weight, x.shape[1], x) * logp
+def _prob_share(y, eps, classes):
+    """A probability target's smoothed share of each class, (1 - eps) y_c + eps / C (no classes: no eps term)."""
+    return (1.0 - eps) * y + (eps / classes if classes else 0.0)

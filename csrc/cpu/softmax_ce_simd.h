@@ -405,10 +405,15 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
   }
 }
 
+// row_contiguous's kept exponentials: the loss + gradient of rows of up to kRowKeptClasses (else none), per task.
+inline std::unique_ptr<vf[]> row_kept_buffer(const SimdArgs& a) {
+  const bool keep = a.stats && a.grad && a.C <= kRowKeptClasses;
+  return std::unique_ptr<vf[]>(keep ? new vf[(a.C + W - 1) / W] : nullptr);
+}
+
 template <class T, bool kSpread, class Y = void>
 void rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
-  const bool keep = a.stats && a.grad && a.C <= kRowKeptClasses;
-  std::unique_ptr<vf[]> kept(keep ? new vf[(a.C + W - 1) / W] : nullptr);  // per task, reused row after row
+  const std::unique_ptr<vf[]> kept = row_kept_buffer(a);  // per task, reused row after row
   using raw = typename T::raw;
   for (int64_t r = begin; r < end; ++r)
     row_contiguous<T, kSpread, Y>(a, r, kept.get(), r + 1 < end ? row_start<raw>(a, r + 1) : nullptr);
@@ -614,8 +619,7 @@ void staged_rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
   using raw = typename T::raw;
   const int64_t C = a.C;
   std::unique_ptr<raw[]> xb(new raw[W * C]), gb(a.grad ? new raw[W * C] : nullptr);  // [row * C + c]
-  const bool keep = a.stats && a.grad && C <= kRowKeptClasses;
-  std::unique_ptr<vf[]> kept(keep ? new vf[(C + W - 1) / W] : nullptr);
+  const std::unique_ptr<vf[]> kept = row_kept_buffer(a);
   const raw* x = static_cast<const raw*>(a.x);
   raw* g = static_cast<raw*>(a.g);
   const int64_t per_b = (a.S + W - 1) / W;
