@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from softmax_ce_ext import CrossEntropyLoss, cross_entropy
 
+from helpers import assert_close, ours, reference
+
 INF, NAN = math.inf, math.nan
 
 
@@ -143,6 +145,42 @@ def test_special_values(device, kernel_path, row, smoothing, reduction):
     (ours, g), (theirs, gt) = both(x, t, reduction=reduction, label_smoothing=smoothing)
     same(ours, theirs)
     same(g, gt)
+
+
+# (B, C, S) logits and why: each takes a different kernel of the fused loss + gradient.
+HUGE_MAX_SHAPES = {
+    "7 classes": ((64, 7), "CPU 16-row blocks; CUDA warp rows (groups of lanes)"),
+    "1000 classes": ((16, 1000), "CPU rows with kept exponentials; CUDA warp rows"),
+    "40000 classes": ((4, 40000), "CPU rows past the kept classes; CUDA slices (clusters) or streaming rows"),
+    "K-dim": ((2, 21, 64), "CPU and CUDA K-dim blocks of positions"),
+}
+
+
+@pytest.mark.parametrize("shape", list(HUGE_MAX_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_huge_max_gradient_is_exact(device, kernel_path, shape, dtype, reduction, smoothing):
+    """Two maxima of 1e30 in one row: softmax is 1/2 at each.  The fused pass's gradient is e^(x - max) / sum; as
+    e^(x - lse) it would be 1, since 1e30 + log 2 == 1e30 in float32 (PyTorch subtracts the max first, too).  The
+    gradient from a saved lse (reduction='none') keeps that error: README."""
+    size, _ = HUGE_MAX_SHAPES[shape]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(size, generator=g).to(dtype)
+    t = torch.randint(0, size[1], (size[0],) + size[2:], generator=g)
+    row = x[1] if len(size) == 2 else x[1, :, 5]  # row 1 (K-dim: item 1, position 5)
+    row[0], row[1], row[-2], row[-1] = 1e30, -1e30, 1e30, -1e30
+    if len(size) == 2:
+        t[1] = 2
+    else:
+        t[1, 5] = 2
+    x, t = x.to(device), t.to(device)
+    one = torch.ones((), device=device)
+    loss, grad = ours(x, t, one, reduction=reduction, label_smoothing=smoothing)
+    ref_loss, ref_grad = reference(x, t, one, reduction=reduction, label_smoothing=smoothing)
+    assert_close(loss, ref_loss, dtype, "loss", logit_scale=1e30)
+    # The gradient's tolerance is the normal rows' (its entries in the huge row are 0 or 1/2 times the factor).
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=x[0].float().abs().max().item())
 
 
 def test_half_precision_beats_pytorch_overflow(device, kernel_path):

@@ -93,7 +93,7 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
       }
       const acc_t w_t = !kProb && P.weight ? P.weight[t] : acc_t(1);
       RowStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), 0, 0, 0};
-      acc_t lse;
+      acc_t base, q = acc_t(1);  // p = e^(x - base) / q: the max and the sum where taken here, else the lse and 1
       if (kStats) {
         // NaN compares false, so it never becomes the max but poisons the sum, as in PyTorch.
         for (int64_t c = 0; c < C; ++c) {
@@ -114,11 +114,11 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
         }
         st.s = static_cast<acc_t>(s_sum), st.A = static_cast<acc_t>(A_sum), st.D = static_cast<acc_t>(D_sum);
         const acc_t log_s = std::log(st.s);
-        lse = st.m + log_s;
-        lse_io[r] = lse;
+        lse_io[r] = st.m + log_s;
+        base = st.m, q = st.s;  // m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30)
         loss_out[r] = row_loss<kProb>(st, log_s, kProb ? acc_t(0) : xc(t), w_t, P.eps, C);
       } else {
-        lse = lse_io[r];
+        base = lse_io[r];
         if (kProb) {
           double A_sum = 0;
           for (int64_t c = 0; c < C; ++c) A_sum += ac(c);
@@ -127,9 +127,10 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
       }
       if (kGrad) {
         const acc_t f = factor.at(b, s);
-        const RowGrad<acc_t> g = kProb ? RowGrad<acc_t>::prob(f, st.A) : RowGrad<acc_t>::index(f, w_t, W, P.eps, C);
+        RowGrad<acc_t> g = kProb ? RowGrad<acc_t>::prob(f, st.A) : RowGrad<acc_t>::index(f, w_t, W, P.eps, C);
+        g.p_mul /= q;
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t p = std::exp(xc(c) - lse);
+          const acc_t p = std::exp(xc(c) - base);
           gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, (kProb || P.eps != acc_t(0)) ? ac(c) : acc_t(0), c == t));
         }
       }

@@ -321,7 +321,9 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     }
     return w;
   };
-  float lse, m = -__FLT_MAX__, sum = 0.0f, A = 0.0f;
+  // The gradient's p = e^(x - base) / q: the max and the sum where the statistics are taken here (m + log(s) drops
+  // log(s) once |m| >> 1: 1e30 + log 2 == 1e30), else the saved lse and 1.
+  float base, q = 1.0f, m = -__FLT_MAX__, sum = 0.0f, A = 0.0f;
   float chunk_m[kRowKeptClasses / (kRowChunk * W) + 1];  // kept: the max each chunk's (and the tail's) were taken at
   const int64_t tail_slot = (full + kRowChunk * W - 1) / (kRowChunk * W);  // the tail's, after the whole chunks'
   if (a.stats) {
@@ -366,13 +368,13 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
     sum = hsum(vs);
     const float log_s = __builtin_logf(sum);
-    lse = m + log_s;
-    a.lse[r] = lse;
+    a.lse[r] = m + log_s;
+    base = m, q = sum;
     A = hsum(vA);
     const float D = hsum(vD);
     a.loss[r] = kProb ? (A == 0.0f ? D : A * log_s + D) : row_loss(log_s, m, x_t, w_t, A, D, a.eps, C);
   } else {
-    lse = a.lse[r];
+    base = a.lse[r];
     if (kProb && g) {  // the gradient from a saved lse still needs A
       vf vA = {};
       for (int64_t c = 0; c < full; c += W) vA += weights(c, W);
@@ -383,25 +385,25 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
   if (g) {
     const float f_row = a.factor[b * a.f_sB + s * a.f_sS];
     const Coef k = kProb ? Coef{f_row * A, f_row, 0.0f} : coef(f_row, w_t, a.weight_sum, a.eps, C);
-    const vf vl = splat(lse), vp = splat(k.p_mul), vc = splat(k.c_mul);
+    const float p_mul = k.p_mul / q;
+    const vf vl = splat(base), vp = splat(p_mul), vc = splat(k.c_mul);
     // kept: p * p_mul = e^(x - m_chunk) * e^(m_chunk - m) * p_mul / sum, one factor per chunk
-    const float q = kept ? k.p_mul / sum : 0.0f;
     vf f = {};
     for (int64_t c = 0; c < full; c += W) {
       if (!a.stats && c % kLine == 0) ahead.at(c * sizeof(raw));  // the gradient from a saved lse: x from memory
-      if (kept && c % (kRowChunk * W) == 0) f = splat(exp1(chunk_m[c / (kRowChunk * W)] - m) * q);
+      if (kept && c % (kRowChunk * W) == 0) f = splat(exp1(chunk_m[c / (kRowChunk * W)] - m) * p_mul);
       vf gv = kept ? kept[c / W] * f : vexp(T::load(x + c) - vl) * vp;
       if (kSpread) gv -= weights(c, W) * vc;
       T::store(g + c, gv);
     }
     if (tail) {
-      if (kept) f = splat(exp1(chunk_m[tail_slot] - m) * q);
+      if (kept) f = splat(exp1(chunk_m[tail_slot] - m) * p_mul);
       vf gv = kept ? kept[full / W] * f : vexp(load_lanes<T>(x + full, tail, 0.0f) - vl) * vp;
       if (kSpread) gv -= weights(full, tail) * vc;
       store_lanes<T>(g + full, gv, tail);
     }
     // The target class, recomputed with its one-hot term.
-    if (!kProb) T::put(g + t, exp1(x_t - lse) * k.p_mul - w_t * k.c_mul - k.t_sub);
+    if (!kProb) T::put(g + t, exp1(x_t - base) * p_mul - w_t * k.c_mul - k.t_sub);
   }
 }
 
@@ -464,13 +466,14 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     }
     return splat(w);
   };
-  vf vlse, vs = {}, vA = {};
+  vf vbase, vs = splat(1.0f), vA = {};  // the gradient's p = e^(x - base) / s: the max and the sum, else lse and 1
   vf kept[kKeptClasses];  // keep: e^(x - max) per class, [c][lane] (16 KiB at W = 16)
   const bool keep = a.stats && g && C <= kKeptClasses;
   if (a.stats) {
     vf vm = splat(-kInf);
     for (int64_t c = 0; c < C; ++c) vm = vmax(vm, load_lanes<T>(x + c * a.x_sC, n, 0.0f));
     vf vD = {};
+    vs = vf{};
     for (int64_t c = 0; c < C; ++c) {
       const vf v = load_lanes<T>(x + c * a.x_sC, n, 0.0f);
       const vf e = vexp(v - vm);
@@ -483,14 +486,15 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
       }
     }
     const vf vlog_s = vlog(vs);
-    vlse = vm + vlog_s;
+    const vf vlse = vm + vlog_s;
+    vbase = vm;  // m + log(s) drops log(s) once |m| >> 1
     vf vloss = vwt * ((vm - vxt) + vlog_s);  // as row_loss: exact where x_t is the max
     if (kProb) vloss = vA == 0.0f ? vD : vA * vlog_s + vD;
     else if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * vlog_s + vD);
     store_lanes<F32>(loss, ok ? vloss : fill, n);
     store_lanes<F32>(lse_io, ok ? vlse : fill, n);
   } else {
-    vlse = load_lanes<F32>(lse_io, n, 0.0f);
+    vbase = load_lanes<F32>(lse_io, n, 0.0f);
     if (kProb && g)  // the gradient from a saved lse still needs A
       for (int64_t c = 0; c < C; ++c) vA += share(c);
   }
@@ -507,9 +511,9 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     const vf vt = f * (1.0f - a.eps) * vwt;  // the same algebra as coef(), per lane (probabilities: f A, f)
     const vf vc = kProb ? f : a.eps == 0.0f ? splat(0.0f) : f * (a.eps / static_cast<float>(C));
     const vf vp = kProb ? f * vA : a.eps == 0.0f ? f * vwt : vt + vc * a.weight_sum;
-    const vf vq = vp / vs;  // keep: p * p_mul = e^(x - max) * p_mul / sum
+    const vf vq = vp / vs;  // p * p_mul = e^(x - base) * p_mul / sum (keep: the kept e^(x - max))
     for (int64_t c = 0; c < C; ++c) {
-      const vf p = keep ? kept[c] * vq : vexp(load_lanes<T>(x + c * a.x_sC, n, 0.0f) - vlse) * vp;
+      const vf p = (keep ? kept[c] : vexp(load_lanes<T>(x + c * a.x_sC, n, 0.0f) - vbase)) * vq;
       vf gv = p - (kSpread ? share(c) : splat(1.0f)) * vc;
       gv = tv == static_cast<int>(c) ? gv - vt : gv;
       store_lanes<T>(g + c * a.g_sC, ok ? gv : fill, n);

@@ -55,7 +55,7 @@ __device__ __forceinline__ int code_at(const Codes<E>& v, int i) {
 }
 
 template <typename T, bool kStats, bool kGrad, bool kFold>
-__global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fold) {
+__global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold) {
   static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fol
     auto fill = [&](int i) { return t[i] == kBad ? NAN : 0.f; };
     auto w_t = [&](int i) { return ok(i) && w ? w[t[i]] : 1.f; };
     copy_async_wait_all();
-    float lse[E];
+    float lse[E], q[E];  // the gradient's e^(x - lse) / q: the max and the sum where taken here, else lse and 1
     if (kStats) {
       float m[E], s[E], D[E];
 #pragma unroll
@@ -176,7 +176,6 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fol
       float loss[E];
 #pragma unroll
       for (int i = 0; i < E; ++i) {
-        lse[i] = m[i] == rows::kInf ? NAN : m[i] + logf(s[i]);  // its logf inside the branch: 88 registers, not 100
         if (i < n) {
           const float l = loss_at(i);
           if (partial)
@@ -186,6 +185,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fol
         }
       }
       if (!partial) {
+        auto lse_at = [&](int i) { return !ok(i) ? fill(i) : m[i] == rows::kInf ? NAN : m[i] + logf(s[i]); };
         const int64_t r0 = b * S + s0;
         const uintptr_t at = reinterpret_cast<uintptr_t>(a.loss + r0) | reinterpret_cast<uintptr_t>(a.lse + r0);
         const bool aligned = (at & 15) == 0;
@@ -195,18 +195,20 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fol
             const int i = 4 * k;
             reinterpret_cast<float4*>(a.loss + r0)[k] = make_float4(loss[i], loss[i + 1], loss[i + 2], loss[i + 3]);
             reinterpret_cast<float4*>(a.lse + r0)[k] =
-                make_float4(ok(i) ? lse[i] : fill(i), ok(i + 1) ? lse[i + 1] : fill(i + 1),
-                            ok(i + 2) ? lse[i + 2] : fill(i + 2), ok(i + 3) ? lse[i + 3] : fill(i + 3));
+                make_float4(lse_at(i), lse_at(i + 1), lse_at(i + 2), lse_at(i + 3));
           }
         } else {
 #pragma unroll
           for (int i = 0; i < E; ++i)
-            if (i < n) a.loss[r0 + i] = loss[i], a.lse[r0 + i] = ok(i) ? lse[i] : fill(i);
+            if (i < n) a.loss[r0 + i] = loss[i], a.lse[r0 + i] = lse_at(i);
         }
       }
+      // The gradient's base: the max, as m + log(s) drops log(s) once |m| >> 1 (GradBase in rows).
+#pragma unroll
+      for (int i = 0; i < E; ++i) lse[i] = m[i] == rows::kInf ? NAN : m[i], q[i] = s[i];
     } else {
 #pragma unroll
-      for (int i = 0; i < E; ++i) lse[i] = i < n ? a.lse[b * S + s0 + i] : 0.f;
+      for (int i = 0; i < E; ++i) lse[i] = i < n ? a.lse[b * S + s0 + i] : 0.f, q[i] = 1.f;
     }
     RowGrad<float> rg[E];
     if (kGrad) {
@@ -214,6 +216,7 @@ __global__ void __launch_bounds__(128, 1) columns_kernel(Args<T> a, MeanFold fol
       for (int i = 0; i < E; ++i) {
         const float f = i >= n ? 0.f : kFold ? inv_denom : a.factor.at(b, s0 + i);
         rg[i] = RowGrad<float>::index(f, w_t(i), W, a.P.eps, C);
+        rg[i].p_mul = __fdividef(rg[i].p_mul, q[i]);
       }
     }
     if (kGrad) {
