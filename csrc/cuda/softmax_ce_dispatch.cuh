@@ -53,7 +53,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
   // Read before the block's barrier: an in-place gradient sweep may overwrite it afterwards.
   const acc_t x_t = !kProb && kStats && lane == 0 ? static_cast<acc_t>(xr[t * L.x_sC]) : acc_t(0);
   OnlineStats<acc_t> st;
-  acc_t lse;
+  acc_t base, q = acc_t(1);  // p = e^(x - base) / q: the max and the sum where taken here (exact for any max)
   if (kStats) {
     for (int64_t c = lane; c < L.C; c += lanes) {
       const acc_t v = static_cast<acc_t>(xr[c * L.x_sC]);
@@ -63,13 +63,14 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
         st.add(v);
     }
     reduce(st);
-    lse = st.lse();
+    base = st.m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : st.m;
+    q = st.s;
     if (lane == 0) {
-      lse_io[r] = lse;
+      lse_io[r] = st.lse();
       loss[r] = row_loss<kProb>(st, st.log_s(), x_t, w_t, P.eps, L.C);
     }
   } else {
-    lse = lse_io[r];
+    base = lse_io[r];
     if (kProb) {
       for (int64_t c = lane; c < L.C; c += lanes) st.A += class_coef<kProb>(P, yr, L.t_sC, c, L.C);
       st.A = sum(st.A);
@@ -78,9 +79,10 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
   if (kGrad) {
     const acc_t f = factor.at(b, s);
     const acc_t W = P.weight ? *P.weight_sum : acc_t(L.C);
-    const RowGrad<acc_t> g = kProb ? RowGrad<acc_t>::prob(f, st.A) : RowGrad<acc_t>::index(f, w_t, W, P.eps, L.C);
+    RowGrad<acc_t> g = kProb ? RowGrad<acc_t>::prob(f, st.A) : RowGrad<acc_t>::index(f, w_t, W, P.eps, L.C);
+    g.p_mul /= q;
     for (int64_t c = lane; c < L.C; c += lanes) {
-      const acc_t p = exp(static_cast<acc_t>(xr[c * L.x_sC]) - lse);
+      const acc_t p = exp(static_cast<acc_t>(xr[c * L.x_sC]) - base);
       const acc_t a = spread ? class_coef<kProb>(P, yr, L.t_sC, c, L.C) : acc_t(0);
       gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, a, c == t));
     }
@@ -477,6 +479,26 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   if (kStats && !o.loss.defined()) row_outputs(o);  // every other kernel writes per-row loss and lse
   if constexpr (!kProb) {
     if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
+  }
+  if constexpr (!kProb && !std::is_same_v<scalar_t, double>) {
+    // Classes strided where no fast kernel applies (transposed N x C logits, K-dim past the K-dim kernel's
+    // classes or alignment): the general kernels' strided reads ran at 1-6% of the floor (H200, 4096x4096: a
+    // thread per row is 16 warps per SM).  So the logits are copied row-major once, the row kernels run on the
+    // copy (the gradient written over it) and the gradient is copied into its layout: ~3x the bytes of the
+    // floor, one logits-size buffer more.  Rows keep their (b, s) index: loss, lse, factor rows as they were.
+    if (L.x_sC != 1 && L.C > 1 && cuda_tuning().path == CudaPath::kAuto) {
+      const at::Tensor logits = o.logits, grad = o.grad;
+      const at::Tensor rows =  // (B, S, C) row-major, seen as (B, C, S) as the ops pass logits
+          logits.as_strided({L.B, L.S, L.C}, {L.x_sB, L.x_sS, L.x_sC}, logits.storage_offset()).contiguous();
+      RowLayout Lr = L;
+      Lr.x_sB = Lr.g_sB = L.S * L.C, Lr.x_sS = Lr.g_sS = L.C, Lr.x_sC = Lr.g_sC = 1;
+      o.logits = rows.transpose(1, 2);
+      if (kGrad) o.grad = o.logits;  // in place over the copy
+      launch_typed<scalar_t, target_t, kStats, kGrad, kProb>(Lr, o);
+      o.logits = logits, o.grad = grad;
+      if (kGrad) grad.as_strided({L.B, L.S, L.C}, {L.g_sB, L.g_sS, L.g_sC}, grad.storage_offset()).copy_(rows);
+      return;
+    }
   }
   const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);
   const Factor<acc_t> f = factor_of<acc_t>(o);

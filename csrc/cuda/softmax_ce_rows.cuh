@@ -210,8 +210,9 @@ struct SliceCluster {
   }
 
  private:
-  // Until mbarrier `bar` completes its phase of parity `want`.  A peer that never sends would hang the kernel: past
-  // 2 s (the exchange takes microseconds) it traps instead, a launch error rather than a hung process.
+  // Until mbarrier `bar` completes its phase of parity `want`.  A peer that never sends (a bug: a cluster's CTAs run
+  // together) would hang the kernel: past 60 s it traps instead, a launch error rather than a hung process.  60 s,
+  // not 2 (the exchange takes microseconds): a GPU shared by time slices may hold the whole context off for seconds.
   __device__ static void wait_phase(uint64_t* bar, unsigned want) {
     unsigned done = 0;
     uint64_t start = 0;
@@ -221,7 +222,7 @@ struct SliceCluster {
       if (done) return;
       const uint64_t now = global_ns();
       if (start == 0) start = now;
-      else if (now - start > 2000000000ull) __trap();
+      else if (now - start > 60000000000ull) __trap();
     }
   }
   __device__ static unsigned smem_address(const void* p) {
@@ -360,6 +361,16 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
 // 4 CTAs per SM where 5 fit.
 __device__ __forceinline__ float lse_of(float m, float log_s) { return m == kInf ? NAN : m + log_s; }
 
+// The base b of the gradient's exponentials e^(x - b) (the factor p_mul then divided by q) where the pass took the
+// statistics itself: the max, not the lse, whose m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30 in
+// float32: p = 1 where it is 1/2).  From a saved lse: b = lse, q = 1.
+struct GradBase {
+  float b, q;
+  __device__ static GradBase of_stats(float m, float s) { return {m == kInf ? NAN : m, s}; }
+  __device__ static GradBase of_lse(float lse) { return {lse, 1.f}; }
+  __device__ float p_mul(float f) const { return __fdividef(f, q); }  // q in [1, C] (or 0 / NaN: NaN rows)
+};
+
 // The kernels' per-element work, kept to a few instructions (the bound at Hopper bandwidth, see slice_rows):
 // chunk values with the row's end chunks masked; the gradient of one chunk; its store.  Chunk indices I: int64_t,
 // or int in the warp rows' loss + gradient (see there).
@@ -385,12 +396,13 @@ __device__ __forceinline__ void chunk_grad_terms(float (&out)[E], const RowGrad<
   }
 }
 
-// out = f * (p * p_mul - a_c * c_mul - [c == t] * t_sub), p = e^(x - lse); et: t's lane if this chunk holds it.
+// out = f * (p * p_mul - a_c * c_mul - [c == t] * t_sub), p = e^(x - b) (b: GradBase's); et: t's lane if this chunk
+// holds it.
 template <int E, bool kSpread>
-__device__ __forceinline__ void chunk_grad(float (&out)[E], const float (&v)[E], float lse, const RowGrad<float>& g,
+__device__ __forceinline__ void chunk_grad(float (&out)[E], const float (&v)[E], float b, const RowGrad<float>& g,
                                            const float* w, int64_t first, int64_t C, int et) {
 #pragma unroll
-  for (int e = 0; e < E; ++e) out[e] = ex2((v[e] - lse) * kLog2e) * g.p_mul;
+  for (int e = 0; e < E; ++e) out[e] = ex2((v[e] - b) * kLog2e) * g.p_mul;
   chunk_grad_terms<E, kSpread>(out, g, w, first, C, et);
 }
 
@@ -408,22 +420,22 @@ __device__ __forceinline__ void chunk_store(const Row<T, kGrad>& row, uint4* gk,
 // store where `plain` (inside the row, the logits' alignment), else by the masked path, element by element.
 template <bool kFolded, typename T, bool kGrad>
 __device__ __forceinline__ void lean_chunk_store(const Row<T, kGrad>& row, uint4* gk, int64_t k, bool plain,
-                                                 const float (&v)[Chunk<T>::E], float lse, const Exp2Base& base,
+                                                 const float (&v)[Chunk<T>::E], float b, const Exp2Base& base,
                                                  float p_mul, const RowGrad<float>& g, const float* w, int64_t C) {
   float out[Chunk<T>::E];
   if (plain) {
-    chunk_p<kFolded>(out, v, lse, base, p_mul);
+    chunk_p<kFolded>(out, v, b, base, p_mul);
     store_stream(gk + k, Chunk<T>::pack(out));
   } else {
-    chunk_grad<Chunk<T>::E, false>(out, v, lse, g, w, row.xk.first_class(k), C, -1);
+    chunk_grad<Chunk<T>::E, false>(out, v, b, g, w, row.xk.first_class(k), C, -1);
     store_chunk(row.g, row.xk, row.same_shift, k, C, out);
   }
 }
 
 // lean sweeps: the gradient of the target's class, stored again over the sweep's p * p_mul by the same thread
 // (or after a __syncwarp).
-__device__ __forceinline__ float target_grad(float x_t, float lse, const RowGrad<float>& g) {
-  return ex2((x_t - lse) * kLog2e) * g.p_mul - g.t_sub;
+__device__ __forceinline__ float target_grad(float x_t, float b, const RowGrad<float>& g) {
+  return ex2((x_t - b) * kLog2e) * g.p_mul - g.t_sub;
 }
 
 // The smoothing sums of one chunk: A += a_c, D += a_c (m - x_c) over the classes in the row.
@@ -576,7 +588,8 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
     // The row's gradient factor, loaded with its logits: read after the loss's stores, it was a load the compiler
     // could not move above them (they may alias), waited for just before the gradient sweep.
     const float f_row = kGrad ? a.factor.at(b, s) : 0.f;
-    float lse, sum = 0.f;
+    float sum = 0.f;
+    GradBase gb;
     // kKeep: e^(x - max) of this lane's chunks (0 outside the row)
     Kept<kKeep ? VPT : 1, E, kSmem> kept;
     kept.lane_slots = reinterpret_cast<float4*>(staged) + (threadIdx.x >> 5) * kept_smem_chunks<T, VPT>() + lane;
@@ -604,17 +617,17 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       sum = group_sum(sum, G, gmask);
       if (kSpread) A = group_sum(A, G, gmask), D = group_sum(D, G, gmask);
       const float log_s = logf(sum);
-      lse = lse_of(m, log_s);
+      gb = GradBase::of_stats(m, sum);
       if (sub == 0) {
-        a.lse[r] = lse;
+        a.lse[r] = lse_of(m, log_s);
         a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, log_s, x_t, w_t, a.P.eps, C);
       }
     } else {
-      lse = a.lse[r];
+      gb = GradBase::of_lse(a.lse[r]);
     }
     if (kGrad) {
-      const RowGrad<float> g = row.grad_factors(a, w_t, f_row);
-      const float p_scale = __fdividef(g.p_mul, sum);  // kKeep: p * p_mul = e^(x - max) * p_mul / sum; sum in [1, C]
+      RowGrad<float> g = row.grad_factors(a, w_t, f_row);
+      g.p_mul = gb.p_mul(g.p_mul);  // p * p_mul = e^(x - max) * p_mul / sum (kKeep: the kept e^(x - max))
       const I kt = static_cast<I>(row.target_chunk());
       const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
@@ -627,12 +640,12 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
         if (kKeep) {
           kept.get(kKeep ? j : 0, out);
 #pragma unroll
-          for (int e = 0; e < E; ++e) out[e] *= p_scale;
+          for (int e = 0; e < E; ++e) out[e] *= g.p_mul;
           chunk_grad_terms<E, kSpread>(out, g, w, xk.first_class(k), C, k == kt ? et : -1);
         } else {
           float v[E];
           Chunk<T>::unpack(u[j], v);
-          chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+          chunk_grad<E, kSpread>(out, v, gb.b, g, w, xk.first_class(k), C, k == kt ? et : -1);
         }
         chunk_store(row, gk, k, he, te, C, out);
       }
@@ -689,7 +702,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
     if (!valid_row<T, kStats, kGrad>(a, r, row, tid == 0 && k_lo == 0, k_lo + tid, k_hi, nt)) continue;
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const float w_t = w ? w[t] : 1.f;
-    float lse;
+    GradBase gb;
     if (kStats) {
       const float x_t = tid == 0 ? static_cast<float>(xr[t]) : 0.f;  // before the barrier (in place)
       float m = -FLT_MAX, sum = 0.f, A = 0.f, D = 0.f;
@@ -759,42 +772,45 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
       }
       const OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
       const float log_s = logf(st.s);
-      lse = lse_of(st.m, log_s);
+      gb = GradBase::of_stats(st.m, st.s);
       if (tid == 0) {
-        a.lse[r] = lse;
+        a.lse[r] = lse_of(st.m, log_s);
         a.loss[r] = row_loss<false>(st, log_s, x_t, w_t, a.P.eps, C);
       }
     } else {
-      lse = a.lse[r];
+      gb = GradBase::of_lse(a.lse[r]);
     }
+    const float pb = gb.b;  // the gradient's base: the max where this pass took the statistics, else the lse
     if (kLean && kGrad) {
-      const RowGrad<float> g = row.grad_factors(a, w_t);
+      RowGrad<float> g = row.grad_factors(a, w_t);
+      g.p_mul = gb.p_mul(g.p_mul);
       // x_t's chunk is this thread's (chunk k is thread k mod nt's; nt is 64, 128 or 256; pieces start at multiples
       // of nt) and this item's: only it writes there.
       const int64_t kt = row.target_chunk();
       const bool holds_t = (kt & (nt - 1)) == tid && kt >= k_lo && kt < k_hi;
       const float x_t = holds_t ? static_cast<float>(xr[t]) : 0.f;  // before this thread's stores (in place)
       uint4* gk = row.grad_chunks();
-      folded_or_not(Exp2Base::fits(lse), [&](auto folded) {  // lse is the row's: the same choice in every thread
-        const Exp2Base base(folded ? lse : 0.f);
+      folded_or_not(Exp2Base::fits(pb), [&](auto folded) {  // pb is the row's: the same choice in every thread
+        const Exp2Base base(folded ? pb : 0.f);
         const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
         stream_chunks<U>(xk, k_lo, k_hi, tid, nt, [&](int64_t k, const uint4& chunk) {
           float v[E];
           Chunk<T>::unpack(chunk, v);
-          lean_chunk_store<decltype(folded)::value>(row, gk, k, same_shift && k != he && k != te, v, lse, base,
+          lean_chunk_store<decltype(folded)::value>(row, gk, k, same_shift && k != he && k != te, v, pb, base,
                                                     p_mul, g, w, C);
         });
       });
-      if (holds_t) gr[t] = static_cast<T>(target_grad(x_t, lse, g));
+      if (holds_t) gr[t] = static_cast<T>(target_grad(x_t, pb, g));
     } else if (kGrad) {
-      const RowGrad<float> g = row.grad_factors(a, w_t);
+      RowGrad<float> g = row.grad_factors(a, w_t);
+      g.p_mul = gb.p_mul(g.p_mul);
       const int64_t kt = row.target_chunk();
       const int et = row.target_lane();
       uint4* gk = row.grad_chunks();
       stream_chunks<U>(xk, k_lo, k_hi, tid, nt, [&](int64_t k, const uint4& chunk) {
         float v[E], out[E];
         Chunk<T>::unpack(chunk, v);
-        chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k), C, k == kt ? et : -1);
+        chunk_grad<E, kSpread>(out, v, pb, g, w, xk.first_class(k), C, k == kt ? et : -1);
         chunk_store(row, gk, k, he, te, C, out);
       });
     }
@@ -985,13 +1001,15 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
     // What does not need the row's statistics (global loads among it): in flight while the cluster waits.
     const float w_t = w ? w[t] : 1.f;
-    const RowGrad<float> g = row.grad_factors(a, w_t);
+    RowGrad<float> g = row.grad_factors(a, w_t);
     const int64_t kt = row.target_chunk();
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
     const int et = row.target_lane();
     st = cl.exchange(st, peer, peer_bars);
     const float log_s = logf(st.s);
-    const float lse = lse_of(st.m, log_s);
+    const GradBase gb = GradBase::of_stats(st.m, st.s);
+    const float pb = gb.b;  // the gradient's base: the max
+    g.p_mul = gb.p_mul(g.p_mul);
     const bool holds_t = jt >= 0 && jt % kSliceThreads == tid;
     float x_t = 0.f;
     if (holds_t) {  // x_t's chunk is this thread's own: its staged copy is intact
@@ -1001,12 +1019,12 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       for (int e = 0; e < E; ++e) x_t = e == et ? v[e] : x_t;  // a run-time index would put v in local memory
       a.loss[r] = row_loss<false>(st, log_s, x_t, w_t, a.P.eps, C);
     }
-    if (tid == 0 && rank == 0) a.lse[r] = lse;
+    if (tid == 0 && rank == 0) a.lse[r] = lse_of(st.m, log_s);
     uint4* gk = row.grad_chunks() + k0;
     if (kLean && same_shift) {
       // Every chunk as if it held no target (p * p_mul), x_t's gradient stored again after it by the same thread.
-      folded_or_not(Exp2Base::fits(lse), [&](auto folded) {
-        const Exp2Base base(folded ? lse : 0.f);
+      folded_or_not(Exp2Base::fits(pb), [&](auto folded) {
+        const Exp2Base base(folded ? pb : 0.f);
         const float p_mul = folded ? g.p_mul * base.k : g.p_mul;
         // 64-bit pointers stepped per trip: from the 32-bit j, each address cost 4 instructions (sm_90 SASS).
         const int j0 = tid + own.i0 * kSliceThreads, copy_end = nn - head;
@@ -1015,7 +1033,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         own.interior([&](int p, int j) {
           float v[E], out[E];
           Chunk<T>::unpack(staged[p], v);
-          chunk_p<decltype(folded)::value>(out, v, lse, base, p_mul);
+          chunk_p<decltype(folded)::value>(out, v, pb, base, p_mul);
           store_stream(gp, Chunk<T>::pack(out));
           if (j < copy_end) copy_async16(&staged[p], np);
           gp += kSliceThreads, np += kSliceThreads;
@@ -1023,17 +1041,17 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         own.edges([&](int j) {
           float v[E];
           edge_values(j, v);
-          lean_chunk_store<decltype(folded)::value>(row, gk, k0 + j, false, v, lse, base, p_mul, g, w, C);
+          lean_chunk_store<decltype(folded)::value>(row, gk, k0 + j, false, v, pb, base, p_mul, g, w, C);
           if (j + head < nn) copy_async16(&staged[at(first, j)], nbase + j + head);
         });
       });
-      if (holds_t) gr[t] = static_cast<T>(target_grad(x_t, lse, g));
+      if (holds_t) gr[t] = static_cast<T>(target_grad(x_t, pb, g));
     }
     for (int j = tid; !(kLean && same_shift) && j < nj; j += kSliceThreads) {
       const int p = at(first, j);
       float v[E], out[E];
       Chunk<T>::unpack(staged[p], v);
-      chunk_grad<E, kSpread>(out, v, lse, g, w, xk.first_class(k0 + j), C, j == jt ? et : -1);
+      chunk_grad<E, kSpread>(out, v, pb, g, w, xk.first_class(k0 + j), C, j == jt ? et : -1);
       if (same_shift && j != e0 && j != e1)
         store_stream(gk + j, Chunk<T>::pack(out));
       else
