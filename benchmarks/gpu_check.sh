@@ -15,7 +15,7 @@
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe ncu stalls grid compile"
+#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe ncu stalls grid compile"
 #                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -60,6 +60,26 @@ if part smoke; then
   stamp "smoke: every CUDA kernel family on four shapes"
   timeout 90 $PY benchmarks/cuda_smoke.py 2>&1 | tee "$OUT/smoke.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if part changed; then
+  # A short call after a change to the kernels or the defaults (v0.17-dev, ~150 s after the build): the tests of
+  # what changed first (GPU_CHECK_TESTS, a pytest -k expression over the CORE files), then a short bench (the
+  # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
+  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or strided_classes or warp_rows_special_values}\")"
+  CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
+  timeout 60 $PY -m pytest -q -p no:cacheprovider --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
+    | tee "$OUT/tests_changed.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  { timeout 40 $PY benchmarks/bench.py --device cuda --no-progress --shapes 65536x1000 16x21x512x512 8192x128256 \
+      --dtype bfloat16 float32 --mode fwd+bwd --providers ours torch 2>&1
+    timeout 25 $PY benchmarks/bench.py --device cuda --no-progress --shapes 4096x4096 --dtype bfloat16 float32 \
+      --mode fwd+bwd --providers ours torch --layout transposed; } 2>&1 | tee "$OUT/bench_changed.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  stamp "changed: the CORE tests, the files of every kernel path first (until the timeout)"
+  CORE="tests/test_edge_cases.py tests/test_inplace.py tests/test_autograd.py tests/test_compile.py tests/test_cuda.py tests/test_errors.py tests/test_loss_scaling.py tests/test_row_layouts.py"
+  timeout ${GPU_CHECK_REST_S:-90} $PY -m pytest -q -p no:cacheprovider --maxfail=20 -k "cuda and not cpu-" $CORE 2>&1 \
+    | tee "$OUT/tests_core.log" | tail -15
 fi
 
 if part compile_debug; then
@@ -111,15 +131,14 @@ if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 130 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_fold ours_warp_keep ours_warp_group \
+    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The slices (v0.12-dev): the CTAs out of step (stagger), alone and with the exchange by st.async; the exchange
   # by st.async (only rows split over clusters differ: the LLM shapes but 8192x32000 bf16), with 36 KiB slices
   # too; one sum exponential per chunk on the FMA pipe; with st.async.
   timeout 120 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd+bwd --providers ours ours_stagger ours_stagger_async ours_cluster_async ours_async_s36 \
-    ours_fma_exp2 ours_async_fma 2>&1 \
+    --mode fwd+bwd --providers ours ours_stagger ours_cluster_sync ours_fma_exp2 2>&1 \
     | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
@@ -144,7 +163,7 @@ if part confirm; then
   stamp "confirm: the defaults against the alternative to each, two shapes, every mode"
   timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x32000 65536x1000 \
     --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd \
-    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep ours_cluster_async ours_stagger \
+    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep ours_cluster_sync ours_stagger \
     torch 2>&1 \
     | tee "$OUT/confirm.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -140,18 +140,15 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # the fused pass of float warp rows of 129-256 chunks unstaged, or staging up to 3 rows ahead per warp as
             # shared memory allows (default: 1)
             OursTuned("ours_unstaged", warp_ring=0), OursTuned("ours_warp_ring4", warp_ring=4),
-            # off by default until measured: K-dim mean training with the denominator counted in the K-dim kernel;
-            # warp rows' loss + gradient keeping the sum sweep's exponentials; the slices' cluster exchange by
-            # st.async and mbarriers (no per-row cluster barrier), and with it 36 KiB slices (twice the clusters,
-            # half of the 72 KiB ring for the next row's slice during the statistics); a quarter of the slices'
-            # sum exponentials on the FMA pipe; both; the slices' CTAs put out of step after their first row, alone
-            # and with the st.async exchange
-            OursTuned("ours_kdim_fold", kdim_fold=True), OursTuned("ours_warp_keep", warp_keep=True),
-            OursTuned("ours_cluster_async", cluster_async=True),
-            OursTuned("ours_async_s36", cluster_async=True, slice_kb=36),
-            OursTuned("ours_fma_exp2", fma_exp2=True), OursTuned("ours_async_fma", cluster_async=True, fma_exp2=True),
-            OursTuned("ours_stagger", stagger=True), OursTuned("ours_stagger_async", stagger=True, cluster_async=True),
-            # off by default until measured: the loss + gradient of rows of up to 128 chunks by groups of 16, 8 or
-            # 4 lanes (2-8 rows per warp)
-            OursTuned("ours_warp_group", warp_group=True))
+            # on by default since the H200 of 2026-11-28 (NOTES v0.17-dev): K-dim mean training with the
+            # denominator counted in the K-dim kernel; the slices' cluster exchange by st.async and mbarriers (no
+            # per-row cluster barrier); the loss + gradient of rows of up to 128 chunks by groups of 16, 8 or 4
+            # lanes.  Their alternatives, off:
+            OursTuned("ours_kdim_unfolded", kdim_fold=False), OursTuned("ours_cluster_sync", cluster_async=False),
+            OursTuned("ours_warp_ungrouped", warp_group=False),
+            # off by default (within a point, or behind): warp rows' loss + gradient keeping the sum sweep's
+            # exponentials; a quarter of the slices' sum exponentials on the FMA pipe; the slices' CTAs put out of
+            # step after their first row
+            OursTuned("ours_warp_keep", warp_keep=True), OursTuned("ours_fma_exp2", fma_exp2=True),
+            OursTuned("ours_stagger", stagger=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

@@ -110,12 +110,12 @@ struct TuningState {
         lean(env_int("SOFTMAX_CE_CUDA_LEAN", 1) != 0),
         warp_ring(env_int("SOFTMAX_CE_CUDA_WARP_RING", 2)),
         grad_piece_kb(env_int("SOFTMAX_CE_CUDA_GRAD_PIECE_KB", 32)),
-        kdim_fold(env_int("SOFTMAX_CE_CUDA_KDIM_FOLD", 0) != 0),
+        kdim_fold(env_int("SOFTMAX_CE_CUDA_KDIM_FOLD", 1) != 0),
         warp_keep(env_int("SOFTMAX_CE_CUDA_WARP_KEEP", 0) != 0),
-        cluster_async(env_int("SOFTMAX_CE_CUDA_CLUSTER_ASYNC", 0) != 0),
+        cluster_async(env_int("SOFTMAX_CE_CUDA_CLUSTER_ASYNC", 1) != 0),
         fma_exp2(env_int("SOFTMAX_CE_CUDA_FMA_EXP2", 0) != 0),
         stagger(env_int("SOFTMAX_CE_CUDA_STAGGER", 0) != 0),
-        warp_group(env_int("SOFTMAX_CE_CUDA_WARP_GROUP", 0) != 0) {}
+        warp_group(env_int("SOFTMAX_CE_CUDA_WARP_GROUP", 1) != 0) {}
 };
 
 TuningState& state() {

@@ -13,8 +13,8 @@ FIELDS = ("path", "slice_kb", "cluster_max", "prefetch", "ring_kb", "lean", "war
 # The defaults without environment variables (csrc/softmax_ce.cpp, TuningState): what tests and benchmarks set
 # as their baseline, whatever the environment says.
 BUILT_IN = dict(path="auto", slice_kb=72, cluster_max=16, prefetch=True, ring_kb=72, lean=True, warp_ring=2,
-                grad_piece_kb=32, kdim_fold=False, warp_keep=False, cluster_async=False, fma_exp2=False,
-                stagger=False, warp_group=False)
+                grad_piece_kb=32, kdim_fold=True, warp_keep=False, cluster_async=True, fma_exp2=False,
+                stagger=False, warp_group=True)
 
 
 def get() -> dict:

@@ -30,11 +30,15 @@ CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always l
 # CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as softmax_ce_ext.tuning selects them (every
 # setting given, whatever the environment says), and why each is in the grid.
 CUDA_PATHS = {
-    "auto": (dict(), "the defaults: warp rows for small C (the fused pass of float rows of 129-256 chunks staged), "
-             "shared-memory slices (in a ring, lean sweeps) for larger C, the gradient from the lse in 32 KiB pieces"),
+    "auto": (dict(), "the defaults: warp rows for small C (the fused pass of rows of up to 128 chunks by groups of "
+             "lanes, of float rows of 129-256 chunks staged), shared-memory slices (in a ring, lean sweeps, the "
+             "cluster's statistics by st.async) for larger C, the gradient from the lse in 32 KiB pieces, the K-dim "
+             "mean's denominator counted in the K-dim kernel"),
     "clusters": (dict(slice_kb=1, ring_kb=0), "1 KiB slices: rows of a few thousand classes split over clusters of "
                  "CTAs, no ring"),
     "clusters-ring": (dict(slice_kb=1, ring_kb=8), "the same, each CTA's slots a ring holding the next row too"),
+    "clusters-sync": (dict(slice_kb=1, ring_kb=8, cluster_async=False), "the same, the cluster's statistics "
+                      "exchanged by plain remote stores and cluster.sync(), the alternative to st.async"),
     "plain": (dict(lean=False, warp_ring=0, grad_piece_kb=0), "the alternatives to the measured defaults: the "
               "general sweeps (per-chunk tests), no staged warp rows, the gradient from the lse by whole rows"),
     "plain-clusters": (dict(slice_kb=1, ring_kb=8, lean=False), "the general sweeps over clusters of 1 KiB slices, "
@@ -46,16 +50,16 @@ CUDA_PATHS = {
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "warp-keep": (dict(warp_keep=True), "warp rows' loss + gradient keeping the sum sweep's exponentials (registers, "
                   "or the warp's shared memory) for a gradient of one product per element"),
-    "warp-group": (dict(warp_group=True), "the loss + gradient of rows of up to 128 chunks (no smoothing) by groups "
-                   "of 16, 8 or 4 lanes, 2-8 rows per warp: groups diverging (ignored rows, the grid's last rows), "
-                   "group-masked shuffles"),
+    "warp-ungrouped": (dict(warp_group=False), "the loss + gradient of rows of up to 128 chunks (no smoothing) by "
+                       "a warp per row, the alternative to the default groups of 16, 8 or 4 lanes"),
     "clusters-v012": (dict(slice_kb=1, ring_kb=8, cluster_async=True, fma_exp2=True, stagger=True), "the slice "
                       "settings of v0.12 in one path (each alone: the slice schedules' tests): clusters of 1 KiB "
                       "slices in a ring, their statistics exchanged by st.async into each peer's shared memory and "
                       "mbarriers, one lean sum exponential per chunk by ex2_fma, the CTAs put out of step where "
                       "rows are many"),
-    "kdim-fold": (dict(kdim_fold=True), "K-dim mean training (unweighted) with the denominator counted inside the "
-                  "K-dim kernel (a cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
+    "kdim-unfolded": (dict(kdim_fold=False), "K-dim mean training (unweighted) with the denominator counted by a "
+                      "kernel of its own, the alternative to the default count inside the K-dim kernel (a "
+                      "cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
     "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

@@ -182,9 +182,10 @@ def test_opcheck_every_op(device):
 # (shape, loss keywords, tuning, why)
 GRAPH_CASES = {
     "rows-smoothed": ((64, 1000), dict(label_smoothing=0.1), dict(), "warp rows, the smoothing sums"),
-    "slices-clusters": ((8, 50000), dict(), dict(), "rows of 195 KiB in float32: slices over clusters of 4 CTAs"),
-    "slices-async": ((8, 50000), dict(), dict(cluster_async=True), "the same, the statistics exchanged by st.async "
-                     "and mbarriers (tuning cluster_async)"),
+    "slices-clusters": ((8, 50000), dict(), dict(), "rows of 195 KiB in float32: slices over clusters of 4 CTAs, "
+                        "the statistics exchanged by st.async and mbarriers (the default, tuning cluster_async)"),
+    "slices-sync": ((8, 50000), dict(), dict(cluster_async=False), "the same, the statistics exchanged by plain "
+                    "remote stores and cluster.sync()"),
     "kdim-mean-fold": ((4, 21, 16, 16), dict(), dict(kdim_fold=True), "K-dim mean training under kdim_fold: "
                        "captured without its cooperative launch (the unfolded path), which replays right"),
 }

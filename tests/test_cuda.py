@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import softmax_ce_ext
 from softmax_ce_ext import cross_entropy
 
+from helpers import assert_close, reference
+
 pytestmark = pytest.mark.skipif(
     not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()), reason="CUDA kernels not built or no GPU"
 )
@@ -108,3 +110,45 @@ def test_peak_memory_of_a_training_step(layout, inplace):
         del logits
     allowed = 0.01 if inplace else 1.01
     assert extra <= allowed, f"peak extra memory {extra:.3f}x the logits"
+
+
+# Logits whose classes are strided where no fast kernel applies: copied row-major for the row kernels, the gradient
+# copied back into its layout (softmax_ce_dispatch.cuh, launch_typed).  (make logits, why each.)
+STRIDED_CLASSES = {
+    "transposed-5": (lambda g, dt: torch.randn(5, 1500, generator=g).to(dt).t(), "5 classes: grouped warp rows"),
+    "transposed-1000": (lambda g, dt: torch.randn(1000, 64, generator=g).to(dt).t(), "1000 classes: warp rows"),
+    "transposed-4096": (lambda g, dt: torch.randn(4096, 300, generator=g).to(dt).t(), "4096 classes: slices"),
+    "transposed-40000": (lambda g, dt: torch.randn(40000, 24, generator=g).to(dt).t(), "slices over clusters"),
+    "k-dim-300": (lambda g, dt: torch.randn(2, 300, 6, 5, generator=g).to(dt), "past the K-dim kernel's classes"),
+    "k-dim-odd": (lambda g, dt: torch.randn(3, 21, 5, 3, generator=g).to(dt)[:, :, :, 1:],
+                  "positions not 16-byte aligned: no K-dim kernel"),
+}
+
+
+@pytest.mark.parametrize("case", list(STRIDED_CLASSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", weighted=True, label_smoothing=0.2),
+                                dict(reduction="sum", label_smoothing=0.1)], ids=["mean", "none-weighted", "sum"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["gradient-buffer", "inplace"])
+def test_strided_classes_staged_rows(case, dtype, kw, inplace):
+    """Loss and gradient against float64 (ignored targets; per-row upstream gradients for 'none'; in place: the
+    gradient over the logits' own, strided, memory)."""
+    g = torch.Generator().manual_seed(len(case))
+    x = (STRIDED_CLASSES[case][0](g, dtype) * 3).cuda()
+    assert x.stride(1) != 1  # the layout the test is about
+    c = x.shape[1]
+    t = torch.randint(0, c, (x.shape[0], *x.shape[2:]), generator=g)
+    t.view(-1)[1::4] = -100
+    t = t.cuda()
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = (torch.rand(c, generator=g) + 0.2).cuda()
+    grad_out = (torch.rand(t.shape, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())).cuda()
+    leaf = x.clone().requires_grad_()  # clone keeps the strides (dense)
+    logits = leaf * 1 if inplace else leaf
+    loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
+    (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+    ref, ref_grad = reference(x, t, grad_out, **kw)
+    scale = x.float().abs().max().item()
+    assert_close(loss, ref, dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)

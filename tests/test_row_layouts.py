@@ -155,7 +155,7 @@ SLICE_SCHEDULES = {
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
 @pytest.mark.parametrize("sweeps", ["smoothed", "plain", "lean", "lean-fma"])
-@pytest.mark.parametrize("variant", ["default", "async", "stagger"])
+@pytest.mark.parametrize("variant", ["sync", "async", "stagger"])
 def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, sweeps, variant):
     """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
     ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh),
@@ -164,9 +164,10 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
     row's.  sweeps: label smoothing (the smoothing sums), or none under the plain sweeps (tuning lean off: per-chunk
     tests) or the lean ones (the default), whose interior trips skip the end chunks and step over the ring's wrap.
     lean-fma: the lean sweeps with a quarter of the sum's exponentials by ex2_fma (tuning fma_exp2).
-    variant: the defaults; the cluster's statistics by st.async (tuning cluster_async: each row's exchange on one
-    of two mbarriers, in turn, so skipped rows and many rows test their phases); or the CTAs of an SM put out of
-    step after their first row (tuning stagger: a slot per SM broadcast over the cluster, a wait, a barrier)."""
+    variant: the cluster's statistics by plain remote stores and cluster.sync() (tuning cluster_async off); by
+    st.async (the default: each row's exchange on one of two mbarriers, in turn, so skipped rows and many rows test
+    their phases); or so, with the CTAs of an SM put out of step after their first row (tuning stagger: a slot per
+    SM broadcast over the cluster, a wait, a barrier)."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
     if sweeps == "plain" and variant == "async":
@@ -179,7 +180,7 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
     t[-(rows // 3):] = -100  # with ~500-1000 clusters walking the rows: each skips its last few in a row
     with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb,
                       lean=sweeps.startswith("lean"), fma_exp2=sweeps == "lean-fma",
-                      cluster_async=variant == "async", stagger=variant == "stagger"):
+                      cluster_async=variant != "sync", stagger=variant == "stagger"):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
         loss = cross_entropy(xi, t, label_smoothing=smoothing, inplace_backward=inplace)
@@ -201,15 +202,15 @@ WARP_ROW_IDS = ["short", "vpt2", "vpt4", "vpt8"]
 # Staging applies to the loss + gradient (mean) of float rows of 129-256 chunks (vpt8) only; the other rows and
 # the forward and gradient kernels of reduction='none' run unstaged under every setting.
 WARP_STAGING = {
-    "unstaged": (dict(warp_ring=0), "a warp per row, the grid as large as the rows need"),
-    "ring2": (dict(warp_ring=2), "the default: a resident grid, each warp's next row staged in shared memory "
+    "unstaged": (dict(warp_ring=0, warp_group=False), "a warp per row, the grid as large as the rows need"),
+    "ring2": (dict(warp_ring=2, warp_group=False), "the default (rows past 128 chunks): a resident grid, each warp's next row staged in shared memory "
               "(cp.async)"),
-    "ring4": (dict(warp_ring=4), "the same, as many rows ahead as shared memory holds (2 at 1000 floats)"),
-    "kept": (dict(warp_keep=True), "the gradient sweep multiplying the sum sweep's exponentials, kept in registers "
+    "ring4": (dict(warp_ring=4, warp_group=False), "the same, as many rows ahead as shared memory holds (2 at 1000 floats)"),
+    "kept": (dict(warp_keep=True, warp_group=False), "the gradient sweep multiplying the sum sweep's exponentials, kept in registers "
              "or in shared memory by row width (the default recomputes them)"),
-    "unstaged-kept": (dict(warp_ring=0, warp_keep=True), "kept, not staged"),
-    "grouped": (dict(warp_group=True), "the loss + gradient of rows of up to 128 chunks by groups of 16, 8 or 4 "
-                "lanes, 2-8 rows per warp: groups of one warp on rows of different chunk counts, ignored or not"),
+    "unstaged-kept": (dict(warp_ring=0, warp_keep=True, warp_group=False), "kept, not staged"),
+    "grouped": (dict(warp_group=True), "the default: the loss + gradient of rows of up to 128 chunks by groups of "
+                "16, 8 or 4 lanes, 2-8 rows per warp: groups of one warp on rows of different chunk counts, ignored or not"),
 }
 
 
@@ -276,7 +277,8 @@ WARP_SPECIAL_ROWS = {
 @pytest.mark.parametrize("row", list(WARP_SPECIAL_ROWS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("vpt", range(4), ids=WARP_ROW_IDS)
-@pytest.mark.parametrize("setting", [dict(warp_keep=True), dict(), dict(warp_group=True)],
+@pytest.mark.parametrize("setting", [dict(warp_keep=True, warp_group=False), dict(warp_group=False),
+                                     dict(warp_group=True)],
                          ids=["kept", "unkept", "grouped"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_warp_rows_special_values(device, row, dtype, vpt, setting, smoothing):
