@@ -305,7 +305,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             denom, inv_denom = p.mean_denominator()
             divisor, loss_dtype = p.loss_fold(denom)
             grad_scale = p.grad_scale(inv_denom)
-            # The summed loss only: no per-row loss or lse buffers (a second backward recomputes the lse).
+            # The summed loss only: no per-row loss or lse buffers (a second backward runs this pass again).
             lse = None
             if inplace:
                 total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
@@ -314,6 +314,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             else:
                 total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
                                                    status, divisor, loss_dtype)
+            ctx.grad_scale = grad_scale
         elif want_input_grad or want_composite:
             # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient): the rows' lse kept
             denom, _ = p.mean_denominator()  # float16's mean over class indices; else None
@@ -370,13 +371,18 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0] and not fused:
             if torch.is_grad_enabled():  # create_graph=True: a composite that autograd can differentiate again
                 grad = _composite_grad(x3, t, weight, factor, ctx.ignore_index, ctx.eps, ctx.prob).to(input.dtype)
+            elif ctx.fused:  # a second backward (retain_graph=True): the forward's fused pass again, the same bits
+                if ctx.reduction == "mean" and not ctx.prob:
+                    _, grad, _ = ops.mean_forward_backward(x3, t, weight, ctx.ignore_index, ctx.eps, None, None)
+                else:
+                    _, grad = ops.forward_backward(x3, t, weight, ctx.ignore_index, ctx.eps, ctx.grad_scale, None,
+                                                   None, None)
+                ops.scale_grad_(grad, grad_out)
             elif ctx.inplace:  # reduction='none', in place: the gradient overwrites the saved logits
                 ops.backward_(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
                 torch.autograd.graph.increment_version(input)  # a second backward now fails autograd's check
                 grad = x3
-            else:  # reduction='none', or a second backward (retain_graph=True) after the buffer was used
-                if lse is None:  # the training pass kept no lse: one more read of the logits for it
-                    _, lse = ops.forward(x3, t, weight, ctx.ignore_index, ctx.eps, None)  # the forward reported
+            else:  # reduction='none'; probabilities; float16
                 grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         grad_weight = None
