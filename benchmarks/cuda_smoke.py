@@ -12,13 +12,14 @@ import softmax_ce_ext
 from softmax_ce_ext import tuning
 
 FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(slice_kb=1, ring_kb=8),
-            "plain": dict(lean=False, warp_ring=0, grad_piece_kb=0),
+            "plain": dict(lean=False, warp_ring=0, grad_piece_kb=0, warp_group=False, kdim_fold=False),
             "plain-ring": dict(slice_kb=1, ring_kb=8, lean=False), "warp-ring": dict(warp_ring=4),
             "grad-pieces": dict(grad_piece_kb=4), "no-slices": dict(slice_kb=1, cluster_max=1),
             "stream": dict(path="stream"), "plain-stream": dict(path="stream", lean=False),
-            "legacy": dict(path="legacy"), "kdim-fold": dict(kdim_fold=True), "warp-keep": dict(warp_keep=True),
-            "ring-async": dict(slice_kb=1, ring_kb=8, cluster_async=True), "fma-exp2": dict(fma_exp2=True),
-            "stagger": dict(stagger=True), "warp-group": dict(warp_group=True)}
+            "legacy": dict(path="legacy"), "kdim-unfolded": dict(kdim_fold=False),
+            "warp-keep": dict(warp_keep=True, warp_group=False),
+            "ring-sync": dict(slice_kb=1, ring_kb=8, cluster_async=False), "fma-exp2": dict(fma_exp2=True),
+            "stagger": dict(stagger=True), "warp-ungrouped": dict(warp_group=False)}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),

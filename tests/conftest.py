@@ -39,8 +39,10 @@ CUDA_PATHS = {
     "clusters-ring": (dict(slice_kb=1, ring_kb=8), "the same, each CTA's slots a ring holding the next row too"),
     "clusters-sync": (dict(slice_kb=1, ring_kb=8, cluster_async=False), "the same, the cluster's statistics "
                       "exchanged by plain remote stores and cluster.sync(), the alternative to st.async"),
-    "plain": (dict(lean=False, warp_ring=0, grad_piece_kb=0), "the alternatives to the measured defaults: the "
-              "general sweeps (per-chunk tests), no staged warp rows, the gradient from the lse by whole rows"),
+    "plain": (dict(lean=False, warp_ring=0, grad_piece_kb=0, warp_group=False, kdim_fold=False), "the "
+              "alternatives to the measured defaults: the general sweeps (per-chunk tests; their cluster exchange is "
+              "cluster.sync()), no staged or grouped warp rows, the gradient from the lse by whole rows, the K-dim "
+              "mean's denominator by a kernel of its own"),
     "plain-clusters": (dict(slice_kb=1, ring_kb=8, lean=False), "the general sweeps over clusters of 1 KiB slices, "
                        "a ring"),
     "warp-ring": (dict(warp_ring=4), "the loss + gradient of float warp rows of 129-256 chunks staging more of "
@@ -48,8 +50,8 @@ CUDA_PATHS = {
     "grad-pieces": (dict(grad_piece_kb=16), "the gradient from a saved lse (reduction='none') by rows cut into "
                     "pieces of 1024 chunks (rows of 4096+ floats, 8192+ 2-byte values)"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
-    "warp-keep": (dict(warp_keep=True), "warp rows' loss + gradient keeping the sum sweep's exponentials (registers, "
-                  "or the warp's shared memory) for a gradient of one product per element"),
+    "warp-keep": (dict(warp_keep=True, warp_group=False), "warp rows' loss + gradient keeping the sum sweep's "
+                  "exponentials (registers, or the warp's shared memory) for a gradient of one product per element"),
     "warp-ungrouped": (dict(warp_group=False), "the loss + gradient of rows of up to 128 chunks (no smoothing) by "
                        "a warp per row, the alternative to the default groups of 16, 8 or 4 lanes"),
     "clusters-v012": (dict(slice_kb=1, ring_kb=8, cluster_async=True, fma_exp2=True, stagger=True), "the slice "
