@@ -150,5 +150,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # exponentials; a quarter of the slices' sum exponentials on the FMA pipe; the slices' CTAs put out of
             # step after their first row
             OursTuned("ours_warp_keep", warp_keep=True), OursTuned("ours_fma_exp2", fma_exp2=True),
-            OursTuned("ours_stagger", stagger=True))
+            OursTuned("ours_stagger", stagger=True),
+            # off until timed (v0.17-dev): the K-dim kernel copying each thread's next item during this one's
+            # gradient sweep
+            OursTuned("ours_kdim_prefetch", kdim_prefetch=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

@@ -62,6 +62,8 @@ CUDA_PATHS = {
     "kdim-unfolded": (dict(kdim_fold=False), "K-dim mean training (unweighted) with the denominator counted by a "
                       "kernel of its own, the alternative to the default count inside the K-dim kernel (a "
                       "cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
+    "kdim-prefetch": (dict(kdim_prefetch=True), "the K-dim kernel with a gradient copying each thread's next item "
+                      "into its slots during this item's gradient sweep (tuning kdim_prefetch, off until timed)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
     "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

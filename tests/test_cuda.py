@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import softmax_ce_ext
-from softmax_ce_ext import cross_entropy
+from softmax_ce_ext import cross_entropy, tuning
 
 from helpers import assert_close, reference
 
@@ -148,6 +148,37 @@ def test_strided_classes_staged_rows(case, dtype, kw, inplace):
     logits = leaf * 1 if inplace else leaf
     loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
     (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+    ref, ref_grad = reference(x, t, grad_out, **kw)
+    scale = x.float().abs().max().item()
+    assert_close(loss, ref, dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+
+
+# K-dim logits of more items (E positions of one batch item) than the K-dim kernel's resident grid has threads
+# (132 SMs x 5 CTAs x 128 threads on an H100/H200), so each thread walks several: what kdim_prefetch copies ahead.
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (8, 21, 256, 257)), (torch.bfloat16, (16, 21, 256, 264))],
+                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("prefetch", [False, True], ids=["unprefetched", "prefetched"])
+@pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", label_smoothing=0.1),
+                                dict(reduction="sum", weighted=True)], ids=["mean", "none-smoothed", "sum-weighted"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["gradient-buffer", "inplace"])
+def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
+    """Loss and gradient against float64, every 5th target ignored; the mean folds its denominator in-kernel
+    (kdim_fold, the default) or not (weighted)."""
+    g = torch.Generator().manual_seed(17)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).cuda()
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[::5] = -100
+    t = t.cuda()
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = (torch.rand(shape[1], generator=g) + 0.2).cuda()
+    grad_out = (torch.rand(t.shape, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())).cuda()
+    leaf = x.clone().requires_grad_()
+    with tuning.using(**{**tuning.BUILT_IN, "kdim_prefetch": prefetch}):
+        logits = leaf * 1 if inplace else leaf
+        loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
+        (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
     ref, ref_grad = reference(x, t, grad_out, **kw)
     scale = x.float().abs().max().item()
     assert_close(loss, ref, dtype, "loss", logit_scale=scale)

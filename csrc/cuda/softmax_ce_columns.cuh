@@ -8,6 +8,9 @@
 // before (two launches reading the targets): each thread first reads its items' targets once, counts the ones not
 // ignored and keeps them as bytes in shared memory for its main loop; one grid barrier (a cooperative launch: all
 // CTAs resident) and every CTA sums the CTAs' counts, an exact integer, so every CTA has the same 1 / d.
+// kPrefetch (tuning kdim_prefetch; the kernels with a gradient sweep): each chunk of the thread's next item is copied
+// into its slot as soon as the gradient sweep has stored that slot's class, so the next item's loads are in flight
+// during this item's arithmetic (without it, each item waits for all its loads after issuing them).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -54,9 +57,10 @@ __device__ __forceinline__ int code_at(const Codes<E>& v, int i) {
   return (w >> (8 * (i & 3))) & 0xff;
 }
 
-template <typename T, bool kStats, bool kGrad, bool kFold>
+template <typename T, bool kStats, bool kGrad, bool kFold, bool kPrefetch = false>
 __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold) {
   static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
+  static_assert(!kPrefetch || kGrad, "the next item copied during the gradient sweep");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -121,7 +125,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     int n;
     locate(item, b, s0, n);
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
-    if (!kFold || k > 0) copy_item(b, s0);
+    if (k == 0 ? !kFold : !kPrefetch) copy_item(b, s0);  // kPrefetch: copied during the last gradient sweep
     auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
     int t[E];
     if constexpr (kFold) {
@@ -220,6 +224,13 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
       }
     }
     if (kGrad) {
+      const T* xn = nullptr;  // kPrefetch: the next item's logits
+      if (kPrefetch && item + stride < items) {
+        int64_t nb, ns0;
+        int nn;
+        locate(item + stride, nb, ns0, nn);
+        xn = a.x + nb * L.x_sB + ns0;
+      }
       for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);
@@ -236,6 +247,8 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
           for (int i = 0; i < E; ++i)
             if (i < n) g[c * L.g_sC + i] = static_cast<T>(v[i]);
         }
+        // After the store, which depends on the staged values: this thread's read of the slot is complete.
+        if (kPrefetch && xn) copy_async16(&staged[c * nt + tid], xn + c * L.x_sC);
       }
     }
   }

@@ -391,7 +391,8 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int threads = columns_threads(L.C);
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = columns::columns_kernel<T, kStats, kGrad, false>;
+    auto kernel = kGrad && tune.kdim_prefetch ? columns::columns_kernel<T, kStats, kGrad, false, kGrad>
+                                              : columns::columns_kernel<T, kStats, kGrad, false, false>;
     allow_smem(device, kernel, [] { return columns::kBlockBudget; });
     const int per_sm = blocks_per_sm(device, kernel, threads, smem);
     constexpr int E = chunks::Chunk<T>::E;
@@ -431,7 +432,8 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
   constexpr int E = chunks::Chunk<T>::E;
   const int threads = columns_threads(L.C);
   const int logit_smem = static_cast<int>(int64_t{threads} * L.C * 16);
-  auto kernel = columns::columns_kernel<T, true, true, true>;
+  auto kernel = tune.kdim_prefetch ? columns::columns_kernel<T, true, true, true, true>
+                                   : columns::columns_kernel<T, true, true, true, false>;
   const void* key = reinterpret_cast<const void*>(kernel);
   allow_smem(device, kernel, [] { return columns::kBlockBudget + columns::kFoldBudget; });
   auto per_sm_at = [&](int smem) { return blocks_per_sm(device, kernel, threads, smem); };
