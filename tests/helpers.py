@@ -52,6 +52,25 @@ def assert_close(actual, expected, dtype, what, logit_scale=0.0, scale_floor=0.0
     )
 
 
+def training_against_float64(x, t, g, kw, inplace):
+    """Loss and gradient of x (its layout kept, on its device) against float64: kw's 'weighted' draws a class
+    weight, 'none' a per-position upstream gradient (from g, on the CPU); in place writes the gradient over a
+    non-leaf copy.  Returns the leaf."""
+    kw = dict(kw)
+    if kw.pop("weighted", False):
+        kw["weight"] = (torch.rand(x.shape[1], generator=g) + 0.2).to(x.device)
+    grad_out = (torch.rand(t.shape, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())).to(x.device)
+    leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    logits = leaf * 1 if inplace else leaf  # not a leaf: in place needs one
+    loss = softmax_ce_ext.cross_entropy(logits, t, inplace_backward=inplace, **kw)
+    (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
+    ref, ref_grad = reference(x, t, grad_out, **kw)
+    scale = x.float().abs().max().item()
+    assert_close(loss, ref, x.dtype, "loss", logit_scale=scale)
+    assert_close(grad, ref_grad, x.dtype, "grad", logit_scale=scale)
+    return leaf
+
+
 class OpSpy:
     """Records which row kernels ran (not the small reductions), passing the calls through: stands in for
     softmax_ce_ext.function's `ops` (monkeypatch.setattr(function_mod, "ops", OpSpy(function_mod.ops)))."""

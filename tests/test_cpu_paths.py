@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, reference
+from helpers import assert_close, reference, training_against_float64
 from softmax_ce_ext import _C, cross_entropy
 
 
@@ -132,25 +132,7 @@ def test_small_rows_blocks(kernel_path, size, dtype, kw, inplace):
     x = (torch.randn(n, c, generator=g) * 3).to(dtype)
     t = torch.randint(0, c, (n,), generator=g)
     t[2::5] = -100  # not the first row: a mean over one ignored row is 0/0
-    _training_against_float64(x, t, g, kw, inplace)
-
-
-def _training_against_float64(x, t, g, kw, inplace):
-    """Loss and gradient of x (its layout kept) against float64: kw's 'weighted' draws a class weight, 'none' a
-    per-position upstream gradient; in place writes the gradient over a non-leaf copy."""
-    kw = dict(kw)
-    if kw.pop("weighted", False):
-        kw["weight"] = torch.rand(x.shape[1], generator=g) + 0.2
-    grad_out = torch.rand(t.shape, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())
-    leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
-    logits = leaf * 1 if inplace else leaf  # not a leaf: in place needs one
-    loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
-    (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
-    ref, ref_grad = reference(x, t, grad_out, **kw)
-    scale = x.float().abs().max().item()
-    assert_close(loss, ref, x.dtype, "loss", logit_scale=scale)
-    assert_close(grad, ref_grad, x.dtype, "grad", logit_scale=scale)
-    return leaf
+    training_against_float64(x, t, g, kw, inplace)
 
 
 # Channels-last K-dim logits (each position a row of contiguous classes): where the batch continues the positions'
@@ -179,7 +161,7 @@ def test_channels_last_rows(kernel_path, case, dtype, kw, inplace):
     t = torch.randint(0, c, (1 if kind == "shared-target" else n, h, w), generator=g)
     t[..., 1::4, ::3] = -100
     t = t.expand(n, h, w)
-    leaf = _training_against_float64(x, t, g, kw, inplace)
+    leaf = training_against_float64(x, t, g, kw, inplace)
     assert leaf.stride(1) == 1  # the layout the test is about
 
 
@@ -206,7 +188,7 @@ def test_transposed_rows(kernel_path, size, dtype, kw, inplace):
     x = (torch.randn(c, n, generator=g) * 3).to(dtype).t()
     t = torch.randint(0, c, (n,), generator=g)
     t[1::4] = -100
-    leaf = _training_against_float64(x, t, g, kw, inplace)
+    leaf = training_against_float64(x, t, g, kw, inplace)
     assert leaf.stride() == x.stride() == (1, n)  # the layout the test is about
 
 

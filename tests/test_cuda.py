@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import softmax_ce_ext
 from softmax_ce_ext import cross_entropy, tuning
 
-from helpers import assert_close, reference
+from helpers import training_against_float64
 
 pytestmark = pytest.mark.skipif(
     not (softmax_ce_ext.cuda_built() and torch.cuda.is_available()), reason="CUDA kernels not built or no GPU"
@@ -139,19 +139,7 @@ def test_strided_classes_staged_rows(case, dtype, kw, inplace):
     c = x.shape[1]
     t = torch.randint(0, c, (x.shape[0], *x.shape[2:]), generator=g)
     t.view(-1)[1::4] = -100
-    t = t.cuda()
-    kw = dict(kw)
-    if kw.pop("weighted", False):
-        kw["weight"] = (torch.rand(c, generator=g) + 0.2).cuda()
-    grad_out = (torch.rand(t.shape, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())).cuda()
-    leaf = x.clone().requires_grad_()  # clone keeps the strides (dense)
-    logits = leaf * 1 if inplace else leaf
-    loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
-    (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
-    ref, ref_grad = reference(x, t, grad_out, **kw)
-    scale = x.float().abs().max().item()
-    assert_close(loss, ref, dtype, "loss", logit_scale=scale)
-    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+    training_against_float64(x, t.cuda(), g, kw, inplace)
 
 
 # K-dim logits of more items (E positions of one batch item) than the K-dim kernel's resident grid has threads
@@ -169,17 +157,5 @@ def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
     x = (torch.randn(shape, generator=g) * 3).to(dtype).cuda()
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
     t.view(-1)[::5] = -100
-    t = t.cuda()
-    kw = dict(kw)
-    if kw.pop("weighted", False):
-        kw["weight"] = (torch.rand(shape[1], generator=g) + 0.2).cuda()
-    grad_out = (torch.rand(t.shape, generator=g) + 0.5 if kw["reduction"] == "none" else torch.ones(())).cuda()
-    leaf = x.clone().requires_grad_()
     with tuning.using(**{**tuning.BUILT_IN, "kdim_prefetch": prefetch}):
-        logits = leaf * 1 if inplace else leaf
-        loss = cross_entropy(logits, t, inplace_backward=inplace, **kw)
-        (grad,) = torch.autograd.grad(loss, leaf, grad_out.to(loss.dtype))
-    ref, ref_grad = reference(x, t, grad_out, **kw)
-    scale = x.float().abs().max().item()
-    assert_close(loss, ref, dtype, "loss", logit_scale=scale)
-    assert_close(grad, ref_grad, dtype, "grad", logit_scale=scale)
+        training_against_float64(x, t.cuda(), g, kw, inplace)
