@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     auto fill = [&](int i) { return t[i] == kBad ? NAN : 0.f; };
     auto w_t = [&](int i) { return ok(i) && w ? w[t[i]] : 1.f; };
     copy_async_wait_all();
-    float lse[E], q[E];  // the gradient's e^(x - lse) / q: the max and the sum where taken here, else lse and 1
+    rows::GradBase gb[E];  // the gradient's base per position: the max and the sum where taken here, else the lse
     if (kStats) {
       float m[E], s[E], D[E];
 #pragma unroll
@@ -207,12 +207,11 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
             if (i < n) a.loss[r0 + i] = loss[i], a.lse[r0 + i] = lse_at(i);
         }
       }
-      // The gradient's base: the max, as m + log(s) drops log(s) once |m| >> 1 (GradBase in rows).
 #pragma unroll
-      for (int i = 0; i < E; ++i) lse[i] = m[i] == rows::kInf ? NAN : m[i], q[i] = s[i];
+      for (int i = 0; i < E; ++i) gb[i] = rows::GradBase::of_stats(m[i], s[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < E; ++i) lse[i] = i < n ? a.lse[b * S + s0 + i] : 0.f, q[i] = 1.f;
+      for (int i = 0; i < E; ++i) gb[i] = rows::GradBase::of_lse(i < n ? a.lse[b * S + s0 + i] : 0.f);
     }
     RowGrad<float> rg[E];
     if (kGrad) {
@@ -220,7 +219,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
       for (int i = 0; i < E; ++i) {
         const float f = i >= n ? 0.f : kFold ? inv_denom : a.factor.at(b, s0 + i);
         rg[i] = RowGrad<float>::index(f, w_t(i), W, a.P.eps, C);
-        rg[i].p_mul = __fdividef(rg[i].p_mul, q[i]);
+        rg[i].p_mul = gb[i].p_mul(rg[i].p_mul);
       }
     }
     if (kGrad) {
@@ -237,7 +236,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
         const float ac = spread ? (w ? w[c] : 1.f) : 0.f;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
-          const float gv = ex2((v[i] - lse[i]) * kLog2e) * rg[i].p_mul - ac * rg[i].c_mul - (c == t[i] ? rg[i].t_sub : 0.f);
+          const float gv = ex2((v[i] - gb[i].b) * kLog2e) * rg[i].p_mul - ac * rg[i].c_mul - (c == t[i] ? rg[i].t_sub : 0.f);
           v[i] = ok(i) ? gv : fill(i);
         }
         if (n == E) {

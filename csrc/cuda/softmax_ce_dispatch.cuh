@@ -63,8 +63,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
         st.add(v);
     }
     reduce(st);
-    base = st.m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : st.m;
-    q = st.s;
+    base = st.grad_base(), q = st.s;
     if (lane == 0) {
       lse_io[r] = st.lse();
       loss[r] = row_loss<kProb>(st, st.log_s(), x_t, w_t, P.eps, L.C);
