@@ -15,7 +15,7 @@
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
-#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe ncu stalls grid compile"
+#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe trace ncu stalls grid compile"
 #                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -200,6 +200,12 @@ if part probe; then
   timeout 100 $PY benchmarks/gpu_probe.py 2>&1 | tee "$OUT/probe.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 45 $PY benchmarks/gpu_probe.py --profile 2>&1 | tee -a "$OUT/probe.log"
+fi
+
+if part trace; then
+  stamp "trace: the slice kernel's phases per row (thread 0's clock), the LLM shapes and 32 KiB slices"
+  timeout 90 $PY benchmarks/slice_trace.py 2>&1 | tee "$OUT/trace.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if part ncu; then

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 
 TORCH_LIBRARY(softmax_ce_ext, m) {
   // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
@@ -125,6 +126,23 @@ TuningState& state() {
 }
 }  // namespace
 
+namespace {
+std::mutex g_trace_mu;
+SliceTrace g_trace{0, 0, 0};
+}  // namespace
+
+SliceTrace slice_trace() {
+  const std::lock_guard<std::mutex> lock(g_trace_mu);
+  return g_trace;
+}
+
+void set_slice_trace(int64_t data, int ctas, int rows) {
+  TORCH_CHECK_VALUE(data == 0 || (ctas > 0 && rows > 0), "set_slice_trace: expected a buffer with ctas > 0 and "
+                    "rows > 0 (or data 0: off), got ctas ", ctas, ", rows ", rows);
+  const std::lock_guard<std::mutex> lock(g_trace_mu);
+  g_trace = data ? SliceTrace{data, ctas, rows} : SliceTrace{0, 0, 0};
+}
+
 CudaTuning cuda_tuning() {
   TuningState& s = state();
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
@@ -183,6 +201,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            t.cluster_async, t.fma_exp2, t.stagger, t.warp_group, t.kdim_prefetch);
   }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, "
      "warp_keep, cluster_async, fma_exp2, stagger, warp_group, kdim_prefetch).");
+  m.def("set_slice_trace", &softmax_ce::set_slice_trace, "The slice kernel's phase stamps into a device buffer of "
+        "ctas * (8 + 8 * rows) int64 (address, ctas, rows; address 0: off). For benchmarks/gpu_probe.py --trace.");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
   m.def("grad_cache_sizes", &softmax_ce::grad_cache_sizes, "The kept CPU gradient blocks' bytes, oldest first.");
 }

@@ -6,6 +6,7 @@
 // the winners measured on the H200 (benchmarks/NOTES.md).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace softmax_ce {
@@ -31,6 +32,16 @@ struct CudaTuning {
   bool warp_group;     // warp rows' loss + gradient of rows of up to 128 chunks: 16, 8 or 4 lanes per row
   bool kdim_prefetch;  // K-dim kernel with a gradient: the next item copied during this one's gradient sweep
 };
+
+// The slice kernel's phase stamps (benchmarks/gpu_probe.py --trace): where set, the default slice kernel's traced
+// twin runs, stamping the first `rows` rows of the first `ctas` CTAs into `data`, device memory of
+// ctas * (8 + 8 * rows) int64 that the caller keeps alive.  Off (data 0) by default.
+struct SliceTrace {
+  int64_t data;  // the buffer's device address, 0: off
+  int ctas, rows;
+};
+SliceTrace slice_trace();
+void set_slice_trace(int64_t data, int ctas, int rows);
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,

@@ -286,3 +286,44 @@ def test_verdicts_reads_a_gpu_log():
     assert r.returncode == 0 and "ours_pipeline8 mean  -3.0" in r.stdout, r.stdout + r.stderr
     empty = subprocess.run([sys.executable, str(root / "verdicts.py"), str(BENCH)], capture_output=True, text=True)
     assert empty.returncode != 0 and "no case" in empty.stderr
+
+
+def test_slice_trace_summarizes_stamps():
+    """benchmarks/slice_trace.py's summary of the slice kernel's phase stamps, on a synthetic record of 2 CTAs on
+    one SM at 2 GHz (clusters of 2), 3 rows each, the first of which is left out: every phase its medians in ns; a
+    CTA that stamped nothing (past the grid) is not counted."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from slice_trace import HEADER, PHASES, STAMPS, summarize
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    rows, ctas = 4, 3
+    buf = torch.zeros(ctas, HEADER + STAMPS * rows, dtype=torch.int64)
+    steps = [100, 200, 50, 400, 1000, 30]  # clocks of wait, sweeps, block, cluster, grad, tail
+    for c in range(2):
+        clock = 10_000 * (c + 1)
+        buf[c, :7] = torch.tensor([7, c, 2, 5_000, clock, 5_000 + 1_000_000, clock + 2_000_000])
+        for i in range(3):
+            base = HEADER + STAMPS * i
+            start = clock + i * (sum(steps) + 20)  # gaps of 20 clocks between rows
+            stamps = [start]
+            for s in steps:
+                stamps.append(stamps[-1] + s)
+            buf[c, base:base + 7] = torch.tensor(stamps)
+        buf[c, 7] = 3
+    s = summarize(buf.flatten(), ctas, rows)
+    assert s["ghz"] == pytest.approx(2.0) and s["ctas"] == 2 and s["rows"] == 3
+    assert s["clusters"] == [2] and s["per_sm"] == 2
+    for name, clocks in zip(PHASES, steps):
+        assert s[name] == pytest.approx(clocks / 2.0), name
+    assert s["gap"] == pytest.approx(10.0) and s["period"] == pytest.approx((sum(steps) + 20) / 2.0)
+    # The first row of a CTA (not prefetched) and rows past its count are left out: one CTA, 3 rows in its buffer,
+    # 2 stamped, the first waiting 5000 clocks: the median wait is the second row's.
+    one = torch.zeros(1, HEADER + STAMPS * 3, dtype=torch.int64)
+    one[0, :8] = torch.tensor([3, 0, 1, 0, 0, 1000, 2000, 2])
+    one[0, HEADER:HEADER + 7] = torch.tensor([0, 5000, 5001, 5002, 5003, 5004, 5005])
+    one[0, HEADER + STAMPS:HEADER + STAMPS + 7] = torch.tensor([6000, 6040, 6041, 6042, 6043, 6044, 6045])
+    one[0, HEADER + 2 * STAMPS:HEADER + 2 * STAMPS + 7] = 99_999  # not stamped
+    s1 = summarize(one.flatten(), 1, 3)
+    assert s1["wait"] == pytest.approx(20.0) and s1["rows"] == 2 and s1["per_sm"] == 1
+    assert s1["gap"] != s1["gap"]  # NaN: no two consecutive counted rows

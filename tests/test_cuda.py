@@ -159,3 +159,46 @@ def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
     t.view(-1)[::5] = -100
     with tuning.using(**{**tuning.BUILT_IN, "kdim_prefetch": prefetch}):
         training_against_float64(x, t.cuda(), g, kw, inplace)
+
+
+@pytest.mark.parametrize(
+    "dtype, C, slice_kb",
+    [(torch.bfloat16, 32000, 72), (torch.bfloat16, 40000, 16), (torch.float32, 20000, 72)],
+    ids=["one-CTA-per-row", "clusters", "float32"],
+)
+def test_slice_trace_stamps_without_changing_results(dtype, C, slice_kb):
+    """benchmarks/slice_trace.py's traced twin of the default slice kernel: the same loss and gradient bits as the
+    untraced kernel, and for every CTA that stamped, its header (cluster size as launched) and each row's 7 clock
+    stamps in order.  One CTA per row at 32000 bf16 classes in 72 KiB slices; clusters where 16 KiB slices need
+    several CTAs (sm_90); float32."""
+    from softmax_ce_ext import _C
+
+    HEADER, STAMPS, rows, ctas = 8, 8, 6, 2048
+    torch.manual_seed(0)
+    x = torch.randn(512, C, device="cuda", dtype=dtype)
+    t = torch.randint(0, C, (512,), device="cuda")
+    buf = torch.zeros(ctas * (HEADER + STAMPS * rows), dtype=torch.int64, device="cuda")
+    results = []
+    with tuning.using(**{**tuning.BUILT_IN, "slice_kb": slice_kb}):
+        for trace in (False, True):
+            xi = x.clone().requires_grad_()
+            _C.set_slice_trace(buf.data_ptr() if trace else 0, ctas, rows)
+            try:
+                loss = cross_entropy(xi, t)
+                loss.backward()
+            finally:
+                _C.set_slice_trace(0, 0, 0)
+            results.append((loss, xi.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    rec = buf.view(ctas, HEADER + STAMPS * rows).cpu()
+    stamped = rec[rec[:, 7] > 0]
+    assert len(stamped) > 0, "the traced kernel stamped nothing"
+    sizes = set(stamped[:, 2].tolist())
+    expect_clusters = slice_kb * 1024 < ((C * x.element_size() + 15) // 16) * 16
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert (min(sizes) > 1) == expect_clusters, sizes
+    for h in stamped.tolist():
+        assert 0 <= h[1] < h[2] and h[5] > h[3] and h[6] > h[4], h[:8]
+        for i in range(h[7]):
+            s = h[HEADER + STAMPS * i: HEADER + STAMPS * i + 7]
+            assert all(a <= b for a, b in zip(s, s[1:])), (h[:8], i, s)

@@ -191,7 +191,10 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   const bool spread = a.P.eps != 0.f;
   // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled; fma_exp2: lean.
   const bool async = tune.cluster_async, fma = tune.fma_exp2;
-  auto kernel = spread      ? async ? rows::slice_rows_kernel<T, true, false, true, false>
+  const SliceTrace trace = slice_trace();
+  const bool traced = trace.data != 0 && !spread && tune.lean && async && !fma;  // the default kernel's twin
+  auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, false, true>
+                : spread    ? async ? rows::slice_rows_kernel<T, true, false, true, false>
                                     : rows::slice_rows_kernel<T, true, false, false, false>
                 : tune.lean ? async ? fma ? rows::slice_rows_kernel<T, false, true, true, true>
                                           : rows::slice_rows_kernel<T, false, true, true, false>
@@ -200,7 +203,9 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
                             : rows::slice_rows_kernel<T, false, false, false, false>;
   return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
                        [&](cudaLaunchConfig_t& cfg, int slice, int ring, int stagger) {
-                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, stagger);
+                         const rows::TraceBuf tr{traced ? reinterpret_cast<int64_t*>(trace.data) : nullptr,
+                                                 trace.ctas, trace.rows};
+                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, stagger, tr);
                        });
 }
 // Whether warp rows stage rows in shared memory (warp_ring): the fused loss + gradient of float rows of 129-256

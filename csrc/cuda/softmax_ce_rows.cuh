@@ -119,6 +119,44 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
+// Phase stamps of the slice kernel (tuning-free probe, benchmarks/gpu_probe.py --trace; softmax_ce_tuning.h's
+// SliceTrace): per CTA a header, then per row thread 0's SM clock at the phase boundaries below.
+struct TraceBuf {
+  int64_t* p;  // null: off
+  int ctas, rows;
+};
+enum : int { kTraceHeader = 8, kTraceStamps = 8 };
+// Header: smid, cluster rank, cluster size, ns and clock at the start, ns and clock at the end, rows stamped.
+// Row: start, own chunks landed, own max and sum done, block statistics, cluster exchange, own gradient sweep
+// done, row end (clock); start (ns of the global timer, to line rows up across SMs).
+struct Tracer {
+  int64_t* base = nullptr;  // this CTA's record where thread 0 stamps it
+  int row = 0, rows = 0;
+  __device__ Tracer(const TraceBuf& t, unsigned rank, unsigned n) {
+    if (t.p == nullptr || threadIdx.x != 0 || static_cast<int>(blockIdx.x) >= t.ctas) return;
+    base = t.p + static_cast<int64_t>(blockIdx.x) * (kTraceHeader + t.rows * kTraceStamps);
+    rows = t.rows;
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    base[0] = smid, base[1] = rank, base[2] = n;
+    base[3] = static_cast<int64_t>(global_ns()), base[4] = clock64();
+  }
+  __device__ __forceinline__ void stamp(int k) {
+    if (base != nullptr && row < rows) base[kTraceHeader + row * kTraceStamps + k] = clock64();
+  }
+  __device__ __forceinline__ void start_row() {
+    stamp(0);
+    if (base != nullptr && row < rows) base[kTraceHeader + row * kTraceStamps + 7] = static_cast<int64_t>(global_ns());
+  }
+  __device__ __forceinline__ void end_row() {
+    stamp(6);
+    if (base != nullptr && row < rows) base[7] = ++row;
+  }
+  __device__ __forceinline__ void finish() {
+    if (base != nullptr) base[5] = static_cast<int64_t>(global_ns()), base[6] = clock64();
+  }
+};
+
 // The CTAs that share a row (a cluster on sm_90, else one CTA): this CTA's rank, their number, and the exchange
 // of each one's statistics through distributed shared memory, in a `peer` array declared by the kernel and
 // double-buffered by row parity (a CTA one exchange ahead never overwrites a slot still being read: it cannot
@@ -882,9 +920,10 @@ __device__ __forceinline__ int sm_slot(int slots) {
 // lean): one exponential per chunk of the sum sweep by ex2_fma, the phase in which the 3 CTAs of an SM, in step,
 // wait on the special-function unit (MUFU: 16 per clock per SM, 8 cycles per warp instruction; the bf16 sum sweep
 // issues ~34 instructions per chunk and 8 MUFU, 64 cycles of the unit).
-template <typename T, bool kSpread, bool kLean, bool kAsync, bool kFmaExp2>
+// kTrace: thread 0 stamps the phases of its rows into tr (Tracer); one instantiation, the default one's twin.
+template <typename T, bool kSpread, bool kLean, bool kAsync, bool kFmaExp2, bool kTrace = false>
 __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch,
-                                                                   int stagger) {
+                                                                   int stagger, TraceBuf tr) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
   static_assert(kLean || !kFmaExp2, "ex2_fma is in the lean sum sweep only");
   constexpr int E = Chunk<T>::E;
@@ -900,6 +939,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   const auto at = [wrap](int first, int j) { return first + j >= wrap ? first + j - wrap : first + j; };
   SliceCluster<kAsync> cl(peer_bars);
   const unsigned rank = cl.rank, n = cl.n;
+  Tracer trace(kTrace ? tr : TraceBuf{nullptr, 0, 0}, rank, n);
   // stagger: this CTA's slot until its first row is done (0 after), and when it started; in shared memory, which
   // holds them through the row loop without registers (kept in registers, they spilled on sm_80).
   __shared__ int slot_sh;
@@ -923,6 +963,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     if (!valid_row<T, true, true>(a, r, row, rank == 0 && tid == 0, k0 + tid, k0 + (nj > 0 ? nj : 0),
                                   kSliceThreads))
       continue;
+    if constexpr (kTrace) trace.start_row();
     if (staged_row != r) {
       if (staged_row >= 0) copy_async_wait_all();  // a prefetched row that was skipped: its copies land first
       for (int j = tid; j < nj; j += kSliceThreads) copy_async16(&staged[at(first, j)], xk.base + k0 + j);
@@ -951,6 +992,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int e0 = he >= k0 && he < k0 + nj ? static_cast<int>(he - k0) : -1;
     const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
     copy_async_wait_prior();  // this row's chunks have landed; the next row's first ones may still be in flight
+    if constexpr (kTrace) trace.stamp(1);
     const OwnChunks own(first, ring, nj, e0, e1);  // kLean only
     const auto edge_values = [&](int j, float (&v)[E]) {
       Chunk<T>::unpack(staged[at(first, j)], v);
@@ -998,7 +1040,9 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
       }
     }
+    if constexpr (kTrace) trace.stamp(2);
     OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
+    if constexpr (kTrace) trace.stamp(3);
     // What does not need the row's statistics (global loads among it): in flight while the cluster waits.
     const float w_t = w ? w[t] : 1.f;
     RowGrad<float> g = row.grad_factors(a, w_t);
@@ -1006,6 +1050,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
     const int et = row.target_lane();
     st = cl.exchange(st, peer, peer_bars);
+    if constexpr (kTrace) trace.stamp(4);
     const float log_s = logf(st.s);
     const GradBase gb = GradBase::of_stats(st.m, st.s);
     const float pb = gb.b;  // the gradient's base: the max
@@ -1059,11 +1104,13 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       // After the store, which depends on the staged values: this thread's read of staged[p] is complete.
       if (j + head < nn) copy_async16(&staged[p], nbase + j + head);
     }
+    if constexpr (kTrace) trace.stamp(5);
     // The next row's chunks past this row's (its slice can be a chunk longer): this thread's own, j = tid mod 256.
     for (int j = nj > tid ? tid + (nj - tid + kSliceThreads - 1) / kSliceThreads * kSliceThreads : tid;
          j + head < nn; j += kSliceThreads)
       copy_async16(&staged[at(first, j)], nbase + j + head);
     copy_async_commit();
+    if constexpr (kTrace) trace.end_row();
     first = next_first;
     if (stagger > 1 && slot_sh > 0) {  // this CTA's first row done (next row's copies in flight): out of step
       __syncthreads();  // every thread has read slot_sh before thread 0 clears it
@@ -1077,6 +1124,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     }
     // No barrier: the staged chunks are each thread's own, block_stats ends with one, `peer` has parity.
   }
+  if constexpr (kTrace) trace.finish();
   cl.finish();
 }
 

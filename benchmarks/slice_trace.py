@@ -1,0 +1,126 @@
+"""Where a slice-kernel row's time goes: thread 0 of each CTA stamps its SM clock at each phase of its first rows
+(the default kernel's traced twin, softmax_ce_tuning.h SliceTrace), and this prints the median phase times.
+
+Phases of one row, per CTA (clocks of thread 0, so "own" is warp 0's share and the block phase includes waiting for
+the CTA's slowest warp):
+  wait     own chunks landed (copies issued during the previous row's gradient sweep)
+  sweeps   own max and sum sweeps over shared memory
+  block    block statistics (two shuffle trees, barriers)
+  cluster  the exchange with the cluster's other CTAs (waiting for the slowest of them)
+  grad     own gradient sweep (stores, next row's copies)
+  tail     the next row's remaining copies
+  gap      from row end to the next row's start (loop top, target, checks)
+ideal = the row's bytes (its slice read once, its gradient written once) times the CTAs sharing the SM, over the
+SM's share of the copy bandwidth: the period at which the SM's CTAs would together move bytes at the floor.
+Why: the fused training pass sits at 77-85% of its floor at the LLM shapes (H200, 2026-11-28) where the gradient
+from a saved lse reaches 97%, and 32 KiB slices (clusters of 8) lose 12-20 points more for reasons not yet seen."""
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+HEADER, STAMPS = 8, 8  # csrc/cuda/softmax_ce_rows.cuh kTraceHeader, kTraceStamps
+PHASES = ("wait", "sweeps", "block", "cluster", "grad", "tail")  # stamps k -> k + 1
+
+
+def summarize(buf, ctas, rows):
+    """The stamps (a CPU int64 tensor of ctas * (HEADER + STAMPS * rows)) as a dict: per phase the median ns over
+    every stamped row but each CTA's first (its copies were not prefetched), 'gap' and 'period' likewise from
+    consecutive rows, 'clusters' sizes seen, 'per_sm' the most CTAs stamped on one SM, 'ghz' the clock rate, and
+    'ctas' / 'rows' the CTAs that stamped and the rows each stamped at most."""
+    rec = buf.view(ctas, HEADER + STAMPS * rows).tolist()
+    phases = {k: [] for k in (*PHASES, "gap", "period")}
+    per_sm, sizes, ghz, used, most = {}, set(), [], 0, 0
+    for h in rec:
+        n_rows = int(h[7])
+        if n_rows == 0:
+            continue
+        used += 1
+        most = max(most, n_rows)
+        per_sm[h[0]] = per_sm.get(h[0], 0) + 1
+        sizes.add(int(h[2]))
+        if h[6] > h[4] and h[5] > h[3]:
+            ghz.append((h[6] - h[4]) / (h[5] - h[3]))
+        row = [h[HEADER + STAMPS * i: HEADER + STAMPS * (i + 1)] for i in range(n_rows)]
+        for i in range(1, n_rows):
+            s = row[i]
+            for k, name in enumerate(PHASES):
+                phases[name].append(s[k + 1] - s[k])
+            if i + 1 < n_rows:
+                phases["gap"].append(row[i + 1][0] - s[6])
+                phases["period"].append(row[i + 1][0] - s[0])
+    rate = statistics.median(ghz) if ghz else 1.0
+    out = {k: statistics.median(v) / rate if v else float("nan") for k, v in phases.items()}
+    out.update(clusters=sorted(sizes), per_sm=max(per_sm.values(), default=0), ghz=rate, ctas=used, rows=most)
+    return out
+
+
+def line(label, s, ideal_ns):
+    parts = " ".join(f"{s[k]:7.0f}" for k in (*PHASES, "gap", "period"))
+    return (f"{label:>40} n={','.join(map(str, s['clusters'])):>2} {s['per_sm']}/SM {parts} {ideal_ns:7.0f} "
+            f"{100 * ideal_ns / s['period']:5.1f}%")
+
+
+def run(cases, rows):
+    import softmax_ce_ext
+    from softmax_ce_ext import _C, tuning
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import Case, copy_bandwidth, run_once, timed
+
+    bw = copy_bandwidth("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ctas = 1024
+    buf = torch.zeros(ctas * (HEADER + STAMPS * rows), dtype=torch.int64, device="cuda")
+    print(f"slice trace: {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s, {sms} SMs; median ns per row and CTA")
+    print(f"{'case':>40} {'':>4} {'':>4} " + " ".join(f"{k:>7}" for k in (*PHASES, "gap", "period", "ideal")) +
+          " ideal/period")
+    for shape, dtype, tune in cases:
+        case = Case(shape, dtype, "cuda", 0.0, 0)
+        label = f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {','.join(f'{k}={v}' for k, v in tune.items())}"
+        with tuning.using(**{**tuning.BUILT_IN, **tune}):
+            call = lambda: run_once(softmax_ce_ext.cross_entropy, case.inputs[0], case, "fwd+bwd")  # noqa: E731
+            _, ref = call()
+            plain = statistics.median(timed(call, "cuda", 1.0) for _ in range(5))
+            buf.zero_()
+            _C.set_slice_trace(buf.data_ptr(), ctas, rows)
+            try:
+                _, g = call()
+                torch.cuda.synchronize()
+                traced = statistics.median(timed(call, "cuda", 1.0) for _ in range(5))
+            finally:
+                _C.set_slice_trace(0, 0, 0)
+            same = torch.equal(g, ref)
+        s = summarize(buf.cpu(), ctas, rows)
+        if s["ctas"] == 0:
+            print(f"{label:>40} no slice kernel ran (not a slice shape here?)")
+            continue
+        n = s["clusters"][0]
+        row_bytes = 2 * case.nbytes / shape[0] / n  # this CTA's slice read once and its gradient written once
+        ideal_ns = row_bytes * s["per_sm"] / (bw * 1e9 / sms) * 1e9
+        print(line(label, s, ideal_ns) + f"  {s['ctas']} CTAs, {s['ghz']:.2f} GHz, {plain:.3f} ms "
+              f"(traced {traced:.3f}), same gradient: {same}", flush=True)
+        del case, ref, g
+        torch.cuda.empty_cache()
+
+
+CASES = [((8192, 32000), torch.bfloat16, {}), ((8192, 32000), torch.bfloat16, dict(slice_kb=32)),
+         ((8192, 128256), torch.bfloat16, {}), ((8192, 128256), torch.bfloat16, dict(slice_kb=32)),
+         ((8192, 128256), torch.bfloat16, dict(prefetch=False)), ((8192, 128256), torch.bfloat16, dict(ring_kb=0)),
+         ((8192, 32000), torch.float32, {}), ((8192, 128256), torch.float32, {}), ((4096, 256000), torch.bfloat16, {})]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=48, help="rows stamped per CTA")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("slice_trace: no GPU is visible")
+    run(CASES, args.rows)
+
+
+if __name__ == "__main__":
+    main()
