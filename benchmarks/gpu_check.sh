@@ -134,11 +134,10 @@ if part variants; then
     --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped ours_kdim_prefetch \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  # The slices (v0.12-dev): the CTAs out of step (stagger), alone and with the exchange by st.async; the exchange
-  # by st.async (only rows split over clusters differ: the LLM shapes but 8192x32000 bf16), with 36 KiB slices
-  # too; one sum exponential per chunk on the FMA pipe; with st.async.
-  timeout 120 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
-    --mode fwd+bwd --providers ours ours_stagger ours_cluster_sync ours_fma_exp2 2>&1 \
+  # The slices' cluster exchange by cluster.sync() against the default st.async (only rows split over clusters
+  # differ: the LLM shapes but 8192x32000 bf16).
+  timeout 80 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm --dtype bfloat16 float32 \
+    --mode fwd+bwd --providers ours ours_cluster_sync 2>&1 \
     | tee -a "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   timeout 70 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification --dtype bfloat16 float32 \
@@ -163,8 +162,7 @@ if part confirm; then
   stamp "confirm: the defaults against the alternative to each, two shapes, every mode"
   timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x32000 65536x1000 \
     --dtype bfloat16 float32 --mode fwd fwd+bwd none+bwd \
-    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep ours_cluster_sync ours_stagger \
-    torch 2>&1 \
+    --providers ours ours_nolean ours_whole_rows ours_unstaged ours_warp_keep ours_cluster_sync torch 2>&1 \
     | tee "$OUT/confirm.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -210,7 +208,7 @@ fi
 
 if part ncu; then
   stamp "ncu: one call of each main kernel (throughput, occupancy, issue, stalls)"
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 11 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 10 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats $PY benchmarks/gpu_probe.py --ncu > "$OUT/ncu.log" 2>&1
   grep -E "ncu case|_kernel|Duration|DRAM Throughput|L2 Hit|Achieved Occupancy|Registers Per|Issued Warp|Grid Size" \
@@ -221,7 +219,7 @@ if part stalls; then
   stamp "ncu: why warps wait (stall reasons per warp, %), the same kernels"
   STALLS=$(printf 'smsp__warp_issue_stalled_%s_per_warp_active.pct,' barrier long_scoreboard short_scoreboard membar \
     mio_throttle lg_throttle math_pipe_throttle wait selected not_selected dispatch_stall no_instruction)
-  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 11 \
+  timeout 110 ncu --clock-control none -k regex:"slice_rows|warp_rows|stream_rows|columns_kernel" --launch-count 10 \
     --metrics "${STALLS%,}" $PY benchmarks/gpu_probe.py --ncu > "$OUT/stalls.log" 2>&1
   grep -E "ncu case|_kernel|stalled" "$OUT/stalls.log" | sed 's/smsp__warp_issue_stalled_//' | head -150
 fi

@@ -18,18 +18,16 @@ from bench import Case, copy_bandwidth, run_once, timed  # noqa: E402
 
 DEFAULT = tuning.BUILT_IN
 # Each tuning as its changes to DEFAULT: slice sizes, no clusters, the streaming family, no prefetch, the ring
-# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two; 0 none); the CTAs out of step
-# (stagger, v0.12-dev) with smaller slices (more of the ring ahead, larger clusters, cheaper by st.async), without
-# the ring, with every v0.12 setting.
+# (ring_kb of shared memory per CTA: 72, the default, keeps 3 CTAs per SM, 108 two; 0 none); the cluster's exchange
+# by cluster.sync() instead of st.async.
 TUNINGS = [{}, dict(slice_kb=48), dict(slice_kb=32), dict(slice_kb=16), dict(cluster_max=1), dict(path="stream"),
-           dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(stagger=True),
-           dict(stagger=True, slice_kb=36, cluster_async=True), dict(stagger=True, ring_kb=0),
-           dict(stagger=True, cluster_async=True, fma_exp2=True)]
+           dict(prefetch=False), dict(ring_kb=0), dict(ring_kb=108), dict(cluster_async=False)]
 # Warp rows (65536x1000: VPT 4 in bf16, 8 in fp32, where the rows are staged; 262144x256: VPT 2 / 4); by groups of
-# lanes (warp_group, v0.14-dev: 16 lanes per row at 1000 bf16 classes, 4 / 8 at 256 bf16 / fp32 classes).
-WARP_TUNINGS = [{}, dict(warp_ring=0), dict(warp_ring=3), dict(warp_ring=4), dict(warp_group=True)]
+# lanes (warp_group, the default since 2026-11-28: 16 lanes per row at 1000 bf16 classes, 4 / 8 at 256 bf16 / fp32
+# classes) or a warp per row.
+WARP_TUNINGS = [{}, dict(warp_ring=0), dict(warp_ring=3), dict(warp_ring=4), dict(warp_group=False)]
 SWEEP = [((8192, 32000), TUNINGS), ((8192, 128256), TUNINGS), ((4096, 256000), TUNINGS),
-         ((65536, 1000), WARP_TUNINGS), ((262144, 256), [{}, dict(warp_group=True)]), ((16, 21, 512, 512), [{}])]
+         ((65536, 1000), WARP_TUNINGS), ((262144, 256), [{}, dict(warp_group=False)]), ((16, 21, 512, 512), [{}])]
 
 
 def label(tune):
@@ -40,10 +38,9 @@ def label(tune):
 # 8, which lost 12-20 points on the H200 (2026-11-27) for reasons not yet seen (barrier stalls?).
 NCU_CASES = [((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 4", {}),
              ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, clusters of 8", dict(slice_kb=36)),
-             ((8192, 128256), torch.bfloat16, "fwd+bwd", "slices, CTAs out of step (stagger)", dict(stagger=True)),
              ((8192, 32000), torch.float32, "fwd+bwd", "slices, clusters of 2", {}),
-             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows", {}),
-             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows by groups of 16 lanes", dict(warp_group=True)),
+             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows by groups of 16 lanes (the default)", {}),
+             ((65536, 1000), torch.bfloat16, "fwd+bwd", "warp rows, a warp per row", dict(warp_group=False)),
              ((65536, 1000), torch.bfloat16, "fwd", "warp rows, forward only (55% of its floor: bytes in flight?)",
               {}),
              ((65536, 1000), torch.float32, "fwd+bwd", "warp rows, the next row staged per warp", {}),

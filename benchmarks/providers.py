@@ -146,11 +146,8 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # lanes.  Their alternatives, off:
             OursTuned("ours_kdim_unfolded", kdim_fold=False), OursTuned("ours_cluster_sync", cluster_async=False),
             OursTuned("ours_warp_ungrouped", warp_group=False),
-            # off by default (within a point, or behind): warp rows' loss + gradient keeping the sum sweep's
-            # exponentials; a quarter of the slices' sum exponentials on the FMA pipe; the slices' CTAs put out of
-            # step after their first row
-            OursTuned("ours_warp_keep", warp_keep=True), OursTuned("ours_fma_exp2", fma_exp2=True),
-            OursTuned("ours_stagger", stagger=True),
+            # off by default (within a point): warp rows' loss + gradient keeping the sum sweep's exponentials
+            OursTuned("ours_warp_keep", warp_keep=True),
             # off until timed (v0.17-dev): the K-dim kernel copying each thread's next item during this one's
             # gradient sweep
             OursTuned("ours_kdim_prefetch", kdim_prefetch=True))

@@ -100,7 +100,7 @@ int env_int(const char* name, int fallback) {
 
 struct TuningState {
   std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, warp_keep,
-      cluster_async, fma_exp2, stagger, warp_group, kdim_prefetch;
+      cluster_async, warp_group, kdim_prefetch;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
@@ -114,8 +114,6 @@ struct TuningState {
         kdim_fold(env_int("SOFTMAX_CE_CUDA_KDIM_FOLD", 1) != 0),
         warp_keep(env_int("SOFTMAX_CE_CUDA_WARP_KEEP", 0) != 0),
         cluster_async(env_int("SOFTMAX_CE_CUDA_CLUSTER_ASYNC", 1) != 0),
-        fma_exp2(env_int("SOFTMAX_CE_CUDA_FMA_EXP2", 0) != 0),
-        stagger(env_int("SOFTMAX_CE_CUDA_STAGGER", 0) != 0),
         warp_group(env_int("SOFTMAX_CE_CUDA_WARP_GROUP", 1) != 0),
         kdim_prefetch(env_int("SOFTMAX_CE_CUDA_KDIM_PREFETCH", 0) != 0) {}
 };
@@ -147,13 +145,13 @@ CudaTuning cuda_tuning() {
   TuningState& s = state();
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
           s.ring_kb.load(), s.lean.load() != 0, s.warp_ring.load(), s.grad_piece_kb.load(), s.kdim_fold.load() != 0,
-          s.warp_keep.load() != 0, s.cluster_async.load() != 0, s.fma_exp2.load() != 0,
-          s.stagger.load() != 0, s.warp_group.load() != 0, s.kdim_prefetch.load() != 0};
+          s.warp_keep.load() != 0, s.cluster_async.load() != 0, s.warp_group.load() != 0,
+          s.kdim_prefetch.load() != 0};
 }
 
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
                      int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async,
-                     bool fma_exp2, bool stagger, bool warp_group, bool kdim_prefetch) {
+                     bool warp_group, bool kdim_prefetch) {
   const CudaPath p = parse_path(path);
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
                     slice_kb);
@@ -177,8 +175,6 @@ void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, boo
   s.kdim_fold = kdim_fold;
   s.warp_keep = warp_keep;
   s.cluster_async = cluster_async;
-  s.fma_exp2 = fma_exp2;
-  s.stagger = stagger;
   s.warp_group = warp_group;
   s.kdim_prefetch = kdim_prefetch;
 }
@@ -191,16 +187,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
   m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
         "slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, warp_keep, cluster_async, "
-        "fma_exp2, stagger, warp_group, kdim_prefetch "
+        "warp_group, kdim_prefetch "
         "(softmax_ce_ext.tuning wraps this; "
         "all checked before any is set).");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
     return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max,
                            t.prefetch, t.ring_kb, t.lean, t.warp_ring, t.grad_piece_kb, t.kdim_fold, t.warp_keep,
-                           t.cluster_async, t.fma_exp2, t.stagger, t.warp_group, t.kdim_prefetch);
+                           t.cluster_async, t.warp_group, t.kdim_prefetch);
   }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, "
-     "warp_keep, cluster_async, fma_exp2, stagger, warp_group, kdim_prefetch).");
+     "warp_keep, cluster_async, warp_group, kdim_prefetch).");
   m.def("set_slice_trace", &softmax_ce::set_slice_trace, "The slice kernel's phase stamps into a device buffer of "
         "ctas * (8 + 8 * rows) int64 (address, ctas, rows; address 0: off). For benchmarks/gpu_probe.py --trace.");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");

@@ -54,11 +54,6 @@ CUDA_PATHS = {
                   "exponentials (registers, or the warp's shared memory) for a gradient of one product per element"),
     "warp-ungrouped": (dict(warp_group=False), "the loss + gradient of rows of up to 128 chunks (no smoothing) by "
                        "a warp per row, the alternative to the default groups of 16, 8 or 4 lanes"),
-    "clusters-v012": (dict(slice_kb=1, ring_kb=8, cluster_async=True, fma_exp2=True, stagger=True), "the slice "
-                      "settings of v0.12 in one path (each alone: the slice schedules' tests): clusters of 1 KiB "
-                      "slices in a ring, their statistics exchanged by st.async into each peer's shared memory and "
-                      "mbarriers, one lean sum exponential per chunk by ex2_fma, the CTAs put out of step where "
-                      "rows are many"),
     "kdim-unfolded": (dict(kdim_fold=False), "K-dim mean training (unweighted) with the denominator counted by a "
                       "kernel of its own, the alternative to the default count inside the K-dim kernel (a "
                       "cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),

@@ -221,21 +221,6 @@ def test_lean_exponent_argument_is_as_exact_as_the_subtraction():
                 assert lean < 2.0**-18 * 0.6932 + 2.0**-23, (centre, dtype, lean)
 
 
-def test_stagger_model_in_and_out_of_step():
-    """benchmarks/stagger_model.py, the model behind tuning `stagger` (NOTES.md, v0.12-dev): 3 CTAs started together
-    idle the memory for S / (M + S) of the time (their S phases coincide and share the unit, 3 x S long, in a
-    period of 3 x (M + S)); a third of a period apart, never."""
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from stagger_model import idle_fractions
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    in_step = idle_fractions([0, 0, 0], m=4.0, s=1.0, horizon=300.0, window=150.0)
-    assert all(abs(f - 0.2) < 0.03 for f in in_step), in_step
-    apart = idle_fractions([0, 5 / 3, 10 / 3], m=4.0, s=1.0, horizon=300.0, window=150.0)
-    assert all(f < 0.005 for f in apart), apart
-
-
 def test_host_time_names_every_piece():
     """benchmarks/host_time.py (host time per call, ours piece by piece beside torch's): a quick CPU run prints a
     positive time for every piece of every shape; --profile lists our ops' host events; a malformed shape exits 2."""

@@ -88,7 +88,7 @@ LONG_SPECIAL = {
 
 @pytest.mark.parametrize("case", list(LONG_SPECIAL), ids=list(LONG_SPECIAL))
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-# Smoothed: the smoothing sums' sweeps; not: the lean sweeps (the default, and fma_exp2's sum on CUDA).
+# Smoothed: the smoothing sums' sweeps; not: the lean sweeps (the default).
 @pytest.mark.parametrize("smoothing", [0.1, 0.0], ids=["smoothed", "unsmoothed"])
 def test_long_rows_special_values(device, kernel_path, case, reduction, smoothing):
     g = torch.Generator().manual_seed(5)
@@ -154,8 +154,8 @@ SLICE_SCHEDULES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
-@pytest.mark.parametrize("sweeps", ["smoothed", "plain", "lean", "lean-fma"])
-@pytest.mark.parametrize("variant", ["sync", "async", "stagger"])
+@pytest.mark.parametrize("sweeps", ["smoothed", "plain", "lean"])
+@pytest.mark.parametrize("variant", ["sync", "async"])
 def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, sweeps, variant):
     """Far more rows than clusters fit at once, so each cluster walks many rows, copying the next row's slice
     ahead as SLICE_SCHEDULES says.  Every 7th row is ignored (no copy for it: the row after is fetched afresh),
@@ -163,11 +163,9 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
     offset-by-one rows alternate between chunk counts, so the next row's slice can be a chunk longer than this
     row's.  sweeps: label smoothing (the smoothing sums), or none under the plain sweeps (tuning lean off: per-chunk
     tests) or the lean ones (the default), whose interior trips skip the end chunks and step over the ring's wrap.
-    lean-fma: the lean sweeps with a quarter of the sum's exponentials by ex2_fma (tuning fma_exp2).
-    variant: the cluster's statistics by plain remote stores and cluster.sync() (tuning cluster_async off); by
+    variant: the cluster's statistics by plain remote stores and cluster.sync() (tuning cluster_async off); or by
     st.async (the default: each row's exchange on one of two mbarriers, in turn, so skipped rows and many rows test
-    their phases); or so, with the CTAs of an SM put out of step after their first row (tuning stagger: a slot per
-    SM broadcast over the cluster, a wait, a barrier)."""
+    their phases)."""
     if device != "cuda":
         pytest.skip("the CUDA slice kernel")
     if sweeps == "plain" and variant == "async":
@@ -179,8 +177,7 @@ def test_slices_many_rows_per_cluster(device, schedule, dtype, offset, inplace, 
     t[rows // 2:rows // 2 + 300] = -100
     t[-(rows // 3):] = -100  # with ~500-1000 clusters walking the rows: each skips its last few in a row
     with tuning.using(path="auto", slice_kb=slice_kb, cluster_max=16, prefetch=prefetch, ring_kb=ring_kb,
-                      lean=sweeps.startswith("lean"), fma_exp2=sweeps == "lean-fma",
-                      cluster_async=variant != "sync", stagger=variant == "stagger"):
+                      lean=sweeps == "lean", cluster_async=variant != "sync"):
         xo = x.detach().clone().requires_grad_()
         xi = xo * 1 if inplace else xo  # in place needs a non-leaf
         loss = cross_entropy(xi, t, label_smoothing=smoothing, inplace_backward=inplace)

@@ -125,25 +125,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLog2eHi = 0x1.714p+0f;
 constexpr float kLog2eLo = 0x1.476p-12f;
 
-// 2^y without the special-function unit (MUFU, 16 per clock per SM, the bound of the slices' sum sweep): y = j + f
-// with j = round(y) (adding 1.5 * 2^23 rounds it into the low bits), |f| <= 1/2; 2^f by a degree-5 polynomial
-// (relative error 1.7e-7 in float32, as ex2.approx's ~2^-22; 1 exactly at 0), times 2^j built as exponent bits.
-// 11 instructions on the FMA and integer pipes.  For y < 128 (a sum's terms: y <= ~7 where Exp2Base folds them):
-// y below -127 gives 0 (as ftz would), -inf gives 0, NaN stays NaN (max.NaN keeps it, and it reaches the product).
-__device__ __forceinline__ float ex2_fma(float y) {
-  float yc;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(yc) : "f"(y), "f"(-127.f));
-  const float t = __fadd_rn(yc, 12582912.f);           // 1.5 * 2^23 + j
-  const float f = __fsub_rn(yc, __fsub_rn(t, 12582912.f));
-  float p = fmaf(0.001326458528637886f, f, 0.009671464562416077f);
-  p = fmaf(p, f, 0.05550733581185341f);
-  p = fmaf(p, f, 0.24022242426872253f);
-  p = fmaf(p, f, 0.6931470036506653f);
-  p = fmaf(p, f, 1.f);
-  // t's bits are those of 1.5 * 2^23 plus j; shifted by 23 only j's remain (mod 2^32): 2^j, or +0 at j = -127.
-  return p * __uint_as_float((__float_as_uint(t) << 23) + 0x3f800000u);
-}
-
 // 2^((x - b) log2 e) as ex2(fmaf(x, kLog2e, c)) * k: one FFMA per element instead of a subtraction and a
 // product, with the bits of the subtraction kept.  c = -b' kLog2eHi is exact for b' = b cut to 11 significant
 // bits (every bfloat16/half b is its own b'), and k = 2^(b' kLog2eHi - b kLog2e) is one accurate exp2f per row,
@@ -162,11 +143,6 @@ struct Exp2Base {
   template <bool kFolded>
   __device__ float term(float v, float b) const {
     return ex2(kFolded ? fmaf(v, kLog2e, c) : (v - b) * kLog2e);
-  }
-  // The same term by ex2_fma (on the FMA pipe instead of MUFU).
-  template <bool kFolded>
-  __device__ float term_fma(float v, float b) const {
-    return ex2_fma(kFolded ? fmaf(v, kLog2e, c) : (v - b) * kLog2e);
   }
 };
 

@@ -116,9 +116,7 @@ int row_block_threads(int64_t C) {
 }
 
 // A slice kernel, with the smallest cluster whose slices fit the shared-memory budget; false if none does.
-// launch(cfg, slice, ring, stagger) launches it (the kernels' parameters differ); ring_kb 0: no ring; stagger:
-// the slots (the CTAs per SM, at least 3) where tuning stagger asks for it and each resident cluster gets 4+ rows,
-// else 0.
+// launch(cfg, slice, ring) launches it (the kernels' parameters differ); ring_kb 0: no ring.
 template <typename Kernel, typename Launch>
 bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning& tune, int ring_kb, int device,
                    cudaStream_t stream, const Launch& launch) {
@@ -176,9 +174,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(rows, resident) * n));
-    const int per_sm = static_cast<int>((int64_t{resident} * n + sm_count(device) - 1) / sm_count(device));
-    const int stagger = tune.stagger && rows >= 4 * int64_t{resident} ? std::max(per_sm, 3) : 0;
-    C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring), stagger));
+    C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring)));
     return true;
   }
   return false;
@@ -189,23 +185,21 @@ template <typename T>
 bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning& tune, int device,
                        cudaStream_t stream) {
   const bool spread = a.P.eps != 0.f;
-  // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled; fma_exp2: lean.
-  const bool async = tune.cluster_async, fma = tune.fma_exp2;
+  // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled.
+  const bool async = tune.cluster_async;
   const SliceTrace trace = slice_trace();
-  const bool traced = trace.data != 0 && !spread && tune.lean && async && !fma;  // the default kernel's twin
-  auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, false, true>
-                : spread    ? async ? rows::slice_rows_kernel<T, true, false, true, false>
-                                    : rows::slice_rows_kernel<T, true, false, false, false>
-                : tune.lean ? async ? fma ? rows::slice_rows_kernel<T, false, true, true, true>
-                                          : rows::slice_rows_kernel<T, false, true, true, false>
-                                    : fma ? rows::slice_rows_kernel<T, false, true, false, true>
-                                          : rows::slice_rows_kernel<T, false, true, false, false>
-                            : rows::slice_rows_kernel<T, false, false, false, false>;
+  const bool traced = trace.data != 0 && !spread && tune.lean && async;  // the default kernel's twin
+  auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, true>
+                : spread    ? async ? rows::slice_rows_kernel<T, true, false, true>
+                                    : rows::slice_rows_kernel<T, true, false, false>
+                : tune.lean ? async ? rows::slice_rows_kernel<T, false, true, true>
+                                    : rows::slice_rows_kernel<T, false, true, false>
+                            : rows::slice_rows_kernel<T, false, false, false>;
   return launch_slices(kernel, a.L.rows(), chunks, tune, tune.ring_kb, device, stream,
-                       [&](cudaLaunchConfig_t& cfg, int slice, int ring, int stagger) {
+                       [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
                          const rows::TraceBuf tr{traced ? reinterpret_cast<int64_t*>(trace.data) : nullptr,
                                                  trace.ctas, trace.rows};
-                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, stagger, tr);
+                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, tr);
                        });
 }
 // Whether warp rows stage rows in shared memory (warp_ring): the fused loss + gradient of float rows of 129-256

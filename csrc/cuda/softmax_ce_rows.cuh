@@ -224,21 +224,6 @@ struct SliceCluster {
 #endif
     return st;
   }
-  // Rank 0's value of v in every CTA of the cluster, through `sh` (thread 0's v counts; once per kernel).
-  __device__ int from_rank0(int v, int* sh) const {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (n > 1) {
-      cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-      const int v0 = __shfl_sync(0xffffffffu, v, 0);  // every thread calls this: warp 0 whole
-      if (rank == 0 && threadIdx.x < n) *cluster.map_shared_rank(sh, threadIdx.x) = v0;
-      cluster.sync();
-      return *sh;
-    }
-#endif
-    if (threadIdx.x == 0) *sh = v;
-    __syncthreads();
-    return *sh;
-  }
   // st.async: no CTA leaves while a peer's store to it may be in flight (once per kernel).
   __device__ void finish() const {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -885,18 +870,6 @@ struct OwnChunks {
   }
 };
 
-// stagger (slice_rows): a ticket per SM, taken by every CTA that starts there (rank 0 of a cluster); consecutive
-// tickets modulo `slots` (at least the CTAs per SM) differ, so the CTAs sharing an SM get different slots, across
-// launches too; the SM's index shifts them, so the slots spread over the GPU as well (its memory is what idles,
-// also with one CTA per SM). One array per dtype's file (static, no -rdc): two dtypes' slices on an SM at once
-// may share a slot, which costs speed, never a result.
-static __device__ unsigned int g_sm_tickets[1024];
-__device__ __forceinline__ int sm_slot(int slots) {
-  unsigned smid;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-  return static_cast<int>((atomicAdd(&g_sm_tickets[smid % 1024], 1u) + smid) % static_cast<unsigned>(slots));
-}
-
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
 // [rank * slice, (rank + 1) * slice) of its row in shared memory.  Each thread copies, and later reads, only its
 // own chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
@@ -910,22 +883,14 @@ __device__ __forceinline__ int sm_slot(int slots) {
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
-// stagger (tuning stagger; > 1: the slots, the CTAs per SM but at least 3): all CTAs start together and, sharing
-// the memory and the SM's special-function unit alike, stay in step: their max/sum sweeps, block reduction and
-// exchange (a phase with little in flight) coincide, and the memory idles (~20% of the time by the v0.7
-// numbers).  A model in which CTAs share bandwidth and MUFU keeps whatever offsets they start with
-// (benchmarks/stagger_model.py); so each CTA takes a slot s (sm_slot; a cluster takes its rank 0's) and, after
-// its first row, waits s / stagger of that row's time: afterwards some CTAs are always moving bytes.
-// kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  kFmaExp2 (tuning fma_exp2,
-// lean): one exponential per chunk of the sum sweep by ex2_fma, the phase in which the 3 CTAs of an SM, in step,
-// wait on the special-function unit (MUFU: 16 per clock per SM, 8 cycles per warp instruction; the bf16 sum sweep
-// issues ~34 instructions per chunk and 8 MUFU, 64 cycles of the unit).
+// kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  Measured and removed
+// (H200, 2026-11-28, NOTES v0.17-dev): the CTAs of an SM put out of step after their first row (-0.6 points), a
+// quarter of the sum's exponentials on the FMA pipe (-0.7).
 // kTrace: thread 0 stamps the phases of its rows into tr (Tracer); one instantiation, the default one's twin.
-template <typename T, bool kSpread, bool kLean, bool kAsync, bool kFmaExp2, bool kTrace = false>
+template <typename T, bool kSpread, bool kLean, bool kAsync, bool kTrace = false>
 __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch,
-                                                                   int stagger, TraceBuf tr) {
+                                                                   TraceBuf tr) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
-  static_assert(kLean || !kFmaExp2, "ex2_fma is in the lean sum sweep only");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
@@ -940,14 +905,6 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   SliceCluster<kAsync> cl(peer_bars);
   const unsigned rank = cl.rank, n = cl.n;
   Tracer trace(kTrace ? tr : TraceBuf{nullptr, 0, 0}, rank, n);
-  // stagger: this CTA's slot until its first row is done (0 after), and when it started; in shared memory, which
-  // holds them through the row loop without registers (kept in registers, they spilled on sm_80).
-  __shared__ int slot_sh;
-  __shared__ uint64_t t_start_sh;
-  if (stagger > 1) {
-    cl.from_rank0(tid == 0 && rank == 0 ? sm_slot(stagger) : 0, &slot_sh);
-    if (tid == 0) t_start_sh = global_ns();
-  }
   const int64_t step = gridDim.x / n;
   int64_t r = blockIdx.x / n;
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
@@ -1008,12 +965,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         const Exp2Base base(folded ? m : 0.f);
         const auto add = [&](const float (&v)[E]) {
 #pragma unroll
-          for (int e = 0; e < E; ++e) {
-            constexpr bool kF = decltype(folded)::value;
-            // kFmaExp2: one term per chunk on the FMA pipe (sm_90a bf16: MUFU 64 -> 56 cycles per warp and chunk,
-            // issue 34 -> ~46; float32: MUFU 32 -> 24, issue ~15 -> ~25).
-            sum += kFmaExp2 && e == E - 1 ? base.term_fma<kF>(v[e], m) : base.term<kF>(v[e], m);
-          }
+          for (int e = 0; e < E; ++e) sum += base.term<decltype(folded)::value>(v[e], m);
         };
         own.interior([&](int p, int) {
           float v[E];
@@ -1112,16 +1064,6 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     copy_async_commit();
     if constexpr (kTrace) trace.end_row();
     first = next_first;
-    if (stagger > 1 && slot_sh > 0) {  // this CTA's first row done (next row's copies in flight): out of step
-      __syncthreads();  // every thread has read slot_sh before thread 0 clears it
-      if (tid == 0) {
-        const uint64_t now = global_ns(), until = now + (now - t_start_sh) * slot_sh / stagger;
-        for (uint64_t t = now; t < until; t = global_ns())
-          __nanosleep(static_cast<unsigned>(until - t < 100000 ? until - t : 100000));
-        slot_sh = 0;
-      }
-      __syncthreads();
-    }
     // No barrier: the staged chunks are each thread's own, block_stats ends with one, `peer` has parity.
   }
   if constexpr (kTrace) trace.finish();
