@@ -30,10 +30,12 @@ def summarize(buf, ctas, rows):
     """The stamps (a CPU int64 tensor of ctas * (HEADER + STAMPS * rows)) as a dict: per phase the median ns over
     every stamped row but each CTA's first (its copies were not prefetched), 'gap' and 'period' likewise from
     consecutive rows, 'clusters' sizes seen, 'per_sm' the most CTAs stamped on one SM, 'ghz' the clock rate, and
-    'ctas' / 'rows' the CTAs that stamped and the rows each stamped at most."""
+    'ctas' / 'rows' the CTAs that stamped and the rows each stamped at most, 'spread' the CTAs' end times from the
+    first to the last as a fraction of the kernel's span (first start to last end: a CTA that ends early idles its
+    share of the SM while the rest finish; static rows per CTA cannot even that out)."""
     rec = buf.view(ctas, HEADER + STAMPS * rows).tolist()
     phases = {k: [] for k in (*PHASES, "gap", "period")}
-    per_sm, sizes, ghz, used, most = {}, set(), [], 0, 0
+    per_sm, sizes, ghz, used, most, starts, ends = {}, set(), [], 0, 0, [], []
     for h in rec:
         n_rows = int(h[7])
         if n_rows == 0:
@@ -44,6 +46,8 @@ def summarize(buf, ctas, rows):
         sizes.add(int(h[2]))
         if h[6] > h[4] and h[5] > h[3]:
             ghz.append((h[6] - h[4]) / (h[5] - h[3]))
+            starts.append(h[3])
+            ends.append(h[5])
         row = [h[HEADER + STAMPS * i: HEADER + STAMPS * (i + 1)] for i in range(n_rows)]
         for i in range(1, n_rows):
             s = row[i]
@@ -54,7 +58,9 @@ def summarize(buf, ctas, rows):
                 phases["period"].append(row[i + 1][0] - s[0])
     rate = statistics.median(ghz) if ghz else 1.0
     out = {k: statistics.median(v) / rate if v else float("nan") for k, v in phases.items()}
-    out.update(clusters=sorted(sizes), per_sm=max(per_sm.values(), default=0), ghz=rate, ctas=used, rows=most)
+    span = max(ends) - min(starts) if ends else 0
+    out.update(clusters=sorted(sizes), per_sm=max(per_sm.values(), default=0), ghz=rate, ctas=used, rows=most,
+               spread=(max(ends) - min(ends)) / span if span else float("nan"))
     return out
 
 
@@ -101,7 +107,8 @@ def run(cases, rows):
         n = s["clusters"][0]
         row_bytes = 2 * case.nbytes / shape[0] / n  # this CTA's slice read once and its gradient written once
         ideal_ns = row_bytes * s["per_sm"] / (bw * 1e9 / sms) * 1e9
-        print(line(label, s, ideal_ns) + f"  {s['ctas']} CTAs, {s['ghz']:.2f} GHz, {plain:.3f} ms "
+        print(line(label, s, ideal_ns) + f"  {s['ctas']} CTAs, ends spread {100 * s['spread']:.1f}%, "
+              f"{s['ghz']:.2f} GHz, {plain:.3f} ms "
               f"(traced {traced:.3f}), same gradient: {same}", flush=True)
         del case, ref, g
         torch.cuda.empty_cache()

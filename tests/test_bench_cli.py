@@ -302,6 +302,7 @@ def test_slice_trace_summarizes_stamps():
     for name, clocks in zip(PHASES, steps):
         assert s[name] == pytest.approx(clocks / 2.0), name
     assert s["gap"] == pytest.approx(10.0) and s["period"] == pytest.approx((sum(steps) + 20) / 2.0)
+    assert s["spread"] == 0.0  # both CTAs end at 1_005_000 ns
     # The first row of a CTA (not prefetched) and rows past its count are left out: one CTA, 3 rows in its buffer,
     # 2 stamped, the first waiting 5000 clocks: the median wait is the second row's.
     one = torch.zeros(1, HEADER + STAMPS * 3, dtype=torch.int64)
@@ -312,3 +313,6 @@ def test_slice_trace_summarizes_stamps():
     s1 = summarize(one.flatten(), 1, 3)
     assert s1["wait"] == pytest.approx(20.0) and s1["rows"] == 2 and s1["per_sm"] == 1
     assert s1["gap"] != s1["gap"]  # NaN: no two consecutive counted rows
+    two = buf.clone()
+    two[1, 3], two[1, 5] = 5_000 + 250_000, 5_000 + 500_000  # CTA 1 starts late and ends half-way
+    assert summarize(two.flatten(), ctas, rows)["spread"] == pytest.approx(0.5)
