@@ -66,7 +66,7 @@ if part changed; then
   # A short call after a change to the kernels or the defaults (v0.17-dev, ~150 s after the build): the tests of
   # what changed first (GPU_CHECK_TESTS, a pytest -k expression over the CORE files), then a short bench (the
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
-  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or strided_classes or warp_rows_special_values or gradcheck or same_bits}\")"
+  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
   timeout 60 $PY -m pytest -q -p no:cacheprovider --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15
@@ -176,16 +176,16 @@ fi
 if part layouts; then
   # Not a default part (v0.16-dev): logits in other layouts, beside the default layout and torch. Channels-last
   # K-dim logits (a CNN in channels_last memory format) take the warp-row kernels at 21 classes (the K-dim kernel
-  # wants contiguous positions); transposed N x C logits (CLIP's symmetric loss: logits.t()) take the general
-  # kernels: a thread per row from 1024 rows (a few warps per SM at 4096 rows), a CTA per row below (its loads
-  # strided). ~75 s.
+  # wants contiguous positions), by groups of 4 lanes (the default) or a warp per row; transposed N x C logits
+  # (CLIP's symmetric loss: logits.t()) are copied row-major for the row kernels and the gradient copied back
+  # (v0.17-dev). ~75 s.
   stamp "layouts: channels-last K-dim and transposed logits against the default layout"
   { timeout 45 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 --dtype bfloat16 float32 \
       --mode fwd fwd+bwd --providers ours torch --layout channels-last --no-progress
     timeout 30 $PY benchmarks/bench.py --device cuda --shapes 4096x4096 512x32768 --dtype bfloat16 float32 \
       --mode fwd+bwd --providers ours torch --layout transposed --no-progress
-    echo "-- channels-last under warp_group (groups of 4 lanes, 8 rows per warp at 21 classes)"
-    SOFTMAX_CE_CUDA_WARP_GROUP=1 timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 \
+    echo "-- channels-last, a warp per row (warp_group off; the default: groups of 4 lanes, 8 rows per warp)"
+    SOFTMAX_CE_CUDA_WARP_GROUP=0 timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 \
       --dtype bfloat16 float32 --mode fwd+bwd --providers ours --layout channels-last --no-progress
     echo "-- the default layout"
     timeout 30 $PY benchmarks/bench.py --device cuda --shapes 16x21x512x512 4096x4096 512x32768 \

@@ -1,11 +1,12 @@
 """Where a slice-kernel row's time goes: thread 0 of each CTA stamps its SM clock at each phase of its first rows
 (the default kernel's traced twin, softmax_ce_tuning.h SliceTrace), and this prints the median phase times.
 
-Phases of one row, per CTA (clocks of thread 0, so "own" is warp 0's share and the block phase includes waiting for
-the CTA's slowest warp):
+Phases of one row, per CTA (clocks of thread 0, so "own" is warp 0's share; '*': the CTA's last warp):
   wait     own chunks landed (copies issued during the previous row's gradient sweep)
+  wait*    the last warp's chunks landed
   sweeps   own max and sum sweeps over shared memory
-  block    block statistics (two shuffle trees, barriers)
+  lag      from thread 0's sweeps done to the last warp's (what the block statistics' barrier waits for)
+  reduce   block statistics once the last warp is there (two shuffle trees, barriers)
   cluster  the exchange with the cluster's other CTAs (waiting for the slowest of them)
   grad     own gradient sweep (stores, next row's copies)
   tail     the next row's remaining copies
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-HEADER, STAMPS = 8, 8  # csrc/cuda/softmax_ce_rows.cuh kTraceHeader, kTraceStamps
-PHASES = ("wait", "sweeps", "block", "cluster", "grad", "tail")  # stamps k -> k + 1
+HEADER, STAMPS = 8, 10  # csrc/cuda/softmax_ce_rows.cuh kTraceHeader, kTraceStamps
+# Each phase as (from stamp, to stamp): 0 start, 1 own landed, 2 own sweeps done, 3 block statistics, 4 exchange,
+# 5 own gradient done, 6 row end, 8 the last warp's chunks landed, 9 the last warp's sweeps done (7: ns).
+PHASES = {"wait": (0, 1), "wait*": (0, 8), "sweeps": (1, 2), "lag": (2, 9), "reduce": (9, 3), "cluster": (3, 4),
+          "grad": (4, 5), "tail": (5, 6)}
 
 
 def summarize(buf, ctas, rows):
@@ -51,8 +55,8 @@ def summarize(buf, ctas, rows):
         row = [h[HEADER + STAMPS * i: HEADER + STAMPS * (i + 1)] for i in range(n_rows)]
         for i in range(1, n_rows):
             s = row[i]
-            for k, name in enumerate(PHASES):
-                phases[name].append(s[k + 1] - s[k])
+            for name, (a, b) in PHASES.items():
+                phases[name].append(s[b] - s[a])
             if i + 1 < n_rows:
                 phases["gap"].append(row[i + 1][0] - s[6])
                 phases["period"].append(row[i + 1][0] - s[0])
@@ -92,17 +96,17 @@ def run(cases, rows):
             _, ref = call()
             plain = statistics.median(timed(call, "cuda", 1.0) for _ in range(5))
             buf.zero_()
-            _C.set_slice_trace(buf.data_ptr(), ctas, rows)
+            _C.set_slice_trace(buf.data_ptr(), ctas, rows, buf.device.index)
             try:
                 _, g = call()
                 torch.cuda.synchronize()
                 traced = statistics.median(timed(call, "cuda", 1.0) for _ in range(5))
             finally:
-                _C.set_slice_trace(0, 0, 0)
+                _C.set_slice_trace(0, 0, 0, -1)
             same = torch.equal(g, ref)
         s = summarize(buf.cpu(), ctas, rows)
         if s["ctas"] == 0:
-            print(f"{label:>40} no slice kernel ran (not a slice shape here?)")
+            print(f"{label:>40} nothing stamped: no slice kernel ran, or not the default one (lean, st.async)")
             continue
         n = s["clusters"][0]
         row_bytes = 2 * case.nbytes / shape[0] / n  # this CTA's slice read once and its gradient written once

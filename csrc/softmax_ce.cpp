@@ -126,19 +126,23 @@ TuningState& state() {
 
 namespace {
 std::mutex g_trace_mu;
-SliceTrace g_trace{0, 0, 0};
+std::atomic<bool> g_trace_on{false};  // read on every slice launch: no lock while tracing is off
+SliceTrace g_trace{0, 0, 0, -1};
 }  // namespace
 
 SliceTrace slice_trace() {
+  if (!g_trace_on.load(std::memory_order_acquire)) return {0, 0, 0, -1};
   const std::lock_guard<std::mutex> lock(g_trace_mu);
   return g_trace;
 }
 
-void set_slice_trace(int64_t data, int ctas, int rows) {
-  TORCH_CHECK_VALUE(data == 0 || (ctas > 0 && rows > 0), "set_slice_trace: expected a buffer with ctas > 0 and "
-                    "rows > 0 (or data 0: off), got ctas ", ctas, ", rows ", rows);
+void set_slice_trace(int64_t data, int ctas, int rows, int device) {
+  TORCH_CHECK_VALUE(data == 0 || (ctas > 0 && rows > 0 && device >= 0), "set_slice_trace: expected a buffer with "
+                    "ctas > 0, rows > 0 and a CUDA device index (or data 0: off), got ctas ", ctas, ", rows ", rows,
+                    ", device ", device);
   const std::lock_guard<std::mutex> lock(g_trace_mu);
-  g_trace = data ? SliceTrace{data, ctas, rows} : SliceTrace{0, 0, 0};
+  g_trace = data ? SliceTrace{data, ctas, rows, device} : SliceTrace{0, 0, 0, -1};
+  g_trace_on.store(data != 0, std::memory_order_release);
 }
 
 CudaTuning cuda_tuning() {
@@ -197,8 +201,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            t.cluster_async, t.warp_group, t.kdim_prefetch);
   }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, "
      "warp_keep, cluster_async, warp_group, kdim_prefetch).");
-  m.def("set_slice_trace", &softmax_ce::set_slice_trace, "The slice kernel's phase stamps into a device buffer of "
-        "ctas * (8 + 8 * rows) int64 (address, ctas, rows; address 0: off). For benchmarks/gpu_probe.py --trace.");
+  m.def("set_slice_trace", &softmax_ce::set_slice_trace, "The slice kernel's phase stamps into a buffer of "
+        "ctas * (8 + 10 * rows) int64 on a CUDA device (address, ctas, rows, device index; address 0: off). For "
+        "benchmarks/slice_trace.py.");
   m.def("empty_grad_cache", &softmax_ce::empty_grad_cache, "Free the CPU gradient blocks kept for reuse.");
   m.def("grad_cache_sizes", &softmax_ce::grad_cache_sizes, "The kept CPU gradient blocks' bytes, oldest first.");
 }

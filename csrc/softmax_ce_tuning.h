@@ -30,15 +30,15 @@ struct CudaTuning {
   bool kdim_prefetch;  // K-dim kernel with a gradient: the next item copied during this one's gradient sweep
 };
 
-// The slice kernel's phase stamps (benchmarks/gpu_probe.py --trace): where set, the default slice kernel's traced
-// twin runs, stamping the first `rows` rows of the first `ctas` CTAs into `data`, device memory of
-// ctas * (8 + 8 * rows) int64 that the caller keeps alive.  Off (data 0) by default.
+// The slice kernel's phase stamps (benchmarks/slice_trace.py): where set, the default slice kernel's traced twin
+// runs on `device`, stamping the first `rows` rows of the first `ctas` CTAs into `data`, memory of that device of
+// ctas * (8 + 10 * rows) int64 that the caller keeps alive.  Off (data 0) by default.
 struct SliceTrace {
   int64_t data;  // the buffer's device address, 0: off
-  int ctas, rows;
+  int ctas, rows, device;
 };
 SliceTrace slice_trace();
-void set_slice_trace(int64_t data, int ctas, int rows);
+void set_slice_trace(int64_t data, int ctas, int rows, int device);
 
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,

@@ -284,7 +284,11 @@ def test_slice_trace_summarizes_stamps():
         sys.path.remove(str(BENCH.parent))
     rows, ctas = 4, 3
     buf = torch.zeros(ctas, HEADER + STAMPS * rows, dtype=torch.int64)
-    steps = [100, 200, 50, 400, 1000, 30]  # clocks of wait, sweeps, block, cluster, grad, tail
+    steps = [100, 200, 50, 400, 1000, 30]  # clocks from each stamp 0-5 to the next: thread 0's phases
+    lag, last_wait = 30, 160  # the last warp's sweeps end 30 clocks after thread 0's; its chunks land at 160
+    expect = {"wait": 100, "wait*": last_wait, "sweeps": 200, "lag": lag, "reduce": 50 - lag, "cluster": 400,
+              "grad": 1000, "tail": 30}
+    assert set(expect) == set(PHASES)
     for c in range(2):
         clock = 10_000 * (c + 1)
         buf[c, :7] = torch.tensor([7, c, 2, 5_000, clock, 5_000 + 1_000_000, clock + 2_000_000])
@@ -295,11 +299,13 @@ def test_slice_trace_summarizes_stamps():
             for s in steps:
                 stamps.append(stamps[-1] + s)
             buf[c, base:base + 7] = torch.tensor(stamps)
+            buf[c, base + 8] = start + last_wait
+            buf[c, base + 9] = stamps[2] + lag
         buf[c, 7] = 3
     s = summarize(buf.flatten(), ctas, rows)
     assert s["ghz"] == pytest.approx(2.0) and s["ctas"] == 2 and s["rows"] == 3
     assert s["clusters"] == [2] and s["per_sm"] == 2
-    for name, clocks in zip(PHASES, steps):
+    for name, clocks in expect.items():
         assert s[name] == pytest.approx(clocks / 2.0), name
     assert s["gap"] == pytest.approx(10.0) and s["period"] == pytest.approx((sum(steps) + 20) / 2.0)
     assert s["spread"] == 0.0  # both CTAs end at 1_005_000 ns

@@ -188,7 +188,8 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   // cluster_async: only the smoothing and lean sweeps (the defaults) have that exchange compiled.
   const bool async = tune.cluster_async;
   const SliceTrace trace = slice_trace();
-  const bool traced = trace.data != 0 && !spread && tune.lean && async;  // the default kernel's twin
+  // The default kernel's twin, on the buffer's device only.
+  const bool traced = trace.data != 0 && trace.device == device && !spread && tune.lean && async;
   auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, true>
                 : spread    ? async ? rows::slice_rows_kernel<T, true, false, true>
                                     : rows::slice_rows_kernel<T, true, false, false>

@@ -119,41 +119,84 @@ __device__ __forceinline__ uint64_t global_ns() {
   return t;
 }
 
-// Phase stamps of the slice kernel (tuning-free probe, benchmarks/gpu_probe.py --trace; softmax_ce_tuning.h's
-// SliceTrace): per CTA a header, then per row thread 0's SM clock at the phase boundaries below.
+// Phase stamps of the slice kernel (benchmarks/slice_trace.py; softmax_ce_tuning.h's SliceTrace): per CTA a
+// header, then per row thread 0's SM clock at the phase boundaries below, and the last warp's at two of them.
 struct TraceBuf {
   int64_t* p;  // null: off
   int ctas, rows;
 };
-enum : int { kTraceHeader = 8, kTraceStamps = 8 };
+enum : int { kTraceHeader = 8, kTraceStamps = 10 };
 // Header: smid, cluster rank, cluster size, ns and clock at the start, ns and clock at the end, rows stamped.
 // Row: start, own chunks landed, own max and sum done, block statistics, cluster exchange, own gradient sweep
-// done, row end (clock); start (ns of the global timer, to line rows up across SMs).
+// done, row end (clock); start (ns of the global timer, to line rows up across SMs); the last warp's chunks
+// landed, the last warp's max and sum done (clock: block statistics wait for that warp).
+// The last warp's clocks: each warp's lane 0 takes the max into a slot of this row's parity (clocks only grow, so
+// a slot needs no reset; a warp can be one row ahead of thread 0, never two: block_stats has barriers).
+__device__ __forceinline__ unsigned long long (&trace_last())[2][2] {
+  __shared__ unsigned long long last[2][2];
+  return last;
+}
+template <bool kOn>  // false: every member a no-op (the untraced kernels)
 struct Tracer {
-  int64_t* base = nullptr;  // this CTA's record where thread 0 stamps it
-  int row = 0, rows = 0;
-  __device__ Tracer(const TraceBuf& t, unsigned rank, unsigned n) {
-    if (t.p == nullptr || threadIdx.x != 0 || static_cast<int>(blockIdx.x) >= t.ctas) return;
-    base = t.p + static_cast<int64_t>(blockIdx.x) * (kTraceHeader + t.rows * kTraceStamps);
-    rows = t.rows;
+  // A store the compiler can neither move nor delay (nor keep its value live until later): a phase boundary.
+  __device__ static void put(int64_t* p, int64_t v) {
+    asm volatile("st.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+  }
+  // Only the row count lives across the row loop; the rest is read again from the kernel's parameter (constant
+  // memory) at each stamp, so that the twin keeps the default kernel's registers as far as it can.
+  const TraceBuf& t;
+  int row = 0;  // rows stamped or not, every thread (its parity picks the last-warp slots)
+  __device__ Tracer(const TraceBuf& buf, unsigned rank, unsigned n) : t(buf) {
+    if (!on()) return;
+    if (threadIdx.x < 4) trace_last()[threadIdx.x / 2][threadIdx.x % 2] = 0;
+    __syncthreads();  // the slots are zero before any warp takes a max
+    if (threadIdx.x != 0) return;
     unsigned smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    base[0] = smid, base[1] = rank, base[2] = n;
-    base[3] = static_cast<int64_t>(global_ns()), base[4] = clock64();
+    int64_t* h = header();
+    put(h, smid), put(h + 1, rank), put(h + 2, n);
+    put(h + 3, static_cast<int64_t>(global_ns())), put(h + 4, clock64());
+  }
+  __device__ bool on() const { return kOn && t.p != nullptr && static_cast<int>(blockIdx.x) < t.ctas; }
+  __device__ int64_t* header() const {
+    return t.p + static_cast<int64_t>(blockIdx.x) * (kTraceHeader + t.rows * kTraceStamps);
+  }
+  // Thread 0's slot k of this row, or null.
+  __device__ int64_t* slot(int k) const {
+    if (!on() || threadIdx.x != 0 || row >= t.rows) return nullptr;
+    return header() + kTraceHeader + row * kTraceStamps + k;
   }
   __device__ __forceinline__ void stamp(int k) {
-    if (base != nullptr && row < rows) base[kTraceHeader + row * kTraceStamps + k] = clock64();
+    if (int64_t* p = slot(k)) put(p, clock64());
+  }
+  // Thread 0's stamp k (1 or 2), then every warp's clock into the last-warp slot of that phase (after the stamp:
+  // thread 0's warp counts too, so the last warp's clock is never earlier than thread 0's).
+  __device__ __forceinline__ void stamp_warps(int k) {
+    stamp(k);
+    if (on() && (threadIdx.x & 31) == 0)
+      atomicMax(&trace_last()[row & 1][k - 1], static_cast<unsigned long long>(clock64()));
   }
   __device__ __forceinline__ void start_row() {
     stamp(0);
-    if (base != nullptr && row < rows) base[kTraceHeader + row * kTraceStamps + 7] = static_cast<int64_t>(global_ns());
+    if (int64_t* p = slot(7)) put(p, static_cast<int64_t>(global_ns()));
+  }
+  // After block_stats (whose barriers every warp has passed since its two maxima): the last warp's clocks.
+  __device__ __forceinline__ void stamp_last() {
+    if (int64_t* p = slot(8)) {
+      put(p, static_cast<int64_t>(trace_last()[row & 1][0]));
+      put(p + 1, static_cast<int64_t>(trace_last()[row & 1][1]));
+    }
   }
   __device__ __forceinline__ void end_row() {
     stamp(6);
-    if (base != nullptr && row < rows) base[7] = ++row;
+    ++row;
   }
+  // The end, and the rows stamped (written once here: a store of the count per row took the bf16 twin from 77 to
+  // 101 registers, sm_90a).
   __device__ __forceinline__ void finish() {
-    if (base != nullptr) base[5] = static_cast<int64_t>(global_ns()), base[6] = clock64();
+    if (!on() || threadIdx.x != 0) return;
+    put(header() + 5, static_cast<int64_t>(global_ns())), put(header() + 6, clock64());
+    put(header() + 7, row < t.rows ? row : t.rows);
   }
 };
 
@@ -904,7 +947,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   const auto at = [wrap](int first, int j) { return first + j >= wrap ? first + j - wrap : first + j; };
   SliceCluster<kAsync> cl(peer_bars);
   const unsigned rank = cl.rank, n = cl.n;
-  Tracer trace(kTrace ? tr : TraceBuf{nullptr, 0, 0}, rank, n);
+  Tracer<kTrace> trace(tr, rank, n);  // tr: the kernel's parameter, read where stamped
   const int64_t step = gridDim.x / n;
   int64_t r = blockIdx.x / n;
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
@@ -949,7 +992,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int e0 = he >= k0 && he < k0 + nj ? static_cast<int>(he - k0) : -1;
     const int e1 = te >= k0 && te < k0 + nj ? static_cast<int>(te - k0) : -1;
     copy_async_wait_prior();  // this row's chunks have landed; the next row's first ones may still be in flight
-    if constexpr (kTrace) trace.stamp(1);
+    if constexpr (kTrace) trace.stamp_warps(1);
     const OwnChunks own(first, ring, nj, e0, e1);  // kLean only
     const auto edge_values = [&](int j, float (&v)[E]) {
       Chunk<T>::unpack(staged[at(first, j)], v);
@@ -992,9 +1035,9 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
         if (kSpread) chunk_spread(A, D, v, m, w, xk.first_class(k0 + j), C);
       }
     }
-    if constexpr (kTrace) trace.stamp(2);
+    if constexpr (kTrace) trace.stamp_warps(2);
     OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
-    if constexpr (kTrace) trace.stamp(3);
+    if constexpr (kTrace) trace.stamp(3), trace.stamp_last();
     // What does not need the row's statistics (global loads among it): in flight while the cluster waits.
     const float w_t = w ? w[t] : 1.f;
     RowGrad<float> g = row.grad_factors(a, w_t);
