@@ -150,5 +150,7 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_warp_keep", warp_keep=True),
             # off until timed (v0.17-dev): the K-dim kernel copying each thread's next item during this one's
             # gradient sweep
-            OursTuned("ours_kdim_prefetch", kdim_prefetch=True))
+            OursTuned("ours_kdim_prefetch", kdim_prefetch=True),
+            # off until timed (v0.18-dev): the slices' next row and the warp rows' later rows prefetched into L2
+            OursTuned("ours_l2_prefetch", l2_prefetch=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

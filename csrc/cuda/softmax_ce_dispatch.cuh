@@ -190,7 +190,9 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   const SliceTrace trace = slice_trace();
   // The default kernel's twin, on the buffer's device only.
   const bool traced = trace.data != 0 && trace.device == device && !spread && tune.lean && async;
+  const bool l2 = tune.l2_prefetch && !traced && !spread && tune.lean && async;  // the default kernel's twin
   auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, true>
+                : l2        ? rows::slice_rows_kernel<T, false, true, true, false, true>
                 : spread    ? async ? rows::slice_rows_kernel<T, true, false, true>
                                     : rows::slice_rows_kernel<T, true, false, false>
                 : tune.lean ? async ? rows::slice_rows_kernel<T, false, true, true>
@@ -268,8 +270,10 @@ int warp_group_lanes(int64_t chunks, const CudaTuning& tune) {
   return chunks > 64 ? 16 : chunks > 32 ? 8 : 4;
 }
 template <typename T, bool kStats, bool kGrad, bool kSpread>
-auto grouped_rows_kernel(int lanes) {
+auto grouped_rows_kernel(int lanes, bool l2) {
   if constexpr (kStats && kGrad && !kSpread) {
+    // tuning l2_prefetch: groups of 16 lanes (4 and 8 spilled 4 bytes in bfloat16 at 3 CTAs per SM, sm_90a)
+    if (l2 && lanes == 16) return rows::warp_rows_kernel<T, 8, true, true, false, false, false, 16, true>;
     return lanes == 16  ? rows::warp_rows_kernel<T, 8, true, true, false, false, false, 16>
            : lanes == 8 ? rows::warp_rows_kernel<T, 8, true, true, false, false, false, 8>
                         : rows::warp_rows_kernel<T, 8, true, true, false, false, false, 4>;
@@ -290,7 +294,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     const int lanes = group ? group : 32;
     const int ring = group ? 0 : warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
     int kept = 0;  // bytes
-    auto kernel = group ? grouped_rows_kernel<T, kStats, kGrad, kSpread>(group)
+    auto kernel = group ? grouped_rows_kernel<T, kStats, kGrad, kSpread>(group, tune.l2_prefetch)
                         : warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.warp_keep, device, &kept);
     const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16 + kept;
     if (kept) allow_smem(device, kernel, [&] { return kept; });
@@ -305,7 +309,12 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
-    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks));
+    // l2_prefetch (grouped rows): the rows one resident grid on (the CTAs that replace these, or this grid's next
+    // pass); the other warp-row kernels are compiled without it and ignore `ahead`.
+    const int64_t ahead = tune.l2_prefetch && group == 16 ? std::min<int64_t>(blocks, int64_t{sm_count(device)} *
+        std::max(blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem), 1)) * cta_rows : 0;
+    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks),
+                                                                                    ahead);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
