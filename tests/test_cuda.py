@@ -161,6 +161,36 @@ def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
         training_against_float64(x, t.cuda(), g, kw, inplace)
 
 
+# Shapes whose kernels reach tuning l2_prefetch's prefetches (rows past one resident grid): 16-lane warp rows of a
+# grid that runs once (20000 rows: ~1250 CTAs of 16 rows, more than the ~400 resident) and of one that loops (more
+# than 132 SMs x 64 CTAs x 16 rows); slices with more rows than resident CTAs, one CTA per row and in clusters.
+L2_CASES = {"rows-bf16": (20000, 1000, torch.bfloat16), "rows-fp32": (20000, 500, torch.float32),
+            "rows-looping-grid": (140000, 600, torch.bfloat16), "slices": (2048, 32000, torch.bfloat16),
+            "slices-clusters": (1024, 50000, torch.float32)}
+
+
+@pytest.mark.parametrize("case", list(L2_CASES))
+@pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
+def test_l2_prefetch_changes_no_bit(case, offset):
+    """tuning l2_prefetch only adds prefetch hints: loss and gradient equal the default kernels' bit for bit, with
+    rows both 16-byte aligned and not (offset-by-one: each row's chunks straddle lines differently); the default
+    kernels themselves are checked against float64 throughout the suite."""
+    rows, classes, dtype = L2_CASES[case]
+    g = torch.Generator().manual_seed(23)
+    x = (torch.randn(rows, classes + offset, generator=g) * 3).to(dtype).cuda()[:, offset:]
+    t = torch.randint(0, classes, (rows,), generator=g).cuda()
+    t[::9] = -100
+    results = []
+    for on in (False, True):
+        with tuning.using(**{**tuning.BUILT_IN, "l2_prefetch": on}):
+            xi = x.detach().clone().requires_grad_() if offset == 0 else x.detach().requires_grad_()
+            loss = cross_entropy(xi, t)
+            (grad,) = torch.autograd.grad(loss, xi)
+            results.append((loss, grad))
+    assert torch.isfinite(results[0][0]) and torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize(
     "dtype, C, slice_kb",
     [(torch.bfloat16, 32000, 72), (torch.bfloat16, 40000, 16), (torch.float32, 20000, 72)],
@@ -169,8 +199,8 @@ def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
 def test_slice_trace_stamps_without_changing_results(dtype, C, slice_kb):
     """benchmarks/slice_trace.py's traced twin of the default slice kernel: the same loss and gradient bits as the
     untraced kernel, and for every CTA that stamped, its header (cluster size as launched), each row's 7 clock
-    stamps in order and the last warp's two between them.  One CTA per row at 32000 bf16 classes in 72 KiB slices; clusters where 16 KiB slices need
-    several CTAs (sm_90); float32."""
+    stamps in order and the last warp's two between them.  One CTA per row at 32000 bf16 classes in 72 KiB slices;
+    clusters where 16 KiB slices need several CTAs (sm_90); float32."""
     from softmax_ce_ext import _C
 
     HEADER, STAMPS, rows, ctas = 8, 10, 6, 2048

@@ -309,10 +309,14 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
-    // l2_prefetch (grouped rows): the rows one resident grid on (the CTAs that replace these, or this grid's next
-    // pass); the other warp-row kernels are compiled without it and ignore `ahead`.
-    const int64_t ahead = tune.l2_prefetch && group == 16 ? std::min<int64_t>(blocks, int64_t{sm_count(device)} *
-        std::max(blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem), 1)) * cta_rows : 0;
+    // l2_prefetch (groups of 16 lanes): a grid that loops prefetches each group's own next row (one pass on); one
+    // that does not, the rows one resident grid on (those of the CTA that takes this one's place on the SM). The
+    // other warp-row kernels are compiled without it and ignore `ahead`.
+    const int64_t ahead = !(tune.l2_prefetch && group == 16) ? 0
+                          : blocks * cta_rows < rows_n
+                              ? blocks * cta_rows
+                              : std::min<int64_t>(blocks, int64_t{sm_count(device)} *
+                                    std::max(blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem), 1)) * cta_rows;
     kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks),
                                                                                     ahead);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -580,8 +580,8 @@ struct Kept {
 // row's slot is refilled one row later, once read.
 // kL2 (tuning l2_prefetch; groups of 16 lanes only; a template flag, so the other kernels keep their code): each
 // group prefetches into L2 the lines of the row `ahead` rows on, which the CTA that takes this one's place on the
-// SM (or this group, in a grid that loops) will load, so that its loads hit L2: bytes in flight that hold no
-// register.
+// SM (or this group, one pass on, in a grid that loops) will load, so that its loads hit L2: bytes in flight that
+// hold no register.
 // kKeep (tuning warp_keep; the loss + gradient): the sum sweep keeps each e^(x - max), and the gradient is that
 // times p_mul / sum: one product per element where the gradient sweep repeated the unpacking, the subtraction,
 // the scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
