@@ -74,33 +74,36 @@ def line(label, s, ideal_ns):
             f"{100 * ideal_ns / s['period']:5.1f}%")
 
 
-def run(cases, rows):
+def run(cases, rows, device="cuda"):
+    """Each case traced and summarized; on the CPU (a test of this script's glue) nothing stamps."""
     import softmax_ce_ext
     from softmax_ce_ext import _C, tuning
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench import Case, copy_bandwidth, run_once, timed
 
-    bw = copy_bandwidth("cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cuda = device == "cuda"
+    bw = copy_bandwidth(device)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 1
     ctas = 1024
-    buf = torch.zeros(ctas * (HEADER + STAMPS * rows), dtype=torch.int64, device="cuda")
-    print(f"slice trace: {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s, {sms} SMs; median ns per row and CTA")
+    buf = torch.zeros(ctas * (HEADER + STAMPS * rows), dtype=torch.int64, device=device)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"slice trace: {name}, copy {bw:.0f} GB/s, {sms} SMs; median ns per row and CTA")
     print(f"{'case':>40} {'':>4} {'':>4} " + " ".join(f"{k:>7}" for k in (*PHASES, "gap", "period", "ideal")) +
           " ideal/period")
     for shape, dtype, tune in cases:
-        case = Case(shape, dtype, "cuda", 0.0, 0)
+        case = Case(shape, dtype, device, 0.0, 0)
         label = f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {','.join(f'{k}={v}' for k, v in tune.items())}"
         with tuning.using(**{**tuning.BUILT_IN, **tune}):
             call = lambda: run_once(softmax_ce_ext.cross_entropy, case.inputs[0], case, "fwd+bwd")  # noqa: E731
             _, ref = call()
-            plain = statistics.median(timed(call, "cuda", 1.0) for _ in range(5))
+            plain = statistics.median(timed(call, device, 1.0) for _ in range(5))
             buf.zero_()
-            _C.set_slice_trace(buf.data_ptr(), ctas, rows, buf.device.index)
+            if cuda:  # a CPU buffer's address must never reach a kernel
+                _C.set_slice_trace(buf.data_ptr(), ctas, rows, buf.device.index)
             try:
                 _, g = call()
-                torch.cuda.synchronize()
-                traced = statistics.median(timed(call, "cuda", 1.0) for _ in range(5))
+                traced = statistics.median(timed(call, device, 1.0) for _ in range(5))
             finally:
                 _C.set_slice_trace(0, 0, 0, -1)
             same = torch.equal(g, ref)
@@ -115,13 +118,15 @@ def run(cases, rows):
               f"{s['ghz']:.2f} GHz, {plain:.3f} ms "
               f"(traced {traced:.3f}), same gradient: {same}", flush=True)
         del case, ref, g
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 CASES = [((8192, 32000), torch.bfloat16, {}), ((8192, 32000), torch.bfloat16, dict(slice_kb=32)),
          ((8192, 128256), torch.bfloat16, {}), ((8192, 128256), torch.bfloat16, dict(slice_kb=32)),
          ((8192, 128256), torch.bfloat16, dict(prefetch=False)), ((8192, 128256), torch.bfloat16, dict(ring_kb=0)),
-         ((8192, 32000), torch.float32, {}), ((8192, 128256), torch.float32, {}), ((4096, 256000), torch.bfloat16, {})]
+         ((8192, 32000), torch.float32, {}), ((8192, 128256), torch.float32, {}), ((4096, 256000), torch.bfloat16, {}),
+         ((8192, 32000), torch.bfloat16, dict(l2_prefetch=True)), ((8192, 128256), torch.bfloat16, dict(l2_prefetch=True))]
 
 
 def main():

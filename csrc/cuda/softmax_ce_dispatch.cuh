@@ -190,8 +190,9 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   const SliceTrace trace = slice_trace();
   // The default kernel's twin, on the buffer's device only.
   const bool traced = trace.data != 0 && trace.device == device && !spread && tune.lean && async;
-  const bool l2 = tune.l2_prefetch && !traced && !spread && tune.lean && async;  // the default kernel's twin
-  auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, true>
+  const bool l2 = tune.l2_prefetch && !spread && tune.lean && async;  // the default kernel's twin (traced too)
+  auto kernel = traced      ? l2 ? rows::slice_rows_kernel<T, false, true, true, true, true>
+                                 : rows::slice_rows_kernel<T, false, true, true, true>
                 : l2        ? rows::slice_rows_kernel<T, false, true, true, false, true>
                 : spread    ? async ? rows::slice_rows_kernel<T, true, false, true>
                                     : rows::slice_rows_kernel<T, true, false, false>
