@@ -163,10 +163,12 @@ def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
 
 # Shapes whose kernels reach tuning l2_prefetch's prefetches (rows past one resident grid): 16-lane warp rows of a
 # grid that runs once (20000 rows: ~1250 CTAs of 16 rows, more than the ~400 resident) and of one that loops (more
-# than 132 SMs x 64 CTAs x 16 rows); slices with more rows than resident CTAs, one CTA per row and in clusters.
-L2_CASES = {"rows-bf16": (20000, 1000, torch.bfloat16), "rows-fp32": (20000, 500, torch.float32),
-            "rows-looping-grid": (140000, 600, torch.bfloat16), "slices": (2048, 32000, torch.bfloat16),
-            "slices-clusters": (1024, 50000, torch.float32)}
+# than 132 SMs x 64 CTAs x 16 rows); slices with more rows than resident CTAs, one CTA per row and in clusters;
+# the K-dim mean with more items than the resident threads (each thread walks 2+).
+L2_CASES = {"rows-bf16": ((20000, 1000), torch.bfloat16), "rows-fp32": ((20000, 500), torch.float32),
+            "rows-looping-grid": ((140000, 600), torch.bfloat16), "slices": ((2048, 32000), torch.bfloat16),
+            "slices-clusters": ((1024, 50000), torch.float32), "kdim-fp32": ((8, 21, 256, 257), torch.float32),
+            "kdim-bf16": ((16, 21, 256, 264), torch.bfloat16)}
 
 
 @pytest.mark.parametrize("case", list(L2_CASES))
@@ -175,11 +177,13 @@ def test_l2_prefetch_changes_no_bit(case, offset):
     """tuning l2_prefetch only adds prefetch hints: loss and gradient equal the default kernels' bit for bit, with
     rows both 16-byte aligned and not (offset-by-one: each row's chunks straddle lines differently); the default
     kernels themselves are checked against float64 throughout the suite."""
-    rows, classes, dtype = L2_CASES[case]
+    shape, dtype = L2_CASES[case]
+    if offset and len(shape) > 2:
+        pytest.skip("K-dim logits offset by one element are not 16-byte aligned: the K-dim kernel does not take them")
     g = torch.Generator().manual_seed(23)
-    x = (torch.randn(rows, classes + offset, generator=g) * 3).to(dtype).cuda()[:, offset:]
-    t = torch.randint(0, classes, (rows,), generator=g).cuda()
-    t[::9] = -100
+    x = (torch.randn(shape[0], shape[1] + offset, *shape[2:], generator=g) * 3).to(dtype).cuda()[:, offset:]
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).cuda()
+    t.view(-1)[::9] = -100
     results = []
     for on in (False, True):
         with tuning.using(**{**tuning.BUILT_IN, "l2_prefetch": on}):

@@ -11,6 +11,9 @@
 // kPrefetch (tuning kdim_prefetch; the kernels with a gradient sweep): each chunk of the thread's next item is copied
 // into its slot as soon as the gradient sweep has stored that slot's class, so the next item's loads are in flight
 // during this item's arithmetic (without it, each item waits for all its loads after issuing them).
+// kL2 (tuning l2_prefetch; the folded mean's training pass): at each item's start the thread prefetches into L2
+// the lines of its next item's C chunks (a warp's 32 neighbouring chunks per class: 4 lines), so that the next
+// item's copies, issued when it starts, land at L2 latency.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -57,7 +60,7 @@ __device__ __forceinline__ int code_at(const Codes<E>& v, int i) {
   return (w >> (8 * (i & 3))) & 0xff;
 }
 
-template <typename T, bool kStats, bool kGrad, bool kFold, bool kPrefetch = false>
+template <typename T, bool kStats, bool kGrad, bool kFold, bool kPrefetch = false, bool kL2 = false>
 __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold) {
   static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
   static_assert(!kPrefetch || kGrad, "the next item copied during the gradient sweep");
@@ -126,6 +129,13 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     locate(item, b, s0, n);
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
     if (k == 0 ? !kFold : !kPrefetch) copy_item(b, s0);  // kPrefetch: copied during the last gradient sweep
+    if (kL2 && item + stride < items) {  // after this item's copies: they go first
+      int64_t nb, ns0;
+      int nn;
+      locate(item + stride, nb, ns0, nn);
+      const T* xn = a.x + nb * L.x_sB + ns0;
+      for (int c = 0; c < Ci; ++c) prefetch_l2(xn + c * L.x_sC);
+    }
     auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
     int t[E];
     if constexpr (kFold) {

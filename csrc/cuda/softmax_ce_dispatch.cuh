@@ -445,8 +445,9 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
   constexpr int E = chunks::Chunk<T>::E;
   const int threads = columns_threads(L.C);
   const int logit_smem = static_cast<int>(int64_t{threads} * L.C * 16);
-  auto kernel = tune.kdim_prefetch ? columns::columns_kernel<T, true, true, true, true>
-                                   : columns::columns_kernel<T, true, true, true, false>;
+  auto kernel = tune.l2_prefetch     ? columns::columns_kernel<T, true, true, true, false, true>
+                : tune.kdim_prefetch ? columns::columns_kernel<T, true, true, true, true>
+                                     : columns::columns_kernel<T, true, true, true, false>;
   const void* key = reinterpret_cast<const void*>(kernel);
   allow_smem(device, kernel, [] { return columns::kBlockBudget + columns::kFoldBudget; });
   auto per_sm_at = [&](int smem) { return blocks_per_sm(device, kernel, threads, smem); };
