@@ -75,12 +75,10 @@ def line(label, s, ideal_ns):
 
 
 def run(cases, rows, device="cuda"):
-    """Each case traced and summarized; on the CPU (a test of this script's glue) nothing stamps."""
-    import softmax_ce_ext
-    from softmax_ce_ext import _C, tuning
-
+    """Each case traced and summarized; the number of cases that failed.  On the CPU (a test of this script's glue)
+    nothing stamps."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench import Case, copy_bandwidth, run_once, timed
+    from bench import copy_bandwidth
 
     cuda = device == "cuda"
     bw = copy_bandwidth(device)
@@ -91,35 +89,56 @@ def run(cases, rows, device="cuda"):
     print(f"slice trace: {name}, copy {bw:.0f} GB/s, {sms} SMs; median ns per row and CTA")
     print(f"{'case':>40} {'':>4} {'':>4} " + " ".join(f"{k:>7}" for k in (*PHASES, "gap", "period", "ideal")) +
           " ideal/period")
+    failed = 0
     for shape, dtype, tune in cases:
-        case = Case(shape, dtype, device, 0.0, 0)
         label = f"{'x'.join(map(str, shape))} {str(dtype)[6:]} {','.join(f'{k}={v}' for k, v in tune.items())}"
-        with tuning.using(**{**tuning.BUILT_IN, **tune}):
-            call = lambda: run_once(softmax_ce_ext.cross_entropy, case.inputs[0], case, "fwd+bwd")  # noqa: E731
-            _, ref = call()
-            plain = statistics.median(timed(call, device, 1.0) for _ in range(5))
-            buf.zero_()
-            if cuda:  # a CPU buffer's address must never reach a kernel
-                _C.set_slice_trace(buf.data_ptr(), ctas, rows, buf.device.index)
-            try:
-                _, g = call()
-                traced = statistics.median(timed(call, device, 1.0) for _ in range(5))
-            finally:
-                _C.set_slice_trace(0, 0, 0, -1)
-            same = torch.equal(g, ref)
-        s = summarize(buf.cpu(), ctas, rows)
-        if s["ctas"] == 0:
-            print(f"{label:>40} nothing stamped: no slice kernel ran, or not the default one (lean, st.async)")
-            continue
-        n = s["clusters"][0]
-        row_bytes = 2 * case.nbytes / shape[0] / n  # this CTA's slice read once and its gradient written once
-        ideal_ns = row_bytes * s["per_sm"] / (bw * 1e9 / sms) * 1e9
-        print(line(label, s, ideal_ns) + f"  {s['ctas']} CTAs, ends spread {100 * s['spread']:.1f}%, "
-              f"{s['ghz']:.2f} GHz, {plain:.3f} ms "
-              f"(traced {traced:.3f}), same gradient: {same}", flush=True)
-        del case, ref, g
+        try:
+            print(trace_case(shape, dtype, tune, label, Trace(buf, ctas, rows, bw, sms)), flush=True)
+        except Exception as e:  # one case's failure (memory, a launch) leaves the others their device time
+            failed += 1
+            print(f"{label:>40} FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", flush=True)
         if cuda:
             torch.cuda.empty_cache()
+    return failed
+
+
+class Trace:
+    """The stamp buffer and what the summary lines need: its CTAs and rows, the copy bandwidth (GB/s), the SMs."""
+
+    def __init__(self, buf, ctas, rows, bw, sms):
+        self.buf, self.ctas, self.rows, self.bw, self.sms = buf, ctas, rows, bw, sms
+
+
+def trace_case(shape, dtype, tune, label, tr):
+    """One case: timed plain and traced (the stamps from the last traced call), its summary line."""
+    import softmax_ce_ext
+    from softmax_ce_ext import _C, tuning
+
+    from bench import Case, run_once, timed
+
+    device = tr.buf.device.type
+    case = Case(shape, dtype, device, 0.0, 0)
+    with tuning.using(**{**tuning.BUILT_IN, **tune}):
+        call = lambda: run_once(softmax_ce_ext.cross_entropy, case.inputs[0], case, "fwd+bwd")  # noqa: E731
+        _, ref = call()
+        plain = statistics.median(timed(call, device, 1.0) for _ in range(5))
+        tr.buf.zero_()
+        if device == "cuda":  # a CPU buffer's address must never reach a kernel
+            _C.set_slice_trace(tr.buf.data_ptr(), tr.ctas, tr.rows, tr.buf.device.index)
+        try:
+            _, g = call()
+            traced = statistics.median(timed(call, device, 1.0) for _ in range(5))
+        finally:
+            _C.set_slice_trace(0, 0, 0, -1)
+        same = torch.equal(g, ref)
+    s = summarize(tr.buf.cpu(), tr.ctas, tr.rows)
+    if s["ctas"] == 0:
+        return f"{label:>40} nothing stamped: no slice kernel ran, or not the default one (lean, st.async)"
+    n = s["clusters"][0]
+    row_bytes = 2 * case.nbytes / shape[0] / n  # this CTA's slice read once and its gradient written once
+    ideal_ns = row_bytes * s["per_sm"] / (tr.bw * 1e9 / tr.sms) * 1e9
+    return (line(label, s, ideal_ns) + f"  {s['ctas']} CTAs, ends spread {100 * s['spread']:.1f}%, "
+            f"{s['ghz']:.2f} GHz, {plain:.3f} ms (traced {traced:.3f}), same gradient: {same}")
 
 
 CASES = [((8192, 32000), torch.bfloat16, {}), ((8192, 32000), torch.bfloat16, dict(slice_kb=32)),
@@ -135,7 +154,7 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("slice_trace: no GPU is visible")
-    run(CASES, args.rows)
+    sys.exit(1 if run(CASES, args.rows) else 0)
 
 
 if __name__ == "__main__":

@@ -320,16 +320,17 @@ def test_slice_trace_summarizes_stamps():
     assert s1["wait"] == pytest.approx(20.0) and s1["rows"] == 2 and s1["per_sm"] == 1
     assert s1["gap"] != s1["gap"]  # NaN: no two consecutive counted rows
     # The script's glue (bench.py's Case, run_once, timed, copy_bandwidth; the tuning, the buffer) on the CPU, where
-    # no slice kernel stamps: every case says so.
+    # no slice kernel stamps: every case says so; a case that fails (integer logits) is reported, the next still runs.
     from slice_trace import run
     import contextlib
     import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        run([((4, 300), torch.float32, {}), ((2, 700), torch.float32, dict(l2_prefetch=True))], 3, device="cpu")
+        failed = run([((4, 300), torch.float32, {}), ((2, 5), torch.int32, {}),
+                      ((2, 700), torch.float32, dict(l2_prefetch=True))], 3, device="cpu")
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("slice trace: cpu") and len(lines) == 4, lines
-    assert all("nothing stamped" in line for line in lines[2:]), lines
+    assert lines[0].startswith("slice trace: cpu") and len(lines) == 5 and failed == 1, lines
+    assert "nothing stamped" in lines[2] and "FAILED" in lines[3] and "nothing stamped" in lines[4], lines
     two = buf.clone()
     two[1, 3], two[1, 5] = 5_000 + 250_000, 5_000 + 500_000  # CTA 1 starts late and ends half-way
     assert summarize(two.flatten(), ctas, rows)["spread"] == pytest.approx(0.5)
