@@ -9,8 +9,10 @@
 # ~530 s; v0.14-dev: the CUDA kernels in one file per logits dtype, compiled in parallel (here, sm_90a alone: the
 # longest file ~50-60 s where the one file took ~120): a build ~50 s shorter; with warp_group's tests (+~30 s, the
 # tests part's timeout 270 -> 300 s), variant (+~10 s) and the bench's scaled+bwd line (+~20 s): ~540 s
-# expected, timeout_s ~590;
-# the last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
+# expected, timeout_s ~590.  Measured since (H200, 2026-11-28, v0.17): the default parts 482 s with a 66 s build;
+# the core tests now take ~330 s, more than the tests part's 300 s (GPU_CHECK_TESTS_S raises it), so a session
+# splits them from the bench (NOTES.md, the latest "next GPU session" paragraph); the variants' first line 170 s.
+# The last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
 #   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:

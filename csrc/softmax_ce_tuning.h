@@ -29,8 +29,8 @@ struct CudaTuning {
   bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()
   bool warp_group;     // warp rows' loss + gradient of rows of up to 128 chunks: 16, 8 or 4 lanes per row
   bool kdim_prefetch;  // K-dim kernel with a gradient: the next item copied during this one's gradient sweep
-  bool l2_prefetch;    // into L2 ahead: slices the next row's lines, 16-lane warp rows a later CTA's rows,
-                       // the folded K-dim mean each thread's next item
+  bool l2_prefetch;    // into L2 ahead: slices the next row's lines, 16-lane warp rows a later CTA's rows (their
+                       // own next row where the grid loops), the folded K-dim mean each thread's next item
 };
 
 // The slice kernel's phase stamps (benchmarks/slice_trace.py): where set, the default slice kernel's traced twin
