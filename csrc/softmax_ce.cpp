@@ -123,9 +123,7 @@ TuningState& state() {
   static TuningState s;
   return s;
 }
-}  // namespace
 
-namespace {
 std::mutex g_trace_mu;
 std::atomic<bool> g_trace_on{false};  // read on every slice launch: no lock while tracing is off
 SliceTrace g_trace{0, 0, 0, -1};

@@ -2,8 +2,7 @@
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
 // _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC, _WARP_GROUP, _KDIM_PREFETCH,
-// _L2_PREFETCH).  The
-// defaults are the winners measured on the H200 (benchmarks/NOTES.md).
+// _L2_PREFETCH).  The defaults are the winners measured on the H200 (benchmarks/NOTES.md).
 #pragma once
 
 #include <cstdint>

@@ -87,6 +87,13 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     const T* x = a.x + b * L.x_sB + s0;
     for (int c = 0; c < Ci; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
   };
+  // An item's logits (class 0 of its first position): the next item's, for kPrefetch and kL2.
+  auto item_logits = [&](int64_t item) {
+    int64_t b, s0;
+    int n;
+    locate(item, b, s0, n);
+    return a.x + b * L.x_sB + s0;
+  };
   // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
   // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
   constexpr int kIgnored = -1, kBad = -2;
@@ -130,10 +137,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
     if (k == 0 ? !kFold : !kPrefetch) copy_item(b, s0);  // kPrefetch: copied during the last gradient sweep
     if (kL2 && item + stride < items) {  // after this item's copies: they go first
-      int64_t nb, ns0;
-      int nn;
-      locate(item + stride, nb, ns0, nn);
-      const T* xn = a.x + nb * L.x_sB + ns0;
+      const T* xn = item_logits(item + stride);
       for (int c = 0; c < Ci; ++c) prefetch_l2(xn + c * L.x_sC);
     }
     auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
@@ -233,13 +237,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
       }
     }
     if (kGrad) {
-      const T* xn = nullptr;  // kPrefetch: the next item's logits
-      if (kPrefetch && item + stride < items) {
-        int64_t nb, ns0;
-        int nn;
-        locate(item + stride, nb, ns0, nn);
-        xn = a.x + nb * L.x_sB + ns0;
-      }
+      const T* xn = kPrefetch && item + stride < items ? item_logits(item + stride) : nullptr;
       for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);

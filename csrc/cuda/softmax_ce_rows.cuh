@@ -615,12 +615,16 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
   const int64_t warps = ((static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5) * (32 / G);
   int64_t r = ((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * (32 / G) + lane / G;
   uint4* const slots = staged + (threadIdx.x >> 5) * ring * slot;
+  // The chunks of another row than this lane's current one (kRing's staging, kL2's prefetch).
+  const auto chunks_of = [&](int64_t row_index) {
+    const RowIndex i = split_row(row_index, L.S);
+    return RowChunks<T>(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+  };
   // kRing: this lane's chunks of row `row_index` into slot q, one commit group per row (empty past the last row,
   // so that the waits count rows).
   const auto stage = [&](int64_t row_index, int q) {
     if (row_index < L.rows()) {
-      const RowIndex i = split_row(row_index, L.S);
-      const RowChunks<T> k(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+      const RowChunks<T> k = chunks_of(row_index);
 #pragma unroll
       for (int j = 0; j < VPT; ++j)
         if (j * 32 + lane < k.count) copy_async16(slots + q * slot + j * 32 + lane, k.base + j * 32 + lane);
@@ -656,8 +660,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       if (j * G + sub < count)
         u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * G + sub);
     if (kL2 && ahead > 0 && r + ahead < L.rows()) {  // after this row's loads: they go first
-      const RowIndex i = split_row(r + ahead, L.S);
-      const RowChunks<T> later(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
+      const RowChunks<T> later = chunks_of(r + ahead);
       prefetch_l2_chunks(later.base, later.count, sub, G);
     }
     const I he = static_cast<I>(row.head_edge()), te = static_cast<I>(row.tail_edge(C));
