@@ -15,8 +15,10 @@
 # The last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
-#   Liger wheel, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
-#     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel
+#   wheels, once, here (.whl is git-ignored): python3 -m pip download --no-deps --only-binary=:all:
+#     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel pytest-xdist execnet
+#   pytest-xdist (carried, not a dependency): the test parts run in GPU_CHECK_WORKERS processes (default 8 of the
+#     16 cores) sharing the GPU; the ~6000 core tests are host-bound (~55 ms each, ~330 s in one process, v0.17)
 #   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe trace ncu stalls grid compile"
 #                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
@@ -57,6 +59,12 @@ fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+XDIST=""  # pytest's worker processes where the xdist wheel came along (tests/conftest.py frees each one's cache)
+if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then
+  XDIST="-n ${GPU_CHECK_WORKERS:-8}"
+  export TORCHINDUCTOR_COMPILE_THREADS=1  # else each worker's Inductor starts a pool of one process per core
+fi
+echo "pytest workers: ${XDIST:-none (one process; carry .whl with pytest-xdist for more)}"
 
 if part smoke; then
   stamp "smoke: every CUDA kernel family on four shapes"
@@ -70,7 +78,7 @@ if part changed; then
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
   stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or l2_prefetch}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
-  timeout 60 $PY -m pytest -q -p no:cacheprovider --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
+  timeout 60 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   { timeout 40 $PY benchmarks/bench.py --device cuda --no-progress --shapes 65536x1000 16x21x512x512 8192x128256 \
@@ -80,7 +88,7 @@ if part changed; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   stamp "changed: the CORE tests, the files of every kernel path first (until the timeout)"
   CORE="tests/test_edge_cases.py tests/test_inplace.py tests/test_autograd.py tests/test_compile.py tests/test_cuda.py tests/test_errors.py tests/test_loss_scaling.py tests/test_row_layouts.py"
-  timeout ${GPU_CHECK_REST_S:-90} $PY -m pytest -q -p no:cacheprovider --maxfail=20 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout ${GPU_CHECK_REST_S:-90} $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -15
 fi
 
@@ -104,7 +112,7 @@ if part tests; then
   # ~330 s of core tests on an H200 (v0.17): GPU_CHECK_TESTS_S=460 lets a call of build, smoke and tests run them all.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
-  timeout ${GPU_CHECK_TESTS_S:-300} $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout ${GPU_CHECK_TESTS_S:-300} $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -112,7 +120,7 @@ fi
 if part compile_cpu; then
   # Not in the default parts: ran past 90 s on the H200 (2026-11-27); compile_debug covers 2.11's CPU gradients.
   stamp "torch.compile tests on the CPU too (this machine's torch differs from CI's)"
-  timeout 90 $PY -m pytest -q -p no:cacheprovider --maxfail=10 -k "cpu and not cuda and (fullgraph or inplace or bfloat16)" \
+  timeout 90 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=10 -k "cpu and not cuda and (fullgraph or inplace or bfloat16)" \
     tests/test_compile.py 2>&1 \
     | tee "$OUT/tests_compile_cpu.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -230,7 +238,7 @@ fi
 if part grid; then
   stamp "CUDA tests, part 2: the parity grid and the rest"
   REST=$(ls tests/test_*.py | grep -v -F -e row_layouts -e test_cuda.py -e test_errors -e edge_cases -e test_inplace -e test_compile -e test_autograd -e test_loss_scaling)
-  timeout 300 $PY -m pytest -q -p no:cacheprovider --maxfail=30 -k "cuda and not cpu-" $REST 2>&1 \
+  timeout 300 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $REST 2>&1 \
     | tee "$OUT/tests_rest.log" | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,19 @@ def device(request):
 def _seed():
     """Every test starts from the same random state: failures reproduce."""
     torch.manual_seed(0)
+
+
+# pytest-xdist's workers (gpu_check.sh) share one GPU: a worker keeps no more than this cached between tests.
+SHARED_GPU_CACHE = 2**30 if CUDA_OK and "PYTEST_XDIST_WORKER" in os.environ else None
+
+
+@pytest.fixture(autouse=True)
+def _share_the_gpu():
+    """A worker's cached blocks would otherwise stay out of the other workers' reach (the 2**31-element tests
+    need 14 GiB free)."""
+    yield
+    if SHARED_GPU_CACHE is not None and torch.cuda.memory_reserved() > SHARED_GPU_CACHE:
+        torch.cuda.empty_cache()
 
 
 CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always last

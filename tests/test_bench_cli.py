@@ -138,6 +138,8 @@ def test_gpu_check_script_is_sound():
         assert all(p in PRESETS or p[0].isdigit() for p in presets.split()), presets
     parts = set(re.search(r'GPU_CHECK_PARTS="([\w ]+)"', script).group(1).split())
     assert parts == set(re.findall(r"^if part (\w+); then", script, re.M)), parts
+    pytest_calls = re.findall(r"\$PY -m pytest[^\n]*", script)  # each one in the carried xdist's workers
+    assert pytest_calls and all("$XDIST" in call for call in pytest_calls), pytest_calls
     for test_file in re.findall(r"tests/test_\w+\.py", script):
         assert (root.parent / test_file).exists(), test_file
     for py in set(re.findall(r"benchmarks/\w+\.py", script)):  # every script it runs exists and compiles
