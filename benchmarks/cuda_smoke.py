@@ -27,7 +27,7 @@ SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf
           ((2048, 3001), "many rows per CTA: the next row's copies (prefetch, ring) at work"),
           ((16384, 700), "more rows than resident warps: warp_ring's staging (mean, float rows of 176 chunks) at work")]
 # (label, smoothing, reduction): the smoothing sums in the fused pass; the fused pass without them (lean slices,
-# staged float warp rows); the forward and the gradient from the lse (lean streaming, pieces)
+# staged float warp rows); the forward and the gradient from the saved stats (lean streaming, pieces)
 MODES = [("mean, smoothed", 0.1, "mean"), ("mean", 0.0, "mean"), ("none", 0.0, "none")]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 

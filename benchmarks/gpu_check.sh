@@ -12,6 +12,8 @@
 # expected, timeout_s ~590.  Measured since (H200, 2026-11-28, v0.17): the default parts 482 s with a 66 s build;
 # the core tests now take ~330 s, more than the tests part's 300 s (GPU_CHECK_TESTS_S raises it), so a session
 # splits them from the bench (NOTES.md, the latest "next GPU session" paragraph); the variants' first line 170 s.
+# Since v0.19-dev the test parts run in pytest-xdist workers where its wheels are carried (predicted: the core
+# tests in ~60-90 s instead of ~330).
 # The last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
@@ -76,7 +78,7 @@ if part changed; then
   # A short call after a change to the kernels or the defaults (v0.17-dev, ~150 s after the build): the tests of
   # what changed first (GPU_CHECK_TESTS, a pytest -k expression over the CORE files), then a short bench (the
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
-  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or l2_prefetch}\")"
+  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or l2_prefetch}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
   timeout 60 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15

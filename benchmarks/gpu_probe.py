@@ -118,7 +118,7 @@ CEILING_SHAPES = [(8192, 128256), (8192, 32000)]
 
 def ceilings(reps):
     """What a kernel that reads N*C elements and writes N*C reaches on this card, beside our fused pass: torch's
-    copy, torch.exp into a second buffer (one exponential per element), our gradient from a saved lse (the
+    copy, torch.exp into a second buffer (one exponential per element), our gradient from the saved row stats (the
     backward of reduction='none': rows in pieces or whole, lean sweeps or not), our fwd+bwd (lean sweeps or not),
     and the backward's scaling of the fused gradient where grad_output != 1 (a pass of its own, in place).
     Floor: 2*N*C*E bytes."""
@@ -134,7 +134,7 @@ def ceilings(reps):
             rows = softmax_ce_ext.cross_entropy(xg, t, reduction="none")
             up = torch.ones_like(rows)
 
-            def grad_from_lse():
+            def grad_from_stats():
                 return torch.autograd.grad(rows, xg, up, retain_graph=True)
 
             def fwd_bwd():
@@ -147,10 +147,10 @@ def ceilings(reps):
 
             runs = [("torch copy_", lambda: y.copy_(x), {}), ("torch.exp(out=)", lambda: torch.exp(x, out=y), {}),
                     # rows in pieces (32 KiB, lean: the defaults): the grid's last CTAs hold a piece each
-                    ("ours: grad from lse", grad_from_lse, {}),
-                    ("ours: grad, 64K pieces", grad_from_lse, dict(grad_piece_kb=64)),
-                    ("ours: grad, not lean", grad_from_lse, dict(lean=False)),
-                    ("ours: grad, whole rows", grad_from_lse, dict(grad_piece_kb=0)),
+                    ("ours: grad from stats", grad_from_stats, {}),
+                    ("ours: grad, 64K pieces", grad_from_stats, dict(grad_piece_kb=64)),
+                    ("ours: grad, not lean", grad_from_stats, dict(lean=False)),
+                    ("ours: grad, whole rows", grad_from_stats, dict(grad_piece_kb=0)),
                     ("ours: fwd+bwd", fwd_bwd, {}), ("ours: fwd+bwd, not lean", fwd_bwd, dict(lean=False)),
                     ("ours: scale_grad_ x0.5", scale_grad, {})]
             for name, fn, tune in runs:

@@ -135,7 +135,7 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_noring", ring_kb=0), OursTuned("ours_ring108", ring_kb=108),
             # the general sweeps (per-chunk tests) where the lean ones are the default (slices, streaming)
             OursTuned("ours_nolean", lean=False),
-            # the gradient from a saved lse (reduction='none') by whole rows, or by 64 KiB pieces (default 32)
+            # the gradient from the saved stats (reduction='none') by whole rows, or by 64 KiB pieces (default 32)
             OursTuned("ours_whole_rows", grad_piece_kb=0), OursTuned("ours_pieces64", grad_piece_kb=64),
             # the fused pass of float warp rows of 129-256 chunks unstaged, or staging up to 3 rows ahead per warp as
             # shared memory allows (default: 1)

@@ -16,10 +16,12 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.  None:
   // not recorded (the CPU, and traced code, which then has no tensor of its own to mutate).
 
-  // Per-row loss and log-sum-exp, reading each row once; no gradient.
+  // Per-row loss, reading each row once, and the rows' stats (2, B, S) for backward: [0] the max m, [1] the sum of
+  // e^(x - m) (the lse is m + log of it); no gradient.  Was `forward`, returning the lse: renamed so that graphs
+  // cached (Inductor) or exported with the old output fail to match instead of meeting the new shape.
   m.def(
-      "forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor(a!)? status) -> (Tensor loss, Tensor lse)");
+      "forward_rows(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
+      " Tensor(a!)? status) -> (Tensor loss, Tensor stats)");
   // The training pass: the sum of the row losses (0-d, accumulation dtype; no per-row buffers where the kernel
   // can avoid them), divided by loss_divisor and cast to loss_dtype where given, and, in the same pass, its
   // gradient times grad_scale (a 0-d tensor in the accumulation dtype: 1, or 1/total weight for a mean).
@@ -45,9 +47,10 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def(
       "mean_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
       " Tensor(a!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor denominator)");
-  // Gradient recomputed from the saved lse, each row times grad_rows (B, S) (accumulation dtype, any strides).
+  // Gradient recomputed from the forward's saved stats (e^(x - m) / s, the training pass's bits), each row times
+  // grad_rows (B, S) (accumulation dtype, any strides).
   m.def(
-      "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor lse, int ignore_index,"
+      "backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor stats, int ignore_index,"
       " float label_smoothing) -> Tensor");
   // In-place forms for inplace_backward=True: the gradient is written over the logits (same strides), which
   // are destroyed; no gradient buffer is allocated.
@@ -59,7 +62,7 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
       "mean_forward_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
       " float label_smoothing, Tensor(b!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor denominator)");
   m.def(
-      "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor lse,"
+      "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor stats,"
       " int ignore_index, float label_smoothing) -> ()");
   // grad *= grad_output (a 0-d tensor), skipping the pass when grad_output == 1: decided where the data lives.
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");

@@ -163,7 +163,7 @@ inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& ta
 
 // ---- Op bodies shared by the backends: checks and allocation here, the kernels behind `launch`. ----
 
-enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad from a saved lse
+enum class Mode { kStats, kStatsGrad, kGrad };  // loss+stats; loss+grad; grad from saved stats
 
 // What a backend's launch(mode, layout, tensors) receives.  factor is the gradient's upstream multiplier:
 // 0-d (broadcast to every row) or (B, S); both in the accumulation dtype.
@@ -173,7 +173,7 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+lse; loss+lse+grad; grad
 // loss_divisor / loss_dtype: what loss_sum is divided by and cast to (undefined / nullopt: nothing); a backend
 // whose sum kernel folds them in sets loss_finished, else forward_backward_op applies them.
 struct OpTensors {
-  at::Tensor logits, target, loss, lse, grad, factor, weight, weight_sum, status, loss_sum, loss_divisor;
+  at::Tensor logits, target, loss, stats, grad, factor, weight, weight_sum, status, loss_sum, loss_divisor;
   int64_t* status_ptr = nullptr;  // where the kernels write status (a device pointer for mapped host memory)
   c10::optional<at::ScalarType> loss_dtype;
   bool loss_finished = false;
@@ -229,6 +229,26 @@ RowParams<scalar_t, acc_t, target_t> row_params(const OpTensors& o, bool prob) {
 
 inline at::Tensor row_buffer(const at::Tensor& logits) {
   return at::empty({logits.size(0), logits.size(2)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+}
+
+// The rows' statistics a later gradient needs (kStats writes them, kGrad reads them): (2, B, S) in the accumulation
+// dtype, [0] the max m and [1] the sum s of e^(x - m), so that the gradient is e^(x - m) / s, the training pass's
+// bits.  Not the lse: m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30 in float32).
+inline at::Tensor stats_buffer(const at::Tensor& logits) {
+  return at::empty({2, logits.size(0), logits.size(2)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+}
+
+// The stats' two planes, row r of each at [r] (nullptr where there are none: the training pass writes none).
+template <typename acc_t>
+struct StatsPtrs {
+  acc_t* max;
+  acc_t* sum;
+};
+template <typename acc_t>
+inline StatsPtrs<acc_t> stats_ptrs(const OpTensors& o) {
+  if (!o.stats.defined()) return {nullptr, nullptr};
+  acc_t* p = o.stats.data_ptr<acc_t>();
+  return {p, p + o.stats.size(1) * o.stats.size(2)};
 }
 
 // A backend's allocator for the gradient buffer (nullptr: at::empty_like).
@@ -293,17 +313,17 @@ inline void check_class_indices(const at::Tensor& target, const char* op) {
 }
 
 template <typename Launch>
-std::tuple<at::Tensor, at::Tensor> forward_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor> forward_rows_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
                                               const c10::optional<at::Tensor>& weight, int64_t ignore_index,
                                               double eps, const c10::optional<at::Tensor>& status) {
-  RowLayout L = check_and_layout(logits, target, weight, "forward");
+  RowLayout L = check_and_layout(logits, target, weight, "forward_rows");
   check_status(status, logits);
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
   o.status = status.value_or(at::Tensor());
   o.loss = row_buffer(logits);
-  o.lse = row_buffer(logits);
+  o.stats = stats_buffer(logits);
   launch(Mode::kStats, L, o);
-  return {o.loss, o.lse};
+  return {o.loss, o.stats};
 }
 
 // The training pass's tensors (its gradient allocated, or the logits themselves in place), before the factor.
@@ -419,15 +439,15 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean
   return {summed_loss(launch, L, logits, target, weight, ignore_index, eps, status, denom, loss_dtype), denom};
 }
 
-// The per-row loss and lse buffers of a sum-only launch whose kernels write them.
-inline void row_outputs(OpTensors& o) {
+// The per-row buffers of a sum-only launch whose kernels write them: the loss, and the forward's stats.
+inline void row_outputs(Mode mode, OpTensors& o) {
   o.loss = row_buffer(o.logits);
-  o.lse = row_buffer(o.logits);
+  if (mode == Mode::kStats) o.stats = stats_buffer(o.logits);
 }
 
 template <typename Launch>
 at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Tensor& logits,
-                       const at::Tensor& target, const c10::optional<at::Tensor>& weight, const at::Tensor& lse,
+                       const at::Tensor& target, const c10::optional<at::Tensor>& weight, const at::Tensor& stats,
                        int64_t ignore_index, double eps, GradAlloc alloc = nullptr, bool inplace = false) {
   const char* op = inplace ? "backward_" : "backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
@@ -436,12 +456,13 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
   TORCH_CHECK(grad_rows.sizes() == rows && grad_rows.scalar_type() == acc && grad_rows.device() == logits.device(),
               op, ": expected grad_rows of shape ", dims(rows), " in ", acc, " on ", logits.device(), ", got ",
               dims(grad_rows.sizes()), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
-  TORCH_CHECK(lse.sizes() == rows && lse.is_contiguous() && lse.scalar_type() == acc &&
-                  lse.device() == logits.device(),
-              op, ": expected a contiguous lse of shape ", dims(rows), " in ", acc, " on ", logits.device(),
-              ", got ", dims(lse.sizes()), " ", lse.scalar_type(), " on ", lse.device());
+  const std::vector<int64_t> planes{2, rows[0], rows[1]};
+  TORCH_CHECK(stats.sizes() == planes && stats.is_contiguous() && stats.scalar_type() == acc &&
+                  stats.device() == logits.device(),
+              op, ": expected contiguous stats (the forward's max and sum planes) of shape ", dims(planes), " in ", acc,
+              " on ", logits.device(), ", got ", dims(stats.sizes()), " ", stats.scalar_type(), " on ", stats.device());
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);
-  o.lse = lse;
+  o.stats = stats;
   o.grad = inplace ? grad_over_logits(logits, target, L, op) : grad_like(logits, L, alloc);
   o.factor = grad_rows;
   launch(Mode::kGrad, L, o);

@@ -18,9 +18,9 @@ struct BackendOps {
   using OptTensor = c10::optional<at::Tensor>;
   using OptDtype = c10::optional<at::ScalarType>;
 
-  static std::tuple<Tensor, Tensor> forward(const Tensor& logits, const Tensor& target, const OptTensor& weight,
+  static std::tuple<Tensor, Tensor> forward_rows(const Tensor& logits, const Tensor& target, const OptTensor& weight,
                                             int64_t ignore_index, double eps, const OptTensor& status) {
-    return forward_op(Parts::launch, logits, target, weight, ignore_index, eps, status);
+    return forward_rows_op(Parts::launch, logits, target, weight, ignore_index, eps, status);
   }
 
   static std::tuple<Tensor, Tensor> forward_backward(const Tensor& logits, const Tensor& target,
@@ -40,13 +40,13 @@ struct BackendOps {
   }
 
   static Tensor backward(const Tensor& grad_rows, const Tensor& logits, const Tensor& target,
-                         const OptTensor& weight, const Tensor& lse, int64_t ignore_index, double eps) {
-    return backward_op(Parts::launch, grad_rows, logits, target, weight, lse, ignore_index, eps, Parts::grad_alloc);
+                         const OptTensor& weight, const Tensor& stats, int64_t ignore_index, double eps) {
+    return backward_op(Parts::launch, grad_rows, logits, target, weight, stats, ignore_index, eps, Parts::grad_alloc);
   }
 
   static void backward_inplace(const Tensor& grad_rows, const Tensor& logits, const Tensor& target,
-                               const OptTensor& weight, const Tensor& lse, int64_t ignore_index, double eps) {
-    backward_op(Parts::launch, grad_rows, logits, target, weight, lse, ignore_index, eps, nullptr, /*inplace=*/true);
+                               const OptTensor& weight, const Tensor& stats, int64_t ignore_index, double eps) {
+    backward_op(Parts::launch, grad_rows, logits, target, weight, stats, ignore_index, eps, nullptr, /*inplace=*/true);
   }
 
   static Tensor forward_sum(const Tensor& logits, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
@@ -83,7 +83,7 @@ struct BackendOps {
 template <typename Parts>
 void register_backend(torch::Library& m) {
   using Ops = BackendOps<Parts>;
-  m.impl("forward", &Ops::forward);
+  m.impl("forward_rows", &Ops::forward_rows);
   m.impl("forward_backward", &Ops::forward_backward);
   m.impl("backward", &Ops::backward);
   m.impl("forward_backward_", &Ops::forward_backward_inplace);

@@ -18,11 +18,11 @@ struct CudaTuning {
   int cluster_max;  // largest cluster of CTAs sharing a row (1: no clusters)
   bool prefetch;    // slice kernel: copy the next row's slice during this row's gradient sweep
   int ring_kb;      // slice kernel: shared memory per CTA as a ring holding this row and the next one's start (0: off)
-  bool lean;  // no smoothing, slices and streaming (forward, gradient from a saved lse): no per-chunk tests,
+  bool lean;  // no smoothing, slices and streaming (forward, gradient from saved stats): no per-chunk tests,
               // the exponent argument by one FFMA
   int warp_ring;  // warp rows, loss + gradient of float rows of 129-256 chunks, no smoothing (0: off): rows
                   // staged per warp, 2-4 slots
-  int grad_piece_kb;  // streaming gradient from a saved lse (0: whole rows): rows cut into pieces of ~this many KiB
+  int grad_piece_kb;  // streaming gradient from saved stats (0: whole rows): rows cut into pieces of ~this many KiB
   bool kdim_fold;     // K-dim mean training: the denominator counted inside the columns kernel (a grid barrier)
   bool warp_keep;     // warp rows' loss + gradient: the sum sweep's exponentials kept for the gradient sweep
   bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()

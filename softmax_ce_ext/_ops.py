@@ -44,9 +44,10 @@ def _row_buffer(logits):
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
 
 
-@torch.library.register_fake("softmax_ce_ext::forward")
+@torch.library.register_fake("softmax_ce_ext::forward_rows")
 def _forward_fake(logits, target, weight, ignore_index, label_smoothing, status):
-    return _row_buffer(logits), _row_buffer(logits)
+    # the rows' losses; their stats for backward: (2, B, S), the max and the sum of e^(x - max)
+    return _row_buffer(logits), logits.new_empty((2, logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
 
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward")
@@ -81,7 +82,7 @@ def _mean_forward_backward_inplace_fake(logits, target, weight, ignore_index, la
 
 
 @torch.library.register_fake("softmax_ce_ext::backward")
-def _backward_fake(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing):
+def _backward_fake(grad_rows, logits, target, weight, stats, ignore_index, label_smoothing):
     return torch.empty_like(logits)
 
 
@@ -92,7 +93,7 @@ def _forward_backward_inplace_fake(logits, target, weight, ignore_index, label_s
 
 
 @torch.library.register_fake("softmax_ce_ext::backward_")
-def _backward_inplace_fake(grad_rows, logits, target, weight, lse, ignore_index, label_smoothing):
+def _backward_inplace_fake(grad_rows, logits, target, weight, stats, ignore_index, label_smoothing):
     return None
 
 

@@ -3,7 +3,7 @@
 Training (mean/sum): the forward writes the gradient of the loss in the same pass that computes it; the
 backward only multiplies it by grad_output, in place, and skips even that when grad_output == 1 (checked
 on the device, so the host never waits).  reduction='none': the forward writes no gradient; the backward
-recomputes it from the logits and the saved log-sum-exp (one read + one write instead of two of each).
+recomputes it from the logits and the rows' saved max and sum (one read + one write instead of two of each).
 float16 logits take the second way for mean/sum too (see _fuses_gradient).
 
 inplace_backward=True (opt-in): the gradient is written over the logits instead of a new buffer (in the
@@ -189,16 +189,16 @@ def _fuses_gradient(dtype):
     the gradient of a mean is (p - y) / N, whose small entries float16 cannot hold (below 2^-24 they are 0, below
     2^-14 they lose bits), and loss scaling (GradScaler's grad_output of 2^k), which exists to keep them, would then
     scale zeros: 48% of the entries of a 4096 x 1000 mean came out 0 at grad_output 1024 where PyTorch's were not.
-    So the forward keeps the rows' lse and the backward writes grad_output / N * (p - y), rounded once, as PyTorch
+    So the forward keeps the rows' stats and the backward writes grad_output / N * (p - y), rounded once, as PyTorch
     does: three passes over the logits where the fused two, and where loss scaling made the fused way four."""
     return dtype != torch.float16
 
 
 def _rows_total(p, status, denom=None):
-    """(the rows' losses, or their sum, over the mean's denominator where one is given; their lse)."""
+    """(the rows' losses, or their sum, over the mean's denominator where one is given; their stats for backward)."""
     divisor, loss_dtype = p.loss_fold(denom)
-    rows, lse = ops.forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
-    return rows.reshape(p.out_shape) if p.reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype), lse
+    rows, stats = ops.forward_rows(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+    return rows.reshape(p.out_shape) if p.reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype), stats
 
 
 def _loss_only(p, status):
@@ -293,7 +293,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
         if fused and reduction == "mean" and not p.prob:
             # One op: the mean's denominator, the loss and its gradient (CUDA may count the denominator in-kernel).
-            lse = None
+            stats = None
             if inplace:  # the input now holds the gradient, and is saved as such below
                 total, denom = ops.mean_forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
                                                           p.out_dtype)
@@ -305,8 +305,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             denom, inv_denom = p.mean_denominator()
             divisor, loss_dtype = p.loss_fold(denom)
             grad_scale = p.grad_scale(inv_denom)
-            # The summed loss only: no per-row loss or lse buffers (a second backward runs this pass again).
-            lse = None
+            # The summed loss only: no per-row loss or stats buffers (a second backward runs this pass again).
+            stats = None
             if inplace:
                 total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
                                               divisor, loss_dtype)
@@ -316,11 +316,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                                                    status, divisor, loss_dtype)
             ctx.grad_scale = grad_scale
         elif want_input_grad or want_composite:
-            # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient): the rows' lse kept
+            # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient): the rows' max and sum kept
             denom, _ = p.mean_denominator()  # float16's mean over class indices; else None
-            total, lse = _rows_total(p, status, denom)
+            total, stats = _rows_total(p, status, denom)
         else:
-            lse = None
+            stats = None
             total, denom = _loss_only(p, status)
         _status.launched(input.device)
 
@@ -331,7 +331,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         out = total.to(p.out_dtype, copy=torch.compiler.is_compiling())
 
         if want_input_grad or want_composite:
-            ctx.save_for_backward(input, target, weight, lse, denom)
+            ctx.save_for_backward(input, target, weight, stats, denom)
             ctx.grad_buf = grad  # consumed (scaled in place) by the first backward
             ctx.fused = fused  # the forward wrote the gradient
             ctx.grad_in_input = inplace and fused  # the saved input is the gradient, once
@@ -342,7 +342,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, target, weight, lse, denom = ctx.saved_tensors
+        input, target, weight, stats, denom = ctx.saved_tensors
         _status.poll(input.device)
         if ctx.inplace:
             _check_inplace_backward(ctx)
@@ -379,11 +379,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                                                    None, None)
                 ops.scale_grad_(grad, grad_out)
             elif ctx.inplace:  # reduction='none', in place: the gradient overwrites the saved logits
-                ops.backward_(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
+                ops.backward_(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
                 torch.autograd.graph.increment_version(input)  # a second backward now fails autograd's check
                 grad = x3
             else:  # reduction='none'; probabilities; float16
-                grad = ops.backward(factor, x3, t, weight, lse, ctx.ignore_index, ctx.eps)
+                grad = ops.backward(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
             grad_input = grad.reshape(input.shape)
         grad_weight = None
         if ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):

@@ -56,15 +56,16 @@ def _train_backward(ctx, g_loss, g_grad):
 train_loss.register_autograd(_train_backward, setup_context=_train_setup)
 
 
-@torch.library.custom_op("softmax_ce_ext::row_losses", mutates_args=())
-def row_losses(x3: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: int,
-               eps: float) -> Tuple[Tensor, Tensor]:
-    """Per-row loss and log-sum-exp (B, S), for reduction='none'."""
-    return ops.forward(x3, t, weight, ignore_index, eps, None)
+@torch.library.custom_op("softmax_ce_ext::rows_and_stats", mutates_args=())
+def rows_and_stats(x3: Tensor, t: Tensor, weight: Optional[Tensor], ignore_index: int,
+                   eps: float) -> Tuple[Tensor, Tensor]:
+    """Per-row loss (B, S) and the rows' stats for backward (2, B, S: the max, the sum of e^(x - max)).  Named
+    anew when the second output stopped being the lse: a cached or exported graph of the old op fails to match."""
+    return ops.forward_rows(x3, t, weight, ignore_index, eps, None)
 
 
-@row_losses.register_fake
-def _row_losses_fake(x3, t, weight, ignore_index, eps):
+@rows_and_stats.register_fake
+def _rows_and_stats_fake(x3, t, weight, ignore_index, eps):
     return _forward_fake(x3, t, weight, ignore_index, eps, None)
 
 
@@ -73,15 +74,15 @@ def _rows_setup(ctx, inputs, output):
     ctx.save_for_backward(x3, t, weight, output[1])
 
 
-def _rows_backward(ctx, g_rows, g_lse):
-    x3, t, weight, lse = ctx.saved_tensors
+def _rows_backward(ctx, g_rows, g_stats):
+    x3, t, weight, stats = ctx.saved_tensors
     grad = None
     if g_rows is not None:
-        grad = ops.backward(g_rows.to(acc_dtype(x3.dtype)), x3, t, weight, lse, ctx.ignore_index, ctx.eps)
+        grad = ops.backward(g_rows.to(acc_dtype(x3.dtype)), x3, t, weight, stats, ctx.ignore_index, ctx.eps)
     return grad, None, None, None, None
 
 
-row_losses.register_autograd(_rows_backward, setup_context=_rows_setup)
+rows_and_stats.register_autograd(_rows_backward, setup_context=_rows_setup)
 
 
 def wanted(input, target, weight=None):
@@ -102,11 +103,11 @@ def cross_entropy(p):
     denom, inv_denom = p.mean_denominator()
     divisor, loss_dtype = p.loss_fold(denom)
     if p.reduction == "none":
-        rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
+        rows, _ = rows_and_stats(p.x3, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.reshape(p.out_shape)
     elif not (_fuses_gradient(p.x3.dtype) and torch.is_grad_enabled() and p.x3.requires_grad):
-        # float16 (the gradient from the lse, grad_output in its factor), or no gradient wanted now
-        rows, _ = row_losses(p.x3, p.t, p.weight, p.ignore_index, p.eps)
+        # float16 (the gradient from the rows' stats, grad_output in its factor), or no gradient wanted now
+        rows, _ = rows_and_stats(p.x3, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.sum() if divisor is None else rows.sum() / divisor
     else:
         grad_scale = p.grad_scale(inv_denom)

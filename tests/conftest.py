@@ -47,7 +47,7 @@ CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always l
 CUDA_PATHS = {
     "auto": (dict(), "the defaults: warp rows for small C (the fused pass of rows of up to 128 chunks by groups of "
              "lanes, of float rows of 129-256 chunks staged), shared-memory slices (in a ring, lean sweeps, the "
-             "cluster's statistics by st.async) for larger C, the gradient from the lse in 32 KiB pieces, the K-dim "
+             "cluster's statistics by st.async) for larger C, the gradient from the saved stats in 32 KiB pieces, the K-dim "
              "mean's denominator counted in the K-dim kernel"),
     "clusters": (dict(slice_kb=1, ring_kb=0), "1 KiB slices: rows of a few thousand classes split over clusters of "
                  "CTAs, no ring"),
@@ -56,13 +56,13 @@ CUDA_PATHS = {
                       "exchanged by plain remote stores and cluster.sync(), the alternative to st.async"),
     "plain": (dict(lean=False, warp_ring=0, grad_piece_kb=0, warp_group=False, kdim_fold=False), "the "
               "alternatives to the measured defaults: the general sweeps (per-chunk tests; their cluster exchange is "
-              "cluster.sync()), no staged or grouped warp rows, the gradient from the lse by whole rows, the K-dim "
+              "cluster.sync()), no staged or grouped warp rows, the gradient from the saved stats by whole rows, the K-dim "
               "mean's denominator by a kernel of its own"),
     "plain-clusters": (dict(slice_kb=1, ring_kb=8, lean=False), "the general sweeps over clusters of 1 KiB slices, "
                        "a ring"),
     "warp-ring": (dict(warp_ring=4), "the loss + gradient of float warp rows of 129-256 chunks staging more of "
                   "each warp's next rows in shared memory (cp.async), a resident grid"),
-    "grad-pieces": (dict(grad_piece_kb=16), "the gradient from a saved lse (reduction='none') by rows cut into "
+    "grad-pieces": (dict(grad_piece_kb=16), "the gradient from the saved stats (reduction='none') by rows cut into "
                     "pieces of 1024 chunks (rows of 4096+ floats, 8192+ 2-byte values)"),
     "no-slices": (dict(slice_kb=1, cluster_max=1), "no slice fits: loss+gradient by the streaming kernel (L2 re-read)"),
     "warp-keep": (dict(warp_keep=True, warp_group=False), "warp rows' loss + gradient keeping the sum sweep's "

@@ -75,7 +75,7 @@ class OpSpy:
     """Records which row kernels ran (not the small reductions), passing the calls through: stands in for
     softmax_ce_ext.function's `ops` (monkeypatch.setattr(function_mod, "ops", OpSpy(function_mod.ops)))."""
 
-    KERNELS = ("forward", "forward_sum", "mean_forward", "forward_backward", "mean_forward_backward", "backward",
+    KERNELS = ("forward_rows", "forward_sum", "mean_forward", "forward_backward", "mean_forward_backward", "backward",
                "scale_grad_")
 
     def __init__(self, ops):

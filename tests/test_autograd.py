@@ -121,7 +121,7 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])
-@pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward_sum"), ("none", "forward")])
+@pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward_sum"), ("none", "forward_rows")])
 def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode, reduction, kernel):
     """Without a gradient to compute: one row kernel, no gradient buffer, and no autograd.Function (a small
     call is mostly host time; a mean of class indices or a sum is one op, the sum included)."""
@@ -156,12 +156,12 @@ def test_training_uses_one_fused_pass(device, monkeypatch, reduction, fused):
     assert spy.calls == [fused, "scale_grad_"]
 
 
-def test_reduction_none_recomputes_from_lse(device, monkeypatch):
+def test_reduction_none_recomputes_from_saved_stats(device, monkeypatch):
     spy = OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
     x, target, _ = case(device)
     cross_entropy(x, target, reduction="none").sum().backward()
-    assert spy.calls == ["forward", "backward"]
+    assert spy.calls == ["forward_rows", "backward"]
 
 
 def test_cuda_built_flag_is_bool():

@@ -117,22 +117,22 @@ def _op_samples(device):
         scale = torch.tensor(0.5, dtype=acc, device=device)
         for target, weight in ((idx, None), (idx, w), (prob, w)):
             ignore = 2 if target is idx else -100
-            samples.append((ops.forward, (x, target, weight, ignore, 0.1, status)))
+            samples.append((ops.forward_rows, (x, target, weight, ignore, 0.1, status)))
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, status)))
-            _, lse = ops.forward(x, target, weight, ignore, 0.1, status)
+            _, stats = ops.forward_rows(x, target, weight, ignore, 0.1, status)
             rows = torch.rand(4, 3, dtype=acc, device=device)
-            samples.append((ops.backward, (rows, x, target, weight, lse, ignore, 0.1)))
+            samples.append((ops.backward, (rows, x, target, weight, stats, ignore, 0.1)))
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status)))
             samples.append((ops.forward_sum, (x, target, weight, ignore, 0.1, status)))
             samples.append((ops.forward_sum, (x, target, weight, ignore, 0.1, None, scale, dtype)))
             # status=None: what traced code passes (nothing recorded, no mutated tensor in the graph)
-            samples.append((ops.forward, (x, target, weight, ignore, 0.1, None)))
+            samples.append((ops.forward_rows, (x, target, weight, ignore, 0.1, None)))
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, None)))
             # the mean's divisor and the loss's dtype folded into the sum
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, status, scale, dtype)))
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status, scale,
                                                     dtype)))
-            samples.append((ops.backward_, (rows, x.clone(), target, weight, lse, ignore, 0.1)))
+            samples.append((ops.backward_, (rows, x.clone(), target, weight, stats, ignore, 0.1)))
             if target is idx:  # the mean's ops take class indices only
                 samples.append((ops.mean_forward, (x, target, weight, ignore, 0.1, status)))
                 samples.append((ops.mean_forward, (x, target, weight, ignore, 0.1, None, dtype)))
@@ -158,7 +158,7 @@ def test_opcheck_traced_ops(device):
         x = torch.randn(4, 7, 3, dtype=dtype, device=device, requires_grad=True)
         idx = torch.randint(0, 7, (4, 3), device=device)
         scale = torch.tensor(0.5, dtype=acc, device=device)
-        torch.library.opcheck(traced.row_losses, (x, idx, None, 2, 0.1))
+        torch.library.opcheck(traced.rows_and_stats, (x, idx, None, 2, 0.1))
         # Not test_aot_dispatch_*: they hand the op's gradient output to the caller, whom the backward would
         # then scale in place; traced.cross_entropy keeps that output to itself (the compile tests run it).
         torch.library.opcheck(traced.train_loss, (x, idx, None, 2, 0.1, scale, scale * 4, dtype),
@@ -167,13 +167,13 @@ def test_opcheck_traced_ops(device):
 
 def test_opcheck_every_op(device):
     samples = _op_samples(device)
-    assert {op for op, _ in samples} == {ops.forward, ops.forward_sum, ops.forward_backward, ops.backward,
+    assert {op for op, _ in samples} == {ops.forward_rows, ops.forward_sum, ops.forward_backward, ops.backward,
                                          ops.forward_backward_, ops.backward_, ops.scale_grad_, ops.sum_rows,
                                          ops.mean_scale, ops.mean_forward, ops.mean_forward_backward,
                                          ops.mean_forward_backward_}
     # ... which are all the library's C++ ops (traced.py's two are opchecked below): a new op cannot be left out.
     registered = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("softmax_ce_ext::")}
-    traced_ops = {"softmax_ce_ext::train_loss", "softmax_ce_ext::row_losses"}
+    traced_ops = {"softmax_ce_ext::train_loss", "softmax_ce_ext::rows_and_stats"}
     assert {op._qualified_op_name for op, _ in samples} == registered - traced_ops
     for op, args in samples:
         torch.library.opcheck(op, args)

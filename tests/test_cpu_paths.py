@@ -255,7 +255,7 @@ KDIM_CLASSES = [(21, "a segmentation's class count: kept"), (256, "the most clas
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
 def test_kdim_blocks_kept_exponentials(kernel_path, classes, dtype, kw):
-    """Every CPU path against float64, mean and 'none' (whose backward recomputes from the saved lse); a row with
+    """Every CPU path against float64, mean and 'none' (whose backward recomputes from the saved max and sum); a row with
     -inf and one with NaN among normal ones."""
     if kernel_path not in ("avx512", "avx2", "generic"):
         pytest.skip("a CPU path")
@@ -314,7 +314,7 @@ PROB_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 @pytest.mark.parametrize("dtypes", PROB_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
 @pytest.mark.parametrize("kw", [dict(), dict(weighted=True, label_smoothing=0.2)], ids=["plain", "weighted-smoothed"])
 def test_probability_rows(kernel_path, classes, dtypes, kw):
-    """Every CPU path against float64: mean (the fused pass), 'none' (the gradient from the saved lse, which needs
+    """Every CPU path against float64: mean (the fused pass), 'none' (the gradient from the saved stats, which needs
     the targets' sum again) and the no-grad sum; a row whose max grows chunk after chunk, a row of one hot target,
     targets that do not sum to 1, a -inf logit and a NaN row."""
     if kernel_path not in ("avx512", "avx2", "generic"):

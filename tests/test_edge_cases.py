@@ -158,12 +158,13 @@ HUGE_MAX_SHAPES = {
 
 @pytest.mark.parametrize("shape", list(HUGE_MAX_SHAPES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_huge_max_gradient_is_exact(device, kernel_path, shape, dtype, reduction, smoothing):
     """Two maxima of 1e30 in one row: softmax is 1/2 at each.  The fused pass's gradient is e^(x - max) / sum; as
-    e^(x - lse) it would be 1, since 1e30 + log 2 == 1e30 in float32 (PyTorch subtracts the max first, too).  The
-    gradient from a saved lse (reduction='none') keeps that error: README."""
+    e^(x - lse) it would be 1, since 1e30 + log 2 == 1e30 in float32 (PyTorch subtracts the max first, too).
+    reduction='none' takes the gradient in its backward from the forward's saved max and sum: the same formula
+    (it was e^(x - lse) from a saved lse, and gave 1).  float16 cannot hold such logits."""
     size, _ = HUGE_MAX_SHAPES[shape]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(size, generator=g).to(dtype)
@@ -175,7 +176,7 @@ def test_huge_max_gradient_is_exact(device, kernel_path, shape, dtype, reduction
     else:
         t[1, 5] = 2
     x, t = x.to(device), t.to(device)
-    one = torch.ones((), device=device)
+    one = torch.ones(t.shape if reduction == "none" else (), device=device)
     loss, grad = ours(x, t, one, reduction=reduction, label_smoothing=smoothing)
     ref_loss, ref_grad = reference(x, t, one, reduction=reduction, label_smoothing=smoothing)
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=1e30)
@@ -338,7 +339,7 @@ def test_mean_forward_and_forward_sum_ops(device, case, dtype, weighted, layout)
     w = (torch.rand(x.shape[1], generator=g) + 0.5).to(device) if weighted else None
     loss, d = ops.mean_forward(x, t, w, -100, eps, None, dtype)
     d_ref, _ = ops.mean_scale(t, w, -100, torch.float32)
-    rows, _ = ops.forward(x, t, w, -100, eps, None)
+    rows, _ = ops.forward_rows(x, t, w, -100, eps, None)
     loss_ref = ops.sum_rows(rows, d_ref, dtype)
     assert loss.dtype == dtype and loss.shape == () and d.dtype == torch.float32 and d.shape == ()
     torch.testing.assert_close(d, d_ref, rtol=0, atol=0)
@@ -353,6 +354,49 @@ def test_mean_forward_and_forward_sum_ops(device, case, dtype, weighted, layout)
     total = ops.forward_sum(x, t, w, -100, eps, None)
     assert total.dtype == torch.float32 and total.shape == ()
     torch.testing.assert_close(total, ops.sum_rows(rows), rtol=0 if exact else 1e-6, atol=0, equal_nan=True)
+
+
+# (B, C, S) logits and why: each takes another kernel of the forward, and of the gradient from its stats.
+STATS_SHAPES = {
+    "rows": ((50, 1000, 1), "CPU rows; CUDA warp rows"),
+    "long rows": ((3, 40000, 1), "CPU rows past the kept classes; CUDA streaming rows (grad pieces by default)"),
+    "k-dim": ((3, 21, 40), "CPU and CUDA K-dim blocks of positions, a partial block"),
+    "strided": ((1, 7, 300), "a class stride of 300 over 7 classes: the K-dim kernels, or the general ones"),
+}
+
+
+@pytest.mark.parametrize("shape", list(STATS_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_forward_saves_max_and_sum_for_the_gradient(device, kernel_path, shape, dtype):
+    """The forward op's second output, what reduction='none' saves for its backward: (2, B, S), the rows' max and
+    their sum of e^(x - max) (the lse is m + log(s)); ignored rows 0.  The backward op then gives the gradient as
+    the training pass writes it, e^(x - max) / sum (to an ulp: the training pass may keep its exponentials, or sum
+    in another order)."""
+    from softmax_ce_ext._ops import ops
+
+    size, _ = STATS_SHAPES[shape]
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(size, generator=g) * 4).to(dtype)
+    t = torch.randint(0, size[1], (size[0], size[2]), generator=g)
+    t[0, 0] = -100
+    x, t = x.to(device), t.to(device)
+    rows, stats = ops.forward_rows(x, t, None, -100, 0.0, None)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert stats.shape == (2, size[0], size[2]) and stats.dtype == acc and stats.is_contiguous()
+    xd = x.double()
+    m_ref = xd.amax(1)
+    s_ref = (xd - m_ref.unsqueeze(1)).exp().sum(1)
+    live = t != -100
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-5, atol=0)  # float sums of C terms
+    torch.testing.assert_close(stats[0][live].double(), m_ref[live], rtol=0, atol=0)  # the max is one of the logits
+    torch.testing.assert_close(stats[1][live].double(), s_ref[live], **tol)
+    assert not stats[:, ~live].any()
+    torch.testing.assert_close((stats[0] + stats[1].log())[live].double(), torch.logsumexp(xd, 1)[live], **tol)
+    # The gradient from them, beside the training pass's (grad_scale 1, a sum: the same factor per row)
+    grad = ops.backward(torch.ones_like(rows), x, t, None, stats, -100, 0.0)
+    _, fused = ops.forward_backward(x, t, None, -100, 0.0, torch.ones((), dtype=acc, device=device), None)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad, fused, rtol=rtol, atol=rtol * 1e-2)
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 65536, 1 << 18, (1 << 18) + 1],

@@ -137,8 +137,8 @@ def test_cuda_gradient_ops_with_an_out_of_range_target(layout):
     bad.view(-1)[17] = shape[1]
     x3 = x.reshape(shape[0], shape[1], -1)
     t2 = bad.reshape(shape[0], -1)
-    lse = torch.zeros(t2.shape, device="cuda")
-    grad = ops.backward(torch.ones(t2.shape, device="cuda"), x3, t2, None, lse, -100, 0.0)
+    stats = torch.stack([torch.zeros(t2.shape, device="cuda"), torch.ones(t2.shape, device="cuda")])  # max, sum
+    grad = ops.backward(torch.ones(t2.shape, device="cuda"), x3, t2, None, stats, -100, 0.0)
     torch.cuda.synchronize()  # an illegal address would surface here
     row = grad.movedim(1, -1).reshape(-1, shape[1])[17]
     assert torch.isnan(row).all()
@@ -156,11 +156,11 @@ def test_cuda_status_must_be_addressable_by_the_gpu():
     x3 = torch.randn(4, 10, 1, device="cuda")
     t2 = torch.full((4, 1), 12, device="cuda")  # out of range: each status below gets the report
     for status in (torch.zeros(2, dtype=torch.int64, pin_memory=True), torch.zeros(2, dtype=torch.int64, device="cuda")):
-        ops.forward(x3, t2, None, -100, 0.0, status)
+        ops.forward_rows(x3, t2, None, -100, 0.0, status)
         torch.cuda.synchronize()
         assert status.tolist() == [1, 12]
     with pytest.raises(RuntimeError, match="pinned host memory"):
-        ops.forward(x3, t2, None, -100, 0.0, torch.zeros(2, dtype=torch.int64))
+        ops.forward_rows(x3, t2, None, -100, 0.0, torch.zeros(2, dtype=torch.int64))
 
 
 # (logits shape, target, why): the weight that requires grad is refused after the batch check and before the

@@ -31,7 +31,7 @@ CASES = {
     "mean": (dict(), False, "the training default: train_loss with the mean's denominator"),
     "sum-smoothed": (dict(reduction="sum", label_smoothing=0.1), False, "a sum, the smoothing term's gradient"),
     "mean-weighted-ignored": (dict(weight="w", ignore_index=1), False, "the weighted denominator, ignored rows"),
-    "none": (dict(reduction="none"), False, "row losses, the gradient from the lse (row_losses' formula)"),
+    "none": (dict(reduction="none"), False, "row losses, the gradient from their stats (rows_and_stats' formula)"),
     "kdim-mean": (dict(label_smoothing=0.2), True, "a segmentation head: (N, C, H, W) logits"),
 }
 
@@ -107,7 +107,7 @@ def test_joint_forward_backward_graph(device, case):
 @pytest.mark.parametrize("case", ["mean", "sum-smoothed", "none", "kdim-mean"])
 def test_export_without_gradient_can_be_trained(device, case):
     """Exported under no_grad (inference): the program computes the loss without a gradient pass (the rows'
-    losses), and a program trained later still gets PyTorch's gradients (row_losses carries its formula; PyTorch's
+    losses), and a program trained later still gets PyTorch's gradients (rows_and_stats carries its formula; PyTorch's
     own loss exports as differentiable ATen ops)."""
     kw, kdim, _ = CASES[case]
     ours, theirs = _modules(device, kw, kdim)
@@ -116,7 +116,7 @@ def test_export_without_gradient_can_be_trained(device, case):
         ep = torch.export.export(ours, (x, t))
         torch.testing.assert_close(ep.module()(x, t), theirs(x, t))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert "softmax_ce_ext.row_losses.default" in targets
+    assert "softmax_ce_ext.rows_and_stats.default" in targets
     assert not any("train_loss" in n or "backward" in n for n in targets)
     _trains_like_torch(ep.module(), theirs, x, t)
 

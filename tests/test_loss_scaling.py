@@ -2,7 +2,7 @@
 (p - y) / N, whose small entries float16 cannot hold, and the scaling exists to keep them.  PyTorch rounds
 grad_output / N * (p - y) once; a gradient written in the forward and scaled afterwards had already lost them
 (48% of the entries of a 4096 x 1000 mean were 0 at grad_output 1024).  float16 therefore takes the gradient
-from the saved lse in the backward; bfloat16 and float32 keep the fused pass (their range holds the entries)."""
+from the saved row stats in the backward; bfloat16 and float32 keep the fused pass (their range holds the entries)."""
 
 import pytest
 import torch
@@ -45,10 +45,10 @@ def test_scaled_gradient_keeps_small_entries(device, shape, dtype, reduction, sc
     assert int(lost.sum()) == 0, f"{int(lost.sum())} of {int(held.sum())} gradient entries lost to 0"
 
 
-@pytest.mark.parametrize("dtype,calls", [(torch.float16, ["forward", "backward"]),
+@pytest.mark.parametrize("dtype,calls", [(torch.float16, ["forward_rows", "backward"]),
                                          (torch.bfloat16, ["mean_forward_backward", "scale_grad_"])], ids=str)
 def test_which_pass_each_dtype_takes(device, monkeypatch, dtype, calls):
-    """float16: the loss and lse, then the gradient from them; bfloat16: the fused pass, then its scaling."""
+    """float16: the loss and the rows' max and sum, then the gradient from them; bfloat16: the fused pass, then its scaling."""
     spy = OpSpy(function_mod.ops)
     monkeypatch.setattr(function_mod, "ops", spy)
     x, t = _case(device, dtype, (64, 100))

@@ -107,8 +107,8 @@ def test_long_rows_special_values(device, kernel_path, case, reduction, smoothin
     torch.testing.assert_close(ga, gb, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
-# Rows centred far from 0: where the lean sweeps fold the exponent's subtraction into one FFMA (|max| and
-# |lse| < 2^12, Exp2Base) and where they may not, on both sides of that bound; the target's class is the max.
+# Rows centred far from 0: where the lean sweeps fold the exponent's subtraction into one FFMA (|max| < 2^12,
+# Exp2Base) and where they may not, on both sides of that bound; the target's class is the max.
 CENTRES = {
     "near 0": 0.0,
     "30": 30.0,
@@ -217,8 +217,8 @@ WARP_STAGING = {
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_warp_rows_many_rows_per_warp(device, staging, dtype, vpt, reduction):
     """20000 rows: staged (warp_ring), each resident warp walks several of them, staging the next ones while it
-    computes this one (mean: the fused pass; none: the forward, then the gradient from the
-    lse, each a warp-row kernel).  Every 7th row is ignored (its loads are wasted, its gradient zero); rows start
+    computes this one (mean: the fused pass; none: the forward, then the gradient from its
+    stats, each a warp-row kernel).  Every 7th row is ignored (its loads are wasted, its gradient zero); rows start
     one element off 16 bytes, so neighbouring rows differ in chunk count (and in the slot chunks they fill)."""
     if device != "cuda":
         pytest.skip("the CUDA warp-row kernel")
@@ -238,7 +238,7 @@ def test_warp_rows_many_rows_per_warp(device, staging, dtype, vpt, reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lean", [False, True], ids=["plain", "lean"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
-def test_gradient_from_lse_in_pieces(device, dtype, lean, offset):
+def test_gradient_from_saved_stats_in_pieces(device, dtype, lean, offset):
     """reduction='none' under grad_piece_kb=16: the backward cuts rows of 20000 classes into pieces of 1024 chunks
     (5 in float32, 3 in bfloat16), each a work item of its own.  Peaks (logit 20) every 1500 classes hold ~1/14 of
     the probability each, in every piece: a piece left unwritten or scaled twice is far outside the tolerance; targets

@@ -61,11 +61,11 @@ std::atomic<const SimdKernels*>& current_isa() {
   return isa;
 }
 
-// kStats: compute lse and the loss from the logits; otherwise read lse.  kGrad: write the gradient.
-// kProb: probability targets (B, C, S); otherwise class indices (B, S).
+// kStats: compute the statistics and the loss from the logits (the stats written without kGrad); otherwise read
+// the stats.  kGrad: write the gradient.  kProb: probability targets (B, C, S); otherwise class indices (B, S).
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, acc_t, target_t>& P, acc_t* loss_out,
-             acc_t* lse_io, scalar_t* grad, Factor<acc_t> factor, std::atomic<bool>& bad) {
+             StatsPtrs<acc_t> stats, scalar_t* grad, Factor<acc_t> factor, std::atomic<bool>& bad) {
   const int64_t C = L.C, S = L.S;
   const acc_t W = P.weight ? *P.weight_sum : acc_t(C);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -85,7 +85,8 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
         if (t == P.ignore_index || target_out_of_range(t, C)) {
           const bool ignored = t == P.ignore_index;
           if (!ignored) bad.store(true, std::memory_order_relaxed);
-          if (kStats) loss_out[r] = lse_io[r] = ignored ? acc_t(0) : nan;
+          if (kStats) loss_out[r] = ignored ? acc_t(0) : nan;
+          if (kStats && !kGrad) stats.max[r] = stats.sum[r] = ignored ? acc_t(0) : nan;
           if (kGrad)
             for (int64_t c = 0; c < C; ++c) gr[c * L.g_sC] = static_cast<scalar_t>(ignored ? acc_t(0) : nan);
           continue;
@@ -93,7 +94,7 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
       }
       const acc_t w_t = !kProb && P.weight ? P.weight[t] : acc_t(1);
       RowStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), 0, 0, 0};
-      acc_t base, q = acc_t(1);  // p = e^(x - base) / q: the max and the sum where taken here, else the lse and 1
+      acc_t base, q;  // p = e^(x - base) / q: the max and the sum, taken here or saved by the forward
       if (kStats) {
         // NaN compares false, so it never becomes the max but poisons the sum, as in PyTorch.
         for (int64_t c = 0; c < C; ++c) {
@@ -114,11 +115,11 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
         }
         st.s = static_cast<acc_t>(s_sum), st.A = static_cast<acc_t>(A_sum), st.D = static_cast<acc_t>(D_sum);
         const acc_t log_s = std::log(st.s);
-        lse_io[r] = st.m + log_s;
-        base = st.m, q = st.s;  // m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30)
+        if (!kGrad) stats.max[r] = st.m, stats.sum[r] = st.s;
+        base = st.m, q = st.s;  // not the lse: m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30)
         loss_out[r] = row_loss<kProb>(st, log_s, kProb ? acc_t(0) : xc(t), w_t, P.eps, C);
       } else {
-        base = lse_io[r];
+        base = stats.max[r], q = stats.sum[r];
         if (kProb) {
           double A_sum = 0;
           for (int64_t c = 0; c < C; ++c) A_sum += ac(c);
@@ -190,7 +191,8 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   a.eps = static_cast<float>(o.eps);
   a.ignore_index = o.ignore_index;
   a.loss = kStats ? o.loss.data_ptr<float>() : nullptr;
-  a.lse = o.lse.data_ptr<float>();
+  const StatsPtrs<float> stats = stats_ptrs<float>(o);  // none in the training pass
+  a.row_max = stats.max, a.row_sum = stats.sum;
   if (kGrad) {
     a.factor = o.factor.data_ptr<float>();
     a.f_sB = o.factor.dim() ? o.factor.stride(0) : 0;
@@ -201,7 +203,7 @@ bool launch_simd(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   a.g_sB = L.g_sB, a.g_sC = L.g_sC, a.g_sS = L.g_sS;
   int flag = 0;
   a.bad = &flag;
-  if (transposed) {  // (N, C, 1) as (1, C, N): the loss and lse rows, indexed b * S + s, stay where they were
+  if (transposed) {  // (N, C, 1) as (1, C, N): the loss and stats rows, indexed b * S + s, stay where they were
     a.S = L.B, a.B = 1;
     a.x_sS = L.x_sB, a.t_sS = L.t_sB, a.g_sS = L.g_sB, a.f_sS = a.f_sB;
     a.x_sB = a.t_sB = a.g_sB = a.f_sB = 0;
@@ -236,7 +238,7 @@ void launch_typed(const RowLayout& L, OpTensors& o, std::atomic<bool>& bad) {
   const auto P = row_params<scalar_t, acc_t, target_t>(o, kProb);
   const Factor<acc_t> f = factor_of<acc_t>(o);
   ce_rows<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(o.logits.data_ptr<scalar_t>(), L, P,
-                                                 kStats ? o.loss.data_ptr<acc_t>() : nullptr, o.lse.data_ptr<acc_t>(),
+                                                 kStats ? o.loss.data_ptr<acc_t>() : nullptr, stats_ptrs<acc_t>(o),
                                                  kGrad ? o.grad.data_ptr<scalar_t>() : nullptr, f, bad);
 }
 
@@ -267,7 +269,7 @@ at::Tensor sum_rows_cpu(const at::Tensor& values, const c10::optional<at::Tensor
 
 void launch_cpu(Mode mode, const RowLayout& L, OpTensors& o) {
   const bool sum = sum_only(mode, o);
-  if (sum) row_outputs(o);
+  if (sum) row_outputs(mode, o);
   std::atomic<bool> bad{false};
   launch_dtypes(mode, L, o, bad);
   if (bad.load()) raise_bad_target(o.target, L.C, o.ignore_index);

@@ -298,7 +298,8 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     const bool ignored = t == a.ignore_index;
     if (!ignored) __atomic_store_n(a.bad, 1, __ATOMIC_RELAXED);
     const float v = ignored ? 0.0f : kNaN;
-    if (a.stats) a.loss[r] = a.lse[r] = v;
+    if (a.stats) a.loss[r] = v;
+    if (a.stats && a.row_max) a.row_max[r] = a.row_sum[r] = v;
     if (g) {
       int64_t c = 0;
       for (; c + W <= C; c += W) T::store(g + c, splat(v));
@@ -321,9 +322,9 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     }
     return w;
   };
-  // The gradient's p = e^(x - base) / q: the max and the sum where the statistics are taken here (m + log(s) drops
-  // log(s) once |m| >> 1: 1e30 + log 2 == 1e30), else the saved lse and 1.
-  float base, q = 1.0f, m = -__FLT_MAX__, sum = 0.0f, A = 0.0f;
+  // The gradient's p = e^(x - base) / q: the max and the sum, taken here or saved by the forward (not the lse:
+  // m + log(s) drops log(s) once |m| >> 1, 1e30 + log 2 == 1e30).
+  float base, q, m = -__FLT_MAX__, sum = 0.0f, A = 0.0f;
   float chunk_m[kRowKeptClasses / (kRowChunk * W) + 1];  // kept: the max each chunk's (and the tail's) were taken at
   const int64_t tail_slot = (full + kRowChunk * W - 1) / (kRowChunk * W);  // the tail's, after the whole chunks'
   if (a.stats) {
@@ -368,14 +369,14 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     // PyTorch subtracts the max: a +inf in the row makes inf - inf = NaN (exp(inf - inf) above gave it).
     sum = hsum(vs);
     const float log_s = __builtin_logf(sum);
-    a.lse[r] = m + log_s;
+    if (a.row_max) a.row_max[r] = m, a.row_sum[r] = sum;
     base = m, q = sum;
     A = hsum(vA);
     const float D = hsum(vD);
     a.loss[r] = kProb ? (A == 0.0f ? D : A * log_s + D) : row_loss(log_s, m, x_t, w_t, A, D, a.eps, C);
   } else {
-    base = a.lse[r];
-    if (kProb && g) {  // the gradient from a saved lse still needs A
+    base = a.row_max[r], q = a.row_sum[r];
+    if (kProb && g) {  // the gradient from saved stats still needs A
       vf vA = {};
       for (int64_t c = 0; c < full; c += W) vA += weights(c, W);
       if (tail) vA += in_tail ? weights(full, tail) : splat(0.0f);  // lanes past the row: 0, not eps / C
@@ -390,7 +391,7 @@ void row_contiguous(const SimdArgs& a, int64_t r, vf* kept, const typename T::ra
     // kept: p * p_mul = e^(x - m_chunk) * e^(m_chunk - m) * p_mul / sum, one factor per chunk
     vf f = {};
     for (int64_t c = 0; c < full; c += W) {
-      if (!a.stats && c % kLine == 0) ahead.at(c * sizeof(raw));  // the gradient from a saved lse: x from memory
+      if (!a.stats && c % kLine == 0) ahead.at(c * sizeof(raw));  // the gradient from saved stats: x from memory
       if (kept && c % (kRowChunk * W) == 0) f = splat(exp1(chunk_m[c / (kRowChunk * W)] - m) * p_mul);
       vf gv = kept ? kept[c / W] * f : vexp(T::load(x + c) - vl) * vp;
       if (kSpread) gv -= weights(c, W) * vc;
@@ -437,7 +438,8 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
   const raw* x = static_cast<const raw*>(a.x) + b * a.x_sB + s0;
   raw* g = a.grad ? static_cast<raw*>(a.g) + b * a.g_sB + s0 : nullptr;
   float* loss = a.loss + b * a.S + s0;
-  float* lse_io = a.lse + b * a.S + s0;
+  float* row_max = a.row_max ? a.row_max + b * a.S + s0 : nullptr;  // the stats: none in the training pass
+  float* row_sum = a.row_sum ? a.row_sum + b * a.S + s0 : nullptr;
   vi ok = {}, tv = {};  // lanes with a valid target; the target class per lane (-1 where none)
   vf fill = {}, vwt = {}, vxt = {};  // what invalid lanes get (0 ignored, NaN out of range); w_t; x_t
   for (int i = 0; i < n && !kProb; ++i) {
@@ -466,7 +468,7 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
     }
     return splat(w);
   };
-  vf vbase, vs = splat(1.0f), vA = {};  // the gradient's p = e^(x - base) / s: the max and the sum, else lse and 1
+  vf vbase, vs, vA = {};  // the gradient's p = e^(x - base) / s: the max and the sum, taken here or saved
   vf kept[kKeptClasses];  // keep: e^(x - max) per class, [c][lane] (16 KiB at W = 16)
   const bool keep = a.stats && g && C <= kKeptClasses;
   if (a.stats) {
@@ -486,16 +488,19 @@ void column_block(const SimdArgs& a, int64_t b, int64_t s0, int n) {
       }
     }
     const vf vlog_s = vlog(vs);
-    const vf vlse = vm + vlog_s;
-    vbase = vm;  // m + log(s) drops log(s) once |m| >> 1
+    vbase = vm;  // not the lse: m + log(s) drops log(s) once |m| >> 1
     vf vloss = vwt * ((vm - vxt) + vlog_s);  // as row_loss: exact where x_t is the max
     if (kProb) vloss = vA == 0.0f ? vD : vA * vlog_s + vD;
     else if (a.eps != 0.0f) vloss = (1.0f - a.eps) * vloss + a.eps / static_cast<float>(C) * (vA * vlog_s + vD);
     store_lanes<F32>(loss, ok ? vloss : fill, n);
-    store_lanes<F32>(lse_io, ok ? vlse : fill, n);
+    if (row_max) {
+      store_lanes<F32>(row_max, ok ? vm : fill, n);
+      store_lanes<F32>(row_sum, ok ? vs : fill, n);
+    }
   } else {
-    vbase = load_lanes<F32>(lse_io, n, 0.0f);
-    if (kProb && g)  // the gradient from a saved lse still needs A
+    vbase = load_lanes<F32>(row_max, n, 0.0f);
+    vs = load_lanes<F32>(row_sum, n, 1.0f);
+    if (kProb && g)  // the gradient from saved stats still needs A
       for (int64_t c = 0; c < C; ++c) vA += share(c);
   }
   if (g) {
@@ -598,8 +603,9 @@ void small_rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
     t.t_sB = 0;
     t.t_sS = a.t_sB;
     t.loss = a.loss ? a.loss + r0 : nullptr;
-    t.lse = a.lse + r0;
-    t.S = W;  // loss / lse at b * S + s0 + i with b = s0 = 0
+    t.row_max = a.row_max ? a.row_max + r0 : nullptr;
+    t.row_sum = a.row_sum ? a.row_sum + r0 : nullptr;
+    t.S = W;  // loss / stats at b * S + s0 + i with b = s0 = 0
     if (a.grad) {
       t.factor = a.factor + r0 * a.f_sB;
       t.f_sB = 0;
@@ -644,7 +650,8 @@ void staged_rows_impl(const SimdArgs& a, int64_t begin, int64_t end) {
     t.target = a.target + s0 * a.t_sS;
     t.t_sB = a.t_sS, t.t_sS = 0;
     t.loss = a.loss ? a.loss + s0 : nullptr;
-    t.lse = a.lse + s0;
+    t.row_max = a.row_max ? a.row_max + s0 : nullptr;
+    t.row_sum = a.row_sum ? a.row_sum + s0 : nullptr;
     if (a.grad) {
       t.factor = a.factor + s0 * a.f_sS;
       t.f_sB = a.f_sS, t.f_sS = 0;

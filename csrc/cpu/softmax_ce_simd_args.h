@@ -11,7 +11,7 @@ enum class SimdDtype : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 // Class-index targets, float accumulation (float32 / bfloat16 / float16 logits).
 struct SimdArgs {
   SimdDtype dtype;
-  bool stats, grad;  // compute loss + lse from the logits (else read lse); write the gradient
+  bool stats, grad;  // compute the loss and statistics from the logits (else read the saved ones); write the gradient
   const void* x;
   void* g;
   const int64_t* target;  // class indices (B, S), or nullptr with probabilities
@@ -22,7 +22,8 @@ struct SimdArgs {
   float eps;            // label smoothing in [0, 1]
   int64_t ignore_index;
   float* loss;          // (B, S) contiguous
-  float* lse;           // (B, S) contiguous
+  float* row_max;       // (B, S) contiguous: the forward's stats (the max, the sum of e^(x - max)), which it
+  float* row_sum;       // writes and the gradient from them reads; nullptr in the training pass
   const float* factor;  // upstream factor, read at b * f_sB + s * f_sS
   int64_t f_sB, f_sS;
   int64_t B, C, S;

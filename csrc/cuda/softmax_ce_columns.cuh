@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     auto fill = [&](int i) { return t[i] == kBad ? NAN : 0.f; };
     auto w_t = [&](int i) { return ok(i) && w ? w[t[i]] : 1.f; };
     copy_async_wait_all();
-    rows::GradBase gb[E];  // the gradient's base per position: the max and the sum where taken here, else the lse
+    rows::GradBase gb[E];  // the gradient's base per position: the max and the sum, taken here or saved
     if (kStats) {
       float m[E], s[E], D[E];
 #pragma unroll
@@ -202,30 +202,44 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
             loss[i] = l;  // stored below: all E (16-byte stores) only where n == E
         }
       }
-      if (!partial) {
-        auto lse_at = [&](int i) { return !ok(i) ? fill(i) : m[i] == rows::kInf ? NAN : m[i] + logf(s[i]); };
+      if (!partial) {  // the rows' losses, and the forward's stats (rows::Args)
+        auto max_at = [&](int i) { return !ok(i) ? fill(i) : rows::GradBase::of_stats(m[i], s[i]).b; };
+        auto sum_at = [&](int i) { return !ok(i) ? fill(i) : s[i]; };
+        auto put4 = [&](float* p, int k, float (&v)[4]) {
+          reinterpret_cast<float4*>(p)[k] = make_float4(v[0], v[1], v[2], v[3]);
+        };
         const int64_t r0 = b * S + s0;
-        const uintptr_t at = reinterpret_cast<uintptr_t>(a.loss + r0) | reinterpret_cast<uintptr_t>(a.lse + r0);
+        uintptr_t at = reinterpret_cast<uintptr_t>(a.loss + r0);
+        if constexpr (!kGrad)
+          at |= reinterpret_cast<uintptr_t>(a.row_max + r0) | reinterpret_cast<uintptr_t>(a.row_sum + r0);
         const bool aligned = (at & 15) == 0;
         if (n == E && aligned) {  // 16-byte stores: a warp fills whole sectors (4-byte ones, a slice of each)
 #pragma unroll
           for (int k = 0; k < E / 4; ++k) {
             const int i = 4 * k;
-            reinterpret_cast<float4*>(a.loss + r0)[k] = make_float4(loss[i], loss[i + 1], loss[i + 2], loss[i + 3]);
-            reinterpret_cast<float4*>(a.lse + r0)[k] =
-                make_float4(lse_at(i), lse_at(i + 1), lse_at(i + 2), lse_at(i + 3));
+            float l4[4] = {loss[i], loss[i + 1], loss[i + 2], loss[i + 3]};
+            put4(a.loss + r0, k, l4);
+            if constexpr (!kGrad) {
+              float m4[4] = {max_at(i), max_at(i + 1), max_at(i + 2), max_at(i + 3)};
+              float s4[4] = {sum_at(i), sum_at(i + 1), sum_at(i + 2), sum_at(i + 3)};
+              put4(a.row_max + r0, k, m4);
+              put4(a.row_sum + r0, k, s4);
+            }
           }
         } else {
 #pragma unroll
-          for (int i = 0; i < E; ++i)
-            if (i < n) a.loss[r0 + i] = loss[i], a.lse[r0 + i] = lse_at(i);
+          for (int i = 0; i < E; ++i) {
+            if (i >= n) continue;
+            a.loss[r0 + i] = loss[i];
+            if constexpr (!kGrad) a.row_max[r0 + i] = max_at(i), a.row_sum[r0 + i] = sum_at(i);
+          }
         }
       }
 #pragma unroll
       for (int i = 0; i < E; ++i) gb[i] = rows::GradBase::of_stats(m[i], s[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < E; ++i) gb[i] = rows::GradBase::of_lse(i < n ? a.lse[b * S + s0 + i] : 0.f);
+      for (int i = 0; i < E; ++i) gb[i] = i < n ? rows::GradBase::saved(a, b * S + s0 + i) : rows::GradBase{0.f, 1.f};
     }
     RowGrad<float> rg[E];
     if (kGrad) {

@@ -28,7 +28,7 @@ constexpr int kMaxThreads = 512;
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb, typename Reduce,
           typename Sum>
 __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, acc_t, target_t>& P,
-                       acc_t* loss, acc_t* lse_io, scalar_t* grad, const Factor<acc_t>& factor,
+                       acc_t* loss, StatsPtrs<acc_t> stats, scalar_t* grad, const Factor<acc_t>& factor,
                        int64_t r, int lane, int lanes, Reduce reduce, Sum sum) {
   const int64_t b = r / L.S, s = r - b * L.S;
   const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
@@ -43,7 +43,8 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
       // An out-of-range target is never read: its row turns NaN and status records it.
       if (!ignored && lane == 0) rows::flag_bad_target(P.status, t);  // null in the gradient-only ops
       const acc_t v = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
-      if (kStats && lane == 0) loss[r] = lse_io[r] = v;
+      if (kStats && lane == 0) loss[r] = v;
+      if (kStats && !kGrad && lane == 0) stats.max[r] = stats.sum[r] = v;
       if (kGrad)
         for (int64_t c = lane; c < L.C; c += lanes) gr[c * L.g_sC] = static_cast<scalar_t>(v);
       return;
@@ -53,7 +54,7 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
   // Read before the block's barrier: an in-place gradient sweep may overwrite it afterwards.
   const acc_t x_t = !kProb && kStats && lane == 0 ? static_cast<acc_t>(xr[t * L.x_sC]) : acc_t(0);
   OnlineStats<acc_t> st;
-  acc_t base, q = acc_t(1);  // p = e^(x - base) / q: the max and the sum where taken here (exact for any max)
+  acc_t base, q;  // p = e^(x - base) / q: the max and the sum, taken here or saved by the forward (exact for any max)
   if (kStats) {
     for (int64_t c = lane; c < L.C; c += lanes) {
       const acc_t v = static_cast<acc_t>(xr[c * L.x_sC]);
@@ -65,11 +66,11 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
     reduce(st);
     base = st.grad_base(), q = st.s;
     if (lane == 0) {
-      lse_io[r] = st.lse();
+      if (!kGrad) stats.max[r] = base, stats.sum[r] = q;
       loss[r] = row_loss<kProb>(st, st.log_s(), x_t, w_t, P.eps, L.C);
     }
   } else {
-    base = lse_io[r];
+    base = stats.max[r], q = stats.sum[r];
     if (kProb) {
       for (int64_t c = lane; c < L.C; c += lanes) st.A += class_coef<kProb>(P, yr, L.t_sC, c, L.C);
       st.A = sum(st.A);
@@ -92,21 +93,21 @@ __device__ void ce_row(const scalar_t* x, const RowLayout& L, const RowParams<sc
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 __global__ void __launch_bounds__(kMaxThreads)
     ce_row_block_kernel(const scalar_t* x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P, acc_t* loss,
-                        acc_t* lse_io, scalar_t* grad, Factor<acc_t> factor) {
+                        StatsPtrs<acc_t> stats, scalar_t* grad, Factor<acc_t> factor) {
   for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x)
     ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
-        x, L, P, loss, lse_io, grad, factor, r, threadIdx.x, blockDim.x,
+        x, L, P, loss, stats, grad, factor, r, threadIdx.x, blockDim.x,
         [](OnlineStats<acc_t>& st) { block_reduce(st); }, [](acc_t v) { return block_sum(v); });
 }
 
 // Classes strided (K-dim or transposed logits): a thread per row, so a warp reads neighbouring positions.
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 __global__ void ce_row_thread_kernel(const scalar_t* x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P,
-                                     acc_t* loss, acc_t* lse_io, scalar_t* grad, Factor<acc_t> factor) {
+                                     acc_t* loss, StatsPtrs<acc_t> stats, scalar_t* grad, Factor<acc_t> factor) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < L.rows(); r += stride)
     ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
-        x, L, P, loss, lse_io, grad, factor, r, 0, 1, [](OnlineStats<acc_t>&) {}, [](acc_t v) { return v; });
+        x, L, P, loss, stats, grad, factor, r, 0, 1, [](OnlineStats<acc_t>&) {}, [](acc_t v) { return v; });
 }
 
 int row_block_threads(int64_t C) {
@@ -326,10 +327,10 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
   if (kStats && kGrad && tune.path == CudaPath::kAuto && launch_slice_rows<T>(a, chunks, tune, device, stream)) return;
   int threads = 64;  // about 4+ chunks per thread, up to kStreamThreads; a power of two (the lean gradient's rule)
   while (threads < rows::kStreamThreads && threads * 4 < chunks) threads *= 2;
-  constexpr bool kCanLean = !kSpread && !(kStats && kGrad);  // lean: the forward, or the gradient from a saved lse
+  constexpr bool kCanLean = !kSpread && !(kStats && kGrad);  // lean: the forward, or the gradient from saved stats
   auto kernel = kCanLean && tune.lean ? rows::stream_rows_kernel<T, kStats, kGrad, kSpread, kCanLean>
                                       : rows::stream_rows_kernel<T, kStats, kGrad, kSpread, false>;
-  // grad_piece_kb (the gradient from a saved lse): rows cut into pieces of about that many KiB, a multiple of
+  // grad_piece_kb (the gradient from saved stats): rows cut into pieces of about that many KiB, a multiple of
   // threads * 4 chunks, so that the last CTAs of the grid hold a piece each rather than a whole row.
   int64_t piece = chunks, pieces = 1;
   if (!kStats && tune.grad_piece_kb > 0) {
@@ -343,7 +344,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
 }
 
 // The fast kernels (softmax_ce_rows.cuh) for contiguous rows; false leaves the work to the general ones.  The
-// training pass (no loss buffer given) gets per-row loss and lse buffers.
+// training pass (no loss buffer given) gets a per-row loss buffer.
 template <typename scalar_t, bool kStats, bool kGrad>
 bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
   if constexpr (std::is_same_v<scalar_t, double>) {
@@ -356,10 +357,10 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
-    if (kStats && !o.loss.defined()) row_outputs(o);
+    if (kStats && !o.loss.defined()) row_outputs(kGrad ? Mode::kStatsGrad : Mode::kStats, o);
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
-                          o.lse.data_ptr<float>(), factor_of<float>(o), nullptr};
+                          stats_ptrs<float>(o).max, stats_ptrs<float>(o).sum, factor_of<float>(o), nullptr};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (a.P.eps != 0.f)
       launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream);
@@ -391,7 +392,7 @@ inline int columns_threads(int64_t C) {
 }
 
 // The K-dim kernel.  Where only the summed loss is wanted (the training pass, a no-grad mean: no per-row buffers)
-// each CTA writes one partial loss sum: the positions' loss and lse rows would add ~10% to the training floor's
+// each CTA writes one partial loss sum: the positions' loss and stats rows would add ~10% to the training floor's
 // bytes (~20% to the forward's) and their memory to the peak, and their sum two more launches.
 template <typename scalar_t, bool kStats, bool kGrad>
 bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
@@ -416,8 +417,8 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     if (partial) partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
-                          partial ? nullptr : o.lse.data_ptr<float>(), factor_of<float>(o),
-                          partial ? partials.data_ptr<float>() : nullptr};
+                          stats_ptrs<float>(o).max, stats_ptrs<float>(o).sum,  // none where partial or training
+                          factor_of<float>(o), partial ? partials.data_ptr<float>() : nullptr};
     kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, columns::MeanFold{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
@@ -466,7 +467,7 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
     at::Tensor partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
     if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status, device);
     rows::Args<T> a{o.logits.data_ptr<T>(), o.grad.data_ptr<T>(), L, row_params<T, float, T>(o, false), nullptr,
-                    nullptr, Factor<float>{nullptr, 0, 0}, partials.data_ptr<float>()};
+                    nullptr, nullptr, Factor<float>{nullptr, 0, 0}, partials.data_ptr<float>()};
     columns::MeanFold fold{counts.data_ptr<int>(), denom.data_ptr<float>()};
     void* args[] = {&a, &fold};
     const cudaError_t err = cudaLaunchCooperativeKernel(key, dim3(static_cast<unsigned>(blocks)), dim3(threads), args,
@@ -492,7 +493,7 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   if constexpr (!kProb) {
     if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;  // allocates the row outputs it needs
   }
-  if (kStats && !o.loss.defined()) row_outputs(o);  // every other kernel writes per-row loss and lse
+  if (kStats && !o.loss.defined()) row_outputs(kGrad ? Mode::kStatsGrad : Mode::kStats, o);  // they write per-row losses
   if constexpr (!kProb) {
     if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
   }
@@ -501,7 +502,7 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
     // classes or alignment): the general kernels' strided reads ran at 1-6% of the floor (H200, 4096x4096: a
     // thread per row is 16 warps per SM).  So the logits are copied row-major once, the row kernels run on the
     // copy (the gradient written over it) and the gradient is copied into its layout: ~3x the bytes of the
-    // floor, one logits-size buffer more.  Rows keep their (b, s) index: loss, lse, factor rows as they were.
+    // floor, one logits-size buffer more.  Rows keep their (b, s) index: loss, stats, factor rows as they were.
     if (L.x_sC != 1 && L.C > 1 && cuda_tuning().path == CudaPath::kAuto) {
       const at::Tensor logits = o.logits, grad = o.grad;
       const at::Tensor rows =  // (B, S, C) row-major, seen as (B, C, S) as the ops pass logits
@@ -520,7 +521,7 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   const Factor<acc_t> f = factor_of<acc_t>(o);
   const scalar_t* x = o.logits.data_ptr<scalar_t>();
   acc_t* loss = kStats ? o.loss.data_ptr<acc_t>() : nullptr;
-  acc_t* lse = o.lse.data_ptr<acc_t>();
+  const StatsPtrs<acc_t> stats = stats_ptrs<acc_t>(o);
   scalar_t* grad = kGrad ? o.grad.data_ptr<scalar_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = L.rows();
@@ -531,12 +532,12 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
     const int threads = row_block_threads(L.C);
     const int64_t blocks = std::min<int64_t>(rows, kMaxGrid);
     ce_row_block_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>
-        <<<blocks, threads, 0, stream>>>(x, L, P, loss, lse, grad, f);
+        <<<blocks, threads, 0, stream>>>(x, L, P, loss, stats, grad, f);
   } else {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((rows + threads - 1) / threads, kMaxGrid);
     ce_row_thread_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>
-        <<<blocks, threads, 0, stream>>>(x, L, P, loss, lse, grad, f);
+        <<<blocks, threads, 0, stream>>>(x, L, P, loss, stats, grad, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

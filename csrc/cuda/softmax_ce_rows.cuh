@@ -5,7 +5,7 @@
 //   slice_rows:  loss and gradient of longer rows: the row split over a cluster of CTAs (sm_90; one CTA
 //                elsewhere), each staging its slice in shared memory, so the row is read from memory once;
 //                the slices' statistics are exchanged through distributed shared memory.
-//   stream_rows: the rest (forward only; gradient from a saved lse; rows longer than the slices allow): a CTA
+//   stream_rows: the rest (forward only; gradient from saved stats; rows longer than the slices allow): a CTA
 //                per row; with loss and gradient together, the gradient sweep re-reads the row from L2.
 // Exponentials are ex2.approx of (x - max) * log2(e) (one special-function instruction, where expf costs
 // six; at Hopper bandwidth in bfloat16 the arithmetic would otherwise be the bound); the subtraction comes
@@ -31,8 +31,12 @@ struct Args {
   T* grad;  // may equal x (in-place ops): every element is read before its owner overwrites it
   RowLayout L;
   RowParams<T, float, T> P;
-  float* loss;  // per-row outputs; both nullptr when the kernel writes loss_partials instead
-  float* lse;
+  float* loss;     // per-row losses; nullptr when the kernel writes loss_partials instead
+  // The forward's stats (softmax_ce.h), GradBase's b and q per row: the max (NaN where it is +inf) and the sum of
+  // e^(x - max); written by kStats without kGrad, read by kGrad alone, else nullptr.  Two pointers: the sum's
+  // plane as one pointer + rows took the float gradient-only warp rows of 4 chunks 64 -> 67 registers (4 -> 3 CTAs).
+  float* row_max;
+  float* row_sum;
   Factor<float> factor;
   float* loss_partials;  // one partial loss sum per CTA (the training pass of K-dim), or nullptr
 };
@@ -400,7 +404,7 @@ struct Row {
 };
 
 // The row's class-index target; false (after writing what such a row gets) when it is ignored or out of range.
-// writer: the thread that writes the row's loss/lse and status; [k0, k1) step dk: the chunks this thread fills.
+// writer: the thread that writes the row's loss/stats and status; [k0, k1) step dk: the chunks this thread fills.
 template <typename T, bool kStats, bool kGrad>
 __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row<T, kGrad>& row, bool writer,
                                           int64_t k0, int64_t k1, int64_t dk) {
@@ -410,7 +414,10 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
   const float fill = ignored ? 0.f : NAN;
   if (writer) {
     if (!ignored) flag_bad_target(a.P.status, t);
-    if (kStats && a.loss) a.loss[r] = a.lse[r] = fill;  // else the caller adds fill to its partial sum
+    if (kStats && a.loss) {  // else the caller adds fill to its partial sum
+      a.loss[r] = fill;
+      if (!kGrad) a.row_max[r] = a.row_sum[r] = fill;  // the forward's per-row buffers come together
+    }
   }
   if (kGrad) {
     float v[Chunk<T>::E];
@@ -421,19 +428,14 @@ __device__ __forceinline__ bool valid_row(const Args<T>& a, int64_t r, const Row
   return false;
 }
 
-// The lse from the max and log_s = logf(sum), which the loss takes too: one logf per row (two did not merge: ~25
-// instructions each in the sm_90a SASS, a tenth of a warp row's set-up).  The K-dim kernel keeps its two per
-// position, the lse's inside the branch: shared, or outside it, its float32 training pass took 100 registers (88):
-// 4 CTAs per SM where 5 fit.
-__device__ __forceinline__ float lse_of(float m, float log_s) { return m == kInf ? NAN : m + log_s; }
-
-// The base b of the gradient's exponentials e^(x - b) (the factor p_mul then divided by q) where the pass took the
-// statistics itself: the max, not the lse, whose m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30 in
-// float32: p = 1 where it is 1/2).  From a saved lse: b = lse, q = 1.
+// The base b of the gradient's exponentials e^(x - b) and the divisor q of its factor p_mul: the max and the sum,
+// taken by this pass or saved by the forward (Args' stats), not the lse, whose m + log(s) drops log(s) once
+// |m| >> 1 (1e30 + log 2 == 1e30 in float32: p = 1 where it is 1/2).
 struct GradBase {
   float b, q;
   __device__ static GradBase of_stats(float m, float s) { return {m == kInf ? NAN : m, s}; }
-  __device__ static GradBase of_lse(float lse) { return {lse, 1.f}; }
+  template <typename T>
+  __device__ static GradBase saved(const Args<T>& a, int64_t r) { return {a.row_max[r], a.row_sum[r]}; }
   __device__ float p_mul(float f) const { return __fdividef(f, q); }  // q in [1, C] (or 0 / NaN: NaN rows)
 };
 
@@ -570,8 +572,8 @@ struct Kept {
 // ---- warp_rows: a warp per row, VPT chunks per lane held in registers as loaded (16 bytes each), so that
 // enough warps fit per SM to keep the loads in flight (the float copy of the row took 84 registers: 16 warps).
 // kG < 32 (tuning warp_group; the loss + gradient of rows of up to 8 * kG chunks, no smoothing): each row taken by
-// a group of kG lanes (16, 8 or 4), 32 / kG rows per warp, 8 chunks per lane: a row's set-up, reductions, loss and
-// lse (~300 instructions per warp and row, against ~110 per chunk of 8 values; sm_90a SASS of the bf16 rows of 4
+// a group of kG lanes (16, 8 or 4), 32 / kG rows per warp, 8 chunks per lane: a row's set-up, reductions and loss
+// (~300 instructions per warp and row, against ~110 per chunk of 8 values; sm_90a SASS of the bf16 rows of 4
 // chunks per lane) are shared by as many rows, and a warp has twice (or more) the bytes in flight.
 // kRing (tuning warp_ring; the loss + gradient of float rows of 129-256 chunks without smoothing, where the
 // registers allow 2 CTAs per SM; the launcher sizes the grid to the resident CTAs): each warp stages its next
@@ -698,12 +700,14 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       if (kSpread) A = group_sum(A, G, gmask), D = group_sum(D, G, gmask);
       const float log_s = logf(sum);
       gb = GradBase::of_stats(m, sum);
+      // Every lane's, one lane's stored: inside the branch it spilled the 16-lane l2_prefetch twin (80 registers).
+      const float loss_r = row_loss<false>(RowStats<float>{m, sum, A, D}, log_s, x_t, w_t, a.P.eps, C);
       if (sub == 0) {
-        a.lse[r] = lse_of(m, log_s);
-        a.loss[r] = row_loss<false>(RowStats<float>{m, sum, A, D}, log_s, x_t, w_t, a.P.eps, C);
+        if constexpr (!kGrad) a.row_max[r] = gb.b, a.row_sum[r] = gb.q;
+        a.loss[r] = loss_r;
       }
     } else {
-      gb = GradBase::of_lse(a.lse[r]);
+      gb = GradBase::saved(a, r);
     }
     if (kGrad) {
       RowGrad<float> g = row.grad_factors(a, w_t, f_row);
@@ -758,10 +762,10 @@ __device__ __forceinline__ void stream_chunks(const RowChunks<T>& xk, int64_t k_
 // ---- stream_rows: a CTA per row, U chunks in flight per thread; the sum is re-based once per U chunks.
 // kSpread: a minimum of 1 CTA per SM lets ptxas keep the smoothing sums in registers (it spilled at 64).
 // U: 16-byte loads issued per thread before the first is used (8 gained nothing over 4 on the H200, 2026-11-27).
-// kLean (tuning lean, no smoothing; the forward or the gradient from a saved lse): the forward's
+// kLean (tuning lean, no smoothing; the forward or the gradient from saved stats): the forward's
 // groups of U chunks inside the row without per-chunk tests; the gradient's exponent arguments as one FFMA
 // (Exp2Base), the target's class not tested per chunk but stored again by the thread whose chunk holds it.
-// pieces (the gradient from a saved lse only; else 1): each row's chunks as that many work items of `piece` chunks
+// pieces (the gradient from saved stats only; else 1): each row's chunks as that many work items of `piece` chunks
 // (a multiple of blockDim.x), so that the grid's last CTAs hold pieces, not whole rows (tuning grad_piece_kb).
 template <typename T, bool kStats, bool kGrad, bool kSpread, bool kLean>
 __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
@@ -854,13 +858,13 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
       const float log_s = logf(st.s);
       gb = GradBase::of_stats(st.m, st.s);
       if (tid == 0) {
-        a.lse[r] = lse_of(st.m, log_s);
+        if constexpr (!kGrad) a.row_max[r] = gb.b, a.row_sum[r] = gb.q;
         a.loss[r] = row_loss<false>(st, log_s, x_t, w_t, a.P.eps, C);
       }
     } else {
-      gb = GradBase::of_lse(a.lse[r]);
+      gb = GradBase::saved(a, r);
     }
-    const float pb = gb.b;  // the gradient's base: the max where this pass took the statistics, else the lse
+    const float pb = gb.b;  // the gradient's base: the max, taken here or saved by the forward
     if (kLean && kGrad) {
       RowGrad<float> g = row.grad_factors(a, w_t);
       g.p_mul = gb.p_mul(g.p_mul);
@@ -1077,7 +1081,6 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
       for (int e = 0; e < E; ++e) x_t = e == et ? v[e] : x_t;  // a run-time index would put v in local memory
       a.loss[r] = row_loss<false>(st, log_s, x_t, w_t, a.P.eps, C);
     }
-    if (tid == 0 && rank == 0) a.lse[r] = lse_of(st.m, log_s);
     uint4* gk = row.grad_chunks() + k0;
     if (kLean && same_shift) {
       // Every chunk as if it held no target (p * p_mul), x_t's gradient stored again after it by the same thread.

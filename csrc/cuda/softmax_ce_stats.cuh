@@ -51,9 +51,6 @@ struct OnlineStats : RowStats<acc_t> {
   __device__ acc_t log_s() const {
     return m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : log(s);
   }
-  __device__ acc_t lse() const {
-    return m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : m + log(s);
-  }
   // The gradient's base where these statistics were taken: e^(x - max) / s, exact for any max (rows' GradBase).
   __device__ acc_t grad_base() const {
     return m == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : m;
