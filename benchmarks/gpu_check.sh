@@ -181,7 +181,7 @@ if part confirm; then
 fi
 
 if part ceilings; then
-  stamp "ceilings: plain read+write kernels (torch copy, torch.exp, our gradient from the lse) beside our fwd+bwd"
+  stamp "ceilings: plain read+write kernels (torch copy, torch.exp, our gradient from saved stats) beside our fwd+bwd"
   timeout 60 $PY benchmarks/gpu_probe.py --ceilings 2>&1 | tee "$OUT/ceilings.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

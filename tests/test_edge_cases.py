@@ -358,6 +358,7 @@ def test_mean_forward_and_forward_sum_ops(device, case, dtype, weighted, layout)
 
 # (B, C, S) logits and why: each takes another kernel of the forward, and of the gradient from its stats.
 STATS_SHAPES = {
+    "7 classes": ((64, 7, 1), "CPU 16-row blocks; CUDA warp rows of one chunk per lane"),
     "rows": ((50, 1000, 1), "CPU rows; CUDA warp rows"),
     "long rows": ((3, 40000, 1), "CPU rows past the kept classes; CUDA streaming rows (grad pieces by default)"),
     "k-dim": ((3, 21, 40), "CPU and CUDA K-dim blocks of positions, a partial block"),
@@ -370,8 +371,8 @@ STATS_SHAPES = {
 def test_forward_saves_max_and_sum_for_the_gradient(device, kernel_path, shape, dtype):
     """The forward op's second output, what reduction='none' saves for its backward: (2, B, S), the rows' max and
     their sum of e^(x - max) (the lse is m + log(s)); ignored rows 0.  The backward op then gives the gradient as
-    the training pass writes it, e^(x - max) / sum (to an ulp: the training pass may keep its exponentials, or sum
-    in another order)."""
+    the training pass writes it, e^(x - max) / sum (to ~1e-5 relative: the training pass may keep its exponentials,
+    or sum in another order).  An lse of the old form is refused."""
     from softmax_ce_ext._ops import ops
 
     size, _ = STATS_SHAPES[shape]
@@ -397,6 +398,8 @@ def test_forward_saves_max_and_sum_for_the_gradient(device, kernel_path, shape, 
     _, fused = ops.forward_backward(x, t, None, -100, 0.0, torch.ones((), dtype=acc, device=device), None)
     rtol = 1e-10 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad, fused, rtol=rtol, atol=rtol * 1e-2)
+    with pytest.raises(RuntimeError, match=r"expected contiguous stats .* of shape \[2, "):
+        ops.backward(torch.ones_like(rows), x, t, None, stats[0] + stats[1].log(), -100, 0.0)
 
 
 @pytest.mark.parametrize("n", [0, 1, 1023, 1025, 65536, 1 << 18, (1 << 18) + 1],

@@ -261,7 +261,8 @@ def test_gradient_from_saved_stats_in_pieces(device, dtype, lean, offset):
 
 
 # Special values in one row of a warp-row batch, and why each: the fused pass divides kept exponentials by the
-# row's sum where the gradient sweep recomputed e^(x - lse), so these must still give what PyTorch gives.
+# row's sum, or recomputes e^(x - max) / sum, and reduction='none' does so from the forward's saved max and sum,
+# so these must still give what PyTorch gives.
 WARP_SPECIAL_ROWS = {
     "-inf non-target": ([-math.inf], 0, "adds e^-inf = 0 to the sum, a 0 gradient"),
     "all -inf": (None, 0, "sum 0: NaN loss and gradient (0 / 0)"),
@@ -274,13 +275,15 @@ WARP_SPECIAL_ROWS = {
 @pytest.mark.parametrize("row", list(WARP_SPECIAL_ROWS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("vpt", range(4), ids=WARP_ROW_IDS)
-@pytest.mark.parametrize("setting", [dict(warp_keep=True, warp_group=False), dict(warp_group=False),
-                                     dict(warp_group=True)],
-                         ids=["kept", "unkept", "grouped"])
+@pytest.mark.parametrize("setting,reduction", [(dict(warp_keep=True, warp_group=False), "sum"),
+                                               (dict(warp_group=False), "sum"), (dict(warp_group=True), "sum"),
+                                               (dict(), "none")],
+                         ids=["kept", "unkept", "grouped", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_warp_rows_special_values(device, row, dtype, vpt, setting, smoothing):
+def test_warp_rows_special_values(device, row, dtype, vpt, setting, reduction, smoothing):
     """64 warp rows, row 5 special (its values at the start and the end of the row: first and last chunks), the
-    others normal; reduction='sum' (the fused pass, which keeps the exponentials under warp_keep) against float64."""
+    others normal; reduction='sum' (the fused pass, which keeps the exponentials under warp_keep) and 'none' (the
+    forward's warp rows, then the gradient from their saved max and sum) against float64."""
     if device != "cuda":
         pytest.skip("the CUDA warp-row kernel")
     values, target, _ = WARP_SPECIAL_ROWS[row]
@@ -292,12 +295,12 @@ def test_warp_rows_special_values(device, row, dtype, vpt, setting, smoothing):
         x[5, : len(values)] = torch.tensor(values, dtype=dtype)
         x[5, c - len(values):] = torch.tensor(values, dtype=dtype)
     t[5] = target
-    one = torch.ones((), device=device)
+    one = torch.ones(t.shape if reduction == "none" else (), device=device)
     with tuning.using(**{**tuning.BUILT_IN, **setting}):
-        loss, grad = ours(x, t, one, reduction="sum", label_smoothing=smoothing)
-    ref_loss, ref_grad = reference(x, t, one, reduction="sum", label_smoothing=smoothing)
+        loss, grad = ours(x, t, one, reduction=reduction, label_smoothing=smoothing)
+    ref_loss, ref_grad = reference(x, t, one, reduction=reduction, label_smoothing=smoothing)
     # x - lse is off by ~|x| eps in any implementation: the loss's tolerance widens with the largest logit; the
-    # gradient's stays that of the normal rows (its entries are e^(x - lse), exactly 0 or 1/2 in the huge row).
+    # gradient's stays that of the normal rows (its entries are e^(x - max) / sum, exactly 0 or 1/2 in the huge row).
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=x[x.isfinite()].float().abs().max().item())
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=x[6].float().abs().max().item())
 
