@@ -62,11 +62,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 XDIST=""  # pytest's worker processes where the xdist wheel came along (tests/conftest.py frees each one's cache)
-if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && $PY -c "import xdist" 2>/dev/null; then
+# Workers need the GPU to take several processes' contexts: its compute mode "Default" (not Exclusive_Process).
+MODE=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -1)
+if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && [ "${MODE:-Default}" = "Default" ] && $PY -c "import xdist" 2>/dev/null; then
   XDIST="-n ${GPU_CHECK_WORKERS:-8}"
   export TORCHINDUCTOR_COMPILE_THREADS=1  # else each worker's Inductor starts a pool of one process per core
 fi
-echo "pytest workers: ${XDIST:-none (one process; carry .whl with pytest-xdist for more)}"
+echo "pytest workers: ${XDIST:-none (one process; carry .whl with pytest-xdist for more)}; GPU compute mode: ${MODE:-unknown}"
 
 if part smoke; then
   stamp "smoke: every CUDA kernel family on four shapes"
