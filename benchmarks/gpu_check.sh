@@ -61,12 +61,12 @@ fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-XDIST=""  # pytest's worker processes where the xdist wheel came along (tests/conftest.py frees each one's cache)
+XDIST="" XENV=""  # pytest's worker processes where the xdist wheel came along (conftest.py frees each one's cache)
 # Workers need the GPU to take several processes' contexts: its compute mode "Default" (not Exclusive_Process).
 MODE=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -1)
 if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && [ "${MODE:-Default}" = "Default" ] && $PY -c "import xdist" 2>/dev/null; then
   XDIST="-n ${GPU_CHECK_WORKERS:-8}"
-  export TORCHINDUCTOR_COMPILE_THREADS=1  # else each worker's Inductor starts a pool of one process per core
+  XENV="TORCHINDUCTOR_COMPILE_THREADS=1"  # the tests' own: else each worker's Inductor starts a pool per core
 fi
 echo "pytest workers: ${XDIST:-none (one process; carry .whl with pytest-xdist for more)}; GPU compute mode: ${MODE:-unknown}"
 
@@ -82,7 +82,7 @@ if part changed; then
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
   stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or l2_prefetch}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
-  timeout 60 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
+  timeout 60 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   { timeout 40 $PY benchmarks/bench.py --device cuda --no-progress --shapes 65536x1000 16x21x512x512 8192x128256 \
@@ -92,7 +92,7 @@ if part changed; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   stamp "changed: the CORE tests, the files of every kernel path first (until the timeout)"
   CORE="tests/test_edge_cases.py tests/test_inplace.py tests/test_autograd.py tests/test_compile.py tests/test_cuda.py tests/test_errors.py tests/test_loss_scaling.py tests/test_row_layouts.py"
-  timeout ${GPU_CHECK_REST_S:-90} $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout ${GPU_CHECK_REST_S:-90} env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -15
 fi
 
@@ -116,7 +116,7 @@ if part tests; then
   # ~330 s of core tests on an H200 (v0.17): GPU_CHECK_TESTS_S=460 lets a call of build, smoke and tests run them all.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
-  timeout ${GPU_CHECK_TESTS_S:-300} $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
+  timeout ${GPU_CHECK_TESTS_S:-300} env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \
     | tee "$OUT/tests_core.log" | tail -30
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
@@ -124,7 +124,7 @@ fi
 if part compile_cpu; then
   # Not in the default parts: ran past 90 s on the H200 (2026-11-27); compile_debug covers 2.11's CPU gradients.
   stamp "torch.compile tests on the CPU too (this machine's torch differs from CI's)"
-  timeout 90 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=10 -k "cpu and not cuda and (fullgraph or inplace or bfloat16)" \
+  timeout 90 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=10 -k "cpu and not cuda and (fullgraph or inplace or bfloat16)" \
     tests/test_compile.py 2>&1 \
     | tee "$OUT/tests_compile_cpu.log" | tail -5
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -242,7 +242,7 @@ fi
 if part grid; then
   stamp "CUDA tests, part 2: the parity grid and the rest"
   REST=$(ls tests/test_*.py | grep -v -F -e row_layouts -e test_cuda.py -e test_errors -e edge_cases -e test_inplace -e test_compile -e test_autograd -e test_loss_scaling)
-  timeout 300 $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $REST 2>&1 \
+  timeout 300 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $REST 2>&1 \
     | tee "$OUT/tests_rest.log" | tail -20
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
