@@ -1,6 +1,6 @@
 """How exact the lean sweeps' exponent argument is (csrc/cuda/softmax_ce_chunks.cuh, Exp2Base), on the CPU.
 
-The kernels compute e^(x - b) (b: a row's max or log-sum-exp) as 2^((x - b) * L), L = log2(e) rounded to
+The kernels compute e^(x - b) (b: a row's max; a saved log-sum-exp until 2026-11-28) as 2^((x - b) * L), L = log2(e) rounded to
 float32.  The plain sweeps round x - b, then the product (two roundings); the lean ones take one FFMA,
 fma(x, L, c) with c = -b' * L_hi exact (b' = b cut to 11 bits, L_hi = L's top 12 bits), times one per-row
 factor k = 2^(b' L_hi - b L).  This emulates both in float32 arithmetic (an FFMA is the float64 result of

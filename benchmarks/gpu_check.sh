@@ -64,11 +64,12 @@ fi
 XDIST="" XENV=""  # pytest's worker processes where the xdist wheel came along (conftest.py frees each one's cache)
 # Workers need the GPU to take several processes' contexts: its compute mode "Default" (not Exclusive_Process).
 MODE=$(nvidia-smi --query-gpu=compute_mode --format=csv,noheader 2>/dev/null | head -1)
-if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && [ "${MODE:-Default}" = "Default" ] && $PY -c "import xdist" 2>/dev/null; then
+if [ "${GPU_CHECK_WORKERS:-8}" -gt 1 ] && [ "${MODE:-Default}" = "Default" ] && $PY -c "import xdist, execnet" 2>/dev/null; then
   XDIST="-n ${GPU_CHECK_WORKERS:-8}"
-  XENV="TORCHINDUCTOR_COMPILE_THREADS=1"  # the tests' own: else each worker's Inductor starts a pool per core
+  # The tests' own: else each worker's Inductor starts a pool per core, and its torch a thread per core.
+  XENV="TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=$(( $(nproc) / ${GPU_CHECK_WORKERS:-8} > 0 ? $(nproc) / ${GPU_CHECK_WORKERS:-8} : 1 ))"
 fi
-echo "pytest workers: ${XDIST:-none (one process; carry .whl with pytest-xdist for more)}; GPU compute mode: ${MODE:-unknown}"
+echo "pytest workers: ${XDIST:-none, one process (needs the xdist and execnet wheels in .whl, GPU_CHECK_WORKERS > 1 and compute mode Default)}; GPU compute mode: ${MODE:-unknown}"
 
 if part smoke; then
   stamp "smoke: every CUDA kernel family on four shapes"
