@@ -114,7 +114,8 @@ fi
 if part tests; then
   # The tests of the new kernels' risks (layouts, CUDA-only, errors, edge cases, in place, compile, autograd);
   # the big parity grid is a separate part ('grid'), for a second call.
-  # ~330 s of core tests on an H200 (v0.17): GPU_CHECK_TESTS_S=460 lets a call of build, smoke and tests run them all.
+  # ~330 s of core tests on an H200 in one process (v0.17; GPU_CHECK_TESTS_S raises the limit); in xdist workers,
+  # predicted ~60-90 s.
   stamp "CUDA tests, part 1 (every CUDA kernel family)"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_errors.py tests/test_edge_cases.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
   timeout ${GPU_CHECK_TESTS_S:-300} env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=30 -k "cuda and not cpu-" $CORE 2>&1 \

@@ -314,8 +314,8 @@ inline void check_class_indices(const at::Tensor& target, const char* op) {
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> forward_rows_op(Launch launch, const at::Tensor& logits, const at::Tensor& target,
-                                              const c10::optional<at::Tensor>& weight, int64_t ignore_index,
-                                              double eps, const c10::optional<at::Tensor>& status) {
+                                                   const c10::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                   double eps, const c10::optional<at::Tensor>& status) {
   RowLayout L = check_and_layout(logits, target, weight, "forward_rows");
   check_status(status, logits);
   OpTensors o = op_tensors(logits, target, weight, ignore_index, eps);

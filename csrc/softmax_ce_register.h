@@ -19,7 +19,7 @@ struct BackendOps {
   using OptDtype = c10::optional<at::ScalarType>;
 
   static std::tuple<Tensor, Tensor> forward_rows(const Tensor& logits, const Tensor& target, const OptTensor& weight,
-                                            int64_t ignore_index, double eps, const OptTensor& status) {
+                                                 int64_t ignore_index, double eps, const OptTensor& status) {
     return forward_rows_op(Parts::launch, logits, target, weight, ignore_index, eps, status);
   }
 

@@ -44,10 +44,15 @@ def _row_buffer(logits):
     return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
 
 
+def _stats_buffer(logits):
+    """The forward's stats for backward (csrc/softmax_ce.h's stats_buffer): (2, B, S), the max and the sum of
+    e^(x - max)."""
+    return logits.new_empty((2, logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
+
+
 @torch.library.register_fake("softmax_ce_ext::forward_rows")
 def _forward_fake(logits, target, weight, ignore_index, label_smoothing, status):
-    # the rows' losses; their stats for backward: (2, B, S), the max and the sum of e^(x - max)
-    return _row_buffer(logits), logits.new_empty((2, logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
+    return _row_buffer(logits), _stats_buffer(logits)
 
 
 @torch.library.register_fake("softmax_ce_ext::forward_backward")

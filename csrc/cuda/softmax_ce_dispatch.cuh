@@ -358,9 +358,10 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     const int64_t chunks = (L.C + 2 * E - 2) / E;  // 16-byte chunks covering a row, however it is aligned
     const int device = o.logits.get_device();
     if (kStats && !o.loss.defined()) row_outputs(kGrad ? Mode::kStatsGrad : Mode::kStats, o);
+    const StatsPtrs<float> stats = stats_ptrs<float>(o);  // none in the training pass
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
-                          stats_ptrs<float>(o).max, stats_ptrs<float>(o).sum, factor_of<float>(o), nullptr};
+                          stats.max, stats.sum, factor_of<float>(o), nullptr};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (a.P.eps != 0.f)
       launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream);
@@ -415,10 +416,10 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const bool partial = kStats && !o.loss.defined();  // the summed loss only: a partial sum per CTA
     at::Tensor partials;
     if (partial) partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
+    const StatsPtrs<float> stats = stats_ptrs<float>(o);  // none where partial, nor in the training pass
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
-                          stats_ptrs<float>(o).max, stats_ptrs<float>(o).sum,  // none where partial or training
-                          factor_of<float>(o), partial ? partials.data_ptr<float>() : nullptr};
+                          stats.max, stats.sum, factor_of<float>(o), partial ? partials.data_ptr<float>() : nullptr};
     kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, columns::MeanFold{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device: a fixed order
@@ -493,7 +494,8 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   if constexpr (!kProb) {
     if (launch_fast_rows<scalar_t, kStats, kGrad>(L, o)) return;  // allocates the row outputs it needs
   }
-  if (kStats && !o.loss.defined()) row_outputs(kGrad ? Mode::kStatsGrad : Mode::kStats, o);  // they write per-row losses
+  // Every other kernel writes per-row losses (and the forward's stats).
+  if (kStats && !o.loss.defined()) row_outputs(kGrad ? Mode::kStatsGrad : Mode::kStats, o);
   if constexpr (!kProb) {
     if (launch_fast_columns<scalar_t, kStats, kGrad>(L, o)) return;
   }
