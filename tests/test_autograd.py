@@ -120,6 +120,24 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
     torch.testing.assert_close(x.grad, ref.grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("shape", [(6, 7), (4, 5, 3)], ids=["rows", "k-dim"])
+def test_logits_changed_after_the_forward(device, reduction, shape):
+    """The training pass's backward unpacks nothing it saved: logits changed in place after the forward get the
+    gradient of the logits as they were, as PyTorch's (its log_softmax saves its output, not the logits)."""
+    x, target, _ = case(device, shape)
+    grads = []
+    for fn in (F.cross_entropy, cross_entropy):
+        leaf = x.detach().clone().requires_grad_()
+        logits = leaf * 1.0  # not a leaf, so it may be changed in place
+        loss = fn(logits, target, reduction=reduction)
+        with torch.no_grad():
+            logits.mul_(-3.0)
+        loss.backward(torch.tensor(0.5, device=device, dtype=loss.dtype))
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])
 @pytest.mark.parametrize("reduction,kernel", [("mean", "mean_forward"), ("sum", "forward_sum"), ("none", "forward_rows")])
 def test_no_gradient_buffer_without_autograd(device, monkeypatch, mode, reduction, kernel):
