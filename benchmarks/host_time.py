@@ -50,9 +50,9 @@ def pieces(shape, dtype, device):
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g, device=device)
     xg = x.detach().requires_grad_()
     p = _Prepared(x, t, None, -100, "mean", 0.0)
-    rows, _ = ops.forward_rows(p.x3, p.t, None, -100, 0.0, None)
+    rows, _ = ops.forward_rows(p.logits, p.t, None, -100, 0.0, None)
     denom, _ = ops.mean_scale(p.t, None, -100, torch.float32)
-    grad = torch.empty_like(p.x3)
+    grad = torch.empty_like(p.logits)
     one = torch.ones((), device=device)
 
     def no_grad(fn):
@@ -75,13 +75,13 @@ def pieces(shape, dtype, device):
         ("torch fwd+bwd", train(F.cross_entropy)),
         ("ours fwd+bwd", train(softmax_ce_ext.cross_entropy)),
         ("  _Prepared (checks, views)", lambda: _Prepared(x, t, None, -100, "mean", 0.0)),
-        ("  op mean_forward", lambda: ops.mean_forward(p.x3, p.t, None, -100, 0.0, None, x.dtype)),
-        ("  op forward_rows", lambda: ops.forward_rows(p.x3, p.t, None, -100, 0.0, None)),
+        ("  op mean_forward", lambda: ops.mean_forward(p.logits, p.t, None, -100, 0.0, None, x.dtype)),
+        ("  op forward_rows", lambda: ops.forward_rows(p.logits, p.t, None, -100, 0.0, None)),
         ("  op mean_scale", lambda: ops.mean_scale(p.t, None, -100, torch.float32)),
         ("  op sum_rows", lambda: ops.sum_rows(rows, denom, x.dtype)),
-        ("  op mean_forward_backward", lambda: ops.mean_forward_backward(p.x3, p.t, None, -100, 0.0, None, x.dtype)),
+        ("  op mean_forward_backward", lambda: ops.mean_forward_backward(p.logits, p.t, None, -100, 0.0, None, x.dtype)),
         ("  op scale_grad_ (g == 1)", lambda: ops.scale_grad_(grad, one)),
-        ("  torch.empty_like(logits)", lambda: torch.empty_like(p.x3)),
+        ("  torch.empty_like(logits)", lambda: torch.empty_like(p.logits)),
     ]
 
 

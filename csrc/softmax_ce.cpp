@@ -10,9 +10,10 @@
 #include <mutex>
 
 TORCH_LIBRARY(softmax_ce_ext, m) {
-  // Rows of logits (B, C, S), any strides.  target: class indices (B, S) int64, or probabilities (B, C, S) in
-  // the logits' dtype.  weight: (C,) in the accumulation dtype (float32; float64 for float64 logits) or None.
-  // Per-row outputs (B, S) are in the accumulation dtype.  status: {flag, value} of an out-of-range class
+  // Rows of logits (B, C, S), or (B, C) read as (B, C, 1), any strides.  target: class indices (B, S) int64 ((B,)
+  // with (B, C) logits), or probabilities of the logits' shape in the logits' dtype.  weight: (C,) in the
+  // accumulation dtype (float32; float64 for float64 logits) or None.  Per-row outputs (B, S) ((B, 1) for (B, C)
+  // logits) are in the accumulation dtype.  status: {flag, value} of an out-of-range class
   // index, written by the CUDA kernels (which never read out of bounds); the CPU kernels raise IndexError.  None:
   // not recorded (the CPU, and traced code, which then has no tensor of its own to mutate).
 
@@ -68,7 +69,7 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
   // The mean's denominator d and 1/d (0-d, in dtype) without a mask in memory: d is the number of class-index
   // targets != ignore_index, or with weight the sum of weight[t] over them (out-of-range targets count 0).
-  // Two tensors, not views of one: torch.compile refuses intermediates that alias.  target: (B, S).
+  // Two tensors, not views of one: torch.compile refuses intermediates that alias.  target: (B, S) or (B,).
   m.def("mean_scale(Tensor target, Tensor? weight, int ignore_index, ScalarType dtype) -> (Tensor, Tensor)");
   // The sum of per-row values (a 0-d tensor of their dtype) in an order that does not depend on the thread count.
   // divisor (0-d, the values' dtype) and dtype, as in forward_backward: the mean and the loss's dtype in the

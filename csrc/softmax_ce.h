@@ -114,12 +114,28 @@ inline std::string dims(c10::IntArrayRef d) {
 // A target outside [0, C) that is not ignore_index.
 C10_HOST_DEVICE inline bool target_out_of_range(int64_t t, int64_t C) { return t < 0 || t >= C; }
 
+// Positions per row of logits (B, C, S), or 1 for (B, C): the per-row buffers are (B, S).
+inline int64_t positions_of(const at::Tensor& logits) { return logits.dim() == 3 ? logits.size(2) : 1; }
+
+// Class indices (B, S), or (B,) beside (B, C) logits, as (B, S) sizes and strides: a (B,) target reads as the
+// (B, 1) view reshape gives, whose second stride is the first.
+struct IndexRows {
+  int64_t B, S, sB, sS;
+};
+inline IndexRows index_rows(const at::Tensor& target) {
+  if (target.dim() == 1) return {target.size(0), 1, target.stride(0), target.stride(0)};
+  return {target.size(0), target.size(1), target.stride(0), target.stride(1)};
+}
+
 // Validates the kernels' tensor contract and reads the layout off the tensors.
-// logits: (B, C, S), any strides.  target: (B, S) int64 class indices, or (B, C, S) probabilities in the
+// logits: (B, C, S), or (B, C) read as its (B, C, 1) view (no view to make per call: host time); any strides.
+// target: class indices (B, S) int64 ((B,) for (B, C) logits), or probabilities of the logits' shape in the
 // logits' or the accumulation dtype; any strides.  weight: (C,) contiguous in the accumulation dtype.
 inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& target,
                                   const c10::optional<at::Tensor>& weight, const char* op) {
-  TORCH_CHECK(logits.dim() == 3, op, ": expected logits viewed as (B, C, S), got ", logits.dim(), " dims");
+  const bool flat = logits.dim() == 2;
+  TORCH_CHECK(flat || logits.dim() == 3, op, ": expected logits (B, C) or viewed as (B, C, S), got ", logits.dim(),
+              " dims");
   TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": expected floating-point logits, got ",
               logits.scalar_type());
   TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(), " but logits on ",
@@ -134,9 +150,10 @@ inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& ta
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong, op, ": expected int64 class indices, got ",
                 target.scalar_type());
-    TORCH_CHECK(target.dim() == 2 && target.size(0) == logits.size(0) && target.size(1) == logits.size(2), op,
-                ": expected class indices of shape (", logits.size(0), ", ", logits.size(2), "), got ",
-                dims(target.sizes()));
+    TORCH_CHECK(target.dim() == logits.dim() - 1 && target.size(0) == logits.size(0) &&
+                    (flat || target.size(1) == logits.size(2)),
+                op, ": expected class indices of shape ",
+                flat ? dims({logits.size(0)}) : dims({logits.size(0), logits.size(2)}), ", got ", dims(target.sizes()));
   }
   if (weight.has_value()) {
     const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -146,15 +163,18 @@ inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& ta
     TORCH_CHECK(weight->device() == logits.device(), op, ": weight is on ", weight->device(), " but logits on ",
                 logits.device());
   }
+  // (B, C) as its (B, C, 1) view: the position's stride is the class stride, as reshape makes it (same kernels).
+  const int64_t x_sS = flat ? logits.stride(1) : logits.stride(2);
+  const int64_t t_sS = prob ? (flat ? target.stride(1) : target.stride(2)) : index_rows(target).sS;
   return RowLayout{logits.size(0),
                    logits.size(1),
-                   logits.size(2),
+                   positions_of(logits),
                    logits.stride(0),
                    logits.stride(1),
-                   logits.stride(2),
+                   x_sS,
                    target.stride(0),
                    prob ? target.stride(1) : 0,
-                   prob ? target.stride(2) : target.stride(1),
+                   t_sS,
                    0,
                    0,
                    0};
@@ -228,14 +248,15 @@ RowParams<scalar_t, acc_t, target_t> row_params(const OpTensors& o, bool prob) {
 }
 
 inline at::Tensor row_buffer(const at::Tensor& logits) {
-  return at::empty({logits.size(0), logits.size(2)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  return at::empty({logits.size(0), positions_of(logits)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
 }
 
 // The rows' statistics a later gradient needs (kStats writes them, kGrad reads them): (2, B, S) in the accumulation
 // dtype, [0] the max m and [1] the sum s of e^(x - m), so that the gradient is e^(x - m) / s, the training pass's
 // bits.  Not the lse: m + log(s) drops log(s) once |m| >> 1 (1e30 + log 2 == 1e30 in float32).
 inline at::Tensor stats_buffer(const at::Tensor& logits) {
-  return at::empty({2, logits.size(0), logits.size(2)}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  return at::empty({2, logits.size(0), positions_of(logits)},
+                   logits.options().dtype(acc_dtype(logits.scalar_type())));
 }
 
 // The stats' two planes, row r of each at [r] (nullptr where there are none: the training pass writes none).
@@ -259,7 +280,7 @@ inline at::Tensor grad_like(const at::Tensor& logits, RowLayout& L, GradAlloc al
   at::Tensor grad = alloc ? alloc(logits) : at::empty_like(logits, at::MemoryFormat::Preserve);
   L.g_sB = grad.stride(0);
   L.g_sC = grad.stride(1);
-  L.g_sS = grad.stride(2);
+  L.g_sS = grad.dim() == 3 ? grad.stride(2) : grad.stride(1);  // (B, C): as check_and_layout reads the logits
   return grad;
 }
 
@@ -452,7 +473,7 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
   const char* op = inplace ? "backward_" : "backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
   const auto acc = acc_dtype(logits.scalar_type());
-  const std::vector<int64_t> rows{logits.size(0), logits.size(2)};
+  const std::vector<int64_t> rows{logits.size(0), positions_of(logits)};
   TORCH_CHECK(grad_rows.sizes() == rows && grad_rows.scalar_type() == acc && grad_rows.device() == logits.device(),
               op, ": expected grad_rows of shape ", dims(rows), " in ", acc, " on ", logits.device(), ", got ",
               dims(grad_rows.sizes()), " ", grad_rows.scalar_type(), " on ", grad_rows.device());
@@ -470,8 +491,9 @@ at::Tensor backward_op(Launch launch, const at::Tensor& grad_rows, const at::Ten
 }
 
 inline void check_mean_scale(const at::Tensor& target, const c10::optional<at::Tensor>& weight, at::ScalarType dtype) {
-  TORCH_CHECK(target.dim() == 2 && target.scalar_type() == at::kLong,
-              "mean_scale: expected (B, S) int64 class indices, got ", dims(target.sizes()), " ", target.scalar_type());
+  TORCH_CHECK((target.dim() == 2 || target.dim() == 1) && target.scalar_type() == at::kLong,
+              "mean_scale: expected (B, S) or (B,) int64 class indices, got ", dims(target.sizes()), " ",
+              target.scalar_type());
   TORCH_CHECK(!weight.has_value() || (weight->dim() == 1 && weight->is_contiguous() && weight->is_floating_point() &&
                                       weight->device() == target.device()),
               "mean_scale: expected a contiguous 1-d floating weight on ", target.device());

@@ -40,14 +40,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _positions(logits):
+    """Positions per row: S of (B, C, S) logits, 1 of (B, C) (csrc/softmax_ce.h's positions_of)."""
+    return logits.shape[2] if logits.dim() == 3 else 1
+
+
 def _row_buffer(logits):
-    return logits.new_empty((logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
+    return logits.new_empty((logits.shape[0], _positions(logits)), dtype=acc_dtype(logits.dtype))
 
 
 def _stats_buffer(logits):
     """The forward's stats for backward (csrc/softmax_ce.h's stats_buffer): (2, B, S), the max and the sum of
     e^(x - max)."""
-    return logits.new_empty((2, logits.shape[0], logits.shape[2]), dtype=acc_dtype(logits.dtype))
+    return logits.new_empty((2, logits.shape[0], _positions(logits)), dtype=acc_dtype(logits.dtype))
 
 
 @torch.library.register_fake("softmax_ce_ext::forward_rows")

@@ -27,7 +27,8 @@ def _shape(t):
 
 
 class _Prepared:
-    """Validated arguments: logits viewed as (B, C, S); targets as (B, S) int64 or (B, C, S) probabilities.
+    """Validated arguments: logits as the kernels take them, (B, C) as given or viewed as (B, C, S); targets as
+    (B,) or (B, S) int64, or probabilities of the logits' shape.
     Errors carry PyTorch's exception classes, and say what was expected and what came."""
 
     def __init__(self, input, target, weight, ignore_index, reduction, label_smoothing, weight_grad=False):
@@ -81,7 +82,8 @@ class _Prepared:
             if weight.device != device:
                 raise RuntimeError(f"cross_entropy: weight is on {weight.device} but input is on {device}")
         self.x3_shape = (batch, classes, spatial)
-        self.x3, self.t, self.weight = kernel_views(input, target, weight, self.x3_shape, prob)
+        # (B, C) logits go to the kernels as they are: no view to make (host time).
+        self.logits, self.t, self.weight = kernel_views(input, target, weight, self.x3_shape, prob, rows=dim == 2)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.eps = max(float(label_smoothing), 0.0)  # PyTorch treats a negative smoothing as none
@@ -113,7 +115,7 @@ class _Prepared:
         if inv_denom is not None:
             return inv_denom
         scale = 1.0 / max(self.positions, 1) if self.reduction == "mean" else 1.0
-        return torch.full((), scale, dtype=self.acc, device=self.x3.device)
+        return torch.full((), scale, dtype=self.acc, device=self.logits.device)
 
     def finish(self, total, denom):
         """The loss from the summed (or per-row) losses: the mean's division where no kernel did it (no
@@ -206,49 +208,55 @@ def _fuses_gradient(dtype):
 def _rows_total(p, status, denom=None):
     """(the rows' losses, or their sum, over the mean's denominator where one is given; their stats for backward)."""
     divisor, loss_dtype = p.loss_fold(denom)
-    rows, stats = ops.forward_rows(p.x3, p.t, p.weight, p.ignore_index, p.eps, status)
+    rows, stats = ops.forward_rows(p.logits, p.t, p.weight, p.ignore_index, p.eps, status)
     return rows.reshape(p.out_shape) if p.reduction == "none" else ops.sum_rows(rows, divisor, loss_dtype), stats
 
 
 def _loss_only(p, status):
     """(total, denom) for p.finish where no gradient is wanted: one op, and no per-row outputs but for 'none'."""
     if p.reduction == "mean" and not p.prob:
-        return ops.mean_forward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status, p.out_dtype)
+        return ops.mean_forward(p.logits, p.t, p.weight, p.ignore_index, p.eps, status, p.out_dtype)
     # 'none'; and traced, where torch 2.14's Inductor fails on forward_sum ("getitem is not an OpOverload": one
     # output, and its one mutable argument, the status, None there): the rows (and their sum).
     if p.reduction == "none" or torch.compiler.is_compiling():
         return _rows_total(p, status)[0], None
     divisor, loss_dtype = p.loss_fold(None)  # sum; or a mean of probabilities, which finish() divides
-    return ops.forward_sum(p.x3, p.t, p.weight, p.ignore_index, p.eps, status, divisor, loss_dtype), None
+    return ops.forward_sum(p.logits, p.t, p.weight, p.ignore_index, p.eps, status, divisor, loss_dtype), None
 
 
 def loss_without_grad(p):
     """The loss of a _Prepared `p` outside autograd (nothing requires a gradient): no Function, nothing saved."""
-    device = p.x3.device
+    device = p.logits.device
     total, denom = _loss_only(p, _status.buffer_for(device))
     _status.launched(device)
     total = p.finish(total, denom)
     return total if total.dtype == p.out_dtype else total.to(p.out_dtype)
 
 
-def kernel_views(input, target, weight, x3_shape, prob, detach=True):
+def kernel_views(input, target, weight, x3_shape, prob, detach=True, rows=False):
     """What the kernels take: logits (B, C, S); targets (B, S) int64 or (B, C, S) in the logits' or the
     accumulation dtype; weight contiguous in the accumulation dtype.  Views where possible, never of the logits
-    a copy.  Rebuilt in backward from the saved inputs (torch.compile cannot save views of inputs); detach=False
-    there under create_graph, for the composites to differentiate through the targets and the weight."""
+    a copy.  rows: (B, C) logits and their (B,) or (B, C) targets as they are (the kernels read them as the
+    (B, C, 1) view; no view to make per call).  Rebuilt in backward from the saved inputs (torch.compile cannot
+    save views of inputs) as (B, C, S), which the composites there index; detach=False there under
+    create_graph, for the composites to differentiate through the targets and the weight."""
     batch, classes, spatial = x3_shape
     if prob:
         acc = acc_dtype(input.dtype)
         if target.dtype not in (input.dtype, acc):
             target = target.to(acc)  # the kernels read either dtype; never round a finer target
-        target = (target.detach() if detach else target).reshape(batch, classes, spatial)
+        if detach:
+            target = target.detach()
+        if not rows:
+            target = target.reshape(batch, classes, spatial)
     else:
-        target = target.reshape(batch, spatial)
+        if not rows:
+            target = target.reshape(batch, spatial)
         if target.dtype != torch.int64:
             target = target.long()  # uint8 class indices
     if weight is not None:
         weight = (weight.detach() if detach else weight).to(acc_dtype(input.dtype)).contiguous()
-    return input.reshape(x3_shape), target, weight
+    return (input if rows else input.reshape(x3_shape)), target, weight
 
 
 def _raise_no_classes(input, target, ignore_index):
@@ -297,7 +305,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             _refuse_export(want_composite)
         inplace = bool(inplace_backward) and want_input_grad  # without a gradient the logits are left alone
         if inplace:
-            p.x3 = _inplace_view(input, p.x3_shape, want_composite)
+            p.logits = _inplace_view(input, p.logits, p.x3_shape, want_composite)
         status = _status.buffer_for(input.device)
         grad = None
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
@@ -305,11 +313,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # One op: the mean's denominator, the loss and its gradient (CUDA may count the denominator in-kernel).
             stats = None
             if inplace:  # the input now holds the gradient, and is saved as such below
-                total, denom = ops.mean_forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
+                total, denom = ops.mean_forward_backward_(p.logits, p.t, p.weight, p.ignore_index, p.eps, status,
                                                           p.out_dtype)
                 torch.autograd.graph.increment_version(input)
             else:
-                total, grad, denom = ops.mean_forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, status,
+                total, grad, denom = ops.mean_forward_backward(p.logits, p.t, p.weight, p.ignore_index, p.eps, status,
                                                                p.out_dtype)
         elif fused:  # sum, or a mean of probabilities
             denom, inv_denom = p.mean_denominator()
@@ -318,11 +326,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # The summed loss only: no per-row loss or stats buffers (a second backward runs this pass again).
             stats = None
             if inplace:
-                total = ops.forward_backward_(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
+                total = ops.forward_backward_(p.logits, p.t, p.weight, p.ignore_index, p.eps, grad_scale, status,
                                               divisor, loss_dtype)
                 torch.autograd.graph.increment_version(input)
             else:
-                total, grad = ops.forward_backward(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
+                total, grad = ops.forward_backward(p.logits, p.t, p.weight, p.ignore_index, p.eps, grad_scale,
                                                    status, divisor, loss_dtype)
             ctx.grad_scale = grad_scale
         elif want_input_grad or want_composite:
@@ -343,9 +351,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
         if want_input_grad or want_composite:
             ctx.save_for_backward(input, target, weight, stats, denom)
-            # consumed (scaled in place) by the first backward; viewed as the input here, where a view costs
-            # less host time than in the backward (~0.8 against ~2.3 us, CPU, v0.20-dev)
-            ctx.grad_buf = None if grad is None else grad.view(input.shape)
+            # consumed (scaled in place) by the first backward; in the input's shape already for (B, C) logits,
+            # else viewed so here, where a view costs less host time than in the backward (~0.8 against ~2.3 us)
+            ctx.grad_buf = grad if grad is None or grad.dim() == input.dim() else grad.view(input.shape)
             # the first backward's common case, decided once: only the logits' gradient, written by the forward
             ctx.fast_backward = fused and not inplace and not want_composite
             ctx.fused = fused  # the forward wrote the gradient
@@ -434,8 +442,9 @@ def _refuse_export(want_composite):
     )
 
 
-def _inplace_view(input, x3_shape, want_composite):
-    """The (B, C, S) view that inplace_backward=True writes the gradient into; refuses what it would corrupt."""
+def _inplace_view(input, logits, x3_shape, want_composite):
+    """The logits that inplace_backward=True writes the gradient into: the input itself where the kernels take it
+    as it is (`logits`, (B, C)), else its (B, C, S) view; refuses what it would corrupt."""
     if input.is_leaf:
         raise RuntimeError(
             "cross_entropy: inplace_backward=True writes the gradient over the logits, so they must not be a leaf "
@@ -447,6 +456,8 @@ def _inplace_view(input, x3_shape, want_composite):
             "cross_entropy: inplace_backward=True destroys the logits, which the gradients of probability targets "
             "and of the class weight need; got targets or a weight that require grad"
         )
+    if logits is input:
+        return input
     try:
         return input.view(x3_shape)
     except RuntimeError:

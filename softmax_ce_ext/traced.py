@@ -103,18 +103,18 @@ def cross_entropy(p):
     denom, inv_denom = p.mean_denominator()
     divisor, loss_dtype = p.loss_fold(denom)
     if p.reduction == "none":
-        rows, _ = rows_and_stats(p.x3, p.t, p.weight, p.ignore_index, p.eps)
+        rows, _ = rows_and_stats(p.logits, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.reshape(p.out_shape)
-    elif not (_fuses_gradient(p.x3.dtype) and torch.is_grad_enabled() and p.x3.requires_grad):
+    elif not (_fuses_gradient(p.logits.dtype) and torch.is_grad_enabled() and p.logits.requires_grad):
         # float16 (the gradient from the rows' stats, grad_output in its factor), or no gradient wanted now
-        rows, _ = rows_and_stats(p.x3, p.t, p.weight, p.ignore_index, p.eps)
+        rows, _ = rows_and_stats(p.logits, p.t, p.weight, p.ignore_index, p.eps)
         total = rows.sum() if divisor is None else rows.sum() / divisor
     else:
         grad_scale = p.grad_scale(inv_denom)
         if p.reduction == "mean" and denom is None:
             # A mean of probabilities: the op's loss must be the mean its gradient (scaled by 1 / positions) is of;
             # divided by finish() instead, autograd would apply 1 / positions a second time.
-            denom = divisor = torch.full((), float(p.prob_count), dtype=p.acc, device=p.x3.device)
+            denom = divisor = torch.full((), float(p.prob_count), dtype=p.acc, device=p.logits.device)
             loss_dtype = p.out_dtype
-        total, _ = train_loss(p.x3, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
+        total, _ = train_loss(p.logits, p.t, p.weight, p.ignore_index, p.eps, grad_scale, divisor, loss_dtype)
     return p.finish(total, denom).to(p.out_dtype)

@@ -107,11 +107,13 @@ def test_compile_probability_targets(device, path, reduction, monkeypatch):
 def _op_samples(device):
     """Arguments for every op, in each target kind and dtype family."""
     samples = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    # (B, C, S) logits, and (B, C) ones with (B,) class indices (taken as they are: no view per call)
+    for dtype, positions in ((torch.float32, (3,)), (torch.bfloat16, (3,)), (torch.float64, (3,)),
+                             (torch.float32, ()), (torch.bfloat16, ())):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        x = torch.randn(4, 7, 3, dtype=dtype, device=device)
-        idx = torch.randint(0, 7, (4, 3), device=device)
-        prob = torch.softmax(torch.randn(4, 7, 3, device=device), 1).to(dtype)
+        x = torch.randn(4, 7, *positions, dtype=dtype, device=device)
+        idx = torch.randint(0, 7, (4, *positions), device=device)
+        prob = torch.softmax(torch.randn(4, 7, *positions, device=device), 1).to(dtype)
         w = torch.rand(7, dtype=acc, device=device)
         status = torch.zeros(2, dtype=torch.int64, device=device)
         scale = torch.tensor(0.5, dtype=acc, device=device)
@@ -120,7 +122,7 @@ def _op_samples(device):
             samples.append((ops.forward_rows, (x, target, weight, ignore, 0.1, status)))
             samples.append((ops.forward_backward, (x, target, weight, ignore, 0.1, scale, status)))
             _, stats = ops.forward_rows(x, target, weight, ignore, 0.1, status)
-            rows = torch.rand(4, 3, dtype=acc, device=device)
+            rows = torch.rand(4, *(positions or (1,)), dtype=acc, device=device)
             samples.append((ops.backward, (rows, x, target, weight, stats, ignore, 0.1)))
             samples.append((ops.forward_backward_, (x.clone(), target, weight, ignore, 0.1, scale, status)))
             samples.append((ops.forward_sum, (x, target, weight, ignore, 0.1, status)))
@@ -140,6 +142,8 @@ def _op_samples(device):
                 samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, None, dtype)))
                 samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, status)))
                 samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, None, dtype)))
+        if not positions:
+            continue
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale.to(torch.bfloat16))))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
@@ -148,6 +152,7 @@ def _op_samples(device):
         for w in (None, torch.rand(7, dtype=acc, device=device)):
             samples.append((ops.mean_scale, (t2, w, 2, acc)))
             samples.append((ops.mean_scale, (t2.t(), w, 2, acc)))  # strided targets
+            samples.append((ops.mean_scale, (t2[:, 0], w, 2, acc)))  # (B,) targets of (B, C) logits, strided
     return samples
 
 

@@ -336,3 +336,61 @@ def test_grouped_rows_walk_the_grid(device, dtype, classes):
     bound = atol * ref_grad.abs().max() + 8 * 2.0**-24 * scale + rtol * ref_grad.abs()
     bad = (grad.double() - ref_grad).abs() > bound
     assert not bool(bad.any()), f"grad: {int(bad.sum())} of {bad.numel()} entries outside the tolerance"
+
+
+# (B, C) logits go to the kernels as they are (no view per call: host time); the kernels read them as the
+# (B, C, 1) view reshape makes.  (why, logits from a (B, C) draw, class indices from a (B,) draw)
+ROWS_FORMS = {
+    "dense": ("contiguous rows, contiguous targets", lambda x: x, lambda t: t),
+    "transposed": ("column-major logits (the CPU's transposed rows), strided targets",
+                   lambda x: x.t().contiguous().t(), lambda t: torch.stack([t, t], 1)[:, 0]),
+    "sliced": ("rows one element into a wider buffer, targets every other element",
+               lambda x: torch.cat([x[:, :1], x], 1)[:, 1:], lambda t: torch.stack([t, t], 1).reshape(-1)[::2]),
+}
+
+
+@pytest.mark.parametrize("form", list(ROWS_FORMS))
+@pytest.mark.parametrize("shape", [(37, 7), (9, 1000)], ids=["few-classes", "warp-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_as_given_equal_their_view(device, kernel_path, form, shape, dtype):
+    """Every op on (B, C) logits with (B,) class indices (or (B, C) probabilities) gives the bits of the same op on
+    their (B, C, 1) and (B, 1) views, in each layout of ROWS_FORMS."""
+    _, logits_of, target_of = ROWS_FORMS[form]
+    b, c = shape
+    g = torch.Generator().manual_seed(b * c)
+    x = logits_of((torch.randn(b, c, generator=g) * 3).to(dtype).to(device))
+    idx = target_of(torch.randint(0, c, (b,), generator=g).to(device))
+    idx[3] = -100
+    prob = logits_of(torch.softmax(torch.randn(b, c, generator=g), 1).to(dtype).to(device))
+    w = (torch.rand(c, generator=g) + 0.2).to(device)
+    scale = torch.tensor(0.25, device=device)
+    rows = torch.rand(b, 1, generator=g).to(device)
+    ops = torch.ops.softmax_ce_ext
+
+    def same(a, b3, what):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b3 if isinstance(b3, tuple) else (b3,)):
+            assert u.shape == v.shape or u.shape == v.shape[:2], what
+            assert torch.equal(u, v.reshape(u.shape)), what
+
+    for target, weight in ((idx, None), (idx, w), (prob, w)):
+        x3, t3 = x.view(b, c, 1), target.view(b, 1) if target is idx else target.view(b, c, 1)
+        ignore = -100 if target is idx else -1
+        cases = {
+            "forward_rows": lambda x, t: ops.forward_rows(x, t, weight, ignore, 0.1, None),
+            "forward_backward": lambda x, t: ops.forward_backward(x, t, weight, ignore, 0.1, scale, None),
+            "forward_sum": lambda x, t: ops.forward_sum(x, t, weight, ignore, 0.1, None, scale, dtype),
+            "forward_backward_": lambda x, t: (ops.forward_backward_(x.clone(), t, weight, ignore, 0.1, scale, None),),
+        }
+        if target is idx:
+            cases["mean_forward"] = lambda x, t: ops.mean_forward(x, t, weight, ignore, 0.1, None, dtype)
+            cases["mean_forward_backward"] = lambda x, t: ops.mean_forward_backward(x, t, weight, ignore, 0.1, None)
+            cases["mean_scale"] = lambda x, t: ops.mean_scale(t, weight, ignore, torch.float32)
+        for name, op in cases.items():
+            same(op(x, target), op(x3, t3), f"{name}, {'indices' if target is idx else 'probabilities'}")
+        _, stats = ops.forward_rows(x, target, weight, ignore, 0.1, None)
+        same(ops.backward(rows, x, target, weight, stats, ignore, 0.1),
+             ops.backward(rows, x3, t3, weight, stats, ignore, 0.1), "backward")
+        x_in, x3_in = x.clone(), x.clone()
+        ops.backward_(rows, x_in, target, weight, stats, ignore, 0.1)
+        ops.backward_(rows, x3_in.view(b, c, 1), t3, weight, stats, ignore, 0.1)
+        assert torch.equal(x_in, x3_in), "backward_"

@@ -417,9 +417,10 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, cons
                                                   int64_t ignore_index, at::ScalarType dtype) {
   check_mean_scale(target, weight, dtype);
   constexpr int64_t kBlock = 4096;
-  const int64_t B = target.size(0), S = target.size(1), n = B * S, blocks = (n + kBlock - 1) / kBlock;
+  const IndexRows rows = index_rows(target);  // no structured bindings: lambdas capture these (C++17)
+  const int64_t B = rows.B, S = rows.S, sB = rows.sB, sS = rows.sS;
+  const int64_t n = B * S, blocks = (n + kBlock - 1) / kBlock;
   const int64_t* t = target.data_ptr<int64_t>();
-  const int64_t sB = target.stride(0), sS = target.stride(1);
   const bool dense = sS == 1 && sB == S;
   auto target_at = [&](int64_t i) { return dense ? t[i] : t[(i / S) * sB + (i % S) * sS]; };  // dense: no division
   at::Tensor denom = at::empty({}, target.options().dtype(dtype)), inv = at::empty({}, target.options().dtype(dtype));

@@ -266,7 +266,8 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
 std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
                                                    int64_t ignore_index, at::ScalarType dtype) {
   check_mean_scale(target, weight, dtype);
-  const int64_t B = target.size(0), S = target.size(1), n = B * S;
+  const IndexRows rows = index_rows(target);
+  const int64_t S = rows.S, sB = rows.sB, sS = rows.sS, n = rows.B * S;
   const c10::cuda::CUDAGuard guard(target.device());
   constexpr int kThreads = 256;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
@@ -284,14 +285,14 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   };
   if (!weight.has_value()) {
     mean_scale_partial_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
-        target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, nullptr, 0, ignore_index,
+        target.data_ptr<int64_t>(), S, sB, sS, n, nullptr, 0, ignore_index,
         partial.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish(int64_t{});
   } else {
     AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "mean_scale_cuda", [&] {
       mean_scale_partial_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          target.data_ptr<int64_t>(), S, target.stride(0), target.stride(1), n, weight->data_ptr<scalar_t>(),
+          target.data_ptr<int64_t>(), S, sB, sS, n, weight->data_ptr<scalar_t>(),
           weight->numel(), ignore_index, partial.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       finish(scalar_t{});
