@@ -391,7 +391,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             if not (ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])):
                 return grad_input, None, None, None, None, None, None, None
         graph = torch.is_grad_enabled()  # create_graph=True: composites to differentiate again, targets attached
-        x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob, detach=not graph)
+        prob_grads = ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        # (B, C) logits as they are where only a kernel reads them; the composites index (B, C, S)
+        rows = input.dim() == 2 and not (graph or prob_grads or ctx.inplace)
+        x3, t, weight = kernel_views(input, target, weight, ctx.x3_shape, ctx.prob, detach=not graph, rows=rows)
         rows_shape = (ctx.x3_shape[0], ctx.x3_shape[2])
         g = grad_out.to(acc_dtype(input.dtype))
         if ctx.reduction == "none":
@@ -416,9 +419,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad = x3
             else:  # reduction='none'; probabilities; float16
                 grad = ops.backward(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
-            grad_input = grad.reshape(input.shape)
+            grad_input = grad if rows else grad.reshape(input.shape)
         grad_weight = None
-        if ctx.prob and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        if prob_grads:
             # Both are -f * (their other factor) * log_softmax(x): one log_softmax for the two.
             x = x3.to(factor.dtype)
             f_logp = factor.unsqueeze(1) * torch.log_softmax(x, dim=1)  # PyTorch's: NaN across a row holding +inf
