@@ -56,7 +56,8 @@ def buffer_for(device: torch.device):
     status = _cuda.get(index)
     if status is None:
         status = _cuda[index] = _DeviceStatus(torch.device("cuda", index))
-    if not torch.cuda.is_current_stream_capturing():
+    # The flag first (a memory read): the capture query is a CUDA call, on every forward otherwise.
+    if status.flag.value and not torch.cuda.is_current_stream_capturing():
         status.raise_if_flagged(wait=False)
     return status.buffer
 
