@@ -145,6 +145,8 @@ def _check_class_indices(dim, shape, target, batch, weight_grad):
     if dim <= 2:
         if target_dim > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if dim == 2 and target_dim == 0:  # with a batch of 0 (else the batch check raised): PyTorch's size(0)
+            raise IndexError("Dimension specified as 0 but tensor has no dimensions")
         _check_index_dtype(target)
         if dim == 1 and target.numel() != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")

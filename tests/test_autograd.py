@@ -124,7 +124,8 @@ def test_upstream_gradient_of_one_returns_fused_gradient(device):
 @pytest.mark.parametrize("shape", [(6, 7), (4, 5, 3)], ids=["rows", "k-dim"])
 def test_logits_changed_after_the_forward(device, reduction, shape):
     """The training pass's backward unpacks nothing it saved: logits changed in place after the forward get the
-    gradient of the logits as they were, as PyTorch's (its log_softmax saves its output, not the logits)."""
+    gradient of the logits as they were, as PyTorch's (its log_softmax saves its output, not the logits).  (Targets
+    or a weight changed so raise in PyTorch, not here: README's differences.)"""
     x, target, _ = case(device, shape)
     grads = []
     for fn in (F.cross_entropy, cross_entropy):
@@ -136,6 +137,20 @@ def test_logits_changed_after_the_forward(device, reduction, shape):
         loss.backward(torch.tensor(0.5, device=device, dtype=loss.dtype))
         grads.append(leaf.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_targets_changed_after_the_forward(device, reduction):
+    """Where PyTorch raises (nll_loss saved the targets and the weight), the training pass gives the gradient of the
+    loss its forward computed (README: differences kept on purpose)."""
+    x, target, weight = case(device)
+    ref = x.detach().clone().requires_grad_()
+    F.cross_entropy(ref, target, weight, reduction=reduction).backward()
+    loss = cross_entropy(x, target, weight, reduction=reduction)
+    target.fill_(0)
+    weight.mul_(3.0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, ref.grad)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "requires_grad_false"])

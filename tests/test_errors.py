@@ -36,6 +36,8 @@ CASES = [
     ("0-d input", torch.tensor(1.0), long(0), {}, IndexError, r"got a 0-d tensor"),
     ("0-d target for 2-D input", torch.randn(3, 4), long(1)[0], {}, ValueError,
      r"^Expected input batch_size \(3\) to match target batch_size \(0\).$"),
+    ("0-d target for an empty 2-D input", torch.randn(0, 4), long(1)[0], {}, IndexError,
+     r"^Dimension specified as 0 but tensor has no dimensions$"),
     ("batch size mismatch", torch.randn(3, 4), long(0, 1, 2, 3), {}, ValueError,
      r"Expected input batch_size \(3\) to match target batch_size \(4\)"),
     ("weight of the wrong size", torch.randn(3, 4), long(0, 1, 2), dict(weight=torch.ones(5)), RuntimeError,
