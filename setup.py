@@ -11,7 +11,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
-DEFAULT_ARCHS = "8.0;9.0+PTX"  # Ampere and Hopper machine code, plus PTX that newer GPUs can JIT
+# Turing (T4, RTX 20: the oldest CUDA 13 compiles for), Ampere and Hopper machine code, plus PTX that newer GPUs
+# can JIT.  Ada (8.9) runs Ampere's code; Volta and older need a CUDA 12 toolkit, and a torch built for it.
+DEFAULT_ARCHS = "7.5;8.0;9.0+PTX"
 
 
 def say(msg):

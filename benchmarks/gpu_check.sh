@@ -21,7 +21,7 @@
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel pytest-xdist execnet
 #   pytest-xdist (carried, not a dependency): the test parts run in GPU_CHECK_WORKERS processes (default 8 of the
 #     16 cores) sharing the GPU; the ~6000 core tests are host-bound (~55 ms each, ~330 s in one process, v0.17)
-#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe trace ncu stalls grid compile"
+#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe trace ncu stalls grid compile turing"
 #                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -254,6 +254,23 @@ if part compile; then
   timeout 90 $PY benchmarks/bench.py --device cuda --no-progress --shapes 8192x128256 --dtype bfloat16 \
     --mode fwd fwd+bwd --providers ours compile 2>&1 | tee "$OUT/bench_compile.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if part turing; then
+  # The pre-sm_80 kernels (plain 16-byte copies where cp.async stages rows; no clusters) built as compute_75 PTX,
+  # which the driver JITs for this GPU: Turing's code paths run here.  Its own tree: the main build stays.
+  stamp "turing: the compute_75 kernels (JIT-compiled for this GPU), the row layouts and edge cases"
+  TREE=/tmp/sce_turing && rm -rf $TREE && mkdir -p $TREE && cp -r csrc softmax_ce_ext tests setup.py pyproject.toml README.md $TREE/
+  rm -f $TREE/softmax_ce_ext/*.so
+  if (cd $TREE && TORCH_CUDA_ARCH_LIST="7.5+PTX" timeout 200 $PY setup.py -q build_ext --inplace) > "$OUT/turing.log" 2>&1; then
+    # this tree's package first, ahead of the main checkout's editable install
+    TURING_PATH="$TREE:${PYTHONPATH:-}"
+    (cd $TREE && PYTHONPATH=$TURING_PATH $PY -c "import softmax_ce_ext as s; print(s.__file__, s.build_info()['archs'])"
+     PYTHONPATH=$TURING_PATH timeout 150 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 \
+       -k "cuda and not cpu-" tests/test_row_layouts.py tests/test_edge_cases.py) 2>&1 | tee -a "$OUT/turing.log" | tail -8
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  else
+    tail -30 "$OUT/turing.log"; echo "TURING BUILD FAILED"; status=1
+  fi
 fi
 stamp "done, status $status"
 exit $status

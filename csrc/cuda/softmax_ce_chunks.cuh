@@ -173,18 +173,46 @@ __device__ __forceinline__ void chunk_p(float (&out)[E], const float (&v)[E], fl
 }
 
 // 16 bytes from global to shared memory without passing through registers (sm_80+), and the wait for them.
+// Before sm_80 (Volta, Turing: no cp.async) a plain 16-byte load and store: the copy lands when it is issued, which
+// is within the window an asynchronous one may land in, so the same barriers order it; the waits are then no-ops.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define SOFTMAX_CE_CP_ASYNC 1
+#else
+#define SOFTMAX_CE_CP_ASYNC 0
+#endif
 __device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {
+#if SOFTMAX_CE_CP_ASYNC
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
 }
-__device__ __forceinline__ void copy_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+__device__ __forceinline__ void copy_async_wait_all() {
+#if SOFTMAX_CE_CP_ASYNC
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
 
 // Copies issued since the last commit form a group; wait_prior waits for every group but the newest.
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void copy_async_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void copy_async_commit() {
+#if SOFTMAX_CE_CP_ASYNC
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void copy_async_wait_prior() {
+#if SOFTMAX_CE_CP_ASYNC
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
 // Waits until at most the newest N groups are still in flight.
 template <int N>
-__device__ __forceinline__ void copy_async_wait_all_but() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void copy_async_wait_all_but() {
+#if SOFTMAX_CE_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#undef SOFTMAX_CE_CP_ASYNC
 
 // Stores chunk k of a gradient row (values v for classes first .. first+E-1): one 16-byte store when the
 // chunk lies inside [0, C) and the gradient row has the logits' alignment; element by element otherwise.

@@ -121,8 +121,8 @@ int row_block_threads(int64_t C) {
 template <typename Kernel, typename Launch>
 bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning& tune, int ring_kb, int device,
                    cudaStream_t stream, const Launch& launch) {
-  const int smem_optin = device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, smem_optin - 2048);  // 2 KiB static
+  const int optin = smem_optin(device);
+  const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, optin - 2048);  // 2 KiB static
   const void* key = reinterpret_cast<const void*>(kernel);
   // Clusters need the kernel's sm_90 code: PTX of an older arch, JIT-compiled, has the one-CTA version.
   const int ptx = launch_fact(device, key, kFactPtx, 0, [&] {
@@ -131,7 +131,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     return fa.ptxVersion;
   });
   const int max_cluster = device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9 && ptx >= 90 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
-  allow_smem(device, kernel, [&] { return smem_optin - 2048; });
+  allow_smem(device, kernel, [&] { return optin - 2048; });
   for (int n = 1; n <= max_cluster; n *= 2) {
     const int64_t slice = (chunks + n - 1) / n;
     if (slice * 16 > budget) continue;
@@ -139,7 +139,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     const int64_t rounded = (slice + rows::kSliceThreads - 1) / rows::kSliceThreads * rows::kSliceThreads;
     const int64_t wanted = int64_t{ring_kb} * 64 / rows::kSliceThreads * rows::kSliceThreads;
     int64_t ring = ring_kb > 0 ? std::max(rounded, wanted) : 0;
-    if (ring * 16 > smem_optin - 2048) ring = 0;
+    if (ring * 16 > optin - 2048) ring = 0;
     const int bytes = static_cast<int>((ring ? ring : slice) * 16);
     const bool cluster16 = n <= 8 || launch_fact(device, key, kFactCluster16, 0, [&] {
       if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) return 1;
@@ -306,7 +306,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
       allow_smem(device, kernel, [&] {
         cudaFuncAttributes fa;
         C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-        return device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin) - static_cast<int>(fa.sharedSizeBytes);
+        return smem_optin(device) - static_cast<int>(fa.sharedSizeBytes);
       });
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
@@ -372,6 +372,13 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
 }
 
 // The K-dim kernel (softmax_ce_columns.cuh) applies: positions contiguous, every chunk 16-byte aligned.
+// Threads per CTA of the K-dim kernel: C chunks of shared memory each, within its budget.
+inline int columns_threads(int64_t C) {
+  int threads = 128;
+  while (threads > 32 && int64_t{threads} * C * 16 > columns::kBlockBudget) threads /= 2;
+  return threads;
+}
+
 template <typename T, bool kGrad>
 bool columns_apply(const RowLayout& L, const OpTensors& o, const CudaTuning& tune) {
   auto aligned = [](const void* p, int64_t sC, int64_t sB) {
@@ -382,14 +389,9 @@ bool columns_apply(const RowLayout& L, const OpTensors& o, const CudaTuning& tun
   return !std::is_same_v<T, double> && tune.path != CudaPath::kLegacy && L.S >= 2 && L.C >= 1 &&
          items < (1LL << 31) &&
          L.C <= columns::kMaxClasses && L.x_sS == 1 && aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) &&
-         (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB)));
-}
-
-// Threads per CTA of the K-dim kernel: C chunks of shared memory each, within its budget.
-inline int columns_threads(int64_t C) {
-  int threads = 128;
-  while (threads > 32 && int64_t{threads} * C * 16 > columns::kBlockBudget) threads /= 2;
-  return threads;
+         (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB))) &&
+         // the CTA's chunks in this GPU's shared memory (up to 96 KiB: more than a Turing CTA may have)
+         int64_t{columns_threads(L.C)} * L.C * 16 <= smem_optin(o.logits.get_device());
 }
 
 // The K-dim kernel.  Where only the summed loss is wanted (the training pass, a no-grad mean: no per-row buffers)
@@ -408,7 +410,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int device = o.logits.get_device();
     auto kernel = kGrad && tune.kdim_prefetch ? columns::columns_kernel<T, kStats, kGrad, false, kGrad>
                                               : columns::columns_kernel<T, kStats, kGrad, false, false>;
-    allow_smem(device, kernel, [] { return columns::kBlockBudget; });
+    allow_smem(device, kernel, [&] { return std::min(columns::kBlockBudget, smem_optin(device)); });
     const int per_sm = blocks_per_sm(device, kernel, threads, smem);
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
@@ -451,7 +453,8 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
                 : tune.kdim_prefetch ? columns::columns_kernel<T, true, true, true, true>
                                      : columns::columns_kernel<T, true, true, true, false>;
   const void* key = reinterpret_cast<const void*>(kernel);
-  allow_smem(device, kernel, [] { return columns::kBlockBudget + columns::kFoldBudget; });
+  const int smem_cap = std::min(columns::kBlockBudget + columns::kFoldBudget, smem_optin(device));
+  allow_smem(device, kernel, [&] { return smem_cap; });
   auto per_sm_at = [&](int smem) { return blocks_per_sm(device, kernel, threads, smem); };
   const int64_t items = L.B * ((L.S + E - 1) / E);
   // Fewer CTAs give each thread more items, so more target bytes: from the most CTAs per SM the logits allow
@@ -462,6 +465,7 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
     const int64_t code_smem = (per_thread * threads * E + 15) / 16 * 16;
     if (code_smem > columns::kFoldBudget) return false;  // fewer CTAs would only need more
     const int smem = logit_smem + static_cast<int>(code_smem);
+    if (smem > smem_cap) return false;  // Turing's 64 KiB; fewer CTAs would only need more
     if (int64_t{per_sm_at(smem)} * sm_count(device) < blocks) continue;
     at::Tensor counts = at::empty({blocks}, o.logits.options().dtype(at::kInt));
     at::Tensor denom = at::empty({}, o.logits.options().dtype(at::kFloat));

@@ -20,6 +20,8 @@ enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped
 
 int device_attr(int device, cudaDeviceAttr attr);
 int sm_count(int device);
+// The most dynamic shared memory a CTA may have (Turing: 64 KiB; Ampere: 163; Hopper: 227).
+inline int smem_optin(int device) { return device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin); }
 
 // The kernel's dynamic shared-memory limit raised to bytes() once per device: one value for every launch (never
 // lowered under another thread's launch or a captured graph).
