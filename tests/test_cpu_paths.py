@@ -366,3 +366,59 @@ def test_probability_kdim_blocks(kernel_path, classes, dtypes, kw):
     if kw.pop("weighted", False):
         kw["weight"] = torch.rand(c, generator=g) + 0.2
     _mean_and_none_against_float64(x, y, g, **kw)
+
+
+# (N, C, why) for the float64 rows' vectorised sweeps (softmax_ce_simd_f64.h; the portable kernel without an
+# instruction set)
+F64_ROWS = [
+    (33, 1, "one class: a row shorter than a vector"),
+    (33, 7, "a vector's tail only (8 or 4 lanes)"),
+    (9, 1003, "whole vectors and a tail of 3"),
+]
+
+
+# (name, the (N, C) rows laid out as the kernels meet them, why)
+F64_LAYOUTS = {
+    "rows": (lambda x: x, "classes contiguous: swept where they lie"),
+    "k-dim": (lambda x: x.view(-1, 3, x.shape[1]).permute(0, 2, 1).contiguous(),
+              "(N/3, C, 3): each row's classes copied out of their stride, the gradient copied back"),
+    "transposed": (lambda x: x.t().contiguous().t(), "column-major rows: copied likewise"),
+}
+
+
+@pytest.mark.parametrize("size", F64_ROWS, ids=[f"{n}x{c}" for n, c, _ in F64_ROWS])
+@pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", weighted=True, label_smoothing=0.2),
+                                dict(reduction="sum", probabilities=True)], ids=["mean", "none-weighted-smoothed",
+                                                                                   "sum-probabilities"])
+@pytest.mark.parametrize("layout", list(F64_LAYOUTS))
+def test_float64_rows_match_torch(kernel_path, size, kw, layout):
+    """float64 rows against PyTorch's float64, entry by entry to 1e-13 relative or 4e-16 absolute (p_t - 1 and a
+    single class's 1 - 1 cancel): e^x to about an ulp, rows spread over 200 (exponentials from 1 to ~1e-87), one
+    reaching e^-720 (subnormal in PyTorch, 0 here), special values."""
+    n, c, _ = size
+    g = torch.Generator().manual_seed(n * c)
+    x = torch.randn(n, c, generator=g, dtype=torch.float64) * 30
+    x[1, c // 2] = -720.0 + x[1].max()  # an exponential below DBL_MIN
+    x[2, 0] = float("-inf")
+    x[3, c - 1] = float("nan")
+    kw = dict(kw)
+    if kw.pop("probabilities", False):
+        t = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1)
+    else:
+        t = torch.randint(0, c, (n,), generator=g)
+    lay = F64_LAYOUTS[layout][0]
+    x = lay(x)
+    t = lay(t) if t.dim() == 2 else t.view(-1, 3) if layout == "k-dim" else t
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(c, generator=g, dtype=torch.float64) + 0.2
+    grad_out = torch.rand(n, generator=g, dtype=torch.float64).view(x.shape[:1] + x.shape[2:]) + 0.5 \
+        if kw["reduction"] == "none" else None
+    losses, grads = [], []
+    for fn in (F.cross_entropy, cross_entropy):
+        xo = x.clone().requires_grad_()
+        loss = fn(xo, t, **kw)
+        loss.backward(grad_out)
+        losses.append(loss.detach())
+        grads.append(xo.grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-13, atol=4e-16, equal_nan=True)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-13, atol=4e-16, equal_nan=True)

@@ -70,8 +70,15 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
   const acc_t W = P.weight ? *P.weight_sum : acc_t(C);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const bool spread = kProb || P.eps != acc_t(0);  // the loss has a term over every class
+  // float64: the sweeps' exponentials vectorised (softmax_ce_simd_f64.h) where the CPU has an instruction set for
+  // them, over the row's classes contiguous: as they lie, or copied (K-dim rows walk theirs with a stride), and the
+  // gradient likewise written in place or copied out.
+  const SimdKernels* f64 = std::is_same_v<scalar_t, double> ? current_isa().load() : nullptr;
+  if (f64 != nullptr && f64->f64_max == nullptr) f64 = nullptr;
+  const bool x_copied = f64 != nullptr && L.x_sC != 1, g_copied = f64 != nullptr && kGrad && L.g_sC != 1;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {
+    std::vector<double> x_row(x_copied ? C : 0), g_row(g_copied ? C : 0);  // this thread's copies
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / S, s = r - b * S;
       const scalar_t* xr = x + b * L.x_sB + s * L.x_sS;
@@ -93,20 +100,35 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
         }
       }
       const acc_t w_t = !kProb && P.weight ? P.weight[t] : acc_t(1);
+      const scalar_t* xv = xr;  // the row's classes contiguous, for the float64 sweeps
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        if (x_copied) {
+          for (int64_t c = 0; c < C; ++c) x_row[c] = xr[c * L.x_sC];
+          xv = x_row.data();
+        }
+      }
       RowStats<acc_t> st{-std::numeric_limits<acc_t>::infinity(), 0, 0, 0};
       acc_t base, q;  // p = e^(x - base) / q: the max and the sum, taken here or saved by the forward
       if (kStats) {
         // NaN compares false, so it never becomes the max but poisons the sum, as in PyTorch.
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = xc(c);
-          st.m = v > st.m ? v : st.m;
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          if (f64 != nullptr) st.m = f64->f64_max(xv, C);
+        }
+        if (f64 == nullptr) {
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = xc(c);
+            st.m = v > st.m ? v : st.m;
+          }
         }
         // Summed in double: one float accumulator over a 50k-class row drifts by ~1e-5 (the SIMD paths keep
         // one per lane, and stay at float accuracy).
         double s_sum = 0, A_sum = 0, D_sum = 0;
-        for (int64_t c = 0; c < C; ++c) {
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          if (f64 != nullptr) s_sum = f64->f64_sum_exp(xv, C, st.m);
+        }
+        for (int64_t c = 0; c < C && (f64 == nullptr || spread); ++c) {
           const acc_t v = xc(c);
-          s_sum += std::exp(v - st.m);
+          if (f64 == nullptr) s_sum += std::exp(v - st.m);
           if (spread) {
             const acc_t a = ac(c);
             A_sum += a;
@@ -130,6 +152,18 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
         const acc_t f = factor.at(b, s);
         RowGrad<acc_t> g = kProb ? RowGrad<acc_t>::prob(f, st.A) : RowGrad<acc_t>::index(f, w_t, W, P.eps, C);
         g.p_mul /= q;
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          if (f64 != nullptr) {  // g.at's operations in its order: p * p_mul, then - a_c * c_mul, then - t_sub
+            double* gv = g_copied ? g_row.data() : gr;
+            f64->f64_exp_scale(xv, gv, C, base, g.p_mul);
+            if (spread)
+              for (int64_t c = 0; c < C; ++c) gv[c] = gv[c] - ac(c) * g.c_mul;
+            if (!kProb) gv[t] = gv[t] - g.t_sub;
+            if (g_copied)
+              for (int64_t c = 0; c < C; ++c) gr[c * L.g_sC] = gv[c];
+            continue;
+          }
+        }
         for (int64_t c = 0; c < C; ++c) {
           const acc_t p = std::exp(xc(c) - base);
           gr[c * L.g_sC] = static_cast<scalar_t>(g.at(p, (kProb || P.eps != acc_t(0)) ? ac(c) : acc_t(0), c == t));

@@ -3,7 +3,7 @@
 // Not an x86 CPU: nothing to build; the dispatcher never picks this.
 #include "softmax_ce_simd_args.h"
 namespace softmax_ce {
-const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr};
+const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 }  // namespace softmax_ce
 #else
 
@@ -15,9 +15,11 @@ const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr};
 
 #define SCE_SIMD_WIDTH 8
 #include "softmax_ce_simd.h"
+#include "softmax_ce_simd_f64.h"
 
 namespace softmax_ce {
-const SimdKernels kSimdAvx2{"avx2", 8, rows_entry, columns_entry, small_rows_entry};
+const SimdKernels kSimdAvx2{"avx2", 8, rows_entry, columns_entry, small_rows_entry,
+                                f64_max, f64_sum_exp, f64_exp_scale};
 }  // namespace softmax_ce
 
 #if defined(__clang__)

@@ -38,12 +38,17 @@ struct SimdArgs {
 // inputs whose positions are contiguous (x_sS == g_sS == 1; probabilities: theirs too) and classes strided.
 // small_rows(a, begin, end): blocks of `width` rows, rows k * width .., of at most small_row_classes() contiguous
 // classes each, one position per row (S == 1); class indices only.
+// f64_*: the portable kernel's sweeps over a float64 row of C contiguous classes (softmax_ce_simd_f64.h): its max,
+// its sum of e^(x - m), and e^(x_c - base) * mul written to a contiguous row g.
 struct SimdKernels {
   const char* name;
   int width;
   void (*rows)(const SimdArgs&, int64_t, int64_t);
   void (*columns)(const SimdArgs&, int64_t, int64_t);
   void (*small_rows)(const SimdArgs&, int64_t, int64_t);
+  double (*f64_max)(const double* x, int64_t C);
+  double (*f64_sum_exp)(const double* x, int64_t C, double m);
+  void (*f64_exp_scale)(const double* x, double* g, int64_t C, double base, double mul);
 };
 // The limits by element size, measured (2026-11-27, 16384 rows, 1 thread, W x W tiles transposed in registers)
 // against one row at a time; again once both kept their exponentials (same day): float forward 1.3-1.6x and
