@@ -20,8 +20,8 @@ inline void store_d(double* p, vd v) { __builtin_memcpy(p, &v, sizeof v); }
 
 // e^x for x <= 0 or NaN (here x - max): 2^n e^r with n = round(x log2 e) by the 1.5 * 2^52 trick (whose low bits
 // then hold n), r = x - n ln2 in two steps (fdlibm's split of ln2: n * hi is exact), |r| <= ln2/2, and e^r by its
-// Taylor series to r^13 (truncation < 5e-18 relative): about 1 ulp.  Results below 2^-1022 are 0, as the float
-// paths flush theirs (no subnormal arithmetic); e^-inf = 0, NaN stays NaN.  (x above 709, outside the contract,
+// Taylor series to r^13 (truncation < 5e-18 relative): about 1 ulp.  e^x for x below -708 is 0 (e^-708 = 3.3e-308,
+// just above DBL_MIN), as the float paths flush theirs (no subnormal arithmetic); e^-inf = 0, NaN stays NaN.  (x above 709, outside the contract,
 // gives e^709: the exponent never wraps.)
 inline vd vexp_d(vd x) {
   const vd lo = splat_d(-708.0), hi = splat_d(709.0);  // e^-708 = 3.3e-308, above DBL_MIN

@@ -390,8 +390,9 @@ bool columns_apply(const RowLayout& L, const OpTensors& o, const CudaTuning& tun
          items < (1LL << 31) &&
          L.C <= columns::kMaxClasses && L.x_sS == 1 && aligned(o.logits.data_ptr(), L.x_sC, L.x_sB) &&
          (!kGrad || (L.g_sS == 1 && aligned(o.grad.data_ptr(), L.g_sC, L.g_sB))) &&
-         // the CTA's chunks in this GPU's shared memory (up to 96 KiB: more than a Turing CTA may have)
-         int64_t{columns_threads(L.C)} * L.C * 16 <= smem_optin(o.logits.get_device());
+         // the CTA's chunks in this GPU's shared memory (up to 96 KiB: more than a Turing CTA may have), beside the
+         // kernel's static block sums (~0.1-0.5 KiB; the launch checks the exact figure)
+         int64_t{columns_threads(L.C)} * L.C * 16 <= smem_optin(o.logits.get_device()) - 1024;
 }
 
 // The K-dim kernel.  Where only the summed loss is wanted (the training pass, a no-grad mean: no per-row buffers)
@@ -410,7 +411,9 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int device = o.logits.get_device();
     auto kernel = kGrad && tune.kdim_prefetch ? columns::columns_kernel<T, kStats, kGrad, false, kGrad>
                                               : columns::columns_kernel<T, kStats, kGrad, false, false>;
-    allow_smem(device, kernel, [&] { return std::min(columns::kBlockBudget, smem_optin(device)); });
+    const int smem_cap = std::min(columns::kBlockBudget, smem_dynamic_max(device, kernel));
+    if (smem > smem_cap) return false;  // launched nothing: the general kernel instead
+    allow_smem(device, kernel, [&] { return smem_cap; });
     const int per_sm = blocks_per_sm(device, kernel, threads, smem);
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
@@ -453,7 +456,8 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
                 : tune.kdim_prefetch ? columns::columns_kernel<T, true, true, true, true>
                                      : columns::columns_kernel<T, true, true, true, false>;
   const void* key = reinterpret_cast<const void*>(kernel);
-  const int smem_cap = std::min(columns::kBlockBudget + columns::kFoldBudget, smem_optin(device));
+  // sm_86/89 (99 KiB) and Turing (64 KiB) hold less than the two budgets: fewer codes per thread, or no fold
+  const int smem_cap = std::min(columns::kBlockBudget + columns::kFoldBudget, smem_dynamic_max(device, kernel));
   allow_smem(device, kernel, [&] { return smem_cap; });
   auto per_sm_at = [&](int smem) { return blocks_per_sm(device, kernel, threads, smem); };
   const int64_t items = L.B * ((L.S + E - 1) / E);

@@ -16,7 +16,7 @@ namespace softmax_ce {
 // Host-side launch facts (function attributes, occupancy, mapped addresses) computed once per device, kernel (or
 // pointer) and configuration: the driver calls behind them cost microseconds on every launch otherwise.
 int launch_fact(int device, const void* kernel, int64_t a, int64_t b, const std::function<int()>& compute);
-enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped = -4 };
+enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped = -4, kFactSmemMax = -5 };
 
 int device_attr(int device, cudaDeviceAttr attr);
 int sm_count(int device);
@@ -30,6 +30,17 @@ void allow_smem(int device, Kernel kernel, const Bytes& bytes) {
   launch_fact(device, reinterpret_cast<const void*>(kernel), kFactSmem, 0, [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes()));
     return 1;
+  });
+}
+
+// The most dynamic shared memory `kernel` may ask for here: the opt-in limit less its static shared memory, which
+// counts against the same limit (cached).
+template <typename Kernel>
+int smem_dynamic_max(int device, Kernel kernel) {
+  return launch_fact(device, reinterpret_cast<const void*>(kernel), kFactSmemMax, 0, [&] {
+    cudaFuncAttributes fa;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    return smem_optin(device) - static_cast<int>(fa.sharedSizeBytes);
   });
 }
 
