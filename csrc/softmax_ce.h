@@ -116,6 +116,9 @@ C10_HOST_DEVICE inline bool target_out_of_range(int64_t t, int64_t C) { return t
 
 // Positions per row of logits (B, C, S), or 1 for (B, C): the per-row buffers are (B, S).
 inline int64_t positions_of(const at::Tensor& logits) { return logits.dim() == 3 ? logits.size(2) : 1; }
+// The position stride of a (B, C, S) tensor (logits, probabilities, gradient), or of a (B, C) one read as the
+// (B, C, 1) view reshape makes: the class stride (the same kernel paths as that view).
+inline int64_t position_stride(const at::Tensor& t) { return t.dim() == 3 ? t.stride(2) : t.stride(1); }
 
 // Class indices (B, S), or (B,) beside (B, C) logits, as (B, S) sizes and strides: a (B,) target reads as the
 // (B, 1) view reshape gives, whose second stride is the first.
@@ -163,18 +166,15 @@ inline RowLayout check_and_layout(const at::Tensor& logits, const at::Tensor& ta
     TORCH_CHECK(weight->device() == logits.device(), op, ": weight is on ", weight->device(), " but logits on ",
                 logits.device());
   }
-  // (B, C) as its (B, C, 1) view: the position's stride is the class stride, as reshape makes it (same kernels).
-  const int64_t x_sS = flat ? logits.stride(1) : logits.stride(2);
-  const int64_t t_sS = prob ? (flat ? target.stride(1) : target.stride(2)) : index_rows(target).sS;
   return RowLayout{logits.size(0),
                    logits.size(1),
                    positions_of(logits),
                    logits.stride(0),
                    logits.stride(1),
-                   x_sS,
+                   position_stride(logits),
                    target.stride(0),
                    prob ? target.stride(1) : 0,
-                   t_sS,
+                   prob ? position_stride(target) : index_rows(target).sS,
                    0,
                    0,
                    0};
@@ -280,7 +280,7 @@ inline at::Tensor grad_like(const at::Tensor& logits, RowLayout& L, GradAlloc al
   at::Tensor grad = alloc ? alloc(logits) : at::empty_like(logits, at::MemoryFormat::Preserve);
   L.g_sB = grad.stride(0);
   L.g_sC = grad.stride(1);
-  L.g_sS = grad.dim() == 3 ? grad.stride(2) : grad.stride(1);  // (B, C): as check_and_layout reads the logits
+  L.g_sS = position_stride(grad);
   return grad;
 }
 

@@ -303,11 +303,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     const int64_t cta_rows = rows::kWarpRowThreads / lanes;
     int64_t blocks = std::min<int64_t>((rows_n + cta_rows - 1) / cta_rows, int64_t{sm_count(device)} * 64);
     if (ring) {  // a resident grid: the CTAs that fit at once
-      allow_smem(device, kernel, [&] {
-        cudaFuncAttributes fa;
-        C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-        return smem_optin(device) - static_cast<int>(fa.sharedSizeBytes);
-      });
+      allow_smem(device, kernel, [&] { return smem_dynamic_max(device, kernel); });
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
