@@ -91,6 +91,8 @@ class _Prepared:
         # What PyTorch divides a mean of probabilities by (numel / C): no classes give 0, so the mean is NaN.
         self.prob_count = self.positions if classes else 0
         self.out_dtype = loss_dtype(input, target, prob, weight)
+        # PyTorch's CUDA kernel for one (C,) row gives a mean of 0 where its target is ignored (its CPU one 0/0 = NaN)
+        self.ignored_mean_is_0 = dim == 1 and not prob and self.eps == 0 and device.type == "cuda"
 
     def mean_denominator(self):
         """reduction='mean' with class indices: (denominator, 1 / denominator) as 0-d device tensors in the
@@ -119,7 +121,8 @@ class _Prepared:
 
     def finish(self, total, denom):
         """The loss from the summed (or per-row) losses: the mean's division where no kernel did it (no
-        denominator: see loss_fold), and PyTorch's NaN where its two-term mean is 0/0."""
+        denominator: see loss_fold), PyTorch's NaN where its two-term mean is 0/0, and its CUDA 0 for one
+        ignored (C,) row."""
         if self.reduction == "mean":
             if denom is None:  # probability targets: PyTorch divides by the number of positions
                 total = total / self.prob_count
@@ -127,6 +130,8 @@ class _Prepared:
                 # PyTorch divides the NLL and the smoothing term separately: with the targets' weights summing to
                 # 0, its NLL mean is 0/0 = NaN, and so is the loss (ours would be the smoothing term / 0 = inf).
                 total = torch.where(denom == 0, torch.full_like(total, float("nan")), total)
+            if self.ignored_mean_is_0:  # not denom == 0: a target of weight 0 gives NaN there too
+                total = torch.where(self.t.reshape(()) == self.ignore_index, torch.zeros_like(total), total)
         return total
 
 

@@ -112,6 +112,26 @@ def test_unbatched_input(device, reduction):
     same(xg.grad, F.softmax(x, 0) - F.one_hot(torch.tensor(2, device=device), 5))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_unbatched_ignored_target(device, weighted, smoothing):
+    """A (C,) input whose target is ignored: PyTorch's mean is 0 on CUDA (its one-row kernel) but 0/0 = NaN on the
+    CPU, and NaN on both with smoothing; a target of weight 0 gives NaN on both.  Ours gives the device's."""
+    x = torch.randn(5, device=device)
+    weight = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.5], device=device) if weighted else None
+    for target in (-100, 1):  # ignored; class 1 (weight 0 when weighted)
+        t = torch.tensor(target, device=device)
+        (ours, g), (theirs, gt) = both(x, t, weight=weight, label_smoothing=smoothing)
+        same(ours, theirs)
+        same(g, gt)
+        if not smoothing:  # the 1-element target's forward (PyTorch's backward refuses it, and smoothing its forward)
+            (ours1, _), (theirs1, _) = both(x, t.reshape(1), grad=False, weight=weight)
+            same(ours1, theirs1)
+    # That the case tells the devices apart: PyTorch's CUDA 0, where the CPU's 0/0 is NaN.
+    ignored = cross_entropy(x, torch.tensor(-100, device=device), weight=weight, label_smoothing=smoothing)
+    assert ignored.isnan() if device == "cpu" or smoothing else ignored == 0
+
+
 def test_single_class(device):
     x, t = torch.randn(4, 1, 3, device=device), torch.zeros(4, 3, dtype=torch.long, device=device)
     (ours, g), (theirs, gt) = both(x, t, label_smoothing=0.2)
