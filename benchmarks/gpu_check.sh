@@ -148,7 +148,7 @@ if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 170 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped ours_kdim_prefetch ours_l2_prefetch \
+    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The slices' cluster exchange by cluster.sync() against the default st.async (only rows split over clusters

@@ -147,10 +147,5 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_kdim_unfolded", kdim_fold=False), OursTuned("ours_cluster_sync", cluster_async=False),
             OursTuned("ours_warp_ungrouped", warp_group=False),
             # off by default (within a point): warp rows' loss + gradient keeping the sum sweep's exponentials
-            OursTuned("ours_warp_keep", warp_keep=True),
-            # off until timed (v0.17-dev): the K-dim kernel copying each thread's next item during this one's
-            # gradient sweep
-            OursTuned("ours_kdim_prefetch", kdim_prefetch=True),
-            # off until timed (v0.18-dev): the slices' next row and the warp rows' later rows prefetched into L2
-            OursTuned("ours_l2_prefetch", l2_prefetch=True))
+            OursTuned("ours_warp_keep", warp_keep=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

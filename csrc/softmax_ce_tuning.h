@@ -1,8 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC, _WARP_GROUP, _KDIM_PREFETCH,
-// _L2_PREFETCH).  The defaults are the winners measured on the H200 (benchmarks/NOTES.md).
+// _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC, _WARP_GROUP).  The defaults are the winners measured on the H200 (benchmarks/NOTES.md).
 #pragma once
 
 #include <cstdint>
@@ -27,9 +26,6 @@ struct CudaTuning {
   bool warp_keep;     // warp rows' loss + gradient: the sum sweep's exponentials kept for the gradient sweep
   bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()
   bool warp_group;     // warp rows' loss + gradient of rows of up to 128 chunks: 16, 8 or 4 lanes per row
-  bool kdim_prefetch;  // K-dim kernel with a gradient: the next item copied during this one's gradient sweep
-  bool l2_prefetch;    // into L2 ahead: slices the next row's lines, 16-lane warp rows a later CTA's rows (their
-                       // own next row where the grid loops), the folded K-dim mean each thread's next item
 };
 
 // The slice kernel's phase stamps (benchmarks/slice_trace.py): where set, the default slice kernel's traced twin
@@ -45,6 +41,6 @@ void set_slice_trace(int64_t data, int ctas, int rows, int device);
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
                      int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async,
-                     bool warp_group, bool kdim_prefetch, bool l2_prefetch);
+                     bool warp_group);
 
 }  // namespace softmax_ce

@@ -72,12 +72,6 @@ CUDA_PATHS = {
     "kdim-unfolded": (dict(kdim_fold=False), "K-dim mean training (unweighted) with the denominator counted by a "
                       "kernel of its own, the alternative to the default count inside the K-dim kernel (a "
                       "cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
-    "kdim-prefetch": (dict(kdim_prefetch=True), "the K-dim kernel with a gradient copying each thread's next item "
-                      "into its slots during this item's gradient sweep (tuning kdim_prefetch, off until timed)"),
-    "l2-prefetch": (dict(l2_prefetch=True), "the slices prefetching the next row's lines into L2 at each row's "
-                    "start, the warp rows by groups of 16 lanes a later CTA's rows (or their own next row where the "
-                    "grid loops), the folded K-dim mean each thread's next item (tuning l2_prefetch, off until "
-                    "timed)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
     "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

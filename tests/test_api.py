@@ -120,8 +120,7 @@ def test_cuda_tuning_is_set_and_restored():
     assert set(before) == set(tuning.FIELDS)
     changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, lean=False, warp_ring=3,
                    grad_piece_kb=64, kdim_fold=not before["kdim_fold"], warp_keep=not before["warp_keep"],
-                   cluster_async=not before["cluster_async"], warp_group=not before["warp_group"],
-                   kdim_prefetch=not before["kdim_prefetch"], l2_prefetch=not before["l2_prefetch"])
+                   cluster_async=not before["cluster_async"], warp_group=not before["warp_group"])
     with tuning.using(**changed):
         assert tuning.get() == changed
     assert tuning.get() == before

@@ -329,7 +329,7 @@ def test_slice_trace_summarizes_stamps():
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         failed = run([((4, 300), torch.float32, {}), ((2, 5), torch.int32, {}),
-                      ((2, 700), torch.float32, dict(l2_prefetch=True))], 3, device="cpu")
+                      ((2, 700), torch.float32, dict(slice_kb=32))], 3, device="cpu")
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("slice trace: cpu") and len(lines) == 5 and failed == 1, lines
     assert "nothing stamped" in lines[2] and "FAILED" in lines[3] and "nothing stamped" in lines[4], lines

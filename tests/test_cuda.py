@@ -143,56 +143,20 @@ def test_strided_classes_staged_rows(case, dtype, kw, inplace):
 
 
 # K-dim logits of more items (E positions of one batch item) than the K-dim kernel's resident grid has threads
-# (132 SMs x 5 CTAs x 128 threads on an H100/H200), so each thread walks several: what kdim_prefetch copies ahead.
+# (132 SMs x 5 CTAs x 128 threads on an H100/H200), so each thread walks several.
 @pytest.mark.parametrize("dtype,shape", [(torch.float32, (8, 21, 256, 257)), (torch.bfloat16, (16, 21, 256, 264))],
                          ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("prefetch", [False, True], ids=["unprefetched", "prefetched"])
 @pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", label_smoothing=0.1),
                                 dict(reduction="sum", weighted=True)], ids=["mean", "none-smoothed", "sum-weighted"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["gradient-buffer", "inplace"])
-def test_kdim_items_walked_per_thread(dtype, shape, prefetch, kw, inplace):
+def test_kdim_items_walked_per_thread(dtype, shape, kw, inplace):
     """Loss and gradient against float64, every 5th target ignored; the mean folds its denominator in-kernel
     (kdim_fold, the default) or not (weighted)."""
     g = torch.Generator().manual_seed(17)
     x = (torch.randn(shape, generator=g) * 3).to(dtype).cuda()
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
     t.view(-1)[::5] = -100
-    with tuning.using(**{**tuning.BUILT_IN, "kdim_prefetch": prefetch}):
-        training_against_float64(x, t.cuda(), g, kw, inplace)
-
-
-# Shapes whose kernels reach tuning l2_prefetch's prefetches (rows past one resident grid): 16-lane warp rows of a
-# grid that runs once (20000 rows: ~1250 CTAs of 16 rows, more than the ~400 resident) and of one that loops (more
-# than 132 SMs x 64 CTAs x 16 rows); slices with more rows than resident CTAs, one CTA per row and in clusters;
-# the K-dim mean with more items than the resident threads (each thread walks 2+).
-L2_CASES = {"rows-bf16": ((20000, 1000), torch.bfloat16), "rows-fp32": ((20000, 500), torch.float32),
-            "rows-looping-grid": ((140000, 600), torch.bfloat16), "slices": ((2048, 32000), torch.bfloat16),
-            "slices-clusters": ((1024, 50000), torch.float32), "kdim-fp32": ((8, 21, 256, 257), torch.float32),
-            "kdim-bf16": ((16, 21, 256, 264), torch.bfloat16)}
-
-
-@pytest.mark.parametrize("case", list(L2_CASES))
-@pytest.mark.parametrize("offset", [0, 1], ids=["dense", "offset-by-one"])
-def test_l2_prefetch_changes_no_bit(case, offset):
-    """tuning l2_prefetch only adds prefetch hints: loss and gradient equal the default kernels' bit for bit, with
-    rows both 16-byte aligned and not (offset-by-one: each row's chunks straddle lines differently); the default
-    kernels themselves are checked against float64 throughout the suite."""
-    shape, dtype = L2_CASES[case]
-    if offset and len(shape) > 2:
-        pytest.skip("K-dim logits offset by one element are not 16-byte aligned: the K-dim kernel does not take them")
-    g = torch.Generator().manual_seed(23)
-    x = (torch.randn(shape[0], shape[1] + offset, *shape[2:], generator=g) * 3).to(dtype).cuda()[:, offset:]
-    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g).cuda()
-    t.view(-1)[::9] = -100
-    results = []
-    for on in (False, True):
-        with tuning.using(**{**tuning.BUILT_IN, "l2_prefetch": on}):
-            xi = x.detach().clone().requires_grad_() if offset == 0 else x.detach().requires_grad_()
-            loss = cross_entropy(xi, t)
-            (grad,) = torch.autograd.grad(loss, xi)
-            results.append((loss, grad))
-    assert torch.isfinite(results[0][0]) and torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    training_against_float64(x, t.cuda(), g, kw, inplace)
 
 
 @pytest.mark.parametrize(

@@ -113,14 +113,6 @@ struct RowChunks {
 // Loads that stream (the logits are read once per kernel) and stores that should not push them out of L2.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
 __device__ __forceinline__ void store_stream(uint4* p, const uint4& v) { __stcs(p, v); }
-// The 128-byte line holding p, fetched into L2 ahead of its load (tuning l2_prefetch): no register, nothing waits.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-// Every line of `count` chunks from `base`, lane `sub` of `lanes` taking every lanes-th line: c steps over the
-// lines' first chunks (base is only 16-byte aligned, so its own line starts o chunks before it).
-__device__ __forceinline__ void prefetch_l2_chunks(const uint4* base, int64_t count, int sub, int lanes) {
-  const int o = static_cast<int>((reinterpret_cast<uintptr_t>(base) >> 4) & 7);
-  for (int64_t c = int64_t{sub} * 8 - o; c < count; c += int64_t{lanes} * 8) prefetch_l2(base + (c > 0 ? c : 0));
-}
 
 // 2^x in one special-function instruction (relative error about 2^-22; results below 2^-126 flush to 0).
 __device__ __forceinline__ float ex2(float x) {

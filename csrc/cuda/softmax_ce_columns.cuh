@@ -8,12 +8,6 @@
 // before (two launches reading the targets): each thread first reads its items' targets once, counts the ones not
 // ignored and keeps them as bytes in shared memory for its main loop; one grid barrier (a cooperative launch: all
 // CTAs resident) and every CTA sums the CTAs' counts, an exact integer, so every CTA has the same 1 / d.
-// kPrefetch (tuning kdim_prefetch; the kernels with a gradient sweep): each chunk of the thread's next item is copied
-// into its slot as soon as the gradient sweep has stored that slot's class, so the next item's loads are in flight
-// during this item's arithmetic (without it, each item waits for all its loads after issuing them).
-// kL2 (tuning l2_prefetch; the folded mean's training pass): at each item's start the thread prefetches into L2
-// the lines of its next item's C chunks (a warp's 32 neighbouring chunks per class: 4 lines), so that the next
-// item's copies, issued when it starts, land at L2 latency.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -60,10 +54,9 @@ __device__ __forceinline__ int code_at(const Codes<E>& v, int i) {
   return (w >> (8 * (i & 3))) & 0xff;
 }
 
-template <typename T, bool kStats, bool kGrad, bool kFold, bool kPrefetch = false, bool kL2 = false>
+template <typename T, bool kStats, bool kGrad, bool kFold>
 __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold) {
   static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
-  static_assert(!kPrefetch || kGrad, "the next item copied during the gradient sweep");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -86,13 +79,6 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
   auto copy_item = [&](int64_t b, int64_t s0) {
     const T* x = a.x + b * L.x_sB + s0;
     for (int c = 0; c < Ci; ++c) copy_async16(&staged[c * nt + tid], x + c * L.x_sC);
-  };
-  // An item's logits (class 0 of its first position): the next item's, for kPrefetch and kL2.
-  auto item_logits = [&](int64_t item) {
-    int64_t b, s0;
-    int n;
-    locate(item, b, s0, n);
-    return a.x + b * L.x_sB + s0;
   };
   // Per position: its class (C <= kMaxClasses fits an int), or kIgnored / kBad.  One register each: the
   // flags, fill values and weights derive from it (an int64 and four more arrays spilled for E = 8).
@@ -135,11 +121,7 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     int n;
     locate(item, b, s0, n);
     T* g = kGrad ? a.grad + b * L.g_sB + s0 : nullptr;
-    if (k == 0 ? !kFold : !kPrefetch) copy_item(b, s0);  // kPrefetch: copied during the last gradient sweep
-    if (kL2 && item + stride < items) {  // after this item's copies: they go first
-      const T* xn = item_logits(item + stride);
-      for (int c = 0; c < Ci; ++c) prefetch_l2(xn + c * L.x_sC);
-    }
+    if (k > 0 || !kFold) copy_item(b, s0);  // kFold: the first item's copies went out before the targets' reads
     auto chunk = [&](int c, float (&v)[E]) { Chunk<T>::unpack(staged[c * nt + tid], v); };
     int t[E];
     if constexpr (kFold) {
@@ -251,7 +233,6 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
       }
     }
     if (kGrad) {
-      const T* xn = kPrefetch && item + stride < items ? item_logits(item + stride) : nullptr;
       for (int c = 0; c < Ci; ++c) {
         float v[E];
         chunk(c, v);
@@ -268,8 +249,6 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
           for (int i = 0; i < E; ++i)
             if (i < n) g[c * L.g_sC + i] = static_cast<T>(v[i]);
         }
-        // After the store, which depends on the staged values: this thread's read of the slot is complete.
-        if (kPrefetch && xn) copy_async16(&staged[c * nt + tid], xn + c * L.x_sC);
       }
     }
   }

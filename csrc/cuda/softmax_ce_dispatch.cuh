@@ -191,10 +191,7 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   const SliceTrace trace = slice_trace();
   // The default kernel's twin, on the buffer's device only.
   const bool traced = trace.data != 0 && trace.device == device && !spread && tune.lean && async;
-  const bool l2 = tune.l2_prefetch && !spread && tune.lean && async;  // the default kernel's twin (traced too)
-  auto kernel = traced      ? l2 ? rows::slice_rows_kernel<T, false, true, true, true, true>
-                                 : rows::slice_rows_kernel<T, false, true, true, true>
-                : l2        ? rows::slice_rows_kernel<T, false, true, true, false, true>
+  auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, true>
                 : spread    ? async ? rows::slice_rows_kernel<T, true, false, true>
                                     : rows::slice_rows_kernel<T, true, false, false>
                 : tune.lean ? async ? rows::slice_rows_kernel<T, false, true, true>
@@ -272,10 +269,8 @@ int warp_group_lanes(int64_t chunks, const CudaTuning& tune) {
   return chunks > 64 ? 16 : chunks > 32 ? 8 : 4;
 }
 template <typename T, bool kStats, bool kGrad, bool kSpread>
-auto grouped_rows_kernel(int lanes, bool l2) {
+auto grouped_rows_kernel(int lanes) {
   if constexpr (kStats && kGrad && !kSpread) {
-    // tuning l2_prefetch: groups of 16 lanes (4 and 8 spilled 4 bytes in bfloat16 at 3 CTAs per SM, sm_90a)
-    if (l2 && lanes == 16) return rows::warp_rows_kernel<T, 8, true, true, false, false, false, 16, true>;
     return lanes == 16  ? rows::warp_rows_kernel<T, 8, true, true, false, false, false, 16>
            : lanes == 8 ? rows::warp_rows_kernel<T, 8, true, true, false, false, false, 8>
                         : rows::warp_rows_kernel<T, 8, true, true, false, false, false, 4>;
@@ -296,7 +291,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     const int lanes = group ? group : 32;
     const int ring = group ? 0 : warp_ring_depth<T, kStats, kGrad, kSpread>(chunks, tune, device);
     int kept = 0;  // bytes
-    auto kernel = group ? grouped_rows_kernel<T, kStats, kGrad, kSpread>(group, tune.l2_prefetch)
+    auto kernel = group ? grouped_rows_kernel<T, kStats, kGrad, kSpread>(group)
                         : warp_rows_for<T, kStats, kGrad, kSpread>(chunks, ring, tune.warp_keep, device, &kept);
     const int smem = ring * rows::kWarpRowThreads / 32 * static_cast<int>(chunks) * 16 + kept;
     if (kept) allow_smem(device, kernel, [&] { return kept; });
@@ -307,16 +302,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
-    // l2_prefetch (groups of 16 lanes): a grid that loops prefetches each group's own next row (one pass on); one
-    // that does not, the rows one resident grid on (those of the CTA that takes this one's place on the SM). The
-    // other warp-row kernels are compiled without it and ignore `ahead`.
-    const int64_t ahead = !(tune.l2_prefetch && group == 16) ? 0
-                          : blocks * cta_rows < rows_n
-                              ? blocks * cta_rows
-                              : std::min<int64_t>(blocks, int64_t{sm_count(device)} *
-                                    std::max(blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem), 1)) * cta_rows;
-    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks),
-                                                                                    ahead);
+    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -405,8 +391,7 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int threads = columns_threads(L.C);
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = kGrad && tune.kdim_prefetch ? columns::columns_kernel<T, kStats, kGrad, false, kGrad>
-                                              : columns::columns_kernel<T, kStats, kGrad, false, false>;
+    auto kernel = columns::columns_kernel<T, kStats, kGrad, false>;
     const int smem_cap = std::min(columns::kBlockBudget, smem_dynamic_max(device, kernel));
     if (smem > smem_cap) return false;  // launched nothing: the general kernel instead
     allow_smem(device, kernel, [&] { return smem_cap; });
@@ -448,9 +433,7 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
   constexpr int E = chunks::Chunk<T>::E;
   const int threads = columns_threads(L.C);
   const int logit_smem = static_cast<int>(int64_t{threads} * L.C * 16);
-  auto kernel = tune.l2_prefetch     ? columns::columns_kernel<T, true, true, true, false, true>
-                : tune.kdim_prefetch ? columns::columns_kernel<T, true, true, true, true>
-                                     : columns::columns_kernel<T, true, true, true, false>;
+  auto kernel = columns::columns_kernel<T, true, true, true>;
   const void* key = reinterpret_cast<const void*>(kernel);
   // sm_86/89 (99 KiB) and Turing (64 KiB) hold less than the two budgets: fewer codes per thread, or no fold
   const int smem_cap = std::min(columns::kBlockBudget + columns::kFoldBudget, smem_dynamic_max(device, kernel));

@@ -580,22 +580,16 @@ struct Kept {
 // ring - 1 rows in shared memory (cp.async, `slot` chunks per row) while it works on this one, so that its reads
 // stay in flight through its arithmetic; each lane copies and reads back only its own chunks (no barrier), and a
 // row's slot is refilled one row later, once read.
-// kL2 (tuning l2_prefetch; groups of 16 lanes only; a template flag, so the other kernels keep their code): each
-// group prefetches into L2 the lines of the row `ahead` rows on, which the CTA that takes this one's place on the
-// SM (or this group, one pass on, in a grid that loops) will load, so that its loads hit L2: bytes in flight that
-// hold no register.
 // kKeep (tuning warp_keep; the loss + gradient): the sum sweep keeps each e^(x - max), and the gradient is that
 // times p_mul / sum: one product per element where the gradient sweep repeated the unpacking, the subtraction,
 // the scaling and the exponential (these rows are issue-bound in bfloat16).  Kept in registers or in this warp's
 // shared memory (keep_shared).
-template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep, int kG = 32,
-          bool kL2 = false>
+template <typename T, int VPT, bool kStats, bool kGrad, bool kSpread, bool kRing, bool kKeep, int kG = 32>
 __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpread>()))
-    warp_rows_kernel(Args<T> a, int ring, int slot, int64_t ahead) {
+    warp_rows_kernel(Args<T> a, int ring, int slot) {
   static_assert(!(kRing && (!kStats || !kGrad || kSpread || VPT != 8 || sizeof(T) != 4)),
                 "staged: the loss + gradient of float rows of 129-256 chunks, no smoothing");
   static_assert(!kKeep || (kStats && kGrad), "kept exponentials: the loss + gradient only");
-  static_assert(!kL2 || kG == 16, "L2 prefetch: rows by groups of 16 lanes only");
   static_assert(kG == 32 || (kStats && kGrad && !kSpread && !kRing && !kKeep && (kG == 16 || kG == 8 || kG == 4)),
                 "grouped rows: the loss + gradient, no smoothing, unstaged, 16, 8 or 4 lanes per row");
   constexpr bool kSmem = kKeep && keep_shared<T, VPT, kSpread>();
@@ -617,7 +611,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
   const int64_t warps = ((static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5) * (32 / G);
   int64_t r = ((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * (32 / G) + lane / G;
   uint4* const slots = staged + (threadIdx.x >> 5) * ring * slot;
-  // The chunks of another row than this lane's current one (kRing's staging, kL2's prefetch).
+  // The chunks of another row than this lane's current one (kRing's staging).
   const auto chunks_of = [&](int64_t row_index) {
     const RowIndex i = split_row(row_index, L.S);
     return RowChunks<T>(a.x + i.b * L.x_sB + i.s * L.x_sS, C);
@@ -661,10 +655,6 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
     for (int j = 0; j < VPT; ++j)
       if (j * G + sub < count)
         u[j] = kRing ? slots[q * slot + j * 32 + lane] : load_stream(xk.base + j * G + sub);
-    if (kL2 && ahead > 0 && r + ahead < L.rows()) {  // after this row's loads: they go first
-      const RowChunks<T> later = chunks_of(r + ahead);
-      prefetch_l2_chunks(later.base, later.count, sub, G);
-    }
     const I he = static_cast<I>(row.head_edge()), te = static_cast<I>(row.tail_edge(C));
     const float w_t = w ? w[t] : 1.f;
     // The row's gradient factor, loaded with its logits: read after the loss's stores, it was a load the compiler
@@ -700,7 +690,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
       if (kSpread) A = group_sum(A, G, gmask), D = group_sum(D, G, gmask);
       const float log_s = logf(sum);
       gb = GradBase::of_stats(m, sum);
-      // Every lane's, one lane's stored: inside the branch it spilled the 16-lane l2_prefetch twin (80 registers).
+      // Every lane computes it, one lane stores it (inside the branch it once spilled a 16-lane kernel at 80 registers).
       const float loss_r = row_loss<false>(RowStats<float>{m, sum, A, D}, log_s, x_t, w_t, a.P.eps, C);
       if (sub == 0) {
         if constexpr (!kGrad) a.row_max[r] = gb.b, a.row_sum[r] = gb.q;
@@ -944,14 +934,11 @@ struct OwnChunks {
 // the last at a multiple of 256 (so chunk j stays thread j % 256's own), and the next row's first chunks go
 // into the free slots *before* this row's max and sum sweeps: the CTA has reads in flight while it computes
 // its statistics and waits for the cluster, the phase in which the prefetch alone leaves it idle.
-// kL2 (tuning l2_prefetch; the default kernel's twin only): at a row's start, the lines of the next row's slice
-// that its copies will read during this row's gradient sweep are prefetched into L2, so that those copies, the
-// last of them issued at the sweep's end, land at L2 latency before the next row's statistics wait for them.
 // kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  Measured and removed
 // (H200, 2026-11-28, NOTES v0.17-dev): the CTAs of an SM put out of step after their first row (-0.6 points), a
 // quarter of the sum's exponentials on the FMA pipe (-0.7).
 // kTrace: thread 0 stamps the phases of its rows into tr (Tracer); one instantiation, the default one's twin.
-template <typename T, bool kSpread, bool kLean, bool kAsync, bool kTrace = false, bool kL2 = false>
+template <typename T, bool kSpread, bool kLean, bool kAsync, bool kTrace = false>
 __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch,
                                                                    TraceBuf tr) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
@@ -1008,7 +995,6 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     }
     for (int j = tid; j < min(head, nn); j += kSliceThreads) copy_async16(&staged[at(next_first, j)], nbase + j);
     copy_async_commit();
-    if (kL2 && nn > head) prefetch_l2_chunks(nbase + head, nn - head, tid, kSliceThreads);
     // The end chunks, as slice indices (-1, or out of [0, nj), where this slice has none).
     const int64_t he = row.head_edge(), te = row.tail_edge(C);
     const int e0 = he >= k0 && he < k0 + nj ? static_cast<int>(he - k0) : -1;
