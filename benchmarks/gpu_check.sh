@@ -21,7 +21,7 @@
 #     --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl liger-kernel pytest-xdist execnet
 #   pytest-xdist (carried, not a dependency): the test parts run in GPU_CHECK_WORKERS processes (default 8 of the
 #     16 cores) sharing the GPU; the ~6000 core tests are host-bound (~55 ms each, ~330 s in one process, v0.17)
-#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe trace ncu stalls grid compile turing"
+#   parts:       run in this order: GPU_CHECK_PARTS="build changed smoke compile_debug sanitize tests compile_cpu bench variants host confirm ceilings layouts probe trace ncu stalls grid compile turing crash"
 #                (default: build smoke tests bench variants host ceilings, the last ones cut first if the
 #                call runs long; a second call naming build probe ncu measures where the time goes:
 #                the tuning sweep, every launch's device time, ncu)
@@ -41,7 +41,8 @@ part() { [[ "$PARTS" == *" $1 "* ]]; }
 stamp() { echo "== $1 ($(date -u +%T))"; }
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1; } \
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; nvcc --version | tail -1
+  "${CXX:-$(command -v g++ || echo /opt/gcc/bin/g++)}" --version | head -1; $PY -V; } \
   2>&1 | tee "$OUT/build.log"  # at most 8 files come back: the environment heads the build log
 
 # A call without the build part reuses the last call's build on a warm machine; on a fresh one it builds anyway.
@@ -81,7 +82,7 @@ if part changed; then
   # A short call after a change to the kernels or the defaults (v0.17-dev, ~150 s after the build): the tests of
   # what changed first (GPU_CHECK_TESTS, a pytest -k expression over the CORE files), then a short bench (the
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
-  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or l2_prefetch or rows_as_given or changed_after}\")"
+  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or dynamic_rows or rows_as_given or changed_after or unbatched_ignored}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
   timeout 60 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15
@@ -148,7 +149,7 @@ if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 170 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped \
+    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped ours_dynamic_rows \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The slices' cluster exchange by cluster.sync() against the default st.async (only rows split over clusters
@@ -271,6 +272,22 @@ if part turing; then
   else
     tail -30 "$OUT/turing.log"; echo "TURING BUILD FAILED"; status=1
   fi
+fi
+if part crash; then
+  # The H200's grid part (2026-11-28) lost a worker to a segfault in test_cuda_tuning_is_set_and_restored, in
+  # set_cuda_tuning's ValueError for a bad value (torch 2.11, the machine's /opt/gcc build); it passes here under
+  # torch 2.11 with Python 3.11 and 3.12.  v0.2's segfault was also in c10's message formatting.  Which C++ runtime
+  # each side loads, then the test alone and the bad-value call under gdb for a native backtrace (~20 s).
+  stamp "crash: set_cuda_tuning's error path, natively"
+  { SO=$(ls softmax_ce_ext/_C*.so | head -1)
+    ldd "$SO" | grep -E "stdc\+\+|libc10|libgcc" ; ldd "$($PY -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))')" | grep -E "stdc\+\+|libgcc"
+    $PY -c "import softmax_ce_ext, sys; print([l.split()[-1] for l in open('/proc/self/maps') if 'stdc++' in l][:1])"
+    timeout 60 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_api.py -k tuning_is_set 2>&1 | tail -3
+    timeout 60 gdb -q -batch -ex run -ex bt --args $PY -c "import softmax_ce_ext.tuning as t
+try:
+    t.set(ring_kb=228)
+except ValueError as e:
+    print('ValueError:', e)" 2>&1 | grep -vE "^\[(New|Thread)" | tail -25; } 2>&1 | tee "$OUT/crash.log"
 fi
 stamp "done, status $status"
 exit $status

@@ -147,5 +147,7 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             OursTuned("ours_kdim_unfolded", kdim_fold=False), OursTuned("ours_cluster_sync", cluster_async=False),
             OursTuned("ours_warp_ungrouped", warp_group=False),
             # off by default (within a point): warp rows' loss + gradient keeping the sum sweep's exponentials
-            OursTuned("ours_warp_keep", warp_keep=True))
+            OursTuned("ours_warp_keep", warp_keep=True),
+            # off until timed (v0.21-dev): the slices' rows handed out by a counter (the trace's end spread)
+            OursTuned("ours_dynamic_rows", dynamic_rows=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

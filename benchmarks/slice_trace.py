@@ -144,7 +144,9 @@ def trace_case(shape, dtype, tune, label, tr):
 CASES = [((8192, 32000), torch.bfloat16, {}), ((8192, 32000), torch.bfloat16, dict(slice_kb=32)),
          ((8192, 128256), torch.bfloat16, {}), ((8192, 128256), torch.bfloat16, dict(slice_kb=32)),
          ((8192, 128256), torch.bfloat16, dict(prefetch=False)), ((8192, 128256), torch.bfloat16, dict(ring_kb=0)),
-         ((8192, 32000), torch.float32, {}), ((8192, 128256), torch.float32, {}), ((4096, 256000), torch.bfloat16, {})]
+         ((8192, 32000), torch.float32, {}), ((8192, 128256), torch.float32, {}), ((4096, 256000), torch.bfloat16, {}),
+         ((8192, 32000), torch.bfloat16, dict(dynamic_rows=True)), ((8192, 128256), torch.bfloat16, dict(dynamic_rows=True)),
+         ((8192, 128256), torch.float32, dict(dynamic_rows=True)), ((4096, 256000), torch.bfloat16, dict(dynamic_rows=True))]
 
 
 def main():

@@ -120,7 +120,8 @@ def test_cuda_tuning_is_set_and_restored():
     assert set(before) == set(tuning.FIELDS)
     changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, lean=False, warp_ring=3,
                    grad_piece_kb=64, kdim_fold=not before["kdim_fold"], warp_keep=not before["warp_keep"],
-                   cluster_async=not before["cluster_async"], warp_group=not before["warp_group"])
+                   cluster_async=not before["cluster_async"], warp_group=not before["warp_group"],
+                   dynamic_rows=not before["dynamic_rows"])
     with tuning.using(**changed):
         assert tuning.get() == changed
     assert tuning.get() == before

@@ -159,12 +159,70 @@ def test_kdim_items_walked_per_thread(dtype, shape, kw, inplace):
     training_against_float64(x, t.cuda(), g, kw, inplace)
 
 
+# Slice rows with more rows than twice the resident clusters (~396 CTAs on an H100/H200), so that tuning
+# dynamic_rows draws rows from its counter: one CTA per row, clusters of 4 (float32) and of 8 (16 KiB slices); and
+# row counts about the resident clusters (one CTA per row: ~396 on an H100/H200), where the first or second static
+# row is the last (rows <= step, step < rows <= 2 * step, 2 * step + 1).
+DYN_CASES = {"one-CTA-per-row": ((3000, 32000), torch.bfloat16, 72), "clusters": ((1024, 50000), torch.float32, 72),
+             "clusters-of-8": ((2048, 40000), torch.bfloat16, 16), "rows-300": ((300, 32000), torch.bfloat16, 72),
+             "rows-600": ((600, 32000), torch.bfloat16, 72), "rows-793": ((793, 32000), torch.bfloat16, 72),
+             "rows-1000": ((1000, 32000), torch.bfloat16, 72)}
+DYN_VARIANTS = [(c, v) for c in DYN_CASES for v in ("dense", "offset-by-one", "inplace", "sum")
+                if v == "dense" or not c.startswith("rows-")]
+
+
+def slice_kernels(fn):
+    """The template arguments of the slice kernels that fn launches (torch.profiler's kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "slice_rows_kernel<" in e.name]
+    return out, {tuple(n.split("slice_rows_kernel<", 1)[1].split(">(", 1)[0].split(", ")) for n in names}
+
+
+@pytest.mark.parametrize("case, variant", DYN_VARIANTS, ids=[f"{c}-{v}" for c, v in DYN_VARIANTS])
+def test_dynamic_rows_change_no_bit(case, variant):
+    """tuning dynamic_rows hands the slice kernel's rows out by a counter instead of a stride: each row is computed
+    the same way wherever it runs, so loss and gradient equal the static kernel's bit for bit.  The targets skip
+    rows singly (every 9th), in a run of 200 (the skipped rows' own publish-and-wait path) and at both ends.  The
+    kernel names say which twin ran (its last template argument, kDyn)."""
+    shape, dtype, slice_kb = DYN_CASES[case]
+    offset = variant == "offset-by-one"  # rows not 16-byte aligned: the kernel's masked end chunks
+    g = torch.Generator().manual_seed(29)
+    x = (torch.randn(shape[0], shape[1] + offset, generator=g) * 3).to(dtype).cuda()[:, offset:]
+    t = torch.randint(0, shape[1], (shape[0],), generator=g)
+    t[::9] = -100
+    t[300:500] = -100
+    t[0] = t[-1] = -100
+    t = t.cuda()
+
+    def step():
+        xi = x.detach().clone().requires_grad_() if variant == "inplace" else x.detach().requires_grad_()
+        loss = cross_entropy(xi * 1 if variant == "inplace" else xi, t, reduction="sum" if variant == "sum" else "mean",
+                             inplace_backward=variant == "inplace")
+        (grad,) = torch.autograd.grad(loss, xi)
+        return loss, grad
+
+    results = []
+    for dyn in (False, True):
+        with tuning.using(**{**tuning.BUILT_IN, "slice_kb": slice_kb, "dynamic_rows": dyn}):
+            out, kernels = slice_kernels(step)
+        assert kernels and all(k[-1] == ("true" if dyn else "false") for k in kernels), kernels
+        results.append(out)
+    assert torch.isfinite(results[0][0]) and torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert (results[1][1][t.cpu() == -100] == 0).all()
+
+
 @pytest.mark.parametrize(
     "dtype, C, slice_kb",
     [(torch.bfloat16, 32000, 72), (torch.bfloat16, 40000, 16), (torch.float32, 20000, 72)],
     ids=["one-CTA-per-row", "clusters", "float32"],
 )
-def test_slice_trace_stamps_without_changing_results(dtype, C, slice_kb):
+@pytest.mark.parametrize("dyn", [False, True], ids=["static-rows", "dynamic-rows"])
+def test_slice_trace_stamps_without_changing_results(dtype, C, slice_kb, dyn):
     """benchmarks/slice_trace.py's traced twin of the default slice kernel: the same loss and gradient bits as the
     untraced kernel, and for every CTA that stamped, its header (cluster size as launched), each row's 7 clock
     stamps in order and the last warp's two between them.  One CTA per row at 32000 bf16 classes in 72 KiB slices;
@@ -173,11 +231,11 @@ def test_slice_trace_stamps_without_changing_results(dtype, C, slice_kb):
 
     HEADER, STAMPS, rows, ctas = 8, 10, 6, 2048
     torch.manual_seed(0)
-    x = torch.randn(512, C, device="cuda", dtype=dtype)
-    t = torch.randint(0, C, (512,), device="cuda")
+    x = torch.randn(1536, C, device="cuda", dtype=dtype)  # rows past twice the resident clusters: dynamic ones drawn
+    t = torch.randint(0, C, (1536,), device="cuda")
     buf = torch.zeros(ctas * (HEADER + STAMPS * rows), dtype=torch.int64, device="cuda")
     results = []
-    with tuning.using(**{**tuning.BUILT_IN, "slice_kb": slice_kb}):
+    with tuning.using(**{**tuning.BUILT_IN, "slice_kb": slice_kb, "dynamic_rows": dyn}):
         for trace in (False, True):
             xi = x.clone().requires_grad_()
             _C.set_slice_trace(buf.data_ptr() if trace else 0, ctas, rows, buf.device.index)

@@ -191,7 +191,11 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   const SliceTrace trace = slice_trace();
   // The default kernel's twin, on the buffer's device only.
   const bool traced = trace.data != 0 && trace.device == device && !spread && tune.lean && async;
-  auto kernel = traced      ? rows::slice_rows_kernel<T, false, true, true, true>
+  // dynamic_rows: the default kernel's twin (its row counter and after[] indexed in 32 bits)
+  const bool dyn = tune.dynamic_rows && !spread && tune.lean && async && a.L.rows() < (1LL << 31) - 1;
+  auto kernel = traced      ? dyn ? rows::slice_rows_kernel<T, false, true, true, true, true>
+                                  : rows::slice_rows_kernel<T, false, true, true, true>
+                : dyn       ? rows::slice_rows_kernel<T, false, true, true, false, true>
                 : spread    ? async ? rows::slice_rows_kernel<T, true, false, true>
                                     : rows::slice_rows_kernel<T, true, false, false>
                 : tune.lean ? async ? rows::slice_rows_kernel<T, false, true, true>
@@ -201,7 +205,15 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
                        [&](cudaLaunchConfig_t& cfg, int slice, int ring) {
                          const rows::TraceBuf tr{traced ? reinterpret_cast<int64_t*>(trace.data) : nullptr,
                                                  trace.ctas, trace.rows};
-                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, tr);
+                         // dynamic_rows: the counter and after[], zeroed in stream order before the kernel (the
+                         // caching allocator reuses the memory only for work queued after it)
+                         at::Tensor sched;
+                         if (dyn) {
+                           sched = at::empty({a.L.rows() + 1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
+                           C10_CUDA_CHECK(cudaMemsetAsync(sched.data_ptr(), 0, sched.numel() * 4, stream));
+                         }
+                         uint32_t* sp = dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr;
+                         return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, tr, sp);
                        });
 }
 // Whether warp rows stage rows in shared memory (warp_ring): the fused loss + gradient of float rows of 129-256

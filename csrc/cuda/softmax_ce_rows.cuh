@@ -921,6 +921,68 @@ struct OwnChunks {
   }
 };
 
+// The rows a cluster of slice_rows takes, in order: the current one and `next`.  Static: every `step`-th row (step:
+// the clusters in the grid), so each cluster gets the same count however fast its SMs move bytes; the H200's trace
+// (2026-11-28) had the CTAs' ends spread over 20-33% of the kernel while each row ran at 90-96% of its SMs' floor.
+// kDyn (tuning dynamic_rows): rows handed out by a counter, so clusters that run faster take more.  A cluster's
+// first two rows are static; during row r (its current), rank 0's thread 0 draws the row after `next`
+// (2 * step + ticket) and publishes it in after[r] (+1: a zeroed entry is "not yet"), where every thread of the
+// cluster's CTAs reads it at the row's end, long after: each entry written once and read only by its cluster, so
+// the row loop needs no barrier for it.  sched: [0] the counter, [1 + r] after[r], zeroed before the launch.
+// Only `next` and two 32-bit values live across the loop; the rest is passed in where used (held as members, the
+// bf16 twin took 106 registers to the default kernel's 64: 2 CTAs per SM, not 3).
+template <bool kDyn>
+struct RowOrder {
+  int64_t next;        // the row after the current one
+  uint32_t drawn = 0;  // kDyn, the drawing thread: its last ticket
+  uint32_t seen = 0;   // kDyn: an early read of after[r] (0: not there yet)
+  __device__ explicit RowOrder(int64_t second) : next(second) {}
+  // Whether this cluster draws the row after `next` (the same in all its threads): rows past every cluster's first
+  // two, and a row after this one.
+  __device__ __forceinline__ bool drawing(int64_t step, int64_t rows) const {
+    return kDyn && 2 * step < rows && next < rows;
+  }
+  // At the row's start (rank 0's thread 0): the row after `next`, published once the row's sweeps have covered
+  // the draw's return (or at once for a skipped row).
+  __device__ __forceinline__ void draw(uint32_t* sched, bool leader, int64_t step, int64_t rows) {
+    if (leader && drawing(step, rows)) drawn = atomicAdd(sched, 1u);
+  }
+  __device__ __forceinline__ void publish(uint32_t* sched, int64_t r, bool leader, int64_t step, int64_t rows) const {
+    if (leader && drawing(step, rows))
+      asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(sched + 1 + r), "r"(drawn + 1) : "memory");
+  }
+  // After the exchange: a read of after[r] that lands during the gradient sweep.
+  __device__ __forceinline__ void peek(const uint32_t* sched, int64_t r, int64_t step, int64_t rows) {
+    if (drawing(step, rows)) seen = load_after(sched, r);
+  }
+  // The loop's step: the current row becomes `next`, and `next` the row after it.
+  __device__ __forceinline__ int64_t advance(const uint32_t* sched, int64_t r, int64_t step, int64_t rows) {
+    const int64_t cur = next;
+    if constexpr (!kDyn) {
+      next = cur + step;
+    } else if (drawing(step, rows)) {
+      uint32_t v = seen;
+      const uint64_t start = v ? 0 : global_ns();
+      while (v == 0) {  // a bug would hang here: past 60 s (see SliceCluster) a launch error instead
+        v = load_after(sched, r);
+        if (v == 0 && global_ns() - start > 60000000000ull) __trap();
+      }
+      next = 2 * step + (v - 1);
+      seen = 0;
+    } else {
+      next = rows;  // no row after `cur`
+    }
+    return cur;
+  }
+
+ private:
+  __device__ __forceinline__ static uint32_t load_after(const uint32_t* sched, int64_t r) {
+    uint32_t v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(sched + 1 + r) : "memory");
+    return v;
+  }
+};
+
 // ---- slice_rows: loss + gradient; a cluster of n CTAs per row, CTA `rank` holding chunks
 // [rank * slice, (rank + 1) * slice) of its row in shared memory.  Each thread copies, and later reads, only its
 // own chunks (j = tid, tid + 256, ...), so the staged slice needs no barrier.  Instruction count is the bound here
@@ -937,10 +999,12 @@ struct OwnChunks {
 // kAsync (tuning cluster_async): the statistics exchanged by st.async (SliceCluster).  Measured and removed
 // (H200, 2026-11-28, NOTES v0.17-dev): the CTAs of an SM put out of step after their first row (-0.6 points), a
 // quarter of the sum's exponentials on the FMA pipe (-0.7).
-// kTrace: thread 0 stamps the phases of its rows into tr (Tracer); one instantiation, the default one's twin.
-template <typename T, bool kSpread, bool kLean, bool kAsync, bool kTrace = false>
-__global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch,
-                                                                   TraceBuf tr) {
+// kTrace: thread 0 stamps the phases of its rows into tr (Tracer); the default kernel's twin (and kDyn's).
+// kDyn (tuning dynamic_rows; the default kernel's twin): rows handed out by a counter in sched (RowOrder).  Bound
+// to 3 CTAs per SM, the default kernel's count (float32 took 83 registers unbound, sm_90: 2 CTAs).
+template <typename T, bool kSpread, bool kLean, bool kAsync, bool kTrace = false, bool kDyn = false>
+__global__ void __launch_bounds__(kSliceThreads, kDyn ? 3 : 0)
+    slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch, TraceBuf tr, uint32_t* sched) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
@@ -956,21 +1020,28 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
   SliceCluster<kAsync> cl(peer_bars);
   const unsigned rank = cl.rank, n = cl.n;
   Tracer<kTrace> trace(tr, rank, n);  // tr: the kernel's parameter, read where stamped
-  const int64_t step = gridDim.x / n;
   int64_t r = blockIdx.x / n;
+  RowOrder<kDyn> order(r + gridDim.x / n);
+  // Read where used (kDyn): the counter, the clusters (the static step), the drawing thread.
+  const auto step = [&] { return static_cast<int64_t>(gridDim.x / n); };
+  const auto leader = [&] { return rank == 0 && tid == 0; };
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
   int64_t staged_row = -1;  // the row whose slice the copies in flight (or landed) hold
   int first = 0;            // the slot of the current row's chunk 0
-  for (; r < L.rows(); r += step) {
+  for (; r < L.rows(); r = order.advance(sched, r, step(), L.rows())) {
+    order.draw(sched, leader(), step(), L.rows());
     const Row<T, true> row(a, r, t_next);
     const auto& [b, s, xr, gr, xk, same_shift, t] = row;
     const int64_t k0 = rank * static_cast<int64_t>(slice);
     const int nj = static_cast<int>(k0 + slice < xk.count ? slice : xk.count - k0);  // may be <= 0
-    if (r + step < L.rows()) t_next = Row<T, true>::target_of(a, r + step);  // in flight during this row
+    const int64_t rn = order.next;
+    if (rn < L.rows()) t_next = Row<T, true>::target_of(a, rn);  // in flight during this row
     // Every CTA of the cluster reads the same target, so all of them skip the exchange below together.
     if (!valid_row<T, true, true>(a, r, row, rank == 0 && tid == 0, k0 + tid, k0 + (nj > 0 ? nj : 0),
-                                  kSliceThreads))
+                                  kSliceThreads)) {
+      order.publish(sched, r, leader(), step(), L.rows());
       continue;
+    }
     if constexpr (kTrace) trace.start_row();
     if (staged_row != r) {
       if (staged_row >= 0) copy_async_wait_all();  // a prefetched row that was skipped: its copies land first
@@ -980,7 +1051,6 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     staged_row = -1;
     // The next row's slice (0 chunks where there is none to fetch: past the end, ignored or out of range):
     // its chunks [0, head) go to the free slots now, the rest into this row's slots as the gradient frees them.
-    const int64_t rn = r + step;
     const bool fetch = prefetch && rn < L.rows() && t_next != a.P.ignore_index && !target_out_of_range(t_next, C);
     const int reserved = ring ? (max(nj, 0) + kSliceThreads - 1) / kSliceThreads * kSliceThreads : 0;
     const int head = ring - reserved;  // 0 without the ring
@@ -1045,6 +1115,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     }
     if constexpr (kTrace) trace.stamp_warps(2);
     OnlineStats<float> st = block_stats<kSpread>(m, sum, A, D);
+    order.publish(sched, r, leader(), step(), L.rows());  // the draw has had the sweeps' time to come back
     if constexpr (kTrace) trace.stamp(3), trace.stamp_last();
     // What does not need the row's statistics (global loads among it): in flight while the cluster waits.
     const float w_t = w ? w[t] : 1.f;
@@ -1053,6 +1124,7 @@ __global__ void __launch_bounds__(kSliceThreads) slice_rows_kernel(Args<T> a, in
     const int jt = kt >= k0 && kt < k0 + nj ? static_cast<int>(kt - k0) : -1;  // x_t's chunk, in this slice
     const int et = row.target_lane();
     st = cl.exchange(st, peer, peer_bars);
+    order.peek(sched, r, step(), L.rows());
     if constexpr (kTrace) trace.stamp(4);
     const float log_s = logf(st.s);
     const GradBase gb = GradBase::of_stats(st.m, st.s);
