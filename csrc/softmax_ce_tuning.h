@@ -26,7 +26,8 @@ struct CudaTuning {
   bool warp_keep;     // warp rows' loss + gradient: the sum sweep's exponentials kept for the gradient sweep
   bool cluster_async;  // slice kernel: the cluster's statistics exchanged by st.async + mbarriers, not cluster.sync()
   bool warp_group;     // warp rows' loss + gradient of rows of up to 128 chunks: 16, 8 or 4 lanes per row
-  bool dynamic_rows;   // slice kernel (no smoothing, lean, cluster_async): rows handed out by a counter, not a stride
+  bool dynamic_rows;   // rows handed out by a counter, not a stride: the slice kernel (no smoothing, lean,
+                       // cluster_async) and the unfolded K-dim kernel (tiles of its items)
 };
 
 // The slice kernel's phase stamps (benchmarks/slice_trace.py): where set, the default slice kernel's traced twin

@@ -72,9 +72,10 @@ CUDA_PATHS = {
     "kdim-unfolded": (dict(kdim_fold=False), "K-dim mean training (unweighted) with the denominator counted by a "
                       "kernel of its own, the alternative to the default count inside the K-dim kernel (a "
                       "cooperative launch, a grid barrier; targets kept as bytes in shared memory)"),
-    "dynamic-rows": (dict(dynamic_rows=True), "the default slice kernel's rows handed out by a counter instead of a "
-                     "stride (tuning dynamic_rows, off until timed; these shapes have too few rows to draw any: "
-                     "test_dynamic_rows_change_no_bit draws them)"),
+    "dynamic-rows": (dict(dynamic_rows=True, kdim_fold=False), "the default slice kernel's rows and the K-dim "
+                     "kernel's tiles of items handed out by a counter instead of a stride (tuning dynamic_rows, off "
+                     "until timed; these shapes have too few rows to draw any: test_dynamic_rows_change_no_bit and "
+                     "test_kdim_dynamic_tiles draw them)"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
     "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

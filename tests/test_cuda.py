@@ -159,6 +159,48 @@ def test_kdim_items_walked_per_thread(dtype, shape, kw, inplace):
     training_against_float64(x, t.cuda(), g, kw, inplace)
 
 
+# dynamic_rows on the K-dim kernel (unfolded: kdim_fold off): tiles of 128 items from a counter.  Shapes of more
+# items than the resident threads (so tiles are drawn) and a partial last tile; the summed loss goes per tile.
+KDIM_DYN_SHAPES = {"float32": ((8, 21, 256, 257), torch.float32), "bfloat16": ((16, 21, 256, 264), torch.bfloat16),
+                   "one-tile": ((1, 21, 4, 100), torch.float32)}
+
+
+@pytest.mark.parametrize("case", list(KDIM_DYN_SHAPES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kdim_dynamic_tiles(case, reduction):
+    """The K-dim kernel's tiles from a counter: the gradient (and 'none''s per-position losses) equal the static
+    kernel's bit for bit; the summed loss, added per tile instead of per CTA, within float rounding of it and the
+    same bits on a second call (a fixed order whichever CTA takes a tile); the kernel names say which twin ran."""
+    shape, dtype = KDIM_DYN_SHAPES[case]
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).cuda()
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    t.view(-1)[::7] = -100
+    t = t.cuda()
+    grad_out = (torch.rand(t.shape, generator=g) + 0.5).cuda() if reduction == "none" else None
+
+    def run():
+        xi = x.detach().clone().requires_grad_()
+        loss = cross_entropy(xi, t, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss, xi, grad_out.to(loss.dtype) if grad_out is not None else None)
+        return loss, grad
+
+    out = {}
+    for dyn in (False, True):
+        with tuning.using(**{**tuning.BUILT_IN, "kdim_fold": False, "dynamic_rows": dyn}):
+            out[dyn], kernels = kernels_of("columns_kernel<", run)
+            if dyn:
+                again = run()
+        assert kernels and all(k[-1] == ("true" if dyn else "false") for k in kernels), kernels
+    (l0, g0), (l1, g1) = out[False], out[True]
+    assert torch.equal(g0, g1)
+    if reduction == "none":
+        assert torch.equal(l0, l1)
+    else:
+        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    assert torch.equal(again[0], l1) and torch.equal(again[1], g1)
+
+
 # Slice rows with more rows than twice the resident clusters (~396 CTAs on an H100/H200), so that tuning
 # dynamic_rows draws rows from its counter: one CTA per row, clusters of 4 (float32) and of 8 (16 KiB slices); and
 # row counts about the resident clusters (one CTA per row: ~396 on an H100/H200), where the first or second static
@@ -171,15 +213,16 @@ DYN_VARIANTS = [(c, v) for c in DYN_CASES for v in ("dense", "offset-by-one", "i
                 if v == "dense" or not c.startswith("rows-")]
 
 
-def slice_kernels(fn):
-    """The template arguments of the slice kernels that fn launches (torch.profiler's kernel names)."""
+def kernels_of(prefix, fn):
+    """fn's result, and the template arguments of the kernels named `prefix...` (e.g. "slice_rows_kernel<") that
+    it launches (torch.profiler's kernel names)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         out = fn()
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "slice_rows_kernel<" in e.name]
-    return out, {tuple(n.split("slice_rows_kernel<", 1)[1].split(">(", 1)[0].split(", ")) for n in names}
+    names = [e.name for e in prof.events() if prefix in e.name]
+    return out, {tuple(n.split(prefix, 1)[1].split(">(", 1)[0].split(", ")) for n in names}
 
 
 @pytest.mark.parametrize("case, variant", DYN_VARIANTS, ids=[f"{c}-{v}" for c, v in DYN_VARIANTS])
@@ -208,7 +251,7 @@ def test_dynamic_rows_change_no_bit(case, variant):
     results = []
     for dyn in (False, True):
         with tuning.using(**{**tuning.BUILT_IN, "slice_kb": slice_kb, "dynamic_rows": dyn}):
-            out, kernels = slice_kernels(step)
+            out, kernels = kernels_of("slice_rows_kernel<", step)
         assert kernels and all(k[-1] == ("true" if dyn else "false") for k in kernels), kernels
         results.append(out)
     assert torch.isfinite(results[0][0]) and torch.equal(results[0][0], results[1][0])

@@ -54,9 +54,10 @@ __device__ __forceinline__ int code_at(const Codes<E>& v, int i) {
   return (w >> (8 * (i & 3))) & 0xff;
 }
 
-template <typename T, bool kStats, bool kGrad, bool kFold>
-__global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold) {
+template <typename T, bool kStats, bool kGrad, bool kFold, bool kDyn = false>
+__global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold, uint32_t* sched) {
   static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
+  static_assert(!(kFold && kDyn), "the fold keeps the targets of its own items: a fixed order");
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;
@@ -116,7 +117,8 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     inv_denom = 1.f / denom;
     if (blockIdx.x == 0 && tid == 0) *fold.denom = denom;
   }
-  for (int64_t item = first, k = 0; item < items; item += stride, ++k) {
+  // One item of this thread (k: its count so far, for kFold's codes).
+  const auto pass = [&](int64_t item, int64_t k) {
     int64_t b, s0;
     int n;
     locate(item, b, s0, n);
@@ -251,10 +253,34 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
         }
       }
     }
-  }
-  if (partial) {  // every thread of the CTA gets here: the loop above has no early exit
-    const float total = block_sum(loss_acc);
-    if (tid == 0) a.loss_partials[blockIdx.x] = total;
+  };
+  if constexpr (!kDyn) {
+    for (int64_t item = first, k = 0; item < items; item += stride, ++k) pass(item, k);
+    if (partial) {  // every thread of the CTA gets here: the loop above has no early exit
+      const float total = block_sum(loss_acc);
+      if (tid == 0) a.loss_partials[blockIdx.x] = total;
+    }
+  } else {
+    // Tiles of nt items (tile q: items q * nt + tid) from a counter instead of every gridDim.x-th: the CTA's first
+    // tile is blockIdx.x, each later one drawn by thread 0 during the tile before it and passed on in shared
+    // memory by parity (read after the tile's barrier; written again two tiles later, past the next barrier).
+    // The summed loss goes per tile (loss_partials[q]): a fixed order whichever CTA takes the tile.
+    __shared__ int64_t next_tile[2];
+    const int64_t tiles = (items + nt - 1) / nt;
+    for (int64_t q = blockIdx.x, parity = 0; q < tiles; parity ^= 1) {
+      const uint32_t drawn = tid == 0 ? atomicAdd(sched, 1u) : 0u;  // in flight during the tile
+      const int64_t item = q * nt + tid;
+      if (item < items) pass(item, 0);
+      if (tid == 0) next_tile[parity] = gridDim.x + static_cast<int64_t>(drawn);
+      if (partial) {
+        const float total = block_sum(loss_acc);  // its barriers pass next_tile on
+        if (tid == 0) a.loss_partials[q] = total;
+        loss_acc = 0.f;
+      } else {
+        __syncthreads();
+      }
+      q = next_tile[parity];
+    }
   }
 }
 

@@ -403,7 +403,10 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int threads = columns_threads(L.C);
     const int smem = static_cast<int>(int64_t{threads} * L.C * 16);
     const int device = o.logits.get_device();
-    auto kernel = columns::columns_kernel<T, kStats, kGrad, false>;
+    // dynamic_rows: the twin taking tiles of items from a counter (rows handed out as in the slices)
+    const bool dyn = tune.dynamic_rows;
+    auto kernel = dyn ? columns::columns_kernel<T, kStats, kGrad, false, true>
+                      : columns::columns_kernel<T, kStats, kGrad, false>;
     const int smem_cap = std::min(columns::kBlockBudget, smem_dynamic_max(device, kernel));
     if (smem > smem_cap) return false;  // launched nothing: the general kernel instead
     allow_smem(device, kernel, [&] { return smem_cap; });
@@ -411,16 +414,22 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     constexpr int E = chunks::Chunk<T>::E;
     const int64_t items = L.B * ((L.S + E - 1) / E);
     const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{std::max(per_sm, 1)} * sm_count(device));
-    const bool partial = kStats && !o.loss.defined();  // the summed loss only: a partial sum per CTA
-    at::Tensor partials;
-    if (partial) partials = at::empty({blocks}, o.logits.options().dtype(at::kFloat));
+    const bool partial = kStats && !o.loss.defined();  // the summed loss only: a partial sum per CTA (dyn: tile)
+    const int64_t tiles = (items + threads - 1) / threads;
+    at::Tensor partials, sched;
+    if (partial) partials = at::empty({dyn ? tiles : blocks}, o.logits.options().dtype(at::kFloat));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (dyn) {  // the tile counter, zeroed in stream order before the kernel
+      sched = at::zeros({1}, o.logits.options().dtype(at::kInt));
+    }
     const StatsPtrs<float> stats = stats_ptrs<float>(o);  // none where partial, nor in the training pass
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           stats.max, stats.sum, factor_of<float>(o), partial ? partials.data_ptr<float>() : nullptr};
-    kernel<<<static_cast<unsigned>(blocks), threads, smem, c10::cuda::getCurrentCUDAStream()>>>(a, columns::MeanFold{});
+    kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
+        a, columns::MeanFold{}, dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (partial) {  // a fixed grid on a given device: a fixed order
+    if (partial) {  // a fixed grid on a given device (dyn: fixed tiles): a fixed order
       o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);
       o.loss_finished = true;
     }
@@ -469,7 +478,8 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
     rows::Args<T> a{o.logits.data_ptr<T>(), o.grad.data_ptr<T>(), L, row_params<T, float, T>(o, false), nullptr,
                     nullptr, nullptr, Factor<float>{nullptr, 0, 0}, partials.data_ptr<float>()};
     columns::MeanFold fold{counts.data_ptr<int>(), denom.data_ptr<float>()};
-    void* args[] = {&a, &fold};
+    uint32_t* no_sched = nullptr;
+    void* args[] = {&a, &fold, &no_sched};
     const cudaError_t err = cudaLaunchCooperativeKernel(key, dim3(static_cast<unsigned>(blocks)), dim3(threads), args,
                                                         smem, c10::cuda::getCurrentCUDAStream());
     if (err != cudaSuccess) {  // e.g. fewer SMs than the occupancy said (MPS): the unfolded path instead
