@@ -160,8 +160,9 @@ def test_kdim_items_walked_per_thread(dtype, shape, kw, inplace):
 
 
 # dynamic_rows on the K-dim kernel (unfolded: kdim_fold off): tiles of 128 items from a counter.  Shapes of more
-# items than the resident threads (so tiles are drawn) and a partial last tile; the summed loss goes per tile.
-KDIM_DYN_SHAPES = {"float32": ((8, 21, 256, 257), torch.float32), "bfloat16": ((16, 21, 256, 264), torch.bfloat16),
+# tiles than the resident CTAs (~660 on an H100/H200), so tiles are drawn, whose last tile is partial (906.5 and
+# 982.5 tiles); one partial tile alone.  The summed loss goes per tile.
+KDIM_DYN_SHAPES = {"float32": ((7, 21, 256, 259), torch.float32), "bfloat16": ((15, 21, 256, 262), torch.bfloat16),
                    "one-tile": ((1, 21, 4, 100), torch.float32)}
 
 
@@ -196,8 +197,8 @@ def test_kdim_dynamic_tiles(case, reduction):
     assert torch.equal(g0, g1)
     if reduction == "none":
         assert torch.equal(l0, l1)
-    else:
-        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    else:  # another order of float32 sums, then the loss's dtype: within one of its steps
+        torch.testing.assert_close(l1.float(), l0.float(), rtol=1e-6 if dtype == torch.float32 else 2**-7, atol=0)
     assert torch.equal(again[0], l1) and torch.equal(again[1], g1)
 
 
