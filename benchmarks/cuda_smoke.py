@@ -19,7 +19,8 @@ FAMILIES = {"auto": {}, "clusters": dict(slice_kb=1, ring_kb=0), "ring": dict(sl
             "legacy": dict(path="legacy"), "kdim-unfolded": dict(kdim_fold=False),
             "warp-keep": dict(warp_keep=True, warp_group=False),
             "ring-sync": dict(slice_kb=1, ring_kb=8, cluster_async=False), "warp-ungrouped": dict(warp_group=False),
-            "dynamic-rows": dict(dynamic_rows=True), "kdim-dynamic": dict(dynamic_rows=True, kdim_fold=False)}
+            "dynamic-rows": dict(dynamic_rows=True), "kdim-dynamic": dict(dynamic_rows=True, kdim_fold=False),
+            "pdl": dict(pdl=True)}
 # (shape, why): a warp row; a row that the 'clusters' family (1 KiB slices) splits over 8-16 CTAs; a misaligned
 # odd vocabulary; slices of 64 KiB (one CTA in bf16, a cluster of 2 in fp32); K-dim (the columns kernel)
 SHAPES = [((64, 1000), "warp rows"), ((16, 4000), "clusters of 16 (fp32) / 8 (bf16) under 1 KiB slices"),

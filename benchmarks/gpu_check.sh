@@ -82,7 +82,7 @@ if part changed; then
   # A short call after a change to the kernels or the defaults (v0.17-dev, ~150 s after the build): the tests of
   # what changed first (GPU_CHECK_TESTS, a pytest -k expression over the CORE files), then a short bench (the
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
-  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or dynamic_rows or kdim_dynamic or rows_as_given or changed_after or unbatched_ignored}\")"
+  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or dynamic_rows or kdim_dynamic or cuda-pdl or rows_as_given or changed_after or unbatched_ignored}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
   timeout 60 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15
@@ -149,7 +149,7 @@ if part variants; then
   stamp "our CUDA settings against the alternatives to each default (benchmarks/providers.py VARIANTS)"
   timeout 170 $PY benchmarks/bench.py --device cuda --no-progress --shapes llm classification segmentation \
     --dtype bfloat16 float32 --mode fwd+bwd \
-    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped ours_dynamic_rows ours_kdim_dynamic \
+    --providers ours ours_nolean ours_noring ours_unstaged ours_warp_ring4 ours_kdim_unfolded ours_warp_keep ours_warp_ungrouped ours_dynamic_rows ours_kdim_dynamic ours_pdl \
     2>&1 | tee "$OUT/variants.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   # The slices' cluster exchange by cluster.sync() against the default st.async (only rows split over clusters

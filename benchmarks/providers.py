@@ -151,5 +151,7 @@ VARIANTS = (OursTuned("ours_stream", path="stream"), OursTuned("ours_legacy", pa
             # off until timed (v0.21-dev): the slices' rows handed out by a counter (the trace's end spread)
             OursTuned("ours_dynamic_rows", dynamic_rows=True),
             # the K-dim kernel unfolded (kdim_fold off) taking tiles of items from a counter: beside ours_kdim_unfolded
-            OursTuned("ours_kdim_dynamic", kdim_fold=False, dynamic_rows=True))
+            OursTuned("ours_kdim_dynamic", kdim_fold=False, dynamic_rows=True),
+            # off until timed (v0.21-dev): every kernel launched programmatically after the one before (sm_90+)
+            OursTuned("ours_pdl", pdl=True))
 PROVIDERS = {p.name: p for p in (Ours(), OursInplace(), *VARIANTS, TorchEager(), TorchCompile(), Liger(), FlashAttn())}

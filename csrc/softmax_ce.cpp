@@ -104,7 +104,7 @@ int env_int(const char* name, int fallback) {
 
 struct TuningState {
   std::atomic<int> path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, warp_keep,
-      cluster_async, warp_group, dynamic_rows;
+      cluster_async, warp_group, dynamic_rows, pdl;
   TuningState()
       : path(static_cast<int>(std::getenv("SOFTMAX_CE_CUDA_PATH") ? parse_path(std::getenv("SOFTMAX_CE_CUDA_PATH"))
                                                                     : CudaPath::kAuto)),
@@ -119,7 +119,8 @@ struct TuningState {
         warp_keep(env_int("SOFTMAX_CE_CUDA_WARP_KEEP", 0) != 0),
         cluster_async(env_int("SOFTMAX_CE_CUDA_CLUSTER_ASYNC", 1) != 0),
         warp_group(env_int("SOFTMAX_CE_CUDA_WARP_GROUP", 1) != 0),
-        dynamic_rows(env_int("SOFTMAX_CE_CUDA_DYNAMIC_ROWS", 0) != 0) {}
+        dynamic_rows(env_int("SOFTMAX_CE_CUDA_DYNAMIC_ROWS", 0) != 0),
+        pdl(env_int("SOFTMAX_CE_CUDA_PDL", 0) != 0) {}
 };
 
 TuningState& state() {
@@ -152,12 +153,12 @@ CudaTuning cuda_tuning() {
   return {static_cast<CudaPath>(s.path.load()), s.slice_kb.load(), s.cluster_max.load(), s.prefetch.load() != 0,
           s.ring_kb.load(), s.lean.load() != 0, s.warp_ring.load(), s.grad_piece_kb.load(), s.kdim_fold.load() != 0,
           s.warp_keep.load() != 0, s.cluster_async.load() != 0, s.warp_group.load() != 0,
-          s.dynamic_rows.load() != 0};
+          s.dynamic_rows.load() != 0, s.pdl.load() != 0};
 }
 
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
                      int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async,
-                     bool warp_group, bool dynamic_rows) {
+                     bool warp_group, bool dynamic_rows, bool pdl) {
   const CudaPath p = parse_path(path);
   TORCH_CHECK_VALUE(slice_kb >= 1 && slice_kb <= 227, "set_cuda_tuning: expected slice_kb in [1, 227], got ",
                     slice_kb);
@@ -183,6 +184,7 @@ void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, boo
   s.cluster_async = cluster_async;
   s.warp_group = warp_group;
   s.dynamic_rows = dynamic_rows;
+  s.pdl = pdl;
 }
 }  // namespace softmax_ce
 
@@ -193,16 +195,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &softmax_ce::set_cpu_isa, "Use another instruction set; returns the previous one.");
   m.def("set_cuda_tuning", &softmax_ce::set_cuda_tuning, "CUDA row kernels: path ('auto', 'stream', 'legacy'), "
         "slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, warp_keep, cluster_async, "
-        "warp_group, dynamic_rows "
+        "warp_group, dynamic_rows, pdl "
         "(softmax_ce_ext.tuning wraps this; "
         "all checked before any is set).");
   m.def("cuda_tuning", [] {
     const auto t = softmax_ce::cuda_tuning();
     return std::make_tuple(std::string(softmax_ce::kPathNames[static_cast<int>(t.path)]), t.slice_kb, t.cluster_max,
                            t.prefetch, t.ring_kb, t.lean, t.warp_ring, t.grad_piece_kb, t.kdim_fold, t.warp_keep,
-                           t.cluster_async, t.warp_group, t.dynamic_rows);
+                           t.cluster_async, t.warp_group, t.dynamic_rows, t.pdl);
   }, "The current (path, slice_kb, cluster_max, prefetch, ring_kb, lean, warp_ring, grad_piece_kb, kdim_fold, "
-     "warp_keep, cluster_async, warp_group, dynamic_rows).");
+     "warp_keep, cluster_async, warp_group, dynamic_rows, pdl).");
   m.def("set_slice_trace", &softmax_ce::set_slice_trace, "The slice kernel's phase stamps into a buffer of "
         "ctas * (8 + 10 * rows) int64 on a CUDA device (address, ctas, rows, device index; address 0: off). For "
         "benchmarks/slice_trace.py.");

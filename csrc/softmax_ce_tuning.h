@@ -1,7 +1,7 @@
 // Which CUDA kernel family handles contiguous rows, and how the fast kernels stage them: settable at run time
 // (softmax_ce_ext.tuning) so one GPU session can compare them; defaults from the environment
 // (SOFTMAX_CE_CUDA_PATH = auto | stream | legacy, SOFTMAX_CE_CUDA_SLICE_KB, _CLUSTER_MAX, _PREFETCH, _RING_KB,
-// _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC, _WARP_GROUP, _DYNAMIC_ROWS).  The defaults are the winners measured on the H200 (benchmarks/NOTES.md).
+// _LEAN, _WARP_RING, _GRAD_PIECE_KB, _KDIM_FOLD, _WARP_KEEP, _CLUSTER_ASYNC, _WARP_GROUP, _DYNAMIC_ROWS, _PDL).  The defaults are the winners measured on the H200 (benchmarks/NOTES.md).
 #pragma once
 
 #include <cstdint>
@@ -28,6 +28,7 @@ struct CudaTuning {
   bool warp_group;     // warp rows' loss + gradient of rows of up to 128 chunks: 16, 8 or 4 lanes per row
   bool dynamic_rows;   // rows handed out by a counter, not a stride: the slice kernel (no smoothing, lean,
                        // cluster_async) and the unfolded K-dim kernel (tiles of its items)
+  bool pdl;            // sm_90+: kernels launched programmatically after the one before (softmax_ce_launch.cuh)
 };
 
 // The slice kernel's phase stamps (benchmarks/slice_trace.py): where set, the default slice kernel's traced twin
@@ -43,6 +44,6 @@ void set_slice_trace(int64_t data, int ctas, int rows, int device);
 CudaTuning cuda_tuning();
 void set_cuda_tuning(const std::string& path, int slice_kb, int cluster_max, bool prefetch, int ring_kb, bool lean,
                      int warp_ring, int grad_piece_kb, bool kdim_fold, bool warp_keep, bool cluster_async,
-                     bool warp_group, bool dynamic_rows);
+                     bool warp_group, bool dynamic_rows, bool pdl);
 
 }  // namespace softmax_ce

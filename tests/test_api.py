@@ -121,7 +121,7 @@ def test_cuda_tuning_is_set_and_restored():
     changed = dict(path="stream", slice_kb=8, cluster_max=2, prefetch=False, ring_kb=12, lean=False, warp_ring=3,
                    grad_piece_kb=64, kdim_fold=not before["kdim_fold"], warp_keep=not before["warp_keep"],
                    cluster_async=not before["cluster_async"], warp_group=not before["warp_group"],
-                   dynamic_rows=not before["dynamic_rows"])
+                   dynamic_rows=not before["dynamic_rows"], pdl=not before["pdl"])
     with tuning.using(**changed):
         assert tuning.get() == changed
     assert tuning.get() == before

@@ -110,6 +110,15 @@ struct RowChunks {
   __device__ int64_t first_class(int64_t k) const { return k * Chunk<T>::E - shift; }
 };
 
+// At every kernel's start (tuning pdl, softmax_ce_launch.cuh): wait for the kernel before it and its memory (a
+// no-op unless launched programmatically), then let the kernel after it launch.
+__device__ __forceinline__ void pdl_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Loads that stream (the logits are read once per kernel) and stores that should not push them out of L2.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }
 __device__ __forceinline__ void store_stream(uint4* p, const uint4& v) { __stcs(p, v); }

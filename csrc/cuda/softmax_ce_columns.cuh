@@ -58,6 +58,7 @@ template <typename T, bool kStats, bool kGrad, bool kFold, bool kDyn = false>
 __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fold, uint32_t* sched) {
   static_assert(!kFold || (kStats && kGrad), "the mean's denominator: the training pass only");
   static_assert(!(kFold && kDyn), "the fold keeps the targets of its own items: a fixed order");
+  pdl_start();
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];  // staged[c * blockDim.x + threadIdx.x]: this thread's chunk of class c
   const RowLayout& L = a.L;

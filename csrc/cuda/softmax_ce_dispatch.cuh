@@ -94,6 +94,7 @@ template <typename scalar_t, typename acc_t, typename target_t, bool kStats, boo
 __global__ void __launch_bounds__(kMaxThreads)
     ce_row_block_kernel(const scalar_t* x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P, acc_t* loss,
                         StatsPtrs<acc_t> stats, scalar_t* grad, Factor<acc_t> factor) {
+  chunks::pdl_start();
   for (int64_t r = blockIdx.x; r < L.rows(); r += gridDim.x)
     ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
         x, L, P, loss, stats, grad, factor, r, threadIdx.x, blockDim.x,
@@ -104,6 +105,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 __global__ void ce_row_thread_kernel(const scalar_t* x, RowLayout L, RowParams<scalar_t, acc_t, target_t> P,
                                      acc_t* loss, StatsPtrs<acc_t> stats, scalar_t* grad, Factor<acc_t> factor) {
+  chunks::pdl_start();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < L.rows(); r += stride)
     ce_row<scalar_t, acc_t, target_t, kStats, kGrad, kProb>(
@@ -147,7 +149,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
       return 0;
     });
     if (!cluster16) break;
-    cudaLaunchAttribute attr[1];
+    cudaLaunchAttribute attr[2];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = n;
     attr[0].val.clusterDim.y = 1;
@@ -175,6 +177,11 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(rows, resident) * n));
+    if (tune.pdl && pdl_launches(device)) {  // after the occupancy query, which read the cluster attribute alone
+      attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[cfg.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+      ++cfg.numAttrs;
+    }
     C10_CUDA_CHECK(launch(cfg, static_cast<int>(slice), static_cast<int>(ring)));
     return true;
   }
@@ -314,7 +321,8 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
-    kernel<<<static_cast<unsigned>(blocks), rows::kWarpRowThreads, smem, stream>>>(a, ring, static_cast<int>(chunks));
+    launch_kernel(pdl_launches(device), kernel, dim3(static_cast<unsigned>(blocks)), dim3(rows::kWarpRowThreads), smem,
+                  stream, a, ring, static_cast<int>(chunks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -332,8 +340,8 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     piece = std::max<int64_t>(group, int64_t{tune.grad_piece_kb} * 64 / group * group);
     pieces = (chunks + piece - 1) / piece;
   }
-  kernel<<<static_cast<unsigned>(std::min<int64_t>(rows_n * pieces, kMaxGrid)), threads, 0, stream>>>(a, pieces,
-                                                                                                      piece);
+  launch_kernel(pdl_launches(device), kernel, dim3(static_cast<unsigned>(std::min<int64_t>(rows_n * pieces, kMaxGrid))),
+                dim3(threads), 0, stream, a, pieces, piece);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -426,8 +434,8 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           stats.max, stats.sum, factor_of<float>(o), partial ? partials.data_ptr<float>() : nullptr};
-    kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
-        a, columns::MeanFold{}, dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr);
+    launch_kernel(pdl_launches(device), kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, stream, a,
+                  columns::MeanFold{}, dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device (dyn: fixed tiles): a fixed order
       o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);
@@ -535,6 +543,7 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   const StatsPtrs<acc_t> stats = stats_ptrs<acc_t>(o);
   scalar_t* grad = kGrad ? o.grad.data_ptr<scalar_t>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool pdl = pdl_launches(o.logits.get_device());
   const int64_t rows = L.rows();
   constexpr int64_t kMaxGrid = (1LL << 31) - 1;
   // Classes contiguous, or few rows: a block walks a row.  Otherwise neighbouring rows are neighbours in
@@ -542,13 +551,13 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
   if (L.x_sC == 1 || rows < 1024) {
     const int threads = row_block_threads(L.C);
     const int64_t blocks = std::min<int64_t>(rows, kMaxGrid);
-    ce_row_block_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>
-        <<<blocks, threads, 0, stream>>>(x, L, P, loss, stats, grad, f);
+    launch_kernel(pdl, ce_row_block_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>,
+                  dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, x, L, P, loss, stats, grad, f);
   } else {
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((rows + threads - 1) / threads, kMaxGrid);
-    ce_row_thread_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>
-        <<<blocks, threads, 0, stream>>>(x, L, P, loss, stats, grad, f);
+    launch_kernel(pdl, ce_row_thread_kernel<scalar_t, acc_t, target_t, kStats, kGrad, kProb>,
+                  dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, x, L, P, loss, stats, grad, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

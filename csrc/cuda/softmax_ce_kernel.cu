@@ -12,6 +12,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "softmax_ce_chunks.cuh"
 #include "softmax_ce_launch.cuh"
 
 namespace softmax_ce {
@@ -42,6 +43,7 @@ constexpr int64_t kOneBlockRows = 1 << 18;
 template <typename acc_t, typename out_t>
 __global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, int64_t n, const acc_t* divisor,
                                                                out_t* out) {
+  chunks::pdl_start();
   acc_t acc = 0;
   for (int64_t i = threadIdx.x; i < n; i += kSumThreads) acc += v[i];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -62,6 +64,7 @@ __global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, i
 // moved 64 bytes per warp instruction).
 template <typename scalar_t, typename acc_t, typename g_t>
 __global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const g_t* g_ptr, bool vec) {
+  chunks::pdl_start();
   const acc_t g = static_cast<acc_t>(*g_ptr);  // grad_output in its own dtype: no cast launch before this one
   if (g == acc_t(1)) return;
   constexpr int E = 16 / sizeof(scalar_t);
@@ -96,6 +99,7 @@ __device__ __forceinline__ void mean_scale_add(sum_t& acc, int64_t c, const w_t*
 template <typename sum_t, typename w_t>
 __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
                                           const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
+  chunks::pdl_start();
   sum_t acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -141,6 +145,7 @@ __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t s
 // partials kernel, two launches where a sum, a cast and a reciprocal took four.
 template <typename sum_t, typename out_t>
 __global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, out_t* denom, out_t* inv) {
+  chunks::pdl_start();
   sum_t acc = 0;
   for (int64_t b = threadIdx.x; b < blocks; b += 32) acc += partial[b];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -185,9 +190,9 @@ at::Tensor sum_values(const at::Tensor& values, const at::Tensor& div, c10::opti
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sum_rows_cuda", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sum_rows_cuda", [&] {
-      sum_rows_kernel<acc_t, scalar_t><<<1, kSumThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          values.data_ptr<acc_t>(), values.numel(), div.defined() ? div.data_ptr<acc_t>() : nullptr,
-          out.data_ptr<scalar_t>());
+      launch_kernel(pdl_launches(values.get_device()), sum_rows_kernel<acc_t, scalar_t>, dim3(1), dim3(kSumThreads), 0,
+                    c10::cuda::getCurrentCUDAStream(), values.data_ptr<acc_t>(), values.numel(),
+                    div.defined() ? div.data_ptr<acc_t>() : nullptr, out.data_ptr<scalar_t>());
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -256,8 +261,9 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
     using grad_t = scalar_t;
     using acc_t = at::opmath_type<grad_t>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "scale_grad_cuda", [&] {
-      scale_grad_kernel<grad_t, acc_t, scalar_t><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          grad.data_ptr<grad_t>(), grad.numel(), grad_output.data_ptr<scalar_t>(), vec);
+      launch_kernel(pdl_launches(grad.get_device()), scale_grad_kernel<grad_t, acc_t, scalar_t>,
+                    dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, c10::cuda::getCurrentCUDAStream(),
+                    grad.data_ptr<grad_t>(), grad.numel(), grad_output.data_ptr<scalar_t>(), vec);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -275,26 +281,25 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   at::Tensor partial = at::empty({blocks}, target.options().dtype(sum_dtype));
   at::Tensor denom = at::empty({}, target.options().dtype(dtype)), inv = at::empty({}, target.options().dtype(dtype));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool pdl = pdl_launches(target.get_device());
+  const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
   auto finish = [&](auto sum_tag) {
     using sum_t = decltype(sum_tag);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cuda", [&] {
-      mean_scale_finish_kernel<sum_t, scalar_t><<<1, 32, 0, stream>>>(partial.data_ptr<sum_t>(), blocks,
-                                                                       denom.data_ptr<scalar_t>(),
-                                                                       inv.data_ptr<scalar_t>());
+      launch_kernel(pdl, mean_scale_finish_kernel<sum_t, scalar_t>, dim3(1), dim3(32), 0, stream,
+                    partial.data_ptr<sum_t>(), blocks, denom.data_ptr<scalar_t>(), inv.data_ptr<scalar_t>());
     });
   };
   if (!weight.has_value()) {
-    mean_scale_partial_kernel<int64_t, float><<<blocks, kThreads, 0, stream>>>(
-        target.data_ptr<int64_t>(), S, sB, sS, n, nullptr, 0, ignore_index,
-        partial.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(pdl, mean_scale_partial_kernel<int64_t, float>, grid, block, 0, stream, target.data_ptr<int64_t>(),
+                  S, sB, sS, n, static_cast<const float*>(nullptr), int64_t{0}, ignore_index,
+                  partial.data_ptr<int64_t>());
     finish(int64_t{});
   } else {
     AT_DISPATCH_FLOATING_TYPES(weight->scalar_type(), "mean_scale_cuda", [&] {
-      mean_scale_partial_kernel<scalar_t, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          target.data_ptr<int64_t>(), S, sB, sS, n, weight->data_ptr<scalar_t>(),
-          weight->numel(), ignore_index, partial.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(pdl, mean_scale_partial_kernel<scalar_t, scalar_t>, grid, block, 0, stream,
+                    target.data_ptr<int64_t>(), S, sB, sS, n, weight->data_ptr<scalar_t>(), weight->numel(),
+                    ignore_index, partial.data_ptr<scalar_t>());
       finish(scalar_t{});
     });
   }

@@ -20,6 +20,31 @@ enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped
 
 int device_attr(int device, cudaDeviceAttr attr);
 int sm_count(int device);
+
+// tuning pdl (sm_90+): our kernels launched with programmatic stream serialization, so that each one's launch
+// (CTAs placed, parameters loaded) overlaps the end of the kernel before it; every kernel of ours waits for that
+// kernel's completion and memory (pdl_wait) before its first global access, so the order of effects is the plain
+// launch's, whatever the kernel before it is, and lets the kernel after it launch at once (pdl_trigger).
+inline bool pdl_launches(int device) {
+  return cuda_tuning().pdl && device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9;
+}
+#ifdef __CUDACC__
+template <typename... Params, typename... Args>
+void launch_kernel(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+#endif
 // The most dynamic shared memory a CTA may have (Turing: 64 KiB; Ampere: 163; Hopper: 227).
 inline int smem_optin(int device) { return device_attr(device, cudaDevAttrMaxSharedMemoryPerBlockOptin); }
 

@@ -594,6 +594,7 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
                 "grouped rows: the loss + gradient, no smoothing, unstaged, 16, 8 or 4 lanes per row");
   constexpr bool kSmem = kKeep && keep_shared<T, VPT, kSpread>();
   static_assert(!(kRing && kSmem), "the ring and kept exponentials share `staged`");
+  pdl_start();
   extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks; else the kept exponentials
   constexpr int E = Chunk<T>::E;
   // Chunk indices (at most 32 * VPT): 32-bit in the loss + gradient (64-bit compares were a tenth of its sum
@@ -762,6 +763,7 @@ __global__ void __launch_bounds__(kStreamThreads, kSpread ? 1 : 0)
     stream_rows_kernel(Args<T> a, int64_t pieces, int64_t piece) {
   static_assert(!(kLean && (kSpread || (kStats && kGrad))), "lean: the forward or the gradient, no smoothing");
   constexpr int E = Chunk<T>::E, U = kSpread && kStats && kGrad ? 2 : 4;  // U = 4 spilled there
+  pdl_start();
   const RowLayout& L = a.L;
   const int64_t C = L.C;
   const int tid = threadIdx.x, nt = blockDim.x;
@@ -1006,6 +1008,7 @@ template <typename T, bool kSpread, bool kLean, bool kAsync, bool kTrace = false
 __global__ void __launch_bounds__(kSliceThreads, kDyn ? 3 : 0)
     slice_rows_kernel(Args<T> a, int slice, int ring, bool prefetch, TraceBuf tr, uint32_t* sched) {
   static_assert(!(kSpread && kLean), "the lean sweeps have no smoothing sums");
+  pdl_start();
   constexpr int E = Chunk<T>::E;
   extern __shared__ uint4 staged[];
   __shared__ float4 peer[2][kMaxCluster];  // each CTA's statistics, pushed by it; double-buffered by row parity
