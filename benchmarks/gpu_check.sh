@@ -12,8 +12,9 @@
 # expected, timeout_s ~590.  Measured since (H200, 2026-11-28, v0.17): the default parts 482 s with a 66 s build;
 # the core tests now take ~330 s, more than the tests part's 300 s (GPU_CHECK_TESTS_S raises it), so a session
 # splits them from the bench (NOTES.md, the latest "next GPU session" paragraph); the variants' first line 170 s.
-# Since v0.19-dev the test parts run in pytest-xdist workers where its wheels are carried (predicted: the core
-# tests in ~60-90 s instead of ~330).
+# Since v0.19-dev the test parts run in pytest-xdist workers where its wheels are carried: measured (H200,
+# 2026-11-28, v0.20) the core tests in 92 s (7096 passed), the build 58 s, build + tests + trace 168 s, variants +
+# host + ceilings 138 s, bench + turing 272 s, the grid 71 s to its 30th failure (since fixed).
 # The last parts are what the tool cuts if the call runs long.  Seen: a start of ~30 s,
 # a 15-minute device budget per session, the machine given back 30 s after a call (a later call starts afresh).
 #   device run:  bash benchmarks/gpu_check.sh    (carry .whl for Liger; GPU_CHECK_PARTS names other parts)
