@@ -177,7 +177,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
     });
     if (resident <= 0) continue;
     cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(rows, resident) * n));
-    if (tune.pdl && pdl_launches(device)) {  // after the occupancy query, which read the cluster attribute alone
+    if (pdl_launches(tune, device)) {  // after the occupancy query, which read the cluster attribute alone
       attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
       attr[cfg.numAttrs].val.programmaticStreamSerializationAllowed = 1;
       ++cfg.numAttrs;
@@ -198,8 +198,8 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
   const SliceTrace trace = slice_trace();
   // The default kernel's twin, on the buffer's device only.
   const bool traced = trace.data != 0 && trace.device == device && !spread && tune.lean && async;
-  // dynamic_rows: the default kernel's twin (its row counter and after[] indexed in 32 bits)
-  const bool dyn = tune.dynamic_rows && !spread && tune.lean && async && a.L.rows() < (1LL << 31) - 1;
+  // dynamic_rows: the default kernel's twin (its row counter and after[] in 32 bits: rows <= kMaxRows)
+  const bool dyn = tune.dynamic_rows && !spread && tune.lean && async;
   auto kernel = traced      ? dyn ? rows::slice_rows_kernel<T, false, true, true, true, true>
                                   : rows::slice_rows_kernel<T, false, true, true, true>
                 : dyn       ? rows::slice_rows_kernel<T, false, true, true, false, true>
@@ -215,10 +215,7 @@ bool launch_slice_rows(const rows::Args<T>& a, int64_t chunks, const CudaTuning&
                          // dynamic_rows: the counter and after[], zeroed in stream order before the kernel (the
                          // caching allocator reuses the memory only for work queued after it)
                          at::Tensor sched;
-                         if (dyn) {
-                           sched = at::empty({a.L.rows() + 1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
-                           C10_CUDA_CHECK(cudaMemsetAsync(sched.data_ptr(), 0, sched.numel() * 4, stream));
-                         }
+                         if (dyn) sched = at::zeros({a.L.rows() + 1}, at::dtype(at::kInt).device(at::kCUDA, device));
                          uint32_t* sp = dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr;
                          return cudaLaunchKernelEx(&cfg, kernel, a, slice, ring, tune.prefetch, tr, sp);
                        });
@@ -321,7 +318,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
       const int per_sm = blocks_per_sm(device, kernel, rows::kWarpRowThreads, smem);
       blocks = std::min<int64_t>((rows_n + 7) / 8, int64_t{sm_count(device)} * std::max(per_sm, 1));
     }
-    launch_kernel(pdl_launches(device), kernel, dim3(static_cast<unsigned>(blocks)), dim3(rows::kWarpRowThreads), smem,
+    launch_kernel(pdl_launches(tune, device), kernel, dim3(static_cast<unsigned>(blocks)), dim3(rows::kWarpRowThreads), smem,
                   stream, a, ring, static_cast<int>(chunks));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
@@ -340,7 +337,7 @@ void launch_row_kernels(const rows::Args<T>& a, int64_t chunks, const CudaTuning
     piece = std::max<int64_t>(group, int64_t{tune.grad_piece_kb} * 64 / group * group);
     pieces = (chunks + piece - 1) / piece;
   }
-  launch_kernel(pdl_launches(device), kernel, dim3(static_cast<unsigned>(std::min<int64_t>(rows_n * pieces, kMaxGrid))),
+  launch_kernel(pdl_launches(tune, device), kernel, dim3(static_cast<unsigned>(std::min<int64_t>(rows_n * pieces, kMaxGrid))),
                 dim3(threads), 0, stream, a, pieces, piece);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -426,16 +423,14 @@ bool launch_fast_columns(const RowLayout& L, OpTensors& o) {
     const int64_t tiles = (items + threads - 1) / threads;
     at::Tensor partials, sched;
     if (partial) partials = at::empty({dyn ? tiles : blocks}, o.logits.options().dtype(at::kFloat));
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    if (dyn) {  // the tile counter, zeroed in stream order before the kernel
-      sched = at::zeros({1}, o.logits.options().dtype(at::kInt));
-    }
+    if (dyn) sched = at::zeros({1}, o.logits.options().dtype(at::kInt));  // the tile counter, in stream order
     const StatsPtrs<float> stats = stats_ptrs<float>(o);  // none where partial, nor in the training pass
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats && !partial ? o.loss.data_ptr<float>() : nullptr,
                           stats.max, stats.sum, factor_of<float>(o), partial ? partials.data_ptr<float>() : nullptr};
-    launch_kernel(pdl_launches(device), kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, stream, a,
-                  columns::MeanFold{}, dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr);
+    launch_kernel(pdl_launches(tune, device), kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), smem,
+                  c10::cuda::getCurrentCUDAStream(), a, columns::MeanFold{},
+                  dyn ? reinterpret_cast<uint32_t*>(sched.data_ptr<int32_t>()) : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (partial) {  // a fixed grid on a given device (dyn: fixed tiles): a fixed order
       o.loss_sum = sum_values(partials, o.loss_divisor, o.loss_dtype);

@@ -23,11 +23,12 @@ int sm_count(int device);
 
 // tuning pdl (sm_90+): our kernels launched with programmatic stream serialization, so that each one's launch
 // (CTAs placed, parameters loaded) overlaps the end of the kernel before it; every kernel of ours waits for that
-// kernel's completion and memory (pdl_wait) before its first global access, so the order of effects is the plain
-// launch's, whatever the kernel before it is, and lets the kernel after it launch at once (pdl_trigger).
-inline bool pdl_launches(int device) {
-  return cuda_tuning().pdl && device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9;
+// kernel's completion and memory before its first global access (chunks::pdl_start), so the order of effects is the
+// plain launch's, whatever the kernel before it is, and then lets the kernel after it launch at once.
+inline bool pdl_launches(const CudaTuning& tune, int device) {
+  return tune.pdl && device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9;
 }
+inline bool pdl_launches(int device) { return pdl_launches(cuda_tuning(), device); }
 #ifdef __CUDACC__
 template <typename... Params, typename... Args>
 void launch_kernel(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,

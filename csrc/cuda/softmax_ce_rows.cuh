@@ -928,9 +928,9 @@ struct OwnChunks {
 // (2026-11-28) had the CTAs' ends spread over 20-33% of the kernel while each row ran at 90-96% of its SMs' floor.
 // kDyn (tuning dynamic_rows): rows handed out by a counter, so clusters that run faster take more.  A cluster's
 // first two rows are static; during row r (its current), rank 0's thread 0 draws the row after `next`
-// (2 * step + ticket) and publishes it in after[r] (+1: a zeroed entry is "not yet"), where every thread of the
-// cluster's CTAs reads it at the row's end, long after: each entry written once and read only by its cluster, so
-// the row loop needs no barrier for it.  sched: [0] the counter, [1 + r] after[r], zeroed before the launch.
+// (2 * step + ticket) and publishes it in after[r] (+1: a zeroed entry is "not yet"); every thread of the
+// cluster's CTAs reads it after the exchange and waits for it at the row's end only if it was not there yet: each
+// entry written once and read only by its cluster, so the row loop needs no barrier for it.  sched: [0] the counter, [1 + r] after[r], zeroed before the launch.
 // Only `next` and two 32-bit values live across the loop; the rest is passed in where used (held as members, the
 // bf16 twin took 106 registers to the default kernel's 64: 2 CTAs per SM, not 3).
 template <bool kDyn>
@@ -1025,7 +1025,7 @@ __global__ void __launch_bounds__(kSliceThreads, kDyn ? 3 : 0)
   Tracer<kTrace> trace(tr, rank, n);  // tr: the kernel's parameter, read where stamped
   int64_t r = blockIdx.x / n;
   RowOrder<kDyn> order(r + gridDim.x / n);
-  // Read where used (kDyn): the counter, the clusters (the static step), the drawing thread.
+  // Read where used (kDyn): the clusters (the static step), the drawing thread (also the row's writer below).
   const auto step = [&] { return static_cast<int64_t>(gridDim.x / n); };
   const auto leader = [&] { return rank == 0 && tid == 0; };
   int64_t t_next = r < L.rows() ? Row<T, true>::target_of(a, r) : 0;
@@ -1040,8 +1040,7 @@ __global__ void __launch_bounds__(kSliceThreads, kDyn ? 3 : 0)
     const int64_t rn = order.next;
     if (rn < L.rows()) t_next = Row<T, true>::target_of(a, rn);  // in flight during this row
     // Every CTA of the cluster reads the same target, so all of them skip the exchange below together.
-    if (!valid_row<T, true, true>(a, r, row, rank == 0 && tid == 0, k0 + tid, k0 + (nj > 0 ? nj : 0),
-                                  kSliceThreads)) {
+    if (!valid_row<T, true, true>(a, r, row, leader(), k0 + tid, k0 + (nj > 0 ? nj : 0), kSliceThreads)) {
       order.publish(sched, r, leader(), step(), L.rows());
       continue;
     }
