@@ -197,6 +197,7 @@ struct OpTensors {
   int64_t* status_ptr = nullptr;  // where the kernels write status (a device pointer for mapped host memory)
   c10::optional<at::ScalarType> loss_dtype;
   bool loss_finished = false;
+  bool after_mean_scale = false;  // launched right after mean_scale's kernels (CUDA pdl: Args::early)
   int64_t ignore_index;
   double eps;
 };
@@ -407,6 +408,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
   OpTensors o = training_tensors(L, logits, target, weight, ignore_index, eps, status, loss_dtype, alloc, inplace, op);
   if (!fold(L, o)) {
     std::tie(o.loss_divisor, o.factor) = mean_scale(target, weight, ignore_index, acc);
+    o.after_mean_scale = true;
     launch(Mode::kStatsGrad, L, o);
   }
   finish_loss_sum(o);

@@ -77,7 +77,8 @@ CUDA_PATHS = {
                      "until timed; these shapes have too few rows to draw any: test_dynamic_rows_change_no_bit and "
                      "test_kdim_dynamic_tiles draw them)"),
     "pdl": (dict(pdl=True), "every kernel launched programmatically after the one before it (sm_90+; tuning pdl, "
-            "off until timed): each waits for its predecessor at its start"),
+            "off until timed): each waits for its predecessor at its start, but the mean's training pass in warp rows, "
+            "which reads its first rows while mean_scale's kernels run"),
     "stream": (dict(path="stream"), "the streaming kernel for every contiguous row, small C too (lean sweeps)"),
     "plain-stream": (dict(path="stream", lean=False), "the same with the general sweeps (per-chunk tests)"),
     "legacy": (dict(path="legacy"), "the general kernels (scalar loads) for everything"),

@@ -260,6 +260,46 @@ def test_dynamic_rows_change_no_bit(case, variant):
     assert (results[1][1][t.cpu() == -100] == 0).all()
 
 
+# Warp rows of the mean's training pass after mean_scale's kernels: groups of 16 lanes (2-byte rows of up to 128
+# chunks), float rows of 129-256 chunks staged in shared memory (their early reads are the staging), groups of 4.
+EARLY_CASES = {"grouped-bf16": (20000, 1000, torch.bfloat16), "staged-float32": (12000, 1000, torch.float32),
+               "groups-of-4": (30000, 100, torch.float32)}
+EARLY_VARIANTS = [(c, v) for c in EARLY_CASES for v in ("dense", "offset-by-one", "inplace", "weighted")]
+
+
+@pytest.mark.parametrize("case, variant", EARLY_VARIANTS, ids=[f"{c}-{v}" for c, v in EARLY_VARIANTS])
+def test_pdl_early_reads_change_no_bit(case, variant):
+    """Under tuning pdl the mean's training pass in warp rows starts while mean_scale's two kernels run (their
+    finish lets it launch at once) and reads its first rows before it waits for them (Args::early): loss and
+    gradient must equal the plain launches' bit for bit, the first row ignored too (its writes wait)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic launches need sm_90+: elsewhere pdl is off")
+    rows, C, dtype = EARLY_CASES[case]
+    offset = variant == "offset-by-one"
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(rows, C + offset, generator=g) * 4).to(dtype).cuda()[:, offset:]
+    t = torch.randint(0, C, (rows,), generator=g)
+    t[0] = t[::7] = -100
+    t = t.cuda()
+    w = torch.rand(C, generator=g).cuda() if variant == "weighted" else None
+
+    def step():
+        xi = x.detach().clone().requires_grad_() if variant == "inplace" else x.detach().requires_grad_()
+        loss = cross_entropy(xi * 1 if variant == "inplace" else xi, t, weight=w, inplace_backward=variant == "inplace")
+        (grad,) = torch.autograd.grad(loss, xi)
+        return loss, grad
+
+    results = []
+    for pdl in (False, True):
+        with tuning.using(**{**tuning.BUILT_IN, "pdl": pdl}):
+            out, kernels = kernels_of("warp_rows_kernel<", step)
+        assert kernels, "expected the warp rows kernel"
+        results.append(out)
+    assert torch.isfinite(results[0][0]) and torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert (results[1][1][t.cpu() == -100] == 0).all()
+
+
 @pytest.mark.parametrize(
     "dtype, C, slice_kb",
     [(torch.bfloat16, 32000, 72), (torch.bfloat16, 40000, 16), (torch.float32, 20000, 72)],

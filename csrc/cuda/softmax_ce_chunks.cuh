@@ -110,14 +110,26 @@ struct RowChunks {
   __device__ int64_t first_class(int64_t k) const { return k * Chunk<T>::E - shift; }
 };
 
-// At every kernel's start (tuning pdl, softmax_ce_launch.cuh): wait for the kernel before it and its memory (a
-// no-op unless launched programmatically), then let the kernel after it launch.
-__device__ __forceinline__ void pdl_start() {
+// Tuning pdl (softmax_ce_launch.cuh): wait for the kernel before this one and its memory (a no-op unless launched
+// programmatically); let the kernel after this one launch.
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// At every kernel's start but the two that work before waiting (mean_scale's finish, the warp rows' early reads).
+__device__ __forceinline__ void pdl_start() {
+  pdl_wait();
+  pdl_trigger();
+}
+
+// A hint that the 16 bytes at p are read soon: their line brought into L2 (no register, nothing written).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // Loads that stream (the logits are read once per kernel) and stores that should not push them out of L2.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) { return __ldcs(p); }

@@ -360,7 +360,8 @@ bool launch_fast_rows(const RowLayout& L, OpTensors& o) {
     const StatsPtrs<float> stats = stats_ptrs<float>(o);  // none in the training pass
     const rows::Args<T> a{o.logits.data_ptr<T>(), kGrad ? o.grad.data_ptr<T>() : nullptr, L,
                           row_params<T, float, T>(o, false), kStats ? o.loss.data_ptr<float>() : nullptr,
-                          stats.max, stats.sum, factor_of<float>(o), nullptr};
+                          stats.max, stats.sum, factor_of<float>(o), nullptr,
+                          o.after_mean_scale && pdl_launches(tune, device)};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (a.P.eps != 0.f)
       launch_row_kernels<T, kStats, kGrad, true>(a, chunks, tune, device, stream);
@@ -525,6 +526,7 @@ void launch_typed(const RowLayout& L, OpTensors& o) {
       Lr.x_sB = Lr.g_sB = L.S * L.C, Lr.x_sS = Lr.g_sS = L.C, Lr.x_sC = Lr.g_sC = 1;
       o.logits = rows.transpose(1, 2);
       if (kGrad) o.grad = o.logits;  // in place over the copy
+      o.after_mean_scale = false;      // the copy's kernel comes between
       launch_typed<scalar_t, target_t, kStats, kGrad, kProb>(Lr, o);
       o.logits = logits, o.grad = grad;
       if (kGrad) grad.as_strided({L.B, L.S, L.C}, {L.g_sB, L.g_sS, L.g_sC}, grad.storage_offset()).copy_(rows);

@@ -142,10 +142,13 @@ __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t s
 }
 
 // One warp sums the partials in a fixed order and writes {denominator, 1 / denominator} in out_t: with the
-// partials kernel, two launches where a sum, a cast and a reciprocal took four.
+// partials kernel, two launches where a sum, a cast and a reciprocal took four.  Under pdl the kernel after it may
+// launch before it waits (the partials kernel launched it only once the kernels before were done): a training
+// pass's warp rows then read their first rows while these two kernels run (Args::early).
 template <typename sum_t, typename out_t>
 __global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, out_t* denom, out_t* inv) {
-  chunks::pdl_start();
+  chunks::pdl_trigger();
+  chunks::pdl_wait();
   sum_t acc = 0;
   for (int64_t b = threadIdx.x; b < blocks; b += 32) acc += partial[b];
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);

@@ -24,7 +24,9 @@ int sm_count(int device);
 // tuning pdl (sm_90+): our kernels launched with programmatic stream serialization, so that each one's launch
 // (CTAs placed, parameters loaded) overlaps the end of the kernel before it; every kernel of ours waits for that
 // kernel's completion and memory before its first global access (chunks::pdl_start), so the order of effects is the
-// plain launch's, whatever the kernel before it is, and then lets the kernel after it launch at once.
+// plain launch's, whatever the kernel before it is, and then lets the kernel after it launch at once.  Two work
+// before waiting, where the kernel before is known: mean_scale's finish lets the next launch first (it writes only
+// its own outputs), and the mean's training pass in warp rows then reads its first rows (rows::Args::early).
 inline bool pdl_launches(const CudaTuning& tune, int device) {
   return tune.pdl && device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9;
 }

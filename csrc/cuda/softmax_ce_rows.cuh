@@ -39,6 +39,9 @@ struct Args {
   float* row_sum;
   Factor<float> factor;
   float* loss_partials;  // one partial loss sum per CTA (the training pass of K-dim), or nullptr
+  // Read by the warp rows alone (the others wait first): launched under tuning pdl right after mean_scale's kernels,
+  // which let this grid launch only once the kernels before them were done, so its reads may start before its wait.
+  bool early = false;
 };
 
 constexpr int kWarpRowThreads = 256;
@@ -594,7 +597,10 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
                 "grouped rows: the loss + gradient, no smoothing, unstaged, 16, 8 or 4 lanes per row");
   constexpr bool kSmem = kKeep && keep_shared<T, VPT, kSpread>();
   static_assert(!(kRing && kSmem), "the ring and kept exponentials share `staged`");
-  pdl_start();
+  // Args::early where it can pay: the mean's training pass without smoothing (elsewhere its code cost registers:
+  // the forward of 2-byte rows of 4 chunks 56 -> 71 on sm_90, the kept exponentials with smoothing spilled).
+  const bool early = kStats && kGrad && !kSpread && !kKeep && a.early;
+  if (!early) pdl_start();
   extern __shared__ uint4 staged[];  // kRing: per warp, `ring` slots of `slot` chunks; else the kept exponentials
   constexpr int E = Chunk<T>::E;
   // Chunk indices (at most 32 * VPT): 32-bit in the loss + gradient (64-bit compares were a tenth of its sum
@@ -630,9 +636,19 @@ __global__ void __launch_bounds__(kWarpRowThreads, (warp_rows_ctas<T, VPT, kSpre
   };
   int q = 0;            // kRing: row r's slot
   int64_t t_next = 0;   // kRing: row r's target, read one row ahead
+  if (early) pdl_trigger();
   if (kRing) {
     for (int p = 0; p + 1 < ring; ++p) stage(r + p * warps, p);
     if (r < L.rows()) t_next = Row<T, kGrad>::target_of(a, r);
+  }
+  if (early) {  // while mean_scale's kernels run: this lane's first row on its way (kRing: staged above), only read
+    if (!kRing && r < L.rows()) {
+      const RowChunks<T> k = chunks_of(r);
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+        if (j * G + sub < k.count) prefetch_l2(k.base + j * G + sub);
+    }
+    pdl_wait();  // before the factor they write, and before any store (a buffer freed by them may be ours now)
   }
   uint4 u[VPT];
   for (; r < L.rows(); r += warps, q = q + 1 == ring ? 0 : q + 1) {
