@@ -34,9 +34,12 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
   // reduction='mean' with class indices, the training pass in one op: the loss sum divided by the mean's
   // denominator d (as mean_scale counts it) and cast to loss_dtype, the gradient times 1/d, and d (0-d, accumulation
   // dtype).  A backend may count d inside its training kernel (CUDA K-dim, tuning kdim_fold).
+  // grad_mul (0-d, accumulation dtype): the gradient's multiplier m, the factor m / d (the Function's guess of
+  // grad_output; none: 1); grad_mul_used: m as read (function.py).
   m.def(
       "mean_forward_backward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float label_smoothing,"
-      " Tensor(a!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor grad, Tensor denominator)");
+      " Tensor(a!)? status, ScalarType? loss_dtype=None, Tensor? grad_mul=None)"
+      " -> (Tensor loss, Tensor grad, Tensor denominator, Tensor grad_mul_used)");
   // The summed loss alone (no gradient, no per-row outputs), divided by loss_divisor and cast to loss_dtype where
   // given: reduction='sum', or a mean of probabilities (divided by the caller); one op where forward and sum_rows
   // took two, and no per-row buffers where a kernel can sum as it goes (CUDA K-dim).
@@ -61,12 +64,16 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
       " ScalarType? loss_dtype=None) -> Tensor loss_sum");
   m.def(
       "mean_forward_backward_(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index,"
-      " float label_smoothing, Tensor(b!)? status, ScalarType? loss_dtype=None) -> (Tensor loss, Tensor denominator)");
+      " float label_smoothing, Tensor(b!)? status, ScalarType? loss_dtype=None, Tensor? grad_mul=None)"
+      " -> (Tensor loss, Tensor denominator, Tensor grad_mul_used)");
   m.def(
       "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor stats,"
       " int ignore_index, float label_smoothing) -> ()");
-  // grad *= grad_output (a 0-d tensor), skipping the pass when grad_output == 1: decided where the data lives.
-  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // grad *= grad_output / grad_mul_used (a one-element tensor; the 0-d multiplier the forward applied, none: 1),
+  // skipping the pass where they are equal: decided where the data lives.  predictor ({guess, last grad_output}, in
+  // the accumulation dtype): grad_output recorded, the guess updated (update_predictor in softmax_ce.h).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor? grad_mul_used=None, Tensor(b!)? predictor=None)"
+        " -> ()");
   // The mean's denominator d and 1/d (0-d, in dtype) without a mask in memory: d is the number of class-index
   // targets != ignore_index, or with weight the sum of weight[t] over them (out-of-range targets count 0).
   // Two tensors, not views of one: torch.compile refuses intermediates that alias.  target: (B, S) or (B,).

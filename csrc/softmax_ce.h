@@ -194,6 +194,9 @@ enum class Mode { kStats, kStatsGrad, kGrad };  // loss+stats; loss+grad; grad f
 // whose sum kernel folds them in sets loss_finished, else forward_backward_op applies them.
 struct OpTensors {
   at::Tensor logits, target, loss, stats, grad, factor, weight, weight_sum, status, loss_sum, loss_divisor;
+  // The mean's training pass: the gradient's multiplier m (0-d, accumulation dtype; undefined: 1), the factor
+  // m / d; grad_mul_used, m as read (0-d; a backend's mean_scale or fold writes it).
+  at::Tensor grad_mul, grad_mul_used;
   int64_t* status_ptr = nullptr;  // where the kernels write status (a device pointer for mapped host memory)
   c10::optional<at::ScalarType> loss_dtype;
   bool loss_finished = false;
@@ -220,6 +223,15 @@ inline void check_loss_finish(const c10::optional<at::Tensor>& divisor, c10::opt
                 divisor->scalar_type(), " on ", divisor->device());
   if (dtype.has_value())
     TORCH_CHECK(at::isFloatingType(*dtype), op, ": expected a floating loss dtype, got ", *dtype);
+}
+
+// The gradient's multiplier of the mean's training pass: a 0-d tensor in the accumulation dtype on the logits' device.
+inline void check_grad_mul(const c10::optional<at::Tensor>& m, at::ScalarType acc, const at::Device& device,
+                           const char* op) {
+  if (m.has_value())
+    TORCH_CHECK(m->dim() == 0 && m->scalar_type() == acc && m->device() == device, op,
+                ": expected a 0-d grad_mul in ", acc, " on ", device, ", got ", dims(m->sizes()), " ",
+                m->scalar_type(), " on ", m->device());
 }
 
 // Upstream factor per row: a 0-d tensor broadcast (strides 0) or a (B, S) tensor.
@@ -391,28 +403,34 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
 }
 
 // reduction='mean' with class indices, the training pass in one op: (the loss sum / d in loss_dtype, the gradient
-// / d, d), d the mean's denominator as mean_scale(target, weight, ignore_index, acc) gives it.  fold(L, o): a
+// times m / d, d, m as read), d the mean's denominator as mean_scale(target, weight, ignore_index, acc) gives it, m
+// the first element of grad_mul (none: 1; the Function's guess of grad_output, function.py).  fold(L, o): a
 // backend's pass that counts d itself (setting o.loss_divisor and the finished loss), or false, having launched
-// nothing: then mean_scale, and the training pass as forward_backward runs it.
+// nothing: then mean_scale_times(target, weight, ignore_index, acc, m) -> (d, m / d, m as read), and the training
+// pass as forward_backward runs it.
 template <typename Launch, typename MeanScale, typename Fold>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
-    Launch launch, MeanScale mean_scale, Fold fold, const at::Tensor& logits, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mean_forward_backward_op(
+    Launch launch, MeanScale mean_scale_times, Fold fold, const at::Tensor& logits, const at::Tensor& target,
     const c10::optional<at::Tensor>& weight, int64_t ignore_index, double eps, const c10::optional<at::Tensor>& status,
-    c10::optional<at::ScalarType> loss_dtype, GradAlloc alloc = nullptr, bool inplace = false) {
+    c10::optional<at::ScalarType> loss_dtype, const c10::optional<at::Tensor>& grad_mul, GradAlloc alloc = nullptr,
+    bool inplace = false) {
   const char* op = inplace ? "mean_forward_backward_" : "mean_forward_backward";
   RowLayout L = check_and_layout(logits, target, weight, op);
   check_class_indices(target, op);
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
   check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
+  check_grad_mul(grad_mul, acc, logits.device(), op);
   OpTensors o = training_tensors(L, logits, target, weight, ignore_index, eps, status, loss_dtype, alloc, inplace, op);
+  o.grad_mul = grad_mul.value_or(at::Tensor());
+  o.grad_mul_used = at::empty({}, logits.options().dtype(acc));
   if (!fold(L, o)) {
-    std::tie(o.loss_divisor, o.factor) = mean_scale(target, weight, ignore_index, acc);
+    std::tie(o.loss_divisor, o.factor, o.grad_mul_used) = mean_scale_times(target, weight, ignore_index, acc, o.grad_mul);
     o.after_mean_scale = true;
     launch(Mode::kStatsGrad, L, o);
   }
   finish_loss_sum(o);
-  return {o.loss_sum, o.grad, o.loss_divisor};
+  return {o.loss_sum, o.grad, o.loss_divisor, o.grad_mul_used};
 }
 
 // The summed loss of a pass without a gradient (no loss buffer: sum_only), / divisor (undefined: none) in loss_dtype.
@@ -458,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor> mean_forward_op(Launch launch, MeanScale mean
   check_status(status, logits);
   const auto acc = acc_dtype(logits.scalar_type());
   check_loss_finish(c10::nullopt, loss_dtype, acc, logits.device(), op);
-  at::Tensor denom = std::get<0>(mean_scale(target, weight, ignore_index, acc));
+  at::Tensor denom = std::get<0>(mean_scale(target, weight, ignore_index, acc, at::Tensor()));
   return {summed_loss(launch, L, logits, target, weight, ignore_index, eps, status, denom, loss_dtype), denom};
 }
 
@@ -502,13 +520,32 @@ inline void check_mean_scale(const at::Tensor& target, const c10::optional<at::T
   TORCH_CHECK(at::isFloatingType(dtype), "mean_scale: expected a floating dtype for the result, got ", dtype);
 }
 
-inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {
+// grad_mul_used: what the forward multiplied the gradient by (0-d, accumulation dtype); predictor: the guess's
+// state, {guess, last grad_output} in the accumulation dtype, updated in place.
+inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output,
+                             const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor) {
   const auto acc = acc_dtype(grad.scalar_type());
   TORCH_CHECK(grad_output.numel() == 1 && at::isFloatingType(grad_output.scalar_type()) &&
                   grad_output.device() == grad.device(),
               "scale_grad_: expected a one-element floating grad_output (any dtype; ", acc, " is exact) on ",
               grad.device(), ", got ",
               dims(grad_output.sizes()), " ", grad_output.scalar_type(), " on ", grad_output.device());
+  check_grad_mul(grad_mul_used, acc, grad.device(), "scale_grad_");
+  if (predictor.has_value())
+    TORCH_CHECK(predictor->dim() == 1 && predictor->numel() == 2 && predictor->is_contiguous() &&
+                    predictor->scalar_type() == acc && predictor->device() == grad.device(),
+                "scale_grad_: expected a contiguous (2,) predictor in ", acc, " on ", grad.device(), ", got ",
+                dims(predictor->sizes()), " ", predictor->scalar_type(), " on ", predictor->device());
+}
+
+// The predictor's rule (_predict.py): a grad_output seen twice in a row becomes the guess, if it is a finite
+// factor within 2^-32..2^32 (bounded so that a wrong guess's rescaling cannot overflow a gradient entry; below
+// 2^-32 of the smallest normal one may still flush before it is scaled back).
+template <typename acc_t>
+C10_HOST_DEVICE inline void update_predictor(acc_t* state, acc_t g) {
+  const acc_t a = g < acc_t(0) ? -g : g;
+  if (g == state[1] && a >= acc_t(2.3283064365386963e-10) && a <= acc_t(4294967296.0)) state[0] = g;
+  state[1] = g;
 }
 
 }  // namespace softmax_ce

@@ -9,9 +9,10 @@
 
 namespace softmax_ce {
 
-// Parts: launch(mode, L, o); mean_scale(target, weight, ignore_index, dtype) -> (d, 1 / d); fold(L, o) (counts
-// the mean's denominator in its own pass, or returns false having launched nothing); grad_alloc (nullptr:
-// at::empty_like); scale_grad(grad, grad_output); sum_rows(values, divisor, dtype).
+// Parts: launch(mode, L, o); mean_scale(target, weight, ignore_index, dtype, m) -> (d, m / d, m as read; m
+// undefined: 1); fold(L, o) (counts the mean's denominator in its own pass, or returns false having launched
+// nothing); grad_alloc (nullptr: at::empty_like); scale_grad(grad, grad_output, grad_mul_used, predictor);
+// sum_rows(values, divisor, dtype).
 template <typename Parts>
 struct BackendOps {
   using Tensor = at::Tensor;
@@ -61,22 +62,27 @@ struct BackendOps {
                            loss_dtype);
   }
 
-  static std::tuple<Tensor, Tensor, Tensor> mean_forward_backward(const Tensor& logits, const Tensor& target,
-                                                                  const OptTensor& weight, int64_t ignore_index,
-                                                                  double eps, const OptTensor& status,
-                                                                  OptDtype loss_dtype) {
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> mean_forward_backward(
+      const Tensor& logits, const Tensor& target, const OptTensor& weight, int64_t ignore_index, double eps,
+      const OptTensor& status, OptDtype loss_dtype, const OptTensor& grad_mul) {
     return mean_forward_backward_op(Parts::launch, Parts::mean_scale, Parts::fold, logits, target, weight,
-                                    ignore_index, eps, status, loss_dtype, Parts::grad_alloc);
+                                    ignore_index, eps, status, loss_dtype, grad_mul, Parts::grad_alloc);
   }
 
-  static std::tuple<Tensor, Tensor> mean_forward_backward_inplace(const Tensor& logits, const Tensor& target,
-                                                                  const OptTensor& weight, int64_t ignore_index,
-                                                                  double eps, const OptTensor& status,
-                                                                  OptDtype loss_dtype) {
-    auto [loss, grad, denom] = mean_forward_backward_op(Parts::launch, Parts::mean_scale, Parts::fold, logits, target,
-                                                        weight, ignore_index, eps, status, loss_dtype, nullptr,
-                                                        /*inplace=*/true);
-    return {loss, denom};
+  static std::tuple<Tensor, Tensor, Tensor> mean_forward_backward_inplace(
+      const Tensor& logits, const Tensor& target, const OptTensor& weight, int64_t ignore_index, double eps,
+      const OptTensor& status, OptDtype loss_dtype, const OptTensor& grad_mul) {
+    auto [loss, grad, denom, used] = mean_forward_backward_op(Parts::launch, Parts::mean_scale, Parts::fold, logits,
+                                                              target, weight, ignore_index, eps, status, loss_dtype,
+                                                              grad_mul, nullptr, /*inplace=*/true);
+    return {loss, denom, used};
+  }
+
+  // The op mean_scale: (d, 1 / d).
+  static std::tuple<Tensor, Tensor> mean_scale(const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+                                               at::ScalarType dtype) {
+    auto [d, inv, used] = Parts::mean_scale(target, weight, ignore_index, dtype, Tensor());
+    return {d, inv};
   }
 };
 
@@ -90,7 +96,7 @@ void register_backend(torch::Library& m) {
   m.impl("backward_", &Ops::backward_inplace);
   m.impl("scale_grad_", Parts::scale_grad);
   m.impl("sum_rows", Parts::sum_rows);
-  m.impl("mean_scale", Parts::mean_scale);
+  m.impl("mean_scale", &Ops::mean_scale);
   m.impl("forward_sum", &Ops::forward_sum);
   m.impl("mean_forward", &Ops::mean_forward);
   m.impl("mean_forward_backward", &Ops::mean_forward_backward);

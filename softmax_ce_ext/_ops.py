@@ -79,16 +79,18 @@ def _mean_forward_fake(logits, target, weight, ignore_index, label_smoothing, st
 
 
 @torch.library.register_fake("softmax_ce_ext::mean_forward_backward")
-def _mean_forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, status, loss_dtype=None):
+def _mean_forward_backward_fake(logits, target, weight, ignore_index, label_smoothing, status, loss_dtype=None,
+                                grad_mul=None):
     acc = acc_dtype(logits.dtype)
-    return logits.new_empty((), dtype=loss_dtype or acc), torch.empty_like(logits), logits.new_empty((), dtype=acc)
+    return (logits.new_empty((), dtype=loss_dtype or acc), torch.empty_like(logits), logits.new_empty((), dtype=acc),
+            logits.new_empty((), dtype=acc))
 
 
 @torch.library.register_fake("softmax_ce_ext::mean_forward_backward_")
 def _mean_forward_backward_inplace_fake(logits, target, weight, ignore_index, label_smoothing, status,
-                                        loss_dtype=None):
+                                        loss_dtype=None, grad_mul=None):
     acc = acc_dtype(logits.dtype)
-    return logits.new_empty((), dtype=loss_dtype or acc), logits.new_empty((), dtype=acc)
+    return logits.new_empty((), dtype=loss_dtype or acc), logits.new_empty((), dtype=acc), logits.new_empty((), dtype=acc)
 
 
 @torch.library.register_fake("softmax_ce_ext::backward")
@@ -108,7 +110,7 @@ def _backward_inplace_fake(grad_rows, logits, target, weight, stats, ignore_inde
 
 
 @torch.library.register_fake("softmax_ce_ext::scale_grad_")
-def _scale_grad_fake(grad, grad_output):
+def _scale_grad_fake(grad, grad_output, grad_mul_used=None, predictor=None):
     return None
 
 

@@ -1,8 +1,9 @@
 """The autograd.Function: checks and views in Python, one fused kernel pass per row in C++/CUDA.
 
-Training (mean/sum): the forward writes the gradient of the loss in the same pass that computes it; the
-backward only multiplies it by grad_output, in place, and skips even that when grad_output == 1 (checked
-on the device, so the host never waits).  reduction='none': the forward writes no gradient; the backward
+Training (mean/sum): the forward writes the gradient of the loss in the same pass that computes it, times a
+guess of grad_output (_predict.py; 1 until a backward has seen a factor twice); the backward only multiplies it
+by grad_output / guess, in place, and skips even that when they are equal (checked on the device, so the host
+never waits).  reduction='none': the forward writes no gradient; the backward
 recomputes it from the logits and the rows' saved max and sum (one read + one write instead of two of each).
 float16 logits take the second way for mean/sum too (see _fuses_gradient).
 
@@ -15,7 +16,7 @@ import math
 
 import torch
 
-from . import _status, transforms
+from . import _predict, _status, transforms
 from ._ops import acc_dtype, ops
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -316,20 +317,25 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         status = _status.buffer_for(input.device)
         grad = None
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
+        # The gradient written times the guess of grad_output (_predict.py), and the guess as read; None: 1.
+        predictor = grad_mul = guess = None
+        if fused and (reduction == "sum" or not p.prob):
+            predictor, guess = _predict.state_for(input.device, p.acc)
         if fused and reduction == "mean" and not p.prob:
             # One op: the mean's denominator, the loss and its gradient (CUDA may count the denominator in-kernel).
             stats = None
             if inplace:  # the input now holds the gradient, and is saved as such below
-                total, denom = ops.mean_forward_backward_(p.logits, p.t, p.weight, p.ignore_index, p.eps, status,
-                                                          p.out_dtype)
+                total, denom, grad_mul = ops.mean_forward_backward_(p.logits, p.t, p.weight, p.ignore_index, p.eps,
+                                                                    status, p.out_dtype, guess)
                 torch.autograd.graph.increment_version(input)
             else:
-                total, grad, denom = ops.mean_forward_backward(p.logits, p.t, p.weight, p.ignore_index, p.eps, status,
-                                                               p.out_dtype)
+                total, grad, denom, grad_mul = ops.mean_forward_backward(p.logits, p.t, p.weight, p.ignore_index,
+                                                                         p.eps, status, p.out_dtype, guess)
         elif fused:  # sum, or a mean of probabilities
             denom, inv_denom = p.mean_denominator()
             divisor, loss_dtype = p.loss_fold(denom)
-            grad_scale = p.grad_scale(inv_denom)
+            # a sum: the guess's value now (one copy, where the factor 1 took one fill)
+            grad_scale = grad_mul = guess.clone() if predictor is not None else p.grad_scale(inv_denom)
             # The summed loss only: no per-row loss or stats buffers (a second backward runs this pass again).
             stats = None
             if inplace:
@@ -362,6 +368,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # else viewed so here, where a view costs less host time than in the backward (~0.8 against ~2.3 us)
             ctx.grad_buf = grad if grad is None or grad.dim() == input.dim() else grad.view(input.shape)
             ctx.fused = fused  # the forward wrote the gradient
+            ctx.grad_mul = grad_mul if predictor is not None else None  # what it multiplied it by (None: 1)
+            ctx.predictor = predictor
             ctx.grad_in_input = inplace and fused  # the saved input is the gradient, once
             ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
             ctx.x3_shape, ctx.positions, ctx.inplace = p.x3_shape, p.positions, inplace
@@ -379,7 +387,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             # saves its output, so it too lets the logits change after the forward).
             ctx.grad_buf = None
             _status.poll(grad.device)
-            ops.scale_grad_(grad, grad_out)  # the 0-d loss's gradient, read in its own dtype: no cast, no view
+            # times grad_out / the guess, skipped where they are equal; grad_out (the 0-d loss's gradient, read in its
+            # own dtype: no cast, no view) recorded for the next guess
+            ops.scale_grad_(grad, grad_out, ctx.grad_mul, ctx.predictor)
             return grad, None, None, None, None, None, None, None
         input, target, weight, stats, denom = ctx.saved_tensors
         _status.poll(input.device)
@@ -393,7 +403,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad, ctx.grad_in_input = input, False
             else:
                 grad, ctx.grad_buf = ctx.grad_buf, None
-            ops.scale_grad_(grad, grad_out)
+            ops.scale_grad_(grad, grad_out, ctx.grad_mul, ctx.predictor)
             grad_input = grad  # the input's shape: viewed so in the forward, or the input itself
             if not prob_grads:
                 return grad_input, None, None, None, None, None, None, None
@@ -414,11 +424,12 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad = _composite_grad(x3, t, weight, factor, ctx.ignore_index, ctx.eps, ctx.prob).to(input.dtype)
             elif ctx.fused:  # a second backward (retain_graph=True): the forward's fused pass again, the same bits
                 if ctx.reduction == "mean" and not ctx.prob:
-                    _, grad, _ = ops.mean_forward_backward(x3, t, weight, ctx.ignore_index, ctx.eps, None, None)
+                    _, grad, _, _ = ops.mean_forward_backward(x3, t, weight, ctx.ignore_index, ctx.eps, None, None,
+                                                              ctx.grad_mul)
                 else:
                     _, grad = ops.forward_backward(x3, t, weight, ctx.ignore_index, ctx.eps, ctx.grad_scale, None,
                                                    None, None)
-                ops.scale_grad_(grad, grad_out)
+                ops.scale_grad_(grad, grad_out, ctx.grad_mul)
             elif ctx.inplace:  # reduction='none', in place: the gradient overwrites the saved logits
                 ops.backward_(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
                 torch.autograd.graph.increment_version(input)  # a second backward now fails autograd's check

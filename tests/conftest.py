@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import softmax_ce_ext
-from softmax_ce_ext import _C, tuning
+from softmax_ce_ext import _C, _predict, tuning
 
 CUDA_OK = softmax_ce_ext.cuda_built() and torch.cuda.is_available()
 DEVICES = [
@@ -23,8 +23,10 @@ def device(request):
 
 @pytest.fixture(autouse=True)
 def _seed():
-    """Every test starts from the same random state: failures reproduce."""
+    """Every test starts from the same random state, and with no guess of grad_output kept from another test
+    (softmax_ce_ext/_predict.py): failures reproduce, whatever ran before."""
     torch.manual_seed(0)
+    _predict._state.clear()
 
 
 # pytest-xdist's workers (gpu_check.sh) share one GPU: a worker keeps no more than this cached between tests.

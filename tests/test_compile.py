@@ -142,10 +142,18 @@ def _op_samples(device):
                 samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, None, dtype)))
                 samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, status)))
                 samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, None, dtype)))
+                # the gradient's multiplier (the Function's guess of grad_output)
+                samples.append((ops.mean_forward_backward, (x, target, weight, ignore, 0.1, status, None, scale)))
+                samples.append((ops.mean_forward_backward_, (x.clone(), target, weight, ignore, 0.1, None, dtype,
+                                                             scale)))
         if not positions:
             continue
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale.to(torch.bfloat16))))
+        # over the multiplier the forward applied, the predictor recording grad_output
+        predictor = torch.tensor([1.0, 0.5], dtype=acc, device=device)
+        samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale, scale * 2,
+                                          predictor)))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device), scale, dtype)))
         t2 = torch.randint(0, 7, (4, 3), device=device)

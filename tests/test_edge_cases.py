@@ -317,10 +317,12 @@ def _mean_case(device, case, dtype, shape, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "in-place"])
 @pytest.mark.parametrize("fold", [False, True], ids=["unfolded", "kdim-fold"])
-def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
+@pytest.mark.parametrize("mul", [None, 0.3], ids=["no-multiplier", "times-0.3"])
+def test_mean_forward_backward_op(device, case, dtype, inplace, fold, mul):
     """mean_forward_backward (reduction='mean' with class indices, training) gives what mean_scale and then
     forward_backward give: the same denominator and gradient bits, the same loss but for the order of its sum.
-    K-dim logits (B, C, S) of the K-dim kernel's layout; kdim_fold: that kernel counts d itself (CUDA)."""
+    K-dim logits (B, C, S) of the K-dim kernel's layout; kdim_fold: that kernel counts d itself (CUDA).  With a
+    multiplier m (the Function's guess of grad_output) the gradient's factor is m / d, and m comes back as read."""
     from softmax_ce_ext import tuning
     from softmax_ce_ext._ops import ops
 
@@ -328,14 +330,18 @@ def test_mean_forward_backward_op(device, case, dtype, inplace, fold):
         pytest.skip("the CUDA K-dim kernel's fold")
     # CUDA: 262144 or 131072 items of 4 float / 8 bf16 positions, ~2-4 per thread of the resident grid
     x, t, eps, _ = _mean_case(device, case, dtype, (4, 21, 262144) if device == "cuda" else (3, 21, 4000), seed=3)
+    m = None if mul is None else torch.tensor(mul, dtype=torch.float32, device=device)
     with tuning.using(**{**tuning.BUILT_IN, "kdim_fold": fold}):
         if inplace:
             grad = x.clone()
-            loss, d = ops.mean_forward_backward_(grad, t, None, -100, eps, None, torch.float32)
+            loss, d, used = ops.mean_forward_backward_(grad, t, None, -100, eps, None, torch.float32, m)
         else:
-            loss, grad, d = ops.mean_forward_backward(x, t, None, -100, eps, None, torch.float32)
+            loss, grad, d, used = ops.mean_forward_backward(x, t, None, -100, eps, None, torch.float32, m)
     d_ref, inv = ops.mean_scale(t, None, -100, torch.float32)
+    if m is not None:
+        inv = m / d_ref  # float32, rounded once, as the kernels divide
     loss_ref, grad_ref = ops.forward_backward(x, t, None, -100, eps, inv, None, d_ref, torch.float32)
+    assert used.dtype == torch.float32 and used.item() == (1.0 if m is None else m.item())
     assert d.dtype == torch.float32 and d.shape == ()
     assert d.item() == d_ref.item() == (t != -100).sum().item()
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0, equal_nan=True)

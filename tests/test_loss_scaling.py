@@ -77,3 +77,130 @@ def test_scaling_pass_over_any_buffer(device, dtype, offset, grad_out):
     grad = leaf.grad[offset:].view(n, c)
     assert_close(loss, ref_loss, dtype, "loss", logit_scale=x.abs().max().item())
     assert_close(grad, ref_grad, dtype, "grad", logit_scale=x.abs().max().item())
+
+
+# A loss multiplied before its backward (bfloat16/float32/float64 logits: the fused pass): the forward writes the
+# gradient times its guess of grad_output, which the backwards set (softmax_ce_ext/_predict.py).
+GUESS_DTYPES = [torch.bfloat16, torch.float32, torch.float64]
+
+
+def _steps(device, dtype, factors, reduction="mean", inplace=False, weight=None, seed=0):
+    """One training step per factor, the loss multiplied by it: (each step's gradient, each step's reference)."""
+    x, t = _case(device, dtype, (300, 1000), seed)
+    grads, refs = [], []
+    for f in factors:
+        xo = x.clone().requires_grad_()
+        loss = cross_entropy(xo * 1 if inplace else xo, t, weight=weight, reduction=reduction,
+                             inplace_backward=inplace)
+        (loss * f).backward()
+        grads.append(xo.grad)
+        g = torch.tensor(torch.tensor(f, dtype=loss.dtype).item(), dtype=torch.float64, device=device)  # as it arrives
+        refs.append(reference(x, t, g, reduction=reduction, weight=weight)[1])
+    return x, t, grads, refs
+
+
+def _predictor(device, dtype):
+    from softmax_ce_ext import _predict
+    return _predict.state_for(torch.device(device), torch.float64 if dtype == torch.float64 else torch.float32)[0]
+
+
+@pytest.mark.parametrize("dtype", GUESS_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
+def test_repeated_factor_is_written_in_the_forward(device, dtype, reduction, inplace):
+    """loss * 0.3 at every step (gradient accumulation's 1/steps): after two backwards the guess is 0.3, so from
+    the third step the forward writes 0.3 * (p - y) / d rounded once and the backward leaves it: the same bits at
+    every later step, those of the op given that multiplier.  Every step is PyTorch's gradient within the tolerance."""
+    from softmax_ce_ext._ops import ops
+
+    f = 0.3
+    x, t, grads, refs = _steps(device, dtype, [f] * 4, reduction, inplace)
+    for grad, ref in zip(grads, refs):
+        assert_close(grad, ref, dtype, "grad", logit_scale=x.abs().max().item())
+    g = torch.tensor(f, dtype=dtype).item()  # grad_output arrives in the loss's dtype
+    state = _predictor(device, dtype)
+    assert state.tolist() == [g, g]
+    assert torch.equal(grads[2], grads[3])
+    acc = state.dtype
+    mul = torch.tensor(g, dtype=acc, device=device)
+    if reduction == "mean":
+        _, written, _, used = ops.mean_forward_backward(x, t, None, -100, 0.0, None, None, mul)
+        assert used.item() == g
+    else:
+        _, written = ops.forward_backward(x, t, None, -100, 0.0, mul, None)
+    assert torch.equal(grads[3], written)
+
+
+@pytest.mark.parametrize("dtype", GUESS_DTYPES, ids=str)
+def test_power_of_two_factor_gives_the_same_bits_at_every_step(device, dtype):
+    """loss / 4: scaling by a power of two is exact, so the first steps (written, then scaled) and the later ones
+    (written times the guess) agree bit for bit, and with the unscaled gradient / 4."""
+    x, t, grads, _ = _steps(device, dtype, [1.0, 0.25, 0.25, 0.25, 0.25])
+    assert _predictor(device, dtype)[0].item() == 0.25
+    for grad in grads[1:]:
+        assert torch.equal(grad, grads[0] * 0.25)
+
+
+@pytest.mark.parametrize("dtype", GUESS_DTYPES, ids=str)
+def test_changing_factors_stay_right(device, dtype):
+    """A guess that turns out wrong costs the scaling pass by grad_output / guess (one more rounding), never a
+    wrong gradient: a factor that settles, then changes, returns to 1, alternates; zero, negative, huge, NaN."""
+    factors = [0.3, 0.3, 0.3, 1.0, 1.0, 0.7, 0.3, 0.7, -2.0, -2.0, 0.0, 1.0, 2.0**40, 2.0**40, 0.5]
+    x, t, grads, refs = _steps(device, dtype, factors, weight=None)
+    for f, grad, ref in zip(factors, grads, refs):
+        assert_close(grad, ref, dtype, f"grad at factor {f}", logit_scale=x.abs().max().item(),
+                     scale_floor=ref.abs().max().item())
+    assert _predictor(device, dtype)[0].item() == -2.0  # the last factor seen twice in a row (2^40: not taken)
+    _, _, grads, _ = _steps(device, dtype, [float("nan")] * 3)
+    assert grads[2].isnan().all()
+
+
+def test_losses_with_different_factors_in_one_step(device):
+    """Two losses of one graph, weighted 1 and 0.3 (an auxiliary loss): their backwards alternate the factors, so
+    no guess settles and each gradient is the sum's, step after step."""
+    dtype = torch.float32
+    x, t = _case(device, dtype, (200, 500))
+    x2, t2 = _case(device, dtype, (200, 500), seed=1)
+    for _ in range(4):
+        a, b = x.clone().requires_grad_(), x2.clone().requires_grad_()
+        (cross_entropy(a, t) + 0.3 * cross_entropy(b, t2, reduction="sum")).backward()
+        assert_close(a.grad, reference(x, t, torch.tensor(1.0, device=device))[1], dtype, "first")
+        assert_close(b.grad, reference(x2, t2, torch.tensor(0.3, device=device), reduction="sum")[1], dtype, "second")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_predictor_rule(device, dtype):
+    """scale_grad_'s predictor {guess, last grad_output}: a grad_output seen twice in a row becomes the guess if it
+    is finite and within 2^-32..2^32 in magnitude; the gradient is scaled by grad_output / the multiplier the
+    forward used, and left as it is where they are equal."""
+    from softmax_ce_ext._ops import ops
+
+    state = torch.tensor([1.0, float("nan")], dtype=dtype, device=device)
+    grad = torch.ones(5, dtype=dtype, device=device)
+    expected_guess = [(0.3, 1.0), (0.3, 0.3), (1.0, 0.3), (-0.5, 0.3), (-0.5, -0.5), (float("inf"), -0.5),
+                      (float("inf"), -0.5), (2.0**33, -0.5), (2.0**33, -0.5), (2.0**-32, -0.5), (2.0**-32, 2.0**-32)]
+    as_dtype = lambda v: torch.tensor(v, dtype=dtype).item()  # noqa: E731
+    for g, guess in expected_guess:
+        ops.scale_grad_(grad, torch.tensor(g, dtype=dtype, device=device), None, state)
+        assert state[0].item() == as_dtype(guess) and state[1].item() == as_dtype(g), (g, state.tolist())
+    used = torch.tensor(0.25, dtype=dtype, device=device)
+    buf = torch.full((3, 7), 2.0, dtype=dtype, device=device)
+    ops.scale_grad_(buf, torch.tensor(0.25, dtype=dtype, device=device), used)
+    assert (buf == 2.0).all()  # equal: skipped
+    ops.scale_grad_(buf, torch.tensor(1.0, dtype=dtype, device=device), used)
+    assert (buf == 8.0).all()  # times 1 / 0.25
+    strided = torch.full((4, 6), 2.0, dtype=dtype, device=device)[:, ::2]
+    ops.scale_grad_(strided, torch.tensor(0.5, dtype=dtype, device=device), used, state)
+    assert (strided == 4.0).all() and state[1].item() == 0.5
+
+
+def test_second_backward_repeats_a_guessed_gradient(device):
+    """retain_graph: a second backward runs the forward's pass again with the multiplier the forward used, so its
+    gradient has the first one's bits, whatever the guess is by then."""
+    x, t = _case(device, torch.float32, (100, 300))
+    _steps(device, torch.float32, [0.3, 0.3])  # the guess is now 0.3
+    xo = x.clone().requires_grad_()
+    loss = cross_entropy(xo, t) * 0.3
+    (first,) = torch.autograd.grad(loss, xo, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, xo)
+    assert torch.equal(first, second)

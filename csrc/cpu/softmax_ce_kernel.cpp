@@ -406,10 +406,17 @@ at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
   return at::empty_like(logits, at::MemoryFormat::Preserve);
 }
 
-void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
-  check_scale_grad(grad, grad_output);
-  const double g = grad_output.item<double>();  // host memory: reading it costs no synchronisation
-  if (g != 1.0) grad.mul_(g);
+void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output,
+                    const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor) {
+  check_scale_grad(grad, grad_output, grad_mul_used, predictor);
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype(grad.scalar_type()), "scale_grad_cpu", [&] {
+    using acc_t = scalar_t;
+    // host memory: reading them costs no synchronisation; g in the accumulation dtype, as CUDA's kernel reads it
+    const acc_t g = static_cast<acc_t>(grad_output.item<double>());
+    const acc_t used = grad_mul_used.has_value() ? *grad_mul_used->data_ptr<acc_t>() : acc_t(1);
+    if (predictor.has_value()) update_predictor(predictor->data_ptr<acc_t>(), g);
+    if (g != used) grad.mul_(static_cast<double>(g / used));
+  });
 }
 
 // Fixed blocks summed in parallel, then the block sums in order, all in double: the same bits on any number
@@ -447,8 +454,10 @@ at::Tensor sum_rows_cpu(const at::Tensor& values, const c10::optional<at::Tensor
 // Fixed blocks of targets, each summed in order, then the blocks in order: independent of the thread count.
 // {denominator, 1 / denominator} of reduction='mean' in `dtype`: the count of the targets that are not
 // ignore_index, or their summed class weight (rounded to the weight's dtype first, as a weight-dtype sum would be).
-std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                                                  int64_t ignore_index, at::ScalarType dtype) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              int64_t ignore_index, at::ScalarType dtype,
+                                                              const at::Tensor& numerator) {
   check_mean_scale(target, weight, dtype);
   constexpr int64_t kBlock = 4096;
   const IndexRows rows = index_rows(target);  // no structured bindings: lambdas capture these (C++17)
@@ -458,11 +467,14 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, cons
   const bool dense = sS == 1 && sB == S;
   auto target_at = [&](int64_t i) { return dense ? t[i] : t[(i / S) * sB + (i % S) * sS]; };  // dense: no division
   at::Tensor denom = at::empty({}, target.options().dtype(dtype)), inv = at::empty({}, target.options().dtype(dtype));
-  auto write = [&](auto total) {
+  at::Tensor used = at::empty({}, target.options().dtype(dtype));
+  auto write = [&](auto total) {  // {d, m / d, m}: m the numerator's value (its dtype is dtype), else 1
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cpu", [&] {
       const scalar_t d = static_cast<scalar_t>(total);
+      const scalar_t m = numerator.defined() ? *numerator.data_ptr<scalar_t>() : scalar_t(1);
       *denom.data_ptr<scalar_t>() = d;
-      *inv.data_ptr<scalar_t>() = static_cast<scalar_t>(scalar_t(1) / d);
+      *inv.data_ptr<scalar_t>() = static_cast<scalar_t>(m / d);
+      *used.data_ptr<scalar_t>() = m;
     });
   };
   if (!weight.has_value()) {
@@ -475,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, cons
     int64_t total = 0;
     for (int64_t p : partial) total += p;
     write(total);
-    return {denom, inv};
+    return {denom, inv, used};
   }
   std::vector<double> partial(blocks, 0.0);
   const int64_t C = weight->numel();
@@ -492,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cpu(const at::Tensor& target, cons
     for (double p : partial) total += p;
     write(static_cast<scalar_t>(total));
   });
-  return {denom, inv};
+  return {denom, inv, used};
 }
 
 bool no_fold(const RowLayout&, OpTensors&) { return false; }  // the CPU counts the denominator first

@@ -34,6 +34,8 @@ constexpr uint8_t kCodeIgnored = 255, kCodeBad = 254;  // a target byte: its cla
 struct MeanFold {
   int* cta_counts;
   float* denom;
+  const float* num;  // the gradient's multiplier m (nullptr: 1): the factor m / d
+  float* used;       // m as read, by one thread (every CTA's m / d after the grid barrier)
 };
 
 // An item's E target bytes, one word (E = 4) or two (E = 8): [item i of the thread][thread].
@@ -111,11 +113,13 @@ __global__ void __launch_bounds__(128, 5) columns_kernel(Args<T> a, MeanFold fol
     }
     const int cta_count = block_sum(count);
     if (tid == 0) fold.cta_counts[blockIdx.x] = cta_count;
-    cooperative_groups::this_grid().sync();  // every CTA's count is written
+    // m read once, by one thread: another stream's backward may change the guess while this grid runs
+    if (blockIdx.x == 0 && tid == 0) *fold.used = fold.num != nullptr ? *fold.num : 1.f;
+    cooperative_groups::this_grid().sync();  // every CTA's count is written, and m
     int64_t d = 0;
     for (int q = tid; q < static_cast<int>(gridDim.x); q += nt) d += __ldcg(fold.cta_counts + q);
     const float denom = static_cast<float>(block_sum(d));  // exact: the same bits as mean_scale's
-    inv_denom = 1.f / denom;
+    inv_denom = __ldcg(fold.used) / denom;
     if (blockIdx.x == 0 && tid == 0) *fold.denom = denom;
   }
   // One item of this thread (k: its count so far, for kFold's codes).

@@ -58,15 +58,20 @@ __global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, i
   }
 }
 
-// grad *= g unless g == 1; g is read on the device, so the host never waits for it.  g != 1 (a loss divided by
-// the accumulation steps or the items, loss scaling) makes this a pass of its own over the gradient: 16-byte
-// accesses where the buffer is 16-byte aligned (vec), as every other pass here (one 2-byte element per thread
-// moved 64 bytes per warp instruction).
+// grad *= g / m unless g == m (m: the multiplier the forward applied, 1 where none); read on the device, so the
+// host never waits for them.  g != m (a loss divided by the accumulation steps or the items, loss scaling, before
+// the forward's guess has it) makes this a pass of its own over the gradient: 16-byte accesses where the buffer is
+// 16-byte aligned (vec), as every other pass here (one 2-byte element per thread moved 64 bytes per warp
+// instruction).  predictor: g recorded and the guess updated by one thread (the others read m, not the guess).
 template <typename scalar_t, typename acc_t, typename g_t>
-__global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const g_t* g_ptr, bool vec) {
+__global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const g_t* g_ptr, const acc_t* used,
+                                  acc_t* predictor, bool vec) {
   chunks::pdl_start();
   const acc_t g = static_cast<acc_t>(*g_ptr);  // grad_output in its own dtype: no cast launch before this one
-  if (g == acc_t(1)) return;
+  if (predictor != nullptr && blockIdx.x == 0 && threadIdx.x == 0) update_predictor(predictor, g);
+  const acc_t m = used != nullptr ? *used : acc_t(1);
+  if (g == m) return;
+  const acc_t r = g / m;
   constexpr int E = 16 / sizeof(scalar_t);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -77,12 +82,12 @@ __global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const 
       uint4 u = chunks[i];
       scalar_t* e = reinterpret_cast<scalar_t*>(&u);
 #pragma unroll
-      for (int k = 0; k < E; ++k) e[k] = static_cast<scalar_t>(static_cast<acc_t>(e[k]) * g);
+      for (int k = 0; k < E; ++k) e[k] = static_cast<scalar_t>(static_cast<acc_t>(e[k]) * r);
       chunks[i] = u;
     }
     done = n / E * E;
   }
-  for (int64_t i = done + first; i < n; i += stride) grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * g);
+  for (int64_t i = done + first; i < n; i += stride) grad[i] = static_cast<scalar_t>(static_cast<acc_t>(grad[i]) * r);
 }
 
 // Partial counts / weight sums per CTA over a grid fixed by the size alone, then summed: no mask in memory,
@@ -145,8 +150,10 @@ __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t s
 // partials kernel, two launches where a sum, a cast and a reciprocal took four.  Under pdl the kernel after it may
 // launch before it waits (the partials kernel launched it only once the kernels before were done): a training
 // pass's warp rows then read their first rows while these two kernels run (Args::early).
+// num (nullable): the numerator m of {d, m / d, m}, the training pass's gradient multiplier.
 template <typename sum_t, typename out_t>
-__global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, out_t* denom, out_t* inv) {
+__global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, const out_t* num, out_t* denom,
+                                         out_t* inv, out_t* used) {
   chunks::pdl_trigger();
   chunks::pdl_wait();
   sum_t acc = 0;
@@ -154,8 +161,10 @@ __global__ void mean_scale_finish_kernel(const sum_t* partial, int64_t blocks, o
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (threadIdx.x == 0) {
     const out_t d = static_cast<out_t>(acc);
+    const out_t m = num != nullptr ? *num : out_t(1);
     *denom = d;
-    *inv = static_cast<out_t>(out_t(1) / d);
+    *inv = static_cast<out_t>(m / d);
+    *used = m;
   }
 }
 
@@ -248,17 +257,27 @@ void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
   }
 }
 
-void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
-  check_scale_grad(grad, grad_output);
-  if (grad.numel() == 0) return;
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output,
+                     const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor) {
+  check_scale_grad(grad, grad_output, grad_mul_used, predictor);
   const c10::cuda::CUDAGuard guard(grad.device());
-  if (!grad.is_non_overlapping_and_dense()) {  // in place over strided logits: ATen walks the strides
-    grad.mul_(grad_output);
-    return;
+  // Strided (in place over strided logits): ATen walks the strides, and the kernel, over no elements, keeps the
+  // predictor.  Empty: the kernel for the predictor alone, or nothing.
+  const bool dense = grad.is_non_overlapping_and_dense();
+  if (!dense) {  // g / m in the accumulation dtype, not rounded to a 2-byte grad's (ATen casts a 0-d operand so)
+    const auto acc = acc_dtype(grad.scalar_type());
+    const at::Tensor g = grad_output.reshape({}).to(acc);
+    const at::Tensor r = grad_mul_used.has_value() ? g / *grad_mul_used : g;
+    if (acc != grad.scalar_type())
+      grad.copy_(grad.to(acc).mul_(r));
+    else
+      grad.mul_(r);
   }
+  const int64_t n = dense ? grad.numel() : 0;
+  if (n == 0 && !predictor.has_value()) return;
   const int threads = 256;
   const bool vec = reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0;
-  const int64_t items = vec ? (grad.numel() * grad.element_size() + 15) / 16 : grad.numel();
+  const int64_t items = std::max<int64_t>(1, vec ? (n * grad.element_size() + 15) / 16 : n);
   const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, int64_t{sm_count(grad.get_device())} * 8);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
     using grad_t = scalar_t;
@@ -266,14 +285,18 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "scale_grad_cuda", [&] {
       launch_kernel(pdl_launches(grad.get_device()), scale_grad_kernel<grad_t, acc_t, scalar_t>,
                     dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, c10::cuda::getCurrentCUDAStream(),
-                    grad.data_ptr<grad_t>(), grad.numel(), grad_output.data_ptr<scalar_t>(), vec);
+                    grad.data_ptr<grad_t>(), n, grad_output.data_ptr<scalar_t>(),
+                    grad_mul_used.has_value() ? grad_mul_used->data_ptr<acc_t>() : nullptr,
+                    predictor.has_value() ? predictor->data_ptr<acc_t>() : nullptr, vec);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, const c10::optional<at::Tensor>& weight,
-                                                   int64_t ignore_index, at::ScalarType dtype) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target,
+                                                               const c10::optional<at::Tensor>& weight,
+                                                               int64_t ignore_index, at::ScalarType dtype,
+                                                               const at::Tensor& numerator) {
   check_mean_scale(target, weight, dtype);
   const IndexRows rows = index_rows(target);
   const int64_t S = rows.S, sB = rows.sB, sS = rows.sS, n = rows.B * S;
@@ -283,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
   const auto sum_dtype = weight.has_value() ? weight->scalar_type() : at::kLong;
   at::Tensor partial = at::empty({blocks}, target.options().dtype(sum_dtype));
   at::Tensor denom = at::empty({}, target.options().dtype(dtype)), inv = at::empty({}, target.options().dtype(dtype));
+  at::Tensor used = at::empty({}, target.options().dtype(dtype));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool pdl = pdl_launches(target.get_device());
   const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
@@ -290,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
     using sum_t = decltype(sum_tag);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mean_scale_cuda", [&] {
       launch_kernel(pdl, mean_scale_finish_kernel<sum_t, scalar_t>, dim3(1), dim3(32), 0, stream,
-                    partial.data_ptr<sum_t>(), blocks, denom.data_ptr<scalar_t>(), inv.data_ptr<scalar_t>());
+                    partial.data_ptr<sum_t>(), blocks, numerator.defined() ? numerator.data_ptr<scalar_t>() : nullptr,
+                    denom.data_ptr<scalar_t>(), inv.data_ptr<scalar_t>(), used.data_ptr<scalar_t>());
     });
   };
   if (!weight.has_value()) {
@@ -307,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target, con
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {denom, inv};
+  return {denom, inv, used};
 }
 
 }  // namespace softmax_ce
