@@ -204,3 +204,21 @@ def test_second_backward_repeats_a_guessed_gradient(device):
     (first,) = torch.autograd.grad(loss, xo, retain_graph=True)
     (second,) = torch.autograd.grad(loss, xo)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["dense", "offset-by-one", "permuted", "strided"])
+def test_scaling_pass_rounds_once(device, kernel_path, dtype, layout):
+    """scale_grad_ where the guess missed: each entry times grad_output / the multiplier, computed in the
+    accumulation dtype and rounded to the gradient's once (every CPU instruction set's loop, its tail of fewer than
+    a vector's elements, the CUDA kernel's 16-byte and element passes, ATen for strided ones)."""
+    from softmax_ce_ext._ops import ops
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(5)
+    flat = (torch.randn(7 * 1001 + 1, generator=g) * 100).to(dtype).to(device)
+    grad = {"dense": flat[:-1].view(7, 1001), "offset-by-one": flat[1:].view(7, 1001),
+            "permuted": flat[:-1].view(7, 1001).t(), "strided": flat[:-1].view(7, 1001)[:, ::2]}[layout]
+    expected = (grad.to(acc) * (torch.tensor(0.3, dtype=acc) / torch.tensor(0.7, dtype=acc)).item()).to(dtype)
+    ops.scale_grad_(grad, torch.tensor(0.3, dtype=acc, device=device), torch.tensor(0.7, dtype=acc, device=device))
+    assert torch.equal(grad, expected)

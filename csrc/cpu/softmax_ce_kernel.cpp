@@ -415,7 +415,25 @@ void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output,
     const acc_t g = static_cast<acc_t>(grad_output.item<double>());
     const acc_t used = grad_mul_used.has_value() ? *grad_mul_used->data_ptr<acc_t>() : acc_t(1);
     if (predictor.has_value()) update_predictor(predictor->data_ptr<acc_t>(), g);
-    if (g != used) grad.mul_(static_cast<double>(g / used));
+    if (g == used) return;
+    const acc_t r = g / used;
+    const SimdKernels* k = current_isa().load();
+    const auto dt = grad.scalar_type();
+    if (std::is_same_v<acc_t, float> && k != nullptr && k->scale != nullptr && grad.is_non_overlapping_and_dense() &&
+        (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
+      // a dense block of numel elements from data_ptr, whatever the strides' order
+      const SimdDtype sd = dt == at::kFloat ? SimdDtype::kFloat : dt == at::kBFloat16 ? SimdDtype::kBFloat16
+                                                                                      : SimdDtype::kHalf;
+      char* base = static_cast<char*>(grad.data_ptr());
+      const int64_t es = grad.element_size();
+      at::parallel_for(0, grad.numel(), int64_t{1} << 16, [&](int64_t b, int64_t e) {
+        k->scale(sd, base + b * es, e - b, static_cast<float>(r));
+      });
+    } else if (dt == at::kBFloat16 || dt == at::kHalf) {  // ATen rounds the scalar to the 2-byte dtype first
+      grad.copy_(grad.to(at::kFloat).mul_(static_cast<double>(r)));
+    } else {
+      grad.mul_(static_cast<double>(r));
+    }
   });
 }
 

@@ -3,7 +3,7 @@
 // Not an x86 CPU: nothing to build; the dispatcher never picks this.
 #include "softmax_ce_simd_args.h"
 namespace softmax_ce {
-const SimdKernels kSimdAvx512{"avx512", 16, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+const SimdKernels kSimdAvx512{"avx512", 16, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 }  // namespace softmax_ce
 #else
 
@@ -23,7 +23,7 @@ const SimdKernels kSimdAvx512{"avx512", 16, nullptr, nullptr, nullptr, nullptr, 
 
 namespace softmax_ce {
 const SimdKernels kSimdAvx512{"avx512", 16, rows_entry, columns_entry, small_rows_entry,
-                                f64_max, f64_sum_exp, f64_exp_scale};
+                                f64_max, f64_sum_exp, f64_exp_scale, scale_entry};
 }  // namespace softmax_ce
 
 #if defined(__clang__)

@@ -693,6 +693,25 @@ void small_rows_entry(const SimdArgs& a, int64_t begin, int64_t end) {
   by_dtype(a, [&](auto t, auto spread) { small_rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });
 }
 
+// g[i] *= r over n contiguous elements, rounded to their dtype once (scale_grad_'s pass where the guess of
+// grad_output missed: ATen's bfloat16 multiply by a scalar moved ~3.6 GB/s on this 2-core machine, 2026-11-28).
+template <class T>
+void scale_impl(void* g, int64_t n, float r) {
+  auto* p = static_cast<typename T::raw*>(g);
+  const vf s = splat(r);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) T::store(p + i, T::load(p + i) * s);
+  for (; i < n; ++i) T::put(p + i, T::get(p + i) * r);
+}
+
+void scale_entry(SimdDtype dtype, void* g, int64_t n, float r) {
+  switch (dtype) {
+    case SimdDtype::kFloat: return scale_impl<F32>(g, n, r);
+    case SimdDtype::kBFloat16: return scale_impl<BF16>(g, n, r);
+    case SimdDtype::kHalf: return scale_impl<F16>(g, n, r);
+  }
+}
+
 void columns_entry(const SimdArgs& a, int64_t begin, int64_t end) {
   if (a.staged)
     return by_dtype(a, [&](auto t, auto spread) { staged_rows_impl<decltype(t), decltype(spread)::value>(a, begin, end); });

@@ -49,6 +49,7 @@ struct SimdKernels {
   double (*f64_max)(const double* x, int64_t C);
   double (*f64_sum_exp)(const double* x, int64_t C, double m);
   void (*f64_exp_scale)(const double* x, double* g, int64_t C, double base, double mul);
+  void (*scale)(SimdDtype dtype, void* g, int64_t n, float r);  // g[i] *= r, n contiguous elements, in place
 };
 // The limits by element size, measured (2026-11-27, 16384 rows, 1 thread, W x W tiles transposed in registers)
 // against one row at a time; again once both kept their exponentials (same day): float forward 1.3-1.6x and
