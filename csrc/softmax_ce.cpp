@@ -70,10 +70,11 @@ TORCH_LIBRARY(softmax_ce_ext, m) {
       "backward_(Tensor grad_rows, Tensor(a!) logits, Tensor target, Tensor? weight, Tensor stats,"
       " int ignore_index, float label_smoothing) -> ()");
   // grad *= grad_output / grad_mul_used (a one-element tensor; the 0-d multiplier the forward applied, none: 1),
-  // skipping the pass where they are equal: decided where the data lives.  predictor ({guess, last grad_output}, in
-  // the accumulation dtype): grad_output recorded, the guess updated (update_predictor in softmax_ce.h).
-  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor? grad_mul_used=None, Tensor(b!)? predictor=None)"
-        " -> ()");
+  // skipping the pass where they are equal: decided where the data lives.  predictor ({guess, last grad_output,
+  // changes in a row}, in the accumulation dtype): grad_output recorded, the guess updated, the changes mirrored
+  // into `changes` (int64, pinned host memory or the device's) (update_predictor in softmax_ce.h).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output, Tensor? grad_mul_used=None, Tensor(b!)? predictor=None,"
+        " Tensor(c!)? changes=None) -> ()");
   // The mean's denominator d and 1/d (0-d, in dtype) without a mask in memory: d is the number of class-index
   // targets != ignore_index, or with weight the sum of weight[t] over them (out-of-range targets count 0).
   // Two tensors, not views of one: torch.compile refuses intermediates that alias.  target: (B, S) or (B,).

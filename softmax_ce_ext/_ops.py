@@ -110,7 +110,7 @@ def _backward_inplace_fake(grad_rows, logits, target, weight, stats, ignore_inde
 
 
 @torch.library.register_fake("softmax_ce_ext::scale_grad_")
-def _scale_grad_fake(grad, grad_output, grad_mul_used=None, predictor=None):
+def _scale_grad_fake(grad, grad_output, grad_mul_used=None, predictor=None, changes=None):
     return None
 
 

@@ -213,6 +213,14 @@ def _fuses_gradient(dtype):
     return dtype != torch.float16
 
 
+def _defers_pay(device, classes):
+    """Whether the gradient from the saved stats (3 passes) beats written-then-scaled (4) for a factor that keeps
+    changing.  CUDA: the passes are memory-bound.  The CPU recomputes the exponentials there, which the scaling does
+    not: measured (2 threads, 2026-11-28) it lost at 256-1536 classes (1.20 against 1.18x of an unscaled step in
+    float32 at 256, 1.40 against 1.17x at 1000), broke even at 2048 and won from 4096 (1.18 against 1.31x)."""
+    return device.type == "cuda" or classes >= 2048
+
+
 def _rows_total(p, status, denom=None):
     """(the rows' losses, or their sum, over the mean's denominator where one is given; their stats for backward)."""
     divisor, loss_dtype = p.loss_fold(denom)
@@ -317,10 +325,16 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         status = _status.buffer_for(input.device)
         grad = None
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
-        # The gradient written times the guess of grad_output (_predict.py), and the guess as read; None: 1.
-        predictor = grad_mul = guess = None
+        # The gradient written times the guess of grad_output (_predict.py), and the guess as read; None: 1.  A
+        # factor that changes at every backward: the gradient in the backward instead (`recorder`: it records
+        # grad_output there).
+        predictor = grad_mul = guess = state = None
         if fused and (reduction == "sum" or not p.prob):
-            predictor, guess = _predict.state_for(input.device, p.acc)
+            state = _predict.state_for(input.device, p.acc)
+            if state is not None and state.varying() and _defers_pay(input.device, p.x3_shape[1]):
+                fused = False
+            elif state is not None:
+                predictor, guess = state.predictor, state.guess
         if fused and reduction == "mean" and not p.prob:
             # One op: the mean's denominator, the loss and its gradient (CUDA may count the denominator in-kernel).
             stats = None
@@ -347,7 +361,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                                                    status, divisor, loss_dtype)
             ctx.grad_scale = grad_scale
         elif want_input_grad or want_composite:
-            # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient): the rows' max and sum kept
+            # reduction='none', probabilities, float16 mean/sum (see _fuses_gradient), a factor that keeps changing:
+            # the rows' max and sum kept
             denom, _ = p.mean_denominator()  # float16's mean over class indices; else None
             total, stats = _rows_total(p, status, denom)
         else:
@@ -369,7 +384,9 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             ctx.grad_buf = grad if grad is None or grad.dim() == input.dim() else grad.view(input.shape)
             ctx.fused = fused  # the forward wrote the gradient
             ctx.grad_mul = grad_mul if predictor is not None else None  # what it multiplied it by (None: 1)
-            ctx.predictor = predictor
+            ctx.predictor = None if state is None else state.predictor  # the guess's state, and its host mirror
+            ctx.changes = None if state is None else state.changes
+            ctx.record = state is not None and not fused  # the deferred gradient records grad_output itself
             ctx.grad_in_input = inplace and fused  # the saved input is the gradient, once
             ctx.reduction, ctx.ignore_index, ctx.eps, ctx.prob = reduction, p.ignore_index, p.eps, p.prob
             ctx.x3_shape, ctx.positions, ctx.inplace = p.x3_shape, p.positions, inplace
@@ -389,7 +406,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             _status.poll(grad.device)
             # times grad_out / the guess, skipped where they are equal; grad_out (the 0-d loss's gradient, read in its
             # own dtype: no cast, no view) recorded for the next guess
-            ops.scale_grad_(grad, grad_out, ctx.grad_mul, ctx.predictor)
+            ops.scale_grad_(grad, grad_out, ctx.grad_mul, ctx.predictor, ctx.changes)
             return grad, None, None, None, None, None, None, None
         input, target, weight, stats, denom = ctx.saved_tensors
         _status.poll(input.device)
@@ -403,7 +420,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad, ctx.grad_in_input = input, False
             else:
                 grad, ctx.grad_buf = ctx.grad_buf, None
-            ops.scale_grad_(grad, grad_out, ctx.grad_mul, ctx.predictor)
+            ops.scale_grad_(grad, grad_out, ctx.grad_mul, ctx.predictor, ctx.changes)
             grad_input = grad  # the input's shape: viewed so in the forward, or the input itself
             if not prob_grads:
                 return grad_input, None, None, None, None, None, None, None
@@ -434,8 +451,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 ops.backward_(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
                 torch.autograd.graph.increment_version(input)  # a second backward now fails autograd's check
                 grad = x3
-            else:  # reduction='none'; probabilities; float16
+            else:  # reduction='none'; probabilities; float16; a factor that keeps changing
                 grad = ops.backward(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
+            if ctx.record and not torch.is_grad_enabled():  # grad_output recorded (the scaling by g / g skipped)
+                ops.scale_grad_(grad, grad_out, g.reshape(()), ctx.predictor, ctx.changes)
             grad_input = grad if rows else grad.reshape(input.shape)
         grad_weight = None
         if prob_grads:

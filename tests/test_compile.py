@@ -151,9 +151,10 @@ def _op_samples(device):
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale)))
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale.to(torch.bfloat16))))
         # over the multiplier the forward applied, the predictor recording grad_output
-        predictor = torch.tensor([1.0, 0.5], dtype=acc, device=device)
+        predictor = torch.tensor([1.0, 0.5, 0.0], dtype=acc, device=device)
+        changes = torch.zeros(1, dtype=torch.int64, device=device)
         samples.append((ops.scale_grad_, (torch.randn(4, 7, 3, dtype=dtype, device=device), scale, scale * 2,
-                                          predictor)))
+                                          predictor, changes)))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device),)))
         samples.append((ops.sum_rows, (torch.randn(4, 3, dtype=acc, device=device), scale, dtype)))
         t2 = torch.randint(0, 7, (4, 3), device=device)

@@ -99,9 +99,13 @@ def _steps(device, dtype, factors, reduction="mean", inplace=False, weight=None,
     return x, t, grads, refs
 
 
-def _predictor(device, dtype):
+def _state(device, dtype):
     from softmax_ce_ext import _predict
-    return _predict.state_for(torch.device(device), torch.float64 if dtype == torch.float64 else torch.float32)[0]
+    return _predict.state_for(torch.device(device), torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _predictor(device, dtype):
+    return _state(device, dtype).predictor
 
 
 @pytest.mark.parametrize("dtype", GUESS_DTYPES, ids=str)
@@ -119,7 +123,7 @@ def test_repeated_factor_is_written_in_the_forward(device, dtype, reduction, inp
         assert_close(grad, ref, dtype, "grad", logit_scale=x.abs().max().item())
     g = torch.tensor(f, dtype=dtype).item()  # grad_output arrives in the loss's dtype
     state = _predictor(device, dtype)
-    assert state.tolist() == [g, g]
+    assert state.tolist() == [g, g, 0.0]
     assert torch.equal(grads[2], grads[3])
     acc = state.dtype
     mul = torch.tensor(g, dtype=acc, device=device)
@@ -133,8 +137,9 @@ def test_repeated_factor_is_written_in_the_forward(device, dtype, reduction, inp
 
 @pytest.mark.parametrize("dtype", GUESS_DTYPES, ids=str)
 def test_power_of_two_factor_gives_the_same_bits_at_every_step(device, dtype):
-    """loss / 4: scaling by a power of two is exact, so the first steps (written, then scaled) and the later ones
-    (written times the guess) agree bit for bit, and with the unscaled gradient / 4."""
+    """loss / 4 after an unscaled step (one change of factor: the guess, not the deferred route): scaling by a power
+    of two is exact, so the first steps (written, then scaled) and the later ones (written times the guess) agree bit
+    for bit, and with the unscaled gradient / 4."""
     x, t, grads, _ = _steps(device, dtype, [1.0, 0.25, 0.25, 0.25, 0.25])
     assert _predictor(device, dtype)[0].item() == 0.25
     for grad in grads[1:]:
@@ -175,7 +180,7 @@ def test_predictor_rule(device, dtype):
     forward used, and left as it is where they are equal."""
     from softmax_ce_ext._ops import ops
 
-    state = torch.tensor([1.0, float("nan")], dtype=dtype, device=device)
+    state = torch.tensor([1.0, float("nan"), 0.0], dtype=dtype, device=device)
     grad = torch.ones(5, dtype=dtype, device=device)
     expected_guess = [(0.3, 1.0), (0.3, 0.3), (1.0, 0.3), (-0.5, 0.3), (-0.5, -0.5), (float("inf"), -0.5),
                       (float("inf"), -0.5), (2.0**33, -0.5), (2.0**33, -0.5), (2.0**-32, -0.5), (2.0**-32, 2.0**-32)]
@@ -222,3 +227,47 @@ def test_scaling_pass_rounds_once(device, kernel_path, dtype, layout):
     expected = (grad.to(acc) * (torch.tensor(0.3, dtype=acc) / torch.tensor(0.7, dtype=acc)).item()).to(dtype)
     ops.scale_grad_(grad, torch.tensor(0.3, dtype=acc, device=device), torch.tensor(0.7, dtype=acc, device=device))
     assert torch.equal(grad, expected)
+
+
+@pytest.mark.parametrize("dtype", GUESS_DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["buffer", "inplace"])
+def test_factor_changing_every_step_takes_the_deferred_gradient(device, monkeypatch, dtype, reduction, inplace):
+    """A factor that changes at every backward (a sum over a count of items that differs per batch) is never
+    guessed: after two changes in a row the forward keeps the rows' max and sum and the backward writes the
+    gradient with grad_output in it (float16's route: 3 passes where written-then-scaled is 4), recording
+    grad_output; once a factor repeats, the written gradient and its guess return.  Right gradients throughout."""
+    spy = OpSpy(function_mod.ops)
+    monkeypatch.setattr(function_mod, "ops", spy)
+    # (the spy names the ops that are not in place)
+    fused = ([] if inplace else ["mean_forward_backward" if reduction == "mean" else "forward_backward"]) + ["scale_grad_"]
+    deferred = ["forward_rows"] + ([] if inplace else ["backward"]) + ["scale_grad_"]
+    factors = [0.3, 0.5, 0.7, 0.9, 0.9, 0.9, 0.9]
+    routes = [fused, fused, fused, deferred, deferred, fused, fused]  # changes: 0 (the first), 1, 2, 2, 0, 0, 0
+    x, t = _case(device, dtype, (300, 2048))  # the CPU defers from 2048 classes on (function._defers_pay)
+    for f, route in zip(factors, routes):
+        spy.calls.clear()
+        xo = x.clone().requires_grad_()
+        loss = cross_entropy(xo * 1 if inplace else xo, t, reduction=reduction, inplace_backward=inplace)
+        (loss * f).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()  # the backward's count of changes in host memory before the next forward
+        assert spy.calls == route, (f, spy.calls)
+        g = torch.tensor(torch.tensor(f, dtype=loss.dtype).item(), dtype=torch.float64, device=device)
+        ref = reference(x, t, g, reduction=reduction)[1]
+        assert_close(xo.grad, ref, dtype, f"grad at factor {f}", logit_scale=x.abs().max().item())
+    assert _predictor(device, dtype)[0].item() == torch.tensor(0.9, dtype=dtype).item()
+
+
+def test_cpu_rows_under_2048_classes_keep_the_written_gradient(monkeypatch):
+    """On the CPU the deferred route recomputes the exponentials, which lost to the scaling pass below 2048 classes:
+    a factor that keeps changing there stays written-then-scaled (and right)."""
+    spy = OpSpy(function_mod.ops)
+    monkeypatch.setattr(function_mod, "ops", spy)
+    x, t = _case("cpu", torch.float32, (300, 1000))
+    for f in (0.3, 0.5, 0.7, 0.9):
+        spy.calls.clear()
+        xo = x.clone().requires_grad_()
+        (cross_entropy(xo, t) * f).backward()
+        assert spy.calls == ["mean_forward_backward", "scale_grad_"]
+        assert_close(xo.grad, reference(x, t, torch.tensor(f, dtype=torch.float64))[1], torch.float32, f"factor {f}")

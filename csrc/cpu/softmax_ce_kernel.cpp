@@ -407,14 +407,16 @@ at::Tensor grad_alloc_cpu(const at::Tensor& logits) {
 }
 
 void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output,
-                    const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor) {
-  check_scale_grad(grad, grad_output, grad_mul_used, predictor);
+                    const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor,
+                    const c10::optional<at::Tensor>& changes) {
+  check_scale_grad(grad, grad_output, grad_mul_used, predictor, changes);
   AT_DISPATCH_FLOATING_TYPES(acc_dtype(grad.scalar_type()), "scale_grad_cpu", [&] {
     using acc_t = scalar_t;
     // host memory: reading them costs no synchronisation; g in the accumulation dtype, as CUDA's kernel reads it
     const acc_t g = static_cast<acc_t>(grad_output.item<double>());
     const acc_t used = grad_mul_used.has_value() ? *grad_mul_used->data_ptr<acc_t>() : acc_t(1);
-    if (predictor.has_value()) update_predictor(predictor->data_ptr<acc_t>(), g);
+    if (predictor.has_value())
+      update_predictor(predictor->data_ptr<acc_t>(), g, changes.has_value() ? changes->data_ptr<int64_t>() : nullptr);
     if (g == used) return;
     const acc_t r = g / used;
     const SimdKernels* k = current_isa().load();

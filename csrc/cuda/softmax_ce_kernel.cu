@@ -65,10 +65,10 @@ __global__ void __launch_bounds__(kSumThreads) sum_rows_kernel(const acc_t* v, i
 // instruction).  predictor: g recorded and the guess updated by one thread (the others read m, not the guess).
 template <typename scalar_t, typename acc_t, typename g_t>
 __global__ void scale_grad_kernel(scalar_t* __restrict__ grad, int64_t n, const g_t* g_ptr, const acc_t* used,
-                                  acc_t* predictor, bool vec) {
+                                  acc_t* predictor, int64_t* changes, bool vec) {
   chunks::pdl_start();
   const acc_t g = static_cast<acc_t>(*g_ptr);  // grad_output in its own dtype: no cast launch before this one
-  if (predictor != nullptr && blockIdx.x == 0 && threadIdx.x == 0) update_predictor(predictor, g);
+  if (predictor != nullptr && blockIdx.x == 0 && threadIdx.x == 0) update_predictor(predictor, g, changes);
   const acc_t m = used != nullptr ? *used : acc_t(1);
   if (g == m) return;
   const acc_t r = g / m;
@@ -258,9 +258,13 @@ void launch_cuda(Mode mode, const RowLayout& L, OpTensors& o) {
 }
 
 void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output,
-                     const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor) {
-  check_scale_grad(grad, grad_output, grad_mul_used, predictor);
+                     const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor,
+                     const c10::optional<at::Tensor>& changes) {
+  check_scale_grad(grad, grad_output, grad_mul_used, predictor, changes);
   const c10::cuda::CUDAGuard guard(grad.device());
+  int64_t* changes_ptr = !changes.has_value()  ? nullptr
+                         : changes->is_cpu() ? mapped_status(*changes, grad.get_device())  // pinned, mapped
+                                             : changes->data_ptr<int64_t>();
   // Strided (in place over strided logits): ATen walks the strides, and the kernel, over no elements, keeps the
   // predictor.  Empty: the kernel for the predictor alone, or nothing.
   const bool dense = grad.is_non_overlapping_and_dense();
@@ -287,7 +291,7 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output,
                     dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, c10::cuda::getCurrentCUDAStream(),
                     grad.data_ptr<grad_t>(), n, grad_output.data_ptr<scalar_t>(),
                     grad_mul_used.has_value() ? grad_mul_used->data_ptr<acc_t>() : nullptr,
-                    predictor.has_value() ? predictor->data_ptr<acc_t>() : nullptr, vec);
+                    predictor.has_value() ? predictor->data_ptr<acc_t>() : nullptr, changes_ptr, vec);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

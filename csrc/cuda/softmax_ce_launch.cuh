@@ -112,7 +112,8 @@ bool fold_mean_cuda(const RowLayout& L, OpTensors& o);
 at::Tensor sum_rows_cuda(const at::Tensor& values, const c10::optional<at::Tensor>& divisor,
                          c10::optional<at::ScalarType> dtype);
 void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output,
-                     const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor);
+                     const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor,
+                     const c10::optional<at::Tensor>& changes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mean_scale_cuda(const at::Tensor& target,
                                                                const c10::optional<at::Tensor>& weight,
                                                                int64_t ignore_index, at::ScalarType dtype,
