@@ -521,7 +521,8 @@ inline void check_mean_scale(const at::Tensor& target, const c10::optional<at::T
 }
 
 // grad_mul_used: what the forward multiplied the gradient by (0-d, accumulation dtype); predictor: the guess's
-// state, {guess, last grad_output, changes in a row} in the accumulation dtype, updated in place; changes: an int64
+// state, {guess, last grad_output, changes in a row (-1: none yet)} in the accumulation dtype, updated in place;
+// changes: an int64
 // mirror of the last (host memory where the Function reads it without waiting: pinned, or the CPU's).
 inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output,
                              const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor,
@@ -549,15 +550,15 @@ inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_outp
 // The predictor's rule (_predict.py): a grad_output seen twice in a row becomes the guess, if it is a finite
 // factor within 2^-32..2^32 (bounded so that a wrong guess's rescaling cannot overflow a gradient entry; below
 // 2^-32 of the smallest normal one may still flush before it is scaled back).  Each grad_output unlike the one
-// before counts a change (up to 2; 0 when alike, and at the first: NaN, no grad_output yet), mirrored into
+// before counts a change (up to 2; 0 when alike, and at the first: state[2] -1, none seen yet), mirrored into
 // *changes for the Function's choice of route.
 template <typename acc_t>
 C10_HOST_DEVICE inline void update_predictor(acc_t* state, acc_t g, int64_t* changes) {
   const acc_t a = g < acc_t(0) ? -g : g;
-  const bool same = g == state[1], first = state[1] != state[1];
+  const bool same = g == state[1];
   if (same && a >= acc_t(2.3283064365386963e-10) && a <= acc_t(4294967296.0)) state[0] = g;
   state[1] = g;
-  const acc_t n = same || first ? acc_t(0) : state[2] < acc_t(2) ? state[2] + acc_t(1) : acc_t(2);
+  const acc_t n = same || state[2] < acc_t(0) ? acc_t(0) : state[2] < acc_t(2) ? state[2] + acc_t(1) : acc_t(2);
   state[2] = n;
   if (changes != nullptr) *changes = static_cast<int64_t>(n);  // a store only: no read of host memory
 }

@@ -11,7 +11,7 @@ namespace softmax_ce {
 
 // Parts: launch(mode, L, o); mean_scale(target, weight, ignore_index, dtype, m) -> (d, m / d, m as read; m
 // undefined: 1); fold(L, o) (counts the mean's denominator in its own pass, or returns false having launched
-// nothing); grad_alloc (nullptr: at::empty_like); scale_grad(grad, grad_output, grad_mul_used, predictor);
+// nothing); grad_alloc (nullptr: at::empty_like); scale_grad(grad, grad_output, grad_mul_used, predictor, changes);
 // sum_rows(values, divisor, dtype).
 template <typename Parts>
 struct BackendOps {

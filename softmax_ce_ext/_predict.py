@@ -15,9 +15,9 @@ for powers of two both are exact.
 A factor that changes at every backward (a sum divided by a count of items that differs per batch) can never be
 guessed: once grad_output has changed at each of the last two backwards, the forward takes float16's route instead
 (the rows' max and sum kept, the gradient written in the backward with grad_output in its factor: three passes over
-the logits where written-then-scaled is four), and returns to the guess when a factor repeats.  The backward mirrors
-the count of changes into host memory (`changes`, pinned on CUDA), which the forward reads without waiting: it may
-be a step behind.
+the logits where written-then-scaled is four; on the CPU from 2048 classes, function._defers_pay), and returns to
+the guess when a factor repeats.  The backward mirrors the count of changes into host memory (`changes`, pinned on
+CUDA), which the forward reads without waiting: on CUDA it lags by as many steps as the host runs ahead.
 """
 
 import ctypes
@@ -32,7 +32,7 @@ class _State:
     the host's mirror of the count of changes (read through ctypes: no torch op per call)."""
 
     def __init__(self, device, dtype):
-        self.predictor = torch.tensor([1.0, float("nan"), 0.0], dtype=dtype, device=device)
+        self.predictor = torch.tensor([1.0, float("nan"), -1.0], dtype=dtype, device=device)  # -1: none seen yet
         self.guess = self.predictor[0]
         self.changes = torch.zeros(1, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._count = ctypes.c_int64.from_address(self.changes.data_ptr())

@@ -453,8 +453,8 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
                 grad = x3
             else:  # reduction='none'; probabilities; float16; a factor that keeps changing
                 grad = ops.backward(factor, x3, t, weight, stats, ctx.ignore_index, ctx.eps)
-            if ctx.record and not torch.is_grad_enabled():  # grad_output recorded (the scaling by g / g skipped)
-                ops.scale_grad_(grad, grad_out, g.reshape(()), ctx.predictor, ctx.changes)
+            if ctx.record and not torch.is_grad_enabled():  # grad_output recorded: a scaling over no elements
+                ops.scale_grad_(grad.new_empty(0), grad_out, None, ctx.predictor, ctx.changes)
             grad_input = grad if rows else grad.reshape(input.shape)
         grad_weight = None
         if prob_grads:

@@ -123,7 +123,7 @@ def test_repeated_factor_is_written_in_the_forward(device, dtype, reduction, inp
         assert_close(grad, ref, dtype, "grad", logit_scale=x.abs().max().item())
     g = torch.tensor(f, dtype=dtype).item()  # grad_output arrives in the loss's dtype
     state = _predictor(device, dtype)
-    assert state.tolist() == [g, g, 0.0]
+    assert state.tolist() == [g, g, 0.0]  # the guess, the last grad_output, no change at the last backward
     assert torch.equal(grads[2], grads[3])
     acc = state.dtype
     mul = torch.tensor(g, dtype=acc, device=device)
@@ -180,7 +180,7 @@ def test_predictor_rule(device, dtype):
     forward used, and left as it is where they are equal."""
     from softmax_ce_ext._ops import ops
 
-    state = torch.tensor([1.0, float("nan"), 0.0], dtype=dtype, device=device)
+    state = torch.tensor([1.0, float("nan"), -1.0], dtype=dtype, device=device)
     grad = torch.ones(5, dtype=dtype, device=device)
     expected_guess = [(0.3, 1.0), (0.3, 0.3), (1.0, 0.3), (-0.5, 0.3), (-0.5, -0.5), (float("inf"), -0.5),
                       (float("inf"), -0.5), (2.0**33, -0.5), (2.0**33, -0.5), (2.0**-32, -0.5), (2.0**-32, 2.0**-32)]
@@ -271,3 +271,20 @@ def test_cpu_rows_under_2048_classes_keep_the_written_gradient(monkeypatch):
         (cross_entropy(xo, t) * f).backward()
         assert spy.calls == ["mean_forward_backward", "scale_grad_"]
         assert_close(xo.grad, reference(x, t, torch.tensor(f, dtype=torch.float64))[1], torch.float32, f"factor {f}")
+
+
+def test_deferred_route_over_strided_logits_in_place(device):
+    """The deferred route in place over strided logits (a slice of a wider buffer: the gradient written in their
+    strides), then a factor of 0: the gradient is 0, as PyTorch's, not NaN from a scaling by g / g (its recording
+    of grad_output touches no gradient)."""
+    g = torch.Generator().manual_seed(7)
+    wide = (torch.randn(64, 2100, generator=g) * 2).to(device)
+    t = torch.randint(0, 2048, (64,), generator=g).to(device)
+    t[::5] = -100
+    for f in (0.3, 0.5, 0.7, 0.0):  # two changes in a row before the last step: it is deferred
+        leaf = wide.clone().requires_grad_()
+        logits = (leaf * 1)[:, :2048]
+        (cross_entropy(logits, t, inplace_backward=True) * f).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    assert (leaf.grad == 0).all()

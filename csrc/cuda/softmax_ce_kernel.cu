@@ -220,8 +220,8 @@ int64_t* mapped_status(const at::Tensor& status, int device) {
     void* device_ptr = nullptr;
     const cudaError_t err = cudaHostGetDevicePointer(&device_ptr, host_ptr, 0);
     if (err != cudaSuccess) (void)cudaGetLastError();
-    TORCH_CHECK(err == cudaSuccess, "expected a status in pinned host memory that the GPU can address (e.g. "
-                "torch.zeros(2, dtype=torch.int64, pin_memory=True)), got host memory it cannot: ",
+    TORCH_CHECK(err == cudaSuccess, "expected a status or a count of changes in pinned host memory that the GPU "
+                "can address (e.g. torch.zeros(2, dtype=torch.int64, pin_memory=True)), got host memory it cannot: ",
                 cudaGetErrorString(err));
     return device_ptr;
   }));
