@@ -83,9 +83,9 @@ if part changed; then
   # A short call after a change to the kernels or the defaults (v0.17-dev, ~150 s after the build): the tests of
   # what changed first (GPU_CHECK_TESTS, a pytest -k expression over the CORE files), then a short bench (the
   # targets' shapes beside torch, and transposed logits), then the CORE tests from the start until the timeout.
-  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or dynamic_rows or kdim_dynamic or cuda-pdl or pdl_early or factor or predictor or guessed or mean_forward_backward_op or rows_as_given or changed_after or unbatched_ignored}\")"
+  stamp "changed: the tests of what changed (-k \"${GPU_CHECK_TESTS:=huge_max or saves_max_and_sum or strided_classes or warp_rows_special_values or gradcheck or same_bits or slice_trace or dynamic_rows or kdim_dynamic or cuda-pdl or pdl_early or factor or predictor or guessed or deferred or rounds_once or mean_forward_backward_op or rows_as_given or changed_after or unbatched_ignored}\")"
   CORE="tests/test_row_layouts.py tests/test_cuda.py tests/test_edge_cases.py tests/test_errors.py tests/test_inplace.py tests/test_compile.py tests/test_autograd.py tests/test_loss_scaling.py"
-  timeout 60 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
+  timeout 90 env $XENV $PY -m pytest -q -p no:cacheprovider $XDIST --maxfail=20 -k "cuda and not cpu- and ($GPU_CHECK_TESTS)" $CORE 2>&1 \
     | tee "$OUT/tests_changed.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   { timeout 60 $PY benchmarks/bench.py --device cuda --no-progress --shapes 65536x1000 16x21x512x512 8192x128256 \
