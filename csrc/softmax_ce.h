@@ -404,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor> forward_backward_op(Launch launch, const at::
 
 // reduction='mean' with class indices, the training pass in one op: (the loss sum / d in loss_dtype, the gradient
 // times m / d, d, m as read), d the mean's denominator as mean_scale(target, weight, ignore_index, acc) gives it, m
-// the first element of grad_mul (none: 1; the Function's guess of grad_output, function.py).  fold(L, o): a
+// grad_mul's value (none: 1; the Function's guess of grad_output, function.py).  fold(L, o): a
 // backend's pass that counts d itself (setting o.loss_divisor and the finished loss), or false, having launched
 // nothing: then mean_scale_times(target, weight, ignore_index, acc, m) -> (d, m / d, m as read), and the training
 // pass as forward_backward runs it.
@@ -423,8 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mean_forward_backward
   check_grad_mul(grad_mul, acc, logits.device(), op);
   OpTensors o = training_tensors(L, logits, target, weight, ignore_index, eps, status, loss_dtype, alloc, inplace, op);
   o.grad_mul = grad_mul.value_or(at::Tensor());
-  o.grad_mul_used = at::empty({}, logits.options().dtype(acc));
-  if (!fold(L, o)) {
+  if (!fold(L, o)) {  // a fold sets grad_mul_used itself
     std::tie(o.loss_divisor, o.factor, o.grad_mul_used) = mean_scale_times(target, weight, ignore_index, acc, o.grad_mul);
     o.after_mean_scale = true;
     launch(Mode::kStatsGrad, L, o);
@@ -522,8 +521,8 @@ inline void check_mean_scale(const at::Tensor& target, const c10::optional<at::T
 
 // grad_mul_used: what the forward multiplied the gradient by (0-d, accumulation dtype); predictor: the guess's
 // state, {guess, last grad_output, changes in a row (-1: none yet)} in the accumulation dtype, updated in place;
-// changes: an int64
-// mirror of the last (host memory where the Function reads it without waiting: pinned, or the CPU's).
+// changes: an int64 mirror of the last (host memory where the Function reads it without waiting: pinned, or the
+// CPU's).
 inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output,
                              const c10::optional<at::Tensor>& grad_mul_used, const c10::optional<at::Tensor>& predictor,
                              const c10::optional<at::Tensor>& changes) {

@@ -326,8 +326,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         grad = None
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
         # The gradient written times the guess of grad_output (_predict.py), and the guess as read; None: 1.  A
-        # factor that changes at every backward: the gradient in the backward instead (`recorder`: it records
-        # grad_output there).
+        # factor that changes at every backward: the gradient in the backward instead, which records grad_output.
         predictor = grad_mul = guess = state = None
         if fused and (reduction == "sum" or not p.prob):
             state = _predict.state_for(input.device, p.acc)

@@ -421,8 +421,8 @@ void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output,
     const acc_t r = g / used;
     const SimdKernels* k = current_isa().load();
     const auto dt = grad.scalar_type();
-    if (std::is_same_v<acc_t, float> && k != nullptr && k->scale != nullptr && grad.is_non_overlapping_and_dense() &&
-        (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {
+    if (k != nullptr && k->scale != nullptr && grad.is_non_overlapping_and_dense() &&
+        (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf)) {  // float accumulation
       // a dense block of numel elements from data_ptr, whatever the strides' order
       const SimdDtype sd = dt == at::kFloat ? SimdDtype::kFloat : dt == at::kBFloat16 ? SimdDtype::kBFloat16
                                                                                       : SimdDtype::kHalf;

@@ -481,7 +481,7 @@ bool launch_folded_columns(const RowLayout& L, OpTensors& o, const CudaTuning& t
     if (o.status.defined() && o.status.is_cpu()) o.status_ptr = mapped_status(o.status, device);
     rows::Args<T> a{o.logits.data_ptr<T>(), o.grad.data_ptr<T>(), L, row_params<T, float, T>(o, false), nullptr,
                     nullptr, nullptr, Factor<float>{nullptr, 0, 0}, partials.data_ptr<float>()};
-    if (!o.grad_mul_used.defined()) o.grad_mul_used = at::empty({}, o.logits.options().dtype(at::kFloat));
+    o.grad_mul_used = at::empty({}, o.logits.options().dtype(at::kFloat));  // m as this kernel reads it
     columns::MeanFold fold{counts.data_ptr<int>(), denom.data_ptr<float>(),
                            o.grad_mul.defined() ? o.grad_mul.data_ptr<float>() : nullptr,
                            o.grad_mul_used.data_ptr<float>()};
