@@ -374,6 +374,7 @@ F64_ROWS = [
     (33, 1, "one class: a row shorter than a vector"),
     (33, 7, "a vector's tail only (8 or 4 lanes)"),
     (9, 1003, "whole vectors and a tail of 3"),
+    (69, 5, "k-dim-wide: two blocks of 32 positions (f64_col_*) and one of 5"),
 ]
 
 
@@ -382,14 +383,18 @@ F64_LAYOUTS = {
     "rows": (lambda x: x, "classes contiguous: swept where they lie"),
     "k-dim": (lambda x: x.view(-1, 3, x.shape[1]).permute(0, 2, 1).contiguous(),
               "(N/3, C, 3): each row's classes copied out of their stride, the gradient copied back"),
-    "transposed": (lambda x: x.t().contiguous().t(), "column-major rows: copied likewise"),
+    "k-dim-wide": (lambda x: x.t().unsqueeze(0).contiguous(),
+                   "(1, C, N): positions contiguous, swept 32 at a time a class at a time (f64_col_*)"),
+    "transposed": (lambda x: x.t().contiguous().t(), "column-major rows: one item of N positions, as k-dim-wide"),
 }
 
 
 @pytest.mark.parametrize("size", F64_ROWS, ids=[f"{n}x{c}" for n, c, _ in F64_ROWS])
 @pytest.mark.parametrize("kw", [dict(reduction="mean"), dict(reduction="none", weighted=True, label_smoothing=0.2),
-                                dict(reduction="sum", probabilities=True)], ids=["mean", "none-weighted-smoothed",
-                                                                                   "sum-probabilities"])
+                                dict(reduction="sum", probabilities=True), dict(reduction="none", probabilities=True),
+                                dict(reduction="mean", label_smoothing=0.1, ignored=True)],
+                         ids=["mean", "none-weighted-smoothed", "sum-probabilities", "none-probabilities",
+                              "mean-smoothed-ignored"])
 @pytest.mark.parametrize("layout", list(F64_LAYOUTS))
 def test_float64_rows_match_torch(kernel_path, size, kw, layout):
     """float64 rows against PyTorch's float64, entry by entry to 1e-13 relative or 4e-16 absolute (p_t - 1 and a
@@ -406,9 +411,12 @@ def test_float64_rows_match_torch(kernel_path, size, kw, layout):
         t = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), 1)
     else:
         t = torch.randint(0, c, (n,), generator=g)
+    if kw.pop("ignored", False):
+        t[::4] = -100  # the first position of each block among them
     lay = F64_LAYOUTS[layout][0]
     x = lay(x)
-    t = lay(t) if t.dim() == 2 else t.view(-1, 3) if layout == "k-dim" else t
+    t = lay(t) if t.dim() == 2 else t.view(-1, 3) if layout == "k-dim" else t.unsqueeze(0) if layout == "k-dim-wide" \
+        else t
     if kw.pop("weighted", False):
         kw["weight"] = torch.rand(c, generator=g, dtype=torch.float64) + 0.2
     grad_out = torch.rand(n, generator=g, dtype=torch.float64).view(x.shape[:1] + x.shape[2:]) + 0.5 \
@@ -422,3 +430,16 @@ def test_float64_rows_match_torch(kernel_path, size, kw, layout):
         grads.append(xo.grad)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-13, atol=4e-16, equal_nan=True)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-13, atol=4e-16, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_float64_positions_out_of_range_target(kernel_path, reduction, grad):
+    """float64 K-dim (the column blocks of 32 positions): a target outside [0, C) in the second block raises
+    PyTorch's IndexError, as the rows' kernels do; the ignored ones beside it do not."""
+    x = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=grad)
+    t = torch.randint(0, 5, (2, 40))
+    t[1, 30:34] = -100
+    t[1, 35] = 5
+    with pytest.raises(IndexError, match=r"Target 5 is out of bounds\."):
+        cross_entropy(x, t, reduction=reduction)

@@ -61,6 +61,105 @@ std::atomic<const SimdKernels*>& current_isa() {
   return isa;
 }
 
+// float64 logits whose positions are contiguous and classes strided (K-dim; or (N, C) with the batch contiguous,
+// read as one item of N positions): blocks of kF64Block positions swept a class at a time by the instruction
+// set's f64_col_* (one lane per position), the rest per position as ce_rows does it.  false: not this layout.
+template <typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
+bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
+                 const RowParams<double, acc_t, target_t>& P, acc_t* loss_out, StatsPtrs<acc_t> stats, double* grad,
+                 Factor<acc_t> factor, std::atomic<bool>& bad) {
+  static_assert(std::is_same_v<acc_t, double>);
+  if (k == nullptr || k->f64_col_max == nullptr || L_in.C == 0) return false;
+  if (L_in.x_sC == 1 && (!kGrad || L_in.g_sC == 1)) return false;  // rows of contiguous classes: ce_rows's sweeps
+  RowLayout L = L_in;
+  if (L.S == 1 && L.x_sB == 1 && (!kGrad || L.g_sB == 1)) {  // (N, C, 1) as (1, C, N): row r stays row r
+    L.S = L.B, L.B = 1;
+    L.x_sS = L.x_sB, L.t_sS = L.t_sB, L.g_sS = L.g_sB;
+    factor.sS = factor.sB;
+    L.x_sB = L.t_sB = L.g_sB = factor.sB = 0;
+  }
+  if (L.S == 1 || L.x_sS != 1 || (kGrad && L.g_sS != 1)) return false;
+  const int64_t C = L.C, S = L.S, per_b = (S + kF64Block - 1) / kF64Block;
+  const acc_t W = P.weight ? *P.weight_sum : acc_t(C);
+  const bool spread = kProb || P.eps != acc_t(0);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  at::parallel_for(0, L.B * per_b, std::max<int64_t>(1, 32768 / (C * kF64Block)), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / per_b, s0 = (item - b * per_b) * kF64Block, r0 = b * S + s0;
+      const int n = static_cast<int>(std::min<int64_t>(kF64Block, S - s0));
+      const double* xb = x + b * L.x_sB + s0;
+      double* gb = kGrad ? grad + b * L.g_sB + s0 : nullptr;
+      int64_t t[kF64Block];
+      bool ok[kF64Block];  // a target in [0, C) (or probabilities); else `fill`: 0 ignored, NaN out of range
+      acc_t fill[kF64Block], w_t[kF64Block], x_t[kF64Block], m[kF64Block], q[kF64Block], A[kF64Block];
+      for (int i = 0; i < n; ++i) {
+        t[i] = kProb ? 0 : P.index[b * L.t_sB + (s0 + i) * L.t_sS];
+        const bool ignored = !kProb && t[i] == P.ignore_index;
+        const bool outside = !kProb && !ignored && target_out_of_range(t[i], C);
+        if (outside) bad.store(true, std::memory_order_relaxed);
+        ok[i] = !ignored && !outside;
+        fill[i] = ignored ? acc_t(0) : nan;
+        if (!ok[i]) t[i] = -1;
+        w_t[i] = !kProb && t[i] >= 0 && P.weight ? P.weight[t[i]] : acc_t(1);
+        x_t[i] = !kProb && t[i] >= 0 ? xb[t[i] * L.x_sC + i] : acc_t(0);  // before a gradient over the logits
+      }
+      auto coef = [&](int i, int64_t c) {  // class c's share at position i
+        const target_t* yr = kProb ? P.prob + b * L.t_sB + (s0 + i) * L.t_sS : nullptr;
+        return class_coef<kProb>(P, yr, L.t_sC, c, C);
+      };
+      for (int i = 0; i < n; ++i) A[i] = 0;
+      if (kStats) {
+        k->f64_col_max(xb, L.x_sC, C, n, m);
+        k->f64_col_sum_exp(xb, L.x_sC, C, n, m, q);
+        for (int i = 0; i < n; ++i) {
+          RowStats<acc_t> st{m[i], q[i], 0, 0};
+          if (spread) {
+            double A_sum = 0, D_sum = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t a = coef(i, c);
+              A_sum += a;
+              D_sum += a * (st.m - xb[c * L.x_sC + i]);
+            }
+            st.A = A[i] = A_sum, st.D = D_sum;
+          }
+          const int64_t r = r0 + i;
+          loss_out[r] = ok[i] ? row_loss<kProb>(st, std::log(st.s), x_t[i], w_t[i], P.eps, C) : fill[i];
+          if (!kGrad) stats.max[r] = ok[i] ? st.m : fill[i], stats.sum[r] = ok[i] ? st.s : fill[i];
+        }
+      } else {
+        for (int i = 0; i < n; ++i) {
+          m[i] = stats.max[r0 + i], q[i] = stats.sum[r0 + i];
+          if (kProb) {
+            double A_sum = 0;
+            for (int64_t c = 0; c < C; ++c) A_sum += coef(i, c);
+            A[i] = A_sum;
+          }
+        }
+      }
+      if (kGrad) {
+        RowGrad<acc_t> g[kF64Block];
+        acc_t p_mul[kF64Block];
+        for (int i = 0; i < n; ++i) {
+          const acc_t f = factor.at(b, s0 + i);
+          g[i] = kProb ? RowGrad<acc_t>::prob(f, A[i]) : RowGrad<acc_t>::index(f, w_t[i], W, P.eps, C);
+          p_mul[i] = g[i].p_mul /= q[i];
+        }
+        k->f64_col_exp_scale(xb, L.x_sC, gb, L.g_sC, C, n, m, p_mul);
+        for (int i = 0; i < n; ++i) {  // g.at's operations in its order: p * p_mul, then - a_c * c_mul, then - t_sub
+          if (!ok[i]) {
+            for (int64_t c = 0; c < C; ++c) gb[c * L.g_sC + i] = fill[i];
+            continue;
+          }
+          if (spread)
+            for (int64_t c = 0; c < C; ++c) gb[c * L.g_sC + i] -= coef(i, c) * g[i].c_mul;
+          if (!kProb) gb[t[i] * L.g_sC + i] -= g[i].t_sub;
+        }
+      }
+    }
+  });
+  return true;
+}
+
 // kStats: compute the statistics and the loss from the logits (the stats written without kGrad); otherwise read
 // the stats.  kGrad: write the gradient.  kProb: probability targets (B, C, S); otherwise class indices (B, S).
 template <typename scalar_t, typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
@@ -75,6 +174,9 @@ void ce_rows(const scalar_t* x, const RowLayout& L, const RowParams<scalar_t, ac
   // gradient likewise written in place or copied out.
   const SimdKernels* f64 = std::is_same_v<scalar_t, double> ? current_isa().load() : nullptr;
   if (f64 != nullptr && f64->f64_max == nullptr) f64 = nullptr;
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    if (f64_columns<acc_t, target_t, kStats, kGrad, kProb>(f64, x, L, P, loss_out, stats, grad, factor, bad)) return;
+  }
   const bool x_copied = f64 != nullptr && L.x_sC != 1, g_copied = f64 != nullptr && kGrad && L.g_sC != 1;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, L.rows(), grain, [&](int64_t begin, int64_t end) {

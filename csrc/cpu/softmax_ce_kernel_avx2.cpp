@@ -3,7 +3,8 @@
 // Not an x86 CPU: nothing to build; the dispatcher never picks this.
 #include "softmax_ce_simd_args.h"
 namespace softmax_ce {
-const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                               nullptr, nullptr, nullptr};
 }  // namespace softmax_ce
 #else
 
@@ -19,7 +20,8 @@ const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr, nullptr, nullp
 
 namespace softmax_ce {
 const SimdKernels kSimdAvx2{"avx2", 8, rows_entry, columns_entry, small_rows_entry,
-                                f64_max, f64_sum_exp, f64_exp_scale, scale_entry};
+                                f64_max, f64_sum_exp, f64_exp_scale, scale_entry,
+                                f64_col_max, f64_col_sum_exp, f64_col_exp_scale};
 }  // namespace softmax_ce
 
 #if defined(__clang__)

@@ -39,7 +39,8 @@ struct SimdArgs {
 // small_rows(a, begin, end): blocks of `width` rows, rows k * width .., of at most small_row_classes() contiguous
 // classes each, one position per row (S == 1); class indices only.
 // f64_*: the portable kernel's sweeps over a float64 row of C contiguous classes (softmax_ce_simd_f64.h): its max,
-// its sum of e^(x - m), and e^(x_c - base) * mul written to a contiguous row g.
+// its sum of e^(x - m), and e^(x_c - base) * mul written to a contiguous row g; f64_col_*: the same over a block
+// of contiguous positions.
 struct SimdKernels {
   const char* name;
   int width;
@@ -50,6 +51,12 @@ struct SimdKernels {
   double (*f64_sum_exp)(const double* x, int64_t C, double m);
   void (*f64_exp_scale)(const double* x, double* g, int64_t C, double base, double mul);
   void (*scale)(SimdDtype dtype, void* g, int64_t n, float r);  // g[i] *= r, n contiguous elements, in place
+  // f64_max's, f64_sum_exp's and f64_exp_scale's work over n <= kF64Block contiguous positions at once, their
+  // classes at stride sC (K-dim float64; g's at g_sC).
+  void (*f64_col_max)(const double* x, int64_t sC, int64_t C, int n, double* m);
+  void (*f64_col_sum_exp)(const double* x, int64_t sC, int64_t C, int n, const double* m, double* s);
+  void (*f64_col_exp_scale)(const double* x, int64_t sC, double* g, int64_t g_sC, int64_t C, int n,
+                            const double* base, const double* mul);
 };
 // The limits by element size, measured (2026-11-27, 16384 rows, 1 thread, W x W tiles transposed in registers)
 // against one row at a time; again once both kept their exponentials (same day): float forward 1.3-1.6x and
@@ -57,6 +64,9 @@ struct SimdKernels {
 // 112-128 forward 1.14-1.4x, fwd+bwd 1.08-1.22x (both slower in fwd+bwd from 160 before).
 constexpr int64_t kSmallRowClasses = 128;  // the larger of the two: the blocks' buffers
 inline int64_t small_row_classes(int elem_bytes) { return elem_bytes == 4 ? 96 : kSmallRowClasses; }
+
+// Positions per float64 column block (f64_col_*): 32 doubles, a 256-byte line of each class, 4 or 8 vectors.
+constexpr int kF64Block = 32;
 
 // Data, not functions: looking them up runs no code built for an instruction set the CPU may lack.
 extern const SimdKernels kSimdAvx2;    // AVX2 + FMA + F16C, 8 lanes
