@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import softmax_ce_ext  # noqa: E402
+from softmax_ce_ext import tuning  # noqa: E402
 from providers import PROVIDERS  # noqa: E402
 
 PRESETS = {
@@ -337,12 +338,20 @@ def measure_in_scope(provider, case, mode, opts, reps, budget_ms):
     return ms, peak, loss_err, grad_err, (None if syncs else issue_ms)
 
 
+def settings_line(settings):
+    """The CUDA settings `ours` runs under where they are not the built-in defaults (the SOFTMAX_CE_* environment
+    sets them: a lever timed as the default before it becomes one), so that a record says what it measured."""
+    changed = [f"{k}={v}" for k, v in settings.items() if v != tuning.BUILT_IN.get(k)]
+    return "CUDA settings: " + (", ".join(changed) + " (the rest built in)" if changed else "built in")
+
+
 def header_lines(device, bw):
     info = softmax_ce_ext.build_info()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({cpu_name()})"
     build = "CUDA, archs " + info["archs"] if info["backend"] == "cuda" else "CPU-only"
+    settings = f"; {settings_line(tuning.get())}" if device == "cuda" else ""
     return [
-        f"softmax_ce_ext {softmax_ce_ext.__version__} ({build}); torch {torch.__version__}",
+        f"softmax_ce_ext {softmax_ce_ext.__version__} ({build}); torch {torch.__version__}{settings}",
         f"device: {name}; threads: {torch.get_num_threads()}; copy bandwidth {bw:.1f} GB/s (read + write, this run)",
         "floor: fwd = N*C*E bytes (1 pass); fwd+bwd = 2*N*C*E (2 passes); none+bwd = 3*N*C*E (3 passes); "
         "scaled+bwd (fwd+bwd, the loss's gradient 0.5) = 2*N*C*E; probability targets: one pass more; "
@@ -463,6 +472,8 @@ def write_outputs(args, rows, header, bw, device):
                 device=device, device_name=header[1], threads=torch.get_num_threads(), copy_gbps=bw,
                 date=time.strftime("%Y-%m-%d"), targets=args.targets, layout=args.layout,
                 floor="fwd 1 pass, fwd+bwd 2, none+bwd 3 passes of N*C*E bytes (+1 for probability targets)")
+    if device == "cuda":
+        meta["cuda_settings"] = tuning.get()
     if args.json:
         args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     if args.csv:

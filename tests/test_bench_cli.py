@@ -336,3 +336,16 @@ def test_slice_trace_summarizes_stamps():
     two = buf.clone()
     two[1, 3], two[1, 5] = 5_000 + 250_000, 5_000 + 500_000  # CTA 1 starts late and ends half-way
     assert summarize(two.flatten(), ctas, rows)["spread"] == pytest.approx(0.5)
+
+
+def test_settings_line_names_what_is_not_built_in(monkeypatch):
+    """A CUDA record says which settings `ours` ran under where the environment changed them (a lever timed as the
+    default before it becomes one)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import bench as bench_module
+
+    from softmax_ce_ext import tuning
+
+    assert bench_module.settings_line(dict(tuning.BUILT_IN)) == "CUDA settings: built in"
+    line = bench_module.settings_line({**tuning.BUILT_IN, "pdl": True, "dynamic_rows": True})
+    assert line == "CUDA settings: dynamic_rows=True, pdl=True (the rest built in)"
