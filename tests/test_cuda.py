@@ -284,19 +284,24 @@ def test_pdl_early_reads_change_no_bit(case, variant):
     w = torch.rand(C, generator=g).cuda() if variant == "weighted" else None
 
     def step():
+        x.detach().mul_(1)  # a kernel writing the logits just before the call: the early reads must wait for none
         xi = x.detach().clone().requires_grad_() if variant == "inplace" else x.detach().requires_grad_()
         loss = cross_entropy(xi * 1 if variant == "inplace" else xi, t, weight=w, inplace_backward=variant == "inplace")
         (grad,) = torch.autograd.grad(loss, xi)
         return loss, grad
 
     results = []
-    for pdl in (False, True):
+    for pdl in (False, True, True, True):  # repeated: a race would show now and then
         with tuning.using(**{**tuning.BUILT_IN, "pdl": pdl}):
-            out, kernels = kernels_of("warp_rows_kernel<", step)
-        assert kernels, "expected the warp rows kernel"
-        results.append(out)
-    assert torch.isfinite(results[0][0]) and torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+            results.append(step())  # outside the profiler, whose tracing may space the launches apart
+    with tuning.using(**{**tuning.BUILT_IN, "pdl": True}):
+        _, kernels = kernels_of("warp_rows_kernel<", step)
+    # Args::early applies to the training pass without smoothing or kept exponentials: <T, VPT, true, true, false,
+    # kRing, false[, kG]>
+    assert any(k[2:5] == ("true", "true", "false") and k[6] == "false" for k in kernels), kernels
+    assert torch.isfinite(results[0][0])
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
     assert (results[1][1][t.cpu() == -100] == 0).all()
 
 

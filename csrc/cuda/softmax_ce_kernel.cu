@@ -104,7 +104,7 @@ __device__ __forceinline__ void mean_scale_add(sum_t& acc, int64_t c, const w_t*
 template <typename sum_t, typename w_t>
 __global__ void mean_scale_partial_kernel(const int64_t* t, int64_t S, int64_t sB, int64_t sS, int64_t n,
                                           const w_t* w, int64_t C, int64_t ignore_index, sum_t* partial) {
-  chunks::pdl_start();
+  chunks::pdl_start();  // wait, then trigger: the finish's early trigger and the rows' early reads rely on this order
   sum_t acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
