@@ -27,8 +27,9 @@ int sm_count(int device);
 // plain launch's, whatever the kernel before it is, and then lets the kernel after it launch at once.  Two work
 // before waiting, where the kernel before is known: mean_scale's finish lets the next launch first (it writes only
 // its own outputs), and the mean's training pass in warp rows then reads its first rows (rows::Args::early).
+bool pdl_code(int device);  // the build's kernels for `device` come from sm_90+ code (their waits exist)
 inline bool pdl_launches(const CudaTuning& tune, int device) {
-  return tune.pdl && device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9;
+  return tune.pdl && device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9 && pdl_code(device);
 }
 inline bool pdl_launches(int device) { return pdl_launches(cuda_tuning(), device); }
 #ifdef __CUDACC__
