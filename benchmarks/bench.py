@@ -339,7 +339,7 @@ def measure_in_scope(provider, case, mode, opts, reps, budget_ms):
 
 
 def settings_line(settings):
-    """The CUDA settings `ours` runs under where they are not the built-in defaults (the SOFTMAX_CE_* environment
+    """The CUDA settings `ours` runs under where they are not the built-in defaults (the SOFTMAX_CE_CUDA_* environment
     sets them: a lever timed as the default before it becomes one), so that a record says what it measured."""
     changed = [f"{k}={v}" for k, v in settings.items() if v != tuning.BUILT_IN.get(k)]
     return "CUDA settings: " + (", ".join(changed) + " (the rest built in)" if changed else "built in")
