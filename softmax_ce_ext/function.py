@@ -42,7 +42,7 @@ class _Prepared:
             raise NotImplementedError(f"cross_entropy: expected floating-point logits, got {dtype}")
         if label_smoothing > 1.0:
             raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-        device = input.device
+        self.device = device = input.device  # one device object per call (each .device read makes one)
         if target.device != device:
             raise RuntimeError(f"cross_entropy: target is on {target.device} but input is on {device}")
         shape = input.shape
@@ -91,7 +91,7 @@ class _Prepared:
         self.positions = batch * spatial
         # What PyTorch divides a mean of probabilities by (numel / C): no classes give 0, so the mean is NaN.
         self.prob_count = self.positions if classes else 0
-        self.out_dtype = loss_dtype(input, target, prob, weight)
+        self.out_dtype = loss_dtype(input, target, prob, weight, device)
         # PyTorch's CUDA kernel for one (C,) row gives a mean of 0 where its target is ignored (its CPU one 0/0 = NaN)
         self.ignored_mean_is_0 = dim == 1 and not prob and self.eps == 0 and device.type == "cuda"
 
@@ -185,14 +185,14 @@ def _scalar_type_name(dtype):
     return _SCALAR_TYPE_NAMES.get(dtype) or str(dtype)[6:].capitalize()
 
 
-def loss_dtype(input, target, prob, weight=None):
+def loss_dtype(input, target, prob, weight=None, device=None):
     """The loss's dtype: the logits' (promoted with probability targets' and the weight's, as PyTorch's product of
     the three is), float32 for half logits under autocast (autocast runs cross_entropy in float32; ours
     accumulates in it anyway)."""
     out = torch.promote_types(input.dtype, target.dtype) if prob else input.dtype
     if prob and weight is not None:
         out = torch.promote_types(out, weight.dtype)
-    if out in _HALF and torch.is_autocast_enabled(input.device.type):
+    if out in _HALF and torch.is_autocast_enabled((device or input.device).type):
         out = torch.float32
     return out
 
@@ -242,7 +242,7 @@ def _loss_only(p, status):
 
 def loss_without_grad(p):
     """The loss of a _Prepared `p` outside autograd (nothing requires a gradient): no Function, nothing saved."""
-    device = p.logits.device
+    device = p.device
     total, denom = _loss_only(p, _status.buffer_for(device))
     _status.launched(device)
     total = p.finish(total, denom)
@@ -322,15 +322,16 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         inplace = bool(inplace_backward) and want_input_grad  # without a gradient the logits are left alone
         if inplace:
             p.logits = _inplace_view(input, p.logits, p.x3_shape, want_composite)
-        status = _status.buffer_for(input.device)
+        device = p.device
+        status = _status.buffer_for(device)
         grad = None
         fused = want_input_grad and reduction != "none" and _fuses_gradient(input.dtype)
         # The gradient written times the guess of grad_output (_predict.py), and the guess as read; None: 1.  A
         # factor that changes at every backward: the gradient in the backward instead, which records grad_output.
         predictor = grad_mul = guess = state = None
         if fused and (reduction == "sum" or not p.prob):
-            state = _predict.state_for(input.device, p.acc)
-            if state is not None and state.varying() and _defers_pay(input.device, p.x3_shape[1]):
+            state = _predict.state_for(device, p.acc)
+            if state is not None and state.varying() and _defers_pay(device, p.x3_shape[1]):
                 fused = False
             elif state is not None:
                 predictor, guess = state.predictor, state.guess
@@ -367,7 +368,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         else:
             stats = None
             total, denom = _loss_only(p, status)
-        _status.launched(input.device)
+        _status.launched(device)
 
         total = p.finish(total, denom)
         # Traced, the output must not alias an intermediate (a no-op .to, the 'none' rows' view): torch 2.11's
