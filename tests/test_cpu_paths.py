@@ -380,12 +380,15 @@ F64_ROWS = [
 
 # (name, the (N, C) rows laid out as the kernels meet them, why)
 F64_LAYOUTS = {
-    "rows": (lambda x: x, "classes contiguous: swept where they lie"),
+    "rows": (lambda x: x, "classes contiguous: up to 32 gathered 32 rows at a time, longer rows swept where they lie"),
     "k-dim": (lambda x: x.view(-1, 3, x.shape[1]).permute(0, 2, 1).contiguous(),
-              "(N/3, C, 3): each row's classes copied out of their stride, the gradient copied back"),
+              "(N/3, C, 3): positions contiguous, classes strided: blocks of 3 positions a class at a time"),
     "k-dim-wide": (lambda x: x.t().unsqueeze(0).contiguous(),
                    "(1, C, N): positions contiguous, swept 32 at a time a class at a time (f64_col_*)"),
     "transposed": (lambda x: x.t().contiguous().t(), "column-major rows: one item of N positions, as k-dim-wide"),
+    "channels-last": (lambda x: x.view(-1, 3, x.shape[1]).permute(0, 2, 1).unsqueeze(-1)
+                      .contiguous(memory_format=torch.channels_last),
+                      "(N/3, C, 3, 1) channels-last: rows of contiguous classes at a stride, gathered 32 at a time"),
 }
 
 
@@ -415,8 +418,12 @@ def test_float64_rows_match_torch(kernel_path, size, kw, layout):
         t[::4] = -100  # the first position of each block among them
     lay = F64_LAYOUTS[layout][0]
     x = lay(x)
-    t = lay(t) if t.dim() == 2 else t.view(-1, 3) if layout == "k-dim" else t.unsqueeze(0) if layout == "k-dim-wide" \
-        else t
+    if t.dim() == 2:  # probabilities: laid out as the logits
+        t = lay(t)
+    elif layout in ("k-dim", "channels-last"):
+        t = t.view(-1, 3, *([1] if layout == "channels-last" else []))
+    elif layout == "k-dim-wide":
+        t = t.unsqueeze(0)
     if kw.pop("weighted", False):
         kw["weight"] = torch.rand(c, generator=g, dtype=torch.float64) + 0.2
     grad_out = torch.rand(n, generator=g, dtype=torch.float64).view(x.shape[:1] + x.shape[2:]) + 0.5 \

@@ -61,39 +61,72 @@ std::atomic<const SimdKernels*>& current_isa() {
   return isa;
 }
 
-// float64 logits whose positions are contiguous and classes strided (K-dim; or (N, C) with the batch contiguous,
-// read as one item of N positions): blocks of kF64Block positions swept a class at a time by the instruction
-// set's f64_col_* (one lane per position), the rest per position as ce_rows does it.  false: not this layout.
+// float64 logits in blocks of kF64Block rows swept a class at a time by the instruction set's f64_col_* (one lane
+// per row), the rest per row as ce_rows does it:
+// - rows whose positions are contiguous and classes strided (K-dim; (N, C) with the batch contiguous, read as one
+//   item of N positions), as they lie;
+// - rows of at most kF64Gathered contiguous classes (channels-last K-dim, (N, C) of few classes), copied class-major
+//   into a block buffer, their gradient copied back: the row sweeps' vectors were mostly tail there.
+// false: neither layout (ce_rows takes it).
+// Measured (2 threads, 2026-11-28, 32768 rows, against the row sweeps): forward 2.3x faster at 12 classes, 1.25x at
+// 24, even at 32, 1.1x at 40; fwd+bwd 1.9x at 5, 1.2-1.5x at 21 and 28, even at 16 and 32, 0.9x at 24 (whole
+// vectors for the row sweeps), 0.8x at 40-64.
+constexpr int64_t kF64Gathered = 32;
+
 template <typename acc_t, typename target_t, bool kStats, bool kGrad, bool kProb>
 bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
                  const RowParams<double, acc_t, target_t>& P, acc_t* loss_out, StatsPtrs<acc_t> stats, double* grad,
                  Factor<acc_t> factor, std::atomic<bool>& bad) {
   static_assert(std::is_same_v<acc_t, double>);
   if (k == nullptr || k->f64_col_max == nullptr || L_in.C == 0) return false;
-  if (L_in.x_sC == 1 && (!kGrad || L_in.g_sC == 1)) return false;  // rows of contiguous classes: ce_rows's sweeps
+  const bool gathered = L_in.x_sC == 1 && (!kGrad || L_in.g_sC == 1);
+  if (gathered && L_in.C > kF64Gathered) return false;  // long rows: ce_rows's row sweeps
   RowLayout L = L_in;
-  if (L.S == 1 && L.x_sB == 1 && (!kGrad || L.g_sB == 1)) {  // (N, C, 1) as (1, C, N): row r stays row r
+  if (!gathered && L.S == 1 && L.x_sB == 1 && (!kGrad || L.g_sB == 1)) {  // (N, C, 1) as (1, C, N): row r stays r
     L.S = L.B, L.B = 1;
     L.x_sS = L.x_sB, L.t_sS = L.t_sB, L.g_sS = L.g_sB;
     factor.sS = factor.sB;
     L.x_sB = L.t_sB = L.g_sB = factor.sB = 0;
   }
-  if (L.S == 1 || L.x_sS != 1 || (kGrad && L.g_sS != 1)) return false;
-  const int64_t C = L.C, S = L.S, per_b = (S + kF64Block - 1) / kF64Block;
+  if (!gathered && (L.S == 1 || L.x_sS != 1 || (kGrad && L.g_sS != 1))) return false;
+  const int64_t C = L.C, S = L.S, R = L.B * S;
+  // Items: gathered, blocks of consecutive rows (across batch items); else blocks of positions within one item.
+  const int64_t per_b = (S + kF64Block - 1) / kF64Block;
+  const int64_t items = gathered ? (R + kF64Block - 1) / kF64Block : L.B * per_b;
   const acc_t W = P.weight ? *P.weight_sum : acc_t(C);
   const bool spread = kProb || P.eps != acc_t(0);
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  at::parallel_for(0, L.B * per_b, std::max<int64_t>(1, 32768 / (C * kF64Block)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, std::max<int64_t>(1, 32768 / (C * kF64Block)), [&](int64_t begin, int64_t end) {
+    std::vector<double> x_buf(gathered ? C * kF64Block : 0), g_buf(gathered && kGrad ? C * kF64Block : 0);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / per_b, s0 = (item - b * per_b) * kF64Block, r0 = b * S + s0;
-      const int n = static_cast<int>(std::min<int64_t>(kF64Block, S - s0));
-      const double* xb = x + b * L.x_sB + s0;
-      double* gb = kGrad ? grad + b * L.g_sB + s0 : nullptr;
+      int64_t r0, bi[kF64Block], si[kF64Block];  // the block's first row; each lane's row (b, s)
+      int n;
+      const double* xb;  // lane i, class c at xb[c * xs + i]; its gradient at gb[c * gs + i]
+      double* gb = nullptr;
+      int64_t xs, gs = 0;
+      if (gathered) {
+        r0 = item * kF64Block;
+        n = static_cast<int>(std::min<int64_t>(kF64Block, R - r0));
+        for (int i = 0; i < n; ++i) {
+          bi[i] = (r0 + i) / S, si[i] = r0 + i - bi[i] * S;
+          const double* xr = x + bi[i] * L.x_sB + si[i] * L.x_sS;
+          for (int64_t c = 0; c < C; ++c) x_buf[c * kF64Block + i] = xr[c];
+        }
+        xb = x_buf.data(), xs = kF64Block;
+        if (kGrad) gb = g_buf.data(), gs = kF64Block;
+      } else {
+        const int64_t b = item / per_b, s0 = (item - b * per_b) * kF64Block;
+        r0 = b * S + s0;
+        n = static_cast<int>(std::min<int64_t>(kF64Block, S - s0));
+        for (int i = 0; i < n; ++i) bi[i] = b, si[i] = s0 + i;
+        xb = x + b * L.x_sB + s0, xs = L.x_sC;
+        if (kGrad) gb = grad + b * L.g_sB + s0, gs = L.g_sC;
+      }
       int64_t t[kF64Block];
       bool ok[kF64Block];  // a target in [0, C) (or probabilities); else `fill`: 0 ignored, NaN out of range
       acc_t fill[kF64Block], w_t[kF64Block], x_t[kF64Block], m[kF64Block], q[kF64Block], A[kF64Block];
       for (int i = 0; i < n; ++i) {
-        t[i] = kProb ? 0 : P.index[b * L.t_sB + (s0 + i) * L.t_sS];
+        t[i] = kProb ? 0 : P.index[bi[i] * L.t_sB + si[i] * L.t_sS];
         const bool ignored = !kProb && t[i] == P.ignore_index;
         const bool outside = !kProb && !ignored && target_out_of_range(t[i], C);
         if (outside) bad.store(true, std::memory_order_relaxed);
@@ -101,16 +134,16 @@ bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
         fill[i] = ignored ? acc_t(0) : nan;
         if (!ok[i]) t[i] = -1;
         w_t[i] = !kProb && t[i] >= 0 && P.weight ? P.weight[t[i]] : acc_t(1);
-        x_t[i] = !kProb && t[i] >= 0 ? xb[t[i] * L.x_sC + i] : acc_t(0);  // before a gradient over the logits
+        x_t[i] = !kProb && t[i] >= 0 ? xb[t[i] * xs + i] : acc_t(0);  // before a gradient over the logits
       }
-      auto coef = [&](int i, int64_t c) {  // class c's share at position i
-        const target_t* yr = kProb ? P.prob + b * L.t_sB + (s0 + i) * L.t_sS : nullptr;
+      auto coef = [&](int i, int64_t c) {  // class c's share in lane i's row
+        const target_t* yr = kProb ? P.prob + bi[i] * L.t_sB + si[i] * L.t_sS : nullptr;
         return class_coef<kProb>(P, yr, L.t_sC, c, C);
       };
       for (int i = 0; i < n; ++i) A[i] = 0;
       if (kStats) {
-        k->f64_col_max(xb, L.x_sC, C, n, m);
-        k->f64_col_sum_exp(xb, L.x_sC, C, n, m, q);
+        k->f64_col_max(xb, xs, C, n, m);
+        k->f64_col_sum_exp(xb, xs, C, n, m, q);
         for (int i = 0; i < n; ++i) {
           RowStats<acc_t> st{m[i], q[i], 0, 0};
           if (spread) {
@@ -118,7 +151,7 @@ bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
             for (int64_t c = 0; c < C; ++c) {
               const acc_t a = coef(i, c);
               A_sum += a;
-              D_sum += a * (st.m - xb[c * L.x_sC + i]);
+              D_sum += a * (st.m - xb[c * xs + i]);
             }
             st.A = A[i] = A_sum, st.D = D_sum;
           }
@@ -140,20 +173,25 @@ bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
         RowGrad<acc_t> g[kF64Block];
         acc_t p_mul[kF64Block];
         for (int i = 0; i < n; ++i) {
-          const acc_t f = factor.at(b, s0 + i);
+          const acc_t f = factor.at(bi[i], si[i]);
           g[i] = kProb ? RowGrad<acc_t>::prob(f, A[i]) : RowGrad<acc_t>::index(f, w_t[i], W, P.eps, C);
           p_mul[i] = g[i].p_mul /= q[i];
         }
-        k->f64_col_exp_scale(xb, L.x_sC, gb, L.g_sC, C, n, m, p_mul);
+        k->f64_col_exp_scale(xb, xs, gb, gs, C, n, m, p_mul);
         for (int i = 0; i < n; ++i) {  // g.at's operations in its order: p * p_mul, then - a_c * c_mul, then - t_sub
           if (!ok[i]) {
-            for (int64_t c = 0; c < C; ++c) gb[c * L.g_sC + i] = fill[i];
+            for (int64_t c = 0; c < C; ++c) gb[c * gs + i] = fill[i];
             continue;
           }
           if (spread)
-            for (int64_t c = 0; c < C; ++c) gb[c * L.g_sC + i] -= coef(i, c) * g[i].c_mul;
-          if (!kProb) gb[t[i] * L.g_sC + i] -= g[i].t_sub;
+            for (int64_t c = 0; c < C; ++c) gb[c * gs + i] -= coef(i, c) * g[i].c_mul;
+          if (!kProb) gb[t[i] * gs + i] -= g[i].t_sub;
         }
+        if (gathered)  // the rows' gradients back where they belong (in place: over rows already read)
+          for (int i = 0; i < n; ++i) {
+            double* gr = grad + bi[i] * L.g_sB + si[i] * L.g_sS;
+            for (int64_t c = 0; c < C; ++c) gr[c] = gb[c * gs + i];
+          }
       }
     }
   });
