@@ -439,14 +439,79 @@ def test_float64_rows_match_torch(kernel_path, size, kw, layout):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-13, atol=4e-16, equal_nan=True)
 
 
+# (name, (float64 logits (2, 5, 40) or (80, 5) -> the layout, targets (2, 40) -> theirs), why)
+F64_BLOCK_LAYOUTS = {
+    "k-dim": (lambda x: x, lambda t: t, "positions contiguous: blocks of 32 positions as they lie"),
+    "rows": (lambda x: x.permute(0, 2, 1).reshape(80, 5), lambda t: t.reshape(80),
+             "(80, 5): rows of few classes gathered 32 at a time"),
+    "transposed": (lambda x: x.permute(0, 2, 1).reshape(80, 5).t().contiguous().t(), lambda t: t.reshape(80),
+                   "(80, 5) column-major: one item of 80 positions"),
+}
+
+
+@pytest.mark.parametrize("layout", list(F64_BLOCK_LAYOUTS))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
-def test_float64_positions_out_of_range_target(kernel_path, reduction, grad):
-    """float64 K-dim (the column blocks of 32 positions): a target outside [0, C) in the second block raises
-    PyTorch's IndexError, as the rows' kernels do; the ignored ones beside it do not."""
-    x = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=grad)
+def test_float64_blocks_out_of_range_target(kernel_path, layout, reduction, grad):
+    """float64 in blocks of 32 rows: a target outside [0, C) in the second block raises PyTorch's IndexError, as the
+    rows' kernels do; the ignored ones beside it do not."""
+    lay_x, lay_t, _ = F64_BLOCK_LAYOUTS[layout]
+    x = lay_x(torch.randn(2, 5, 40, dtype=torch.float64)).requires_grad_(grad)
     t = torch.randint(0, 5, (2, 40))
     t[1, 30:34] = -100
     t[1, 35] = 5
     with pytest.raises(IndexError, match=r"Target 5 is out of bounds\."):
-        cross_entropy(x, t, reduction=reduction)
+        cross_entropy(x, lay_t(t), reduction=reduction)
+
+
+# (name, (N, C) float64 rows -> the layout the blocks meet, the targets' layout for probabilities, why)
+F64_THREADED = {
+    "rows-gathered": (lambda x: x, "7000 rows of 5 classes: 219 blocks, split across the threads"),
+    "channels-last": (lambda x: x.view(70, 100, 5).permute(0, 2, 1).unsqueeze(-1)
+                      .contiguous(memory_format=torch.channels_last), "70 items of 100 positions, gathered"),
+    "k-dim": (lambda x: x.view(70, 100, 5).permute(0, 2, 1).contiguous(), "70 items of 100 positions as they lie"),
+    "transposed": (lambda x: x.t().contiguous().t(), "one item of 7000 positions"),
+}
+
+
+@pytest.mark.parametrize("layout", list(F64_THREADED))
+@pytest.mark.parametrize("kw", [dict(reduction="mean", label_smoothing=0.1), dict(reduction="none", weighted=True),
+                                dict(reduction="sum", probabilities=True, weighted=True)],
+                         ids=["mean-smoothed", "none-weighted", "sum-probabilities-weighted"])
+def test_float64_blocks_in_place_and_across_threads(kernel_path, layout, kw):
+    """float64 blocks over enough rows for several tasks: PyTorch's float64 numbers, the same bits in place (the
+    gradient written over the logits: gathered rows are copied back only after the whole block was read) and with
+    one thread; probabilities laid out contiguously whatever the logits' layout."""
+    g = torch.Generator().manual_seed(17)
+    x = F64_THREADED[layout][0](torch.randn(7000, 5, generator=g, dtype=torch.float64) * 10)
+    kw = dict(kw)
+    if kw.pop("probabilities", False):
+        t = torch.softmax(torch.randn(x.shape, generator=g, dtype=torch.float64), 1).contiguous()
+    else:
+        t = torch.randint(0, 5, (x.shape[0], *x.shape[2:]), generator=g)
+        t.view(-1)[::13] = -100
+    if kw.pop("weighted", False):
+        kw["weight"] = torch.rand(5, generator=g, dtype=torch.float64) + 0.2
+    grad_out = torch.rand(t.shape if t.dtype == torch.int64 else t.shape[:1] + t.shape[2:], generator=g,
+                          dtype=torch.float64) if kw["reduction"] == "none" else None
+
+    def run(fn, inplace=False, threads=None):
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            leaf = x.clone().requires_grad_()
+            logits = leaf.clone() if inplace else leaf
+            extra = dict(inplace_backward=True) if inplace else {}
+            loss = fn(logits, t, **kw, **extra)
+            (grad,) = torch.autograd.grad(loss, logits, grad_out)
+            return loss.detach(), grad
+        finally:
+            torch.set_num_threads(before)
+
+    ref_loss, ref_grad = run(F.cross_entropy)
+    loss, grad = run(cross_entropy)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=4e-16)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-13, atol=4e-16)
+    for other in (run(cross_entropy, inplace=True), run(cross_entropy, threads=1)):
+        assert torch.equal(other[0], loss) and torch.equal(other[1], grad)

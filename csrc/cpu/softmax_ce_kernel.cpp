@@ -141,33 +141,33 @@ bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
         return class_coef<kProb>(P, yr, L.t_sC, c, C);
       };
       for (int i = 0; i < n; ++i) A[i] = 0;
+      // The spread term's sums, a class at a time over the lanes (each lane's still in class order, as ce_rows's):
+      // lane by lane, each walked its C classes at a stride.
+      auto spread_sums = [&](acc_t* D) {
+        for (int i = 0; i < n; ++i) A[i] = 0, D[i] = 0;
+        for (int64_t c = 0; c < C; ++c)
+          for (int i = 0; i < n; ++i) {
+            const acc_t a = coef(i, c);
+            A[i] += a;
+            D[i] += a * (m[i] - xb[c * xs + i]);
+          }
+      };
       if (kStats) {
         k->f64_col_max(xb, xs, C, n, m);
         k->f64_col_sum_exp(xb, xs, C, n, m, q);
+        acc_t D[kF64Block];
+        if (spread) spread_sums(D);
         for (int i = 0; i < n; ++i) {
-          RowStats<acc_t> st{m[i], q[i], 0, 0};
-          if (spread) {
-            double A_sum = 0, D_sum = 0;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t a = coef(i, c);
-              A_sum += a;
-              D_sum += a * (st.m - xb[c * xs + i]);
-            }
-            st.A = A[i] = A_sum, st.D = D_sum;
-          }
+          const RowStats<acc_t> st{m[i], q[i], spread ? A[i] : acc_t(0), spread ? D[i] : acc_t(0)};
           const int64_t r = r0 + i;
           loss_out[r] = ok[i] ? row_loss<kProb>(st, std::log(st.s), x_t[i], w_t[i], P.eps, C) : fill[i];
           if (!kGrad) stats.max[r] = ok[i] ? st.m : fill[i], stats.sum[r] = ok[i] ? st.s : fill[i];
         }
       } else {
-        for (int i = 0; i < n; ++i) {
-          m[i] = stats.max[r0 + i], q[i] = stats.sum[r0 + i];
-          if (kProb) {
-            double A_sum = 0;
-            for (int64_t c = 0; c < C; ++c) A_sum += coef(i, c);
-            A[i] = A_sum;
-          }
-        }
+        for (int i = 0; i < n; ++i) m[i] = stats.max[r0 + i], q[i] = stats.sum[r0 + i];
+        if (kProb)  // the gradient from saved stats still needs A
+          for (int64_t c = 0; c < C; ++c)
+            for (int i = 0; i < n; ++i) A[i] += coef(i, c);
       }
       if (kGrad) {
         RowGrad<acc_t> g[kF64Block];
@@ -177,15 +177,17 @@ bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
           g[i] = kProb ? RowGrad<acc_t>::prob(f, A[i]) : RowGrad<acc_t>::index(f, w_t[i], W, P.eps, C);
           p_mul[i] = g[i].p_mul /= q[i];
         }
+        // Ignored and out-of-range rows are swept too (their max and sum may be 0 or NaN), then filled.
         k->f64_col_exp_scale(xb, xs, gb, gs, C, n, m, p_mul);
-        for (int i = 0; i < n; ++i) {  // g.at's operations in its order: p * p_mul, then - a_c * c_mul, then - t_sub
-          if (!ok[i]) {
+        // g.at's operations in its order: p * p_mul, then - a_c * c_mul, then - t_sub
+        if (spread)
+          for (int64_t c = 0; c < C; ++c)
+            for (int i = 0; i < n; ++i) gb[c * gs + i] -= coef(i, c) * g[i].c_mul;
+        for (int i = 0; i < n; ++i) {
+          if (!ok[i])
             for (int64_t c = 0; c < C; ++c) gb[c * gs + i] = fill[i];
-            continue;
-          }
-          if (spread)
-            for (int64_t c = 0; c < C; ++c) gb[c * gs + i] -= coef(i, c) * g[i].c_mul;
-          if (!kProb) gb[t[i] * gs + i] -= g[i].t_sub;
+          else if (!kProb)
+            gb[t[i] * gs + i] -= g[i].t_sub;
         }
         if (gathered)  // the rows' gradients back where they belong (in place: over rows already read)
           for (int i = 0; i < n; ++i) {
