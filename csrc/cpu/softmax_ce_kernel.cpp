@@ -140,25 +140,22 @@ bool f64_columns(const SimdKernels* k, const double* x, const RowLayout& L_in,
         const target_t* yr = kProb ? P.prob + bi[i] * L.t_sB + si[i] * L.t_sS : nullptr;
         return class_coef<kProb>(P, yr, L.t_sC, c, C);
       };
-      for (int i = 0; i < n; ++i) A[i] = 0;
-      // The spread term's sums, a class at a time over the lanes (each lane's still in class order, as ce_rows's):
-      // lane by lane, each walked its C classes at a stride.
-      auto spread_sums = [&](acc_t* D) {
-        for (int i = 0; i < n; ++i) A[i] = 0, D[i] = 0;
-        for (int64_t c = 0; c < C; ++c)
-          for (int i = 0; i < n; ++i) {
-            const acc_t a = coef(i, c);
-            A[i] += a;
-            D[i] += a * (m[i] - xb[c * xs + i]);
-          }
-      };
+      acc_t D[kF64Block];
+      for (int i = 0; i < n; ++i) A[i] = 0, D[i] = 0;
       if (kStats) {
         k->f64_col_max(xb, xs, C, n, m);
         k->f64_col_sum_exp(xb, xs, C, n, m, q);
-        acc_t D[kF64Block];
-        if (spread) spread_sums(D);
+        // The spread term's sums, a class at a time over the lanes (each lane's still in class order, as ce_rows's):
+        // lane by lane, each walked its C classes at a stride.
+        if (spread)
+          for (int64_t c = 0; c < C; ++c)
+            for (int i = 0; i < n; ++i) {
+              const acc_t a = coef(i, c);
+              A[i] += a;
+              D[i] += a * (m[i] - xb[c * xs + i]);
+            }
         for (int i = 0; i < n; ++i) {
-          const RowStats<acc_t> st{m[i], q[i], spread ? A[i] : acc_t(0), spread ? D[i] : acc_t(0)};
+          const RowStats<acc_t> st{m[i], q[i], A[i], D[i]};
           const int64_t r = r0 + i;
           loss_out[r] = ok[i] ? row_loss<kProb>(st, std::log(st.s), x_t[i], w_t[i], P.eps, C) : fill[i];
           if (!kGrad) stats.max[r] = ok[i] ? st.m : fill[i], stats.sum[r] = ok[i] ? st.s : fill[i];

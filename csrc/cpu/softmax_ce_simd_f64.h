@@ -17,6 +17,17 @@ inline vd load_d(const double* p) {
   return v;
 }
 inline void store_d(double* p, vd v) { __builtin_memcpy(p, &v, sizeof v); }
+// The first k (<= WD) lanes from p, the rest `fill` (never reading past them); and the first k back.
+inline vd load_k(const double* p, int k, double fill) {
+  if (k == WD) return load_d(p);
+  double t[WD];
+  for (int i = 0; i < WD; ++i) t[i] = i < k ? p[i] : fill;
+  return load_d(t);
+}
+inline void store_k(double* p, vd v, int k) {
+  if (k == WD) return store_d(p, v);
+  for (int i = 0; i < k; ++i) p[i] = v[i];
+}
 
 // e^x for x <= 0 or NaN (here x - max): 2^n e^r with n = round(x log2 e) by the 1.5 * 2^52 trick (whose low bits
 // then hold n), r = x - n ln2 in two steps (fdlibm's split of ln2: n * hi is exact), |r| <= ln2/2, and e^r by its
@@ -74,9 +85,7 @@ double f64_sum_exp(const double* x, int64_t C, double m) {
   double out = 0;
   for (int i = 0; i < WD; ++i) out += s[i];
   if (c < C) {
-    double tail[WD];
-    for (int i = 0; i < WD; ++i) tail[i] = c + i < C ? x[c + i] : -__builtin_inf();
-    const vd e = vexp_d(load_d(tail) - mv);
+    const vd e = vexp_d(load_k(x + c, static_cast<int>(C - c), -__builtin_inf()) - mv);
     for (int i = 0; i < WD && c + i < C; ++i) out += e[i];
   }
   return out;
@@ -87,12 +96,7 @@ void f64_exp_scale(const double* x, double* g, int64_t C, double base, double mu
   const vd bv = splat_d(base), mv = splat_d(mul);
   int64_t c = 0;
   for (; c + WD <= C; c += WD) store_d(g + c, vexp_d(load_d(x + c) - bv) * mv);
-  if (c < C) {
-    double tail[WD];
-    for (int i = 0; i < WD; ++i) tail[i] = c + i < C ? x[c + i] : base;
-    const vd e = vexp_d(load_d(tail) - bv) * mv;
-    for (int i = 0; i < WD && c + i < C; ++i) g[c + i] = e[i];
-  }
+  if (c < C) store_k(g + c, vexp_d(load_k(x + c, static_cast<int>(C - c), base) - bv) * mv, static_cast<int>(C - c));
 }
 
 // ---- K-dim float64 (positions contiguous, classes at stride sC): n <= kF64Block positions, one lane each, walking
@@ -100,17 +104,6 @@ void f64_exp_scale(const double* x, double* g, int64_t C, double base, double mu
 // row of its own took 2.6-4.2x PyTorch's forward time (4x21x128x128 to 8x5x256x256, 2 threads, 2026-11-28).
 constexpr int kF64Vecs = kF64Block / WD;
 
-// The first k (<= WD) lanes from p, the rest `fill` (never reading past them); and the first k back.
-inline vd load_k(const double* p, int k, double fill) {
-  if (k == WD) return load_d(p);
-  double t[WD];
-  for (int i = 0; i < WD; ++i) t[i] = i < k ? p[i] : fill;
-  return load_d(t);
-}
-inline void store_k(double* p, vd v, int k) {
-  if (k == WD) return store_d(p, v);
-  for (int i = 0; i < k; ++i) p[i] = v[i];
-}
 inline int lanes_of(int n, int j) {  // the lanes of vector j in a block of n positions
   const int k = n - j * WD;
   return k < 0 ? 0 : k < WD ? k : WD;
