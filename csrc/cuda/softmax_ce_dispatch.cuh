@@ -127,11 +127,7 @@ bool launch_slices(Kernel kernel, int64_t rows, int64_t chunks, const CudaTuning
   const int64_t budget = std::min<int64_t>(int64_t{tune.slice_kb} * 1024, optin - 2048);  // 2 KiB static
   const void* key = reinterpret_cast<const void*>(kernel);
   // Clusters need the kernel's sm_90 code: PTX of an older arch, JIT-compiled, has the one-CTA version.
-  const int ptx = launch_fact(device, key, kFactPtx, 0, [&] {
-    cudaFuncAttributes fa;
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-    return fa.ptxVersion;
-  });
+  const int ptx = kernel_ptx(device, key);
   const int max_cluster = device_attr(device, cudaDevAttrComputeCapabilityMajor) >= 9 && ptx >= 90 ? std::min(tune.cluster_max, rows::kMaxCluster) : 1;
   allow_smem(device, kernel, [&] { return optin - 2048; });
   for (int n = 1; n <= max_cluster; n *= 2) {

@@ -190,17 +190,18 @@ int device_attr(int device, cudaDeviceAttr attr) {
 
 int sm_count(int device) { return device_attr(device, cudaDevAttrMultiProcessorCount); }
 
+int kernel_ptx(int device, const void* kernel) {
+  return launch_fact(device, kernel, kFactPtx, 0, [&] {
+    cudaFuncAttributes fa;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    return fa.ptxVersion;
+  });
+}
+
 // Compiled for this build's code of `device`: griddepcontrol exists from sm_90 on, so PTX of an older arch,
 // JIT-compiled for a Hopper (TORCH_CUDA_ARCH_LIST=8.0+PTX), has kernels that never wait: pdl must stay off there.
 __global__ void pdl_code_probe_kernel() {}
-bool pdl_code(int device) {
-  const auto kernel = pdl_code_probe_kernel;
-  return launch_fact(device, reinterpret_cast<const void*>(kernel), kFactPtx, 0, [&] {
-           cudaFuncAttributes fa;
-           C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-           return fa.ptxVersion;
-         }) >= 90;
-}
+bool pdl_code(int device) { return kernel_ptx(device, reinterpret_cast<const void*>(pdl_code_probe_kernel)) >= 90; }
 
 // The sum of `values`, divided by `divisor` (0-d, their dtype; undefined: none) and cast to `dtype` where given.
 // A plain tensor, not an optional: an undefined one converted to an optional reads as given (H200, 2026-11-27:

@@ -19,6 +19,8 @@ int launch_fact(int device, const void* kernel, int64_t a, int64_t b, const std:
 enum : int64_t { kFactPtx = -1, kFactSmem = -2, kFactCluster16 = -3, kFactMapped = -4, kFactSmemMax = -5 };
 
 int device_attr(int device, cudaDeviceAttr attr);
+// The PTX version `kernel`'s code for `device` came from (90: sm_90 code; lower: an older arch's, JIT-compiled).
+int kernel_ptx(int device, const void* kernel);
 int sm_count(int device);
 
 // tuning pdl (sm_90+): our kernels launched with programmatic stream serialization, so that each one's launch
