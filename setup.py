@@ -92,9 +92,10 @@ def extensions():
         os.environ["CUDA_HOME"] = cuda_home
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    # The AVX2 / AVX-512 files set their own instruction set (#pragma), so the default flags stay portable.
+    # The AVX2 / AVX-512 files set their own instruction set (#pragma), so the default flags stay portable; the
+    # baseline file's plain vectors compile to the default's (NEON on ARM64, SSE2 on x86-64).
     sources = ["csrc/softmax_ce.cpp", "csrc/cpu/softmax_ce_kernel.cpp", "csrc/cpu/softmax_ce_kernel_avx2.cpp",
-               "csrc/cpu/softmax_ce_kernel_avx512.cpp"]
+               "csrc/cpu/softmax_ce_kernel_avx512.cpp", "csrc/cpu/softmax_ce_kernel_baseline.cpp"]
     # at::parallel_for is a header template over OpenMP: without -fopenmp its pragma is ignored and every
     # CPU kernel runs on one thread.
     cxx = ["-O3", "-fopenmp"]

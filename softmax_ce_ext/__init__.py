@@ -15,7 +15,8 @@ def cuda_built() -> bool:
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels use: "avx512", "avx2" or "generic" (SOFTMAX_CE_CPU_ISA picks one)."""
+    """The instruction set the CPU kernels use: "avx512", "avx2", "baseline" (plain vectors: NEON on ARM64) or
+    "generic" (scalar); SOFTMAX_CE_CPU_ISA picks one."""
     return _C.cpu_isa()
 
 

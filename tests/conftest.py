@@ -42,7 +42,7 @@ def _share_the_gpu():
         torch.cuda.empty_cache()
 
 
-CPU_ISAS = _C.cpu_isas()  # best first; "generic" (the portable kernel) always last
+CPU_ISAS = _C.cpu_isas()  # best first; "baseline" (plain vectors) and "generic" (the scalar kernel) always last
 
 # CUDA kernel families for contiguous rows (softmax_ce_rows.cuh), as softmax_ce_ext.tuning selects them (every
 # setting given, whatever the environment says), and why each is in the grid.

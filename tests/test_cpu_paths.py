@@ -14,7 +14,7 @@ from softmax_ce_ext import _C, cross_entropy
 
 def test_isa_list_and_choice():
     isas = _C.cpu_isas()
-    assert isas[-1] == "generic" and set(isas) <= {"avx512", "avx2", "generic"}
+    assert isas[-2:] == ["baseline", "generic"] and set(isas) <= {"avx512", "avx2", "baseline", "generic"}
     assert _C.cpu_isa() in isas
     with pytest.raises(ValueError, match="expected one of this CPU's instruction sets"):
         _C.set_cpu_isa("sse9")
@@ -49,6 +49,27 @@ def test_paths_agree(dtype):
                                            atol=1e-3 if dtype != torch.float32 else 1e-7)
     finally:
         _C.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("factor", [0.5, 1.5, 1 / 3], ids=["half: subnormals, ties to even among them",
+                                                          "1.5: ties to even, overflow (43680 * 1.5 = 65520: inf)",
+                                                          "third: rounding up and down"])
+def test_every_16_bit_value_converts_as_torch(kernel_path, dtype, factor):
+    """Each of the 65536 bit patterns read, multiplied in float and written back by a path's own conversions (the
+    baseline's float16 is integer steps, or ARM's instructions): PyTorch's bits, NaN for NaN.  Through the scaling
+    pass, with a tail of 3 past the whole vectors."""
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+        pytest.skip("a CPU path")
+    from softmax_ce_ext._ops import ops
+
+    bits = torch.cat([torch.arange(-(2**15), 2**15, dtype=torch.int32), torch.tensor([1, 0x7C00, -1])])
+    grad = bits.to(torch.int16).view(dtype).clone()
+    expected = (grad.float() * torch.tensor(factor, dtype=torch.float32)).to(dtype)
+    ops.scale_grad_(grad, torch.tensor(factor, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float32))
+    nan = expected.isnan()
+    assert torch.equal(grad.isnan(), nan)
+    assert torch.equal(grad[~nan].view(torch.int16), expected[~nan].view(torch.int16))
 
 
 def test_reused_gradient_blocks_hold_the_right_values():
@@ -102,7 +123,7 @@ def test_gradient_blocks_follow_the_sizes_asked_for():
         _C.empty_grad_cache()
 
 
-# Rows of few classes take the SIMD paths 16 (AVX-512) or 8 (AVX2) rows at a time, one row per lane, through
+# Rows of few classes take the SIMD paths 16 (AVX-512), 8 (AVX2) or 4 (baseline) rows at a time, one row per lane, through
 # transposed copies (whole blocks by W x W tiles in registers, the rest element by element): the number of rows
 # against the block, the classes against the tiles and the limits (96 float, 128 2-byte), and why.
 SMALL_ROWS = [(1, 10, "one row: a block of 1 lane"), (17, 10, "one full block of 16 and one lane: no whole tile"),
@@ -125,7 +146,7 @@ SMALL_ROWS = [(1, 10, "one row: a block of 1 lane"), (17, 10, "one full block of
 def test_small_rows_blocks(kernel_path, size, dtype, kw, inplace):
     """Every CPU path against float64: ignored and valid targets mixed within a block, per-row upstream
     gradients ('none'), the gradient written over the logits (in place)."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     n, c, _ = size
     g = torch.Generator().manual_seed(n * 100 + c)
@@ -151,7 +172,7 @@ CHANNELS_LAST = [((3, 21, 9, 7), "whole", "a segmentation's class count: 16-row 
 def test_channels_last_rows(kernel_path, case, dtype, kw, inplace):
     """Every CPU path against float64; ignored targets; per-position upstream gradients ('none'); the gradient
     comes back channels-last, as the logits are, or over them (in place)."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     (n, c, h, w), kind, _ = case
     g = torch.Generator().manual_seed(c * 10 + len(kind))
@@ -181,7 +202,7 @@ TRANSPOSED = [((37, 5), "a few classes; 2 blocks and a partial one (AVX-512)"),
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
 def test_transposed_rows(kernel_path, size, dtype, kw, inplace):
     """Every CPU path against float64; ignored targets; per-row upstream gradients ('none'); in place."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     n, c = size
     g = torch.Generator().manual_seed(n * 1000 + c)
@@ -197,7 +218,7 @@ def test_transposed_rows(kernel_path, size, dtype, kw, inplace):
 def test_transposed_rows_with_probabilities(kernel_path, kw, targets):
     """Soft labels with transposed logits: targets transposed too (the column blocks), or row-major (the portable
     kernel)."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(23, 35, generator=g) * 3).t()
@@ -257,7 +278,7 @@ KDIM_CLASSES = [(21, "a segmentation's class count: kept"), (256, "the most clas
 def test_kdim_blocks_kept_exponentials(kernel_path, classes, dtype, kw):
     """Every CPU path against float64, mean and 'none' (whose backward recomputes from the saved max and sum); a row with
     -inf and one with NaN among normal ones."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     c, _ = classes
     g = torch.Generator().manual_seed(c)
@@ -284,7 +305,7 @@ KEPT_ROWS = [(300, "a chunk, a short chunk and a tail (AVX-512)"), (512, "whole 
 def test_rows_kept_exponentials(kernel_path, classes, dtype, kw):
     """Every CPU path against float64, mean and 'none': a row whose maximum grows chunk after chunk (every chunk's
     kept values re-based by a different factor), one whose maximum is in its tail, -inf and NaN rows."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     c, _ = classes
     g = torch.Generator().manual_seed(c)
@@ -317,7 +338,7 @@ def test_probability_rows(kernel_path, classes, dtypes, kw):
     """Every CPU path against float64: mean (the fused pass), 'none' (the gradient from the saved stats, which needs
     the targets' sum again) and the no-grad sum; a row whose max grows chunk after chunk, a row of one hot target,
     targets that do not sum to 1, a -inf logit and a NaN row."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     c, _ = classes
     dtype, target_dtype = dtypes
@@ -350,7 +371,7 @@ def test_probability_rows(kernel_path, classes, dtypes, kw):
 def test_probability_kdim_blocks(kernel_path, classes, dtypes, kw):
     """K-dim probability targets (the vectorised blocks of W positions) against float64: 35 positions per image (two
     whole blocks and a partial one), a -inf and a NaN logit, a one-hot position, mean and 'none'."""
-    if kernel_path not in ("avx512", "avx2", "generic"):
+    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
         pytest.skip("a CPU path")
     c, _ = classes
     dtype, target_dtype = dtypes

@@ -24,12 +24,14 @@
 namespace softmax_ce {
 namespace {
 
-// ---- Instruction-set choice: the vectorised kernels (float32/bfloat16/float16 logits, class indices) come
-// built for AVX-512 and AVX2; everything else, and CPUs without AVX2, take the portable kernel below.
+// ---- Instruction-set choice: the vectorised kernels come built for AVX-512, for AVX2, and in plain vectors for
+// the build's baseline ("baseline": every CPU can, the best where there is no AVX2); "generic" is the portable
+// scalar kernel below alone (which, under every choice, also takes what the vectorised ones leave).
 
 bool cpu_can(const std::string& name) {
+  if (name == "baseline" || name == "generic") return true;
 #if !(defined(__x86_64__) || defined(__i386__))
-  return name == "generic";
+  return false;
 #else
   __builtin_cpu_init();
   if (name == "avx512")
@@ -37,13 +39,14 @@ bool cpu_can(const std::string& name) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_can("avx2");
   if (name == "avx2")
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return name == "generic";
+  return false;
 #endif
 }
 
 const SimdKernels* isa_kernels(const std::string& name) {
   if (name == "avx512") return &kSimdAvx512;
   if (name == "avx2") return &kSimdAvx2;
+  if (name == "baseline") return &kSimdBaseline;
   return nullptr;
 }
 
@@ -685,7 +688,7 @@ std::vector<int64_t> grad_cache_sizes() { return GradBlockCache::get().sizes(); 
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> out;
-  for (const char* name : {"avx512", "avx2", "generic"})
+  for (const char* name : {"avx512", "avx2", "baseline", "generic"})
     if (cpu_can(name)) out.emplace_back(name);
   return out;
 }

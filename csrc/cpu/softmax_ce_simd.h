@@ -2,7 +2,12 @@
 // instruction set by the files that include it, each after its own `#pragma GCC target`.  Nothing here but
 // always-inline intrinsics and code with internal linkage: the linker can never hand a function built for
 // AVX-512 to a caller on a CPU without it.  Same algebra as csrc/softmax_ce.h (RowGrad, row_loss).
+// SCE_SIMD_BASELINE: no intrinsics at all, for the build's baseline (NEON on ARM64, SSE2 on x86-64).
+#if !SCE_SIMD_BASELINE
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 #include <memory>
 #include <type_traits>
@@ -11,7 +16,7 @@
 #include "softmax_ce_simd_args.h"
 
 #ifndef SCE_SIMD_WIDTH
-#error "define SCE_SIMD_WIDTH (8 or 16) before including softmax_ce_simd.h"
+#error "define SCE_SIMD_WIDTH (4, 8 or 16) before including softmax_ce_simd.h"
 #endif
 
 namespace softmax_ce {
@@ -43,7 +48,7 @@ inline vf exp_reduced(vf x, vf n) {
   return p * (r * r) + r + 1.0f;
 }
 
-#if SCE_SIMD_WIDTH == 16
+#if SCE_SIMD_WIDTH == 16 && !SCE_SIMD_BASELINE
 // Results under FLT_MIN are 0, as in the AVX2 path: a subnormal result costs an Intel core a microcode assist
 // (~150 cycles), and every row made some (its -inf padding lanes, its first re-basing from -FLT_MAX).
 inline vf vexp(vf x) {  // AVX-512: rounding and the 2^n scaling are single instructions
@@ -143,6 +148,47 @@ struct BF16 {
   }
 };
 
+#if SCE_SIMD_BASELINE
+// IEEE half <-> float by integer steps (C++ compilers differ on a half type: GCC 12 has _Float16 in C++ on x86
+// only).  Exact both ways, round to nearest even, NaN quiet (0x7e00); the only float arithmetic is on normal
+// numbers (subnormal halves renormalised by subtracting a power of 2), so a flush-to-zero mode changes nothing.
+struct F16 {
+  using raw = unsigned short;
+  static vf widen(vu h) {
+    const vu em = (h & 0x7fffu) << 13, exp = em & (0x1fu << 23);
+    vu o = em + ((127u - 15u) << 23);
+    o = exp == (0x1fu << 23) ? o + ((128u - 16u) << 23) : o;  // inf / NaN: the float's top exponent
+    const vf sub = (vf)(o + (1u << 23)) - (vf)(vu{} + (113u << 23));  // subnormal halves (and zero)
+    o = exp == 0u ? (vu)sub : o;
+    return (vf)(o | ((h & 0x8000u) << 16));
+  }
+  static vu narrow(vf v) {
+    const vu u = (vu)v, sign = u & 0x80000000u, a = u ^ sign;
+    const vu big = a > (255u << 23) ? vu{} + 0x7e00u : vu{} + 0x7c00u;  // NaN; inf and overflow
+    const vu magic = vu{} + (((127u - 15u) + (23u - 10u) + 1u) << 23);
+    const vu small = (vu)((vf)a + (vf)magic) - magic;  // below 2^-14: the float add rounds to nearest even
+    const vu normal = (a + (((15u - 127u) << 23) + 0xfffu) + ((a >> 13) & 1u)) >> 13;
+    const vu o = a >= ((127u + 16u) << 23) ? big : a < (113u << 23) ? small : normal;
+    return o | (sign >> 16);
+  }
+#if defined(__aarch64__) && SCE_SIMD_WIDTH == 4  // ARMv8's conversions (fcvtl / fcvtn): the same results
+  static vf load(const raw* p) { return (vf)vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+  static void store(raw* p, vf v) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32((float32x4_t)v))); }
+#else
+  static vf load(const raw* p) {
+    vu16 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return widen(__builtin_convertvector(h, vu));
+  }
+  static void store(raw* p, vf v) {
+    const vu16 h = __builtin_convertvector(narrow(v), vu16);
+    __builtin_memcpy(p, &h, sizeof h);
+  }
+#endif
+  static float get(const raw* p) { return widen(vu{} + *p)[0]; }
+  static void put(raw* p, float v) { *p = static_cast<raw>(narrow(splat(v))[0]); }
+};
+#else
 struct F16 {
   using raw = unsigned short;
   static vf load(const raw* p) {
@@ -162,6 +208,7 @@ struct F16 {
   static float get(const raw* p) { return _cvtsh_ss(*p); }
   static void put(raw* p, float v) { *p = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
 };
+#endif
 
 inline bool out_of_range(int64_t t, int64_t C) { return t < 0 || t >= C; }
 
@@ -188,7 +235,7 @@ inline vi lanes_below(int n) {  // one compare with a constant 0, 1, .., W - 1
   for (int i = 0; i < W; ++i) iota[i] = i;
   return iota < (vi{} + n);
 }
-#if SCE_SIMD_WIDTH == 16
+#if SCE_SIMD_WIDTH == 16 && !SCE_SIMD_BASELINE
 inline __mmask16 first_lanes(int n) { return static_cast<__mmask16>((1u << n) - 1); }  // lanes_below as a mask
 #endif
 
@@ -199,7 +246,11 @@ template <class T>
 vf load_lanes(const typename T::raw* p, int n, float fill) {
   if (n == W) return T::load(p);
   using raw = typename T::raw;
-#if SCE_SIMD_WIDTH == 16
+#if SCE_SIMD_BASELINE  // through a zeroed copy: no masked loads
+  raw tmp[W] = {};
+  __builtin_memcpy(tmp, p, n * sizeof(raw));
+  return lanes_below(n) ? T::load(tmp) : splat(fill);
+#elif SCE_SIMD_WIDTH == 16
   const __mmask16 k = first_lanes(n);
   if constexpr (sizeof(raw) == 4) {
     return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), k, p);
@@ -223,7 +274,11 @@ template <class T>
 void store_lanes(typename T::raw* p, vf v, int n) {
   if (n == W) return T::store(p, v);
   using raw = typename T::raw;
-#if SCE_SIMD_WIDTH == 16
+#if SCE_SIMD_BASELINE
+  raw tmp[W];
+  T::store(tmp, v);
+  __builtin_memcpy(p, tmp, n * sizeof(tmp[0]));
+#elif SCE_SIMD_WIDTH == 16
   const __mmask16 k = first_lanes(n);
   if constexpr (sizeof(raw) == 4) {
     _mm512_mask_storeu_ps(p, k, (__m512)v);

@@ -71,5 +71,6 @@ constexpr int kF64Block = 32;
 // Data, not functions: looking them up runs no code built for an instruction set the CPU may lack.
 extern const SimdKernels kSimdAvx2;    // AVX2 + FMA + F16C, 8 lanes
 extern const SimdKernels kSimdAvx512;  // AVX-512 F/BW/VL/DQ, 16 lanes
+extern const SimdKernels kSimdBaseline;  // plain vectors for the build's baseline (NEON, SSE2), 4 lanes
 
 }  // namespace softmax_ce
