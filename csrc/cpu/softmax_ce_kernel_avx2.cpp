@@ -19,9 +19,7 @@ const SimdKernels kSimdAvx2{"avx2", 8, nullptr, nullptr, nullptr, nullptr, nullp
 #include "softmax_ce_simd_f64.h"
 
 namespace softmax_ce {
-const SimdKernels kSimdAvx2{"avx2", 8, rows_entry, columns_entry, small_rows_entry,
-                                f64_max, f64_sum_exp, f64_exp_scale, scale_entry,
-                                f64_col_max, f64_col_sum_exp, f64_col_exp_scale};
+const SimdKernels kSimdAvx2 = simd_kernels("avx2");
 }  // namespace softmax_ce
 
 #if defined(__clang__)

@@ -32,9 +32,7 @@ const SimdKernels kSimdAvx512{"avx512", 16, nullptr, nullptr, nullptr, nullptr, 
 #include "softmax_ce_simd_f64.h"
 
 namespace softmax_ce {
-const SimdKernels kSimdAvx512{"avx512", 16, rows_entry, columns_entry, small_rows_entry,
-                                f64_max, f64_sum_exp, f64_exp_scale, scale_entry,
-                                f64_col_max, f64_col_sum_exp, f64_col_exp_scale};
+const SimdKernels kSimdAvx512 = simd_kernels("avx512");
 }  // namespace softmax_ce
 
 #if defined(__clang__)

@@ -8,7 +8,5 @@
 #include "softmax_ce_simd_f64.h"
 
 namespace softmax_ce {
-const SimdKernels kSimdBaseline{"baseline", 4, rows_entry, columns_entry, small_rows_entry,
-                                f64_max, f64_sum_exp, f64_exp_scale, scale_entry,
-                                f64_col_max, f64_col_sum_exp, f64_col_exp_scale};
+const SimdKernels kSimdBaseline = simd_kernels("baseline");
 }  // namespace softmax_ce

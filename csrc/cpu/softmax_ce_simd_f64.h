@@ -152,5 +152,11 @@ void f64_col_exp_scale(const double* x, int64_t sC, double* g, int64_t g_sC, int
     }
 }
 
+// This instruction set's table: every entry of softmax_ce_simd.h and of this file, W float lanes.
+constexpr SimdKernels simd_kernels(const char* name) {
+  return SimdKernels{name,        W,           rows_entry,      columns_entry,   small_rows_entry, f64_max,
+                     f64_sum_exp, f64_exp_scale, scale_entry, f64_col_max, f64_col_sum_exp, f64_col_exp_scale};
+}
+
 }  // namespace
 }  // namespace softmax_ce
