@@ -4,8 +4,10 @@ CppExtension.  FORCE_CUDA=1 / FORCE_CPU=1 override the choice; the build prints 
 import os
 import re
 import shutil
+import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -75,6 +77,24 @@ def choose_backend(torch):
     return True, why, cuda_home
 
 
+def openmp_flags():
+    """Returns (flags, why).  at::parallel_for is a header template over OpenMP: without -fopenmp its pragma is
+    ignored and every CPU kernel runs on one thread.  A compiler that refuses -fopenmp (Apple's clang) builds the
+    kernels single-threaded rather than not at all."""
+    cxx = shlex.split(os.environ.get("CXX", "c++"))  # the compiler cpp_extension's ninja build runs
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "omp.cpp"
+        src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            ok = subprocess.run(cxx + ["-fopenmp", str(src), "-o", str(Path(tmp) / "omp")],
+                                capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    if ok:
+        return ["-fopenmp"], "OpenMP: the CPU kernels run on torch's threads"
+    return [], f"{' '.join(cxx)} cannot build with -fopenmp: the CPU kernels run on one thread"
+
+
 def cuda_archs(torch):
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"], "$TORCH_CUDA_ARCH_LIST"
@@ -96,11 +116,11 @@ def extensions():
     # baseline file's plain vectors compile to the default's (NEON on ARM64, SSE2 on x86-64).
     sources = ["csrc/softmax_ce.cpp", "csrc/cpu/softmax_ce_kernel.cpp", "csrc/cpu/softmax_ce_kernel_avx2.cpp",
                "csrc/cpu/softmax_ce_kernel_avx512.cpp", "csrc/cpu/softmax_ce_kernel_baseline.cpp"]
-    # at::parallel_for is a header template over OpenMP: without -fopenmp its pragma is ignored and every
-    # CPU kernel runs on one thread.
-    cxx = ["-O3", "-fopenmp"]
+    openmp, openmp_why = openmp_flags()
+    cxx = ["-O3"] + openmp
     # The torch it is built against: _ops.py names it if the kernels fail to load under another.
-    info = {"backend": "cuda" if use_cuda else "cpu", "why": why, "archs": "", "torch": torch.__version__}
+    info = {"backend": "cuda" if use_cuda else "cpu", "why": why, "archs": "", "torch": torch.__version__,
+            "openmp": bool(openmp)}
     if use_cuda:
         archs, arch_why = cuda_archs(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
@@ -118,11 +138,12 @@ def extensions():
             sources + cuda_sources,
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=openmp,
         )
     else:
         say(f"building CPU-only kernels: {why}")
-        ext = CppExtension("softmax_ce_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+        ext = CppExtension("softmax_ce_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+    say(openmp_why)
     (ROOT / "softmax_ce_ext" / "_build_info.py").write_text(f"# Written by setup.py.\nBUILD = {info!r}\n")
     return [ext]
 

@@ -9,6 +9,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <limits>
 #include <mutex>
 #include <string>
@@ -28,6 +31,14 @@ namespace {
 // the build's baseline ("baseline": every CPU can, the best where there is no AVX2); "generic" is the portable
 // scalar kernel below alone (which, under every choice, also takes what the vectorised ones leave).
 
+#if defined(__x86_64__) || defined(__i386__)
+// F16C by CPUID (leaf 1, ECX bit 29): Clang's __builtin_cpu_supports does not know "f16c" (GCC's does).
+bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
+}
+#endif
+
 bool cpu_can(const std::string& name) {
   if (name == "baseline" || name == "generic") return true;
 #if !(defined(__x86_64__) || defined(__i386__))
@@ -38,7 +49,7 @@ bool cpu_can(const std::string& name) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_can("avx2");
   if (name == "avx2")
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
   return false;
 #endif
 }
