@@ -9,10 +9,20 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 
-.PHONY: test bench build clean
+.PHONY: test test-clang bench build clean
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The CPU kernels as a Mac builds them: Clang, no OpenMP (one thread), CPU only, in a copy of the tracked files
+# under build/clang-cpu; then the CPU path tests against that build.
+CLANG_DIR := build/clang-cpu
+test-clang: $(VENV)/.deps
+	rm -rf $(CLANG_DIR) && mkdir -p $(CLANG_DIR) && git ls-files -z | xargs -0 cp --parents -t $(CLANG_DIR)
+	cd $(CLANG_DIR) && CXX=clang++ CC=clang FORCE_CPU=1 SCE_OPENMP=0 $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(CLANG_DIR) && PYTHONPATH=$(abspath $(CLANG_DIR)) $(abspath $(PY)) -c \
+		"import softmax_ce_ext as s; b = s.build_info(); print('clang build:', b); assert not b['openmp'], b"
+	cd $(CLANG_DIR) && PYTHONPATH=$(abspath $(CLANG_DIR)) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_cpu_paths.py
 
 bench: $(VENV)/.built
 	$(PY) benchmarks/bench.py

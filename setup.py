@@ -80,7 +80,9 @@ def choose_backend(torch):
 def openmp_flags():
     """Returns (flags, why).  at::parallel_for is a header template over OpenMP: without -fopenmp its pragma is
     ignored and every CPU kernel runs on one thread.  A compiler that refuses -fopenmp (Apple's clang) builds the
-    kernels single-threaded rather than not at all."""
+    kernels single-threaded rather than not at all (SCE_OPENMP=0 asks for that)."""
+    if os.environ.get("SCE_OPENMP") == "0":
+        return [], "SCE_OPENMP=0: the CPU kernels run on one thread"
     cxx = shlex.split(os.environ.get("CXX", "c++"))  # the compiler cpp_extension's ninja build runs
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "omp.cpp"
