@@ -17,12 +17,12 @@ test: $(VENV)/.built
 # The CPU kernels as a Mac builds them: Clang, no OpenMP (one thread), CPU only, in a copy of the tracked files
 # under build/clang-cpu; then the CPU path tests against that build.
 CLANG_DIR := build/clang-cpu
+CLANG_PY := cd $(CLANG_DIR) && PYTHONPATH=$(abspath $(CLANG_DIR)) CXX=clang++ CC=clang FORCE_CPU=1 SCE_OPENMP=0 $(abspath $(PY))
 test-clang: $(VENV)/.deps
 	rm -rf $(CLANG_DIR) && mkdir -p $(CLANG_DIR) && git ls-files -z | xargs -0 cp --parents -t $(CLANG_DIR)
-	cd $(CLANG_DIR) && CXX=clang++ CC=clang FORCE_CPU=1 SCE_OPENMP=0 $(abspath $(PY)) setup.py -q build_ext --inplace
-	cd $(CLANG_DIR) && PYTHONPATH=$(abspath $(CLANG_DIR)) $(abspath $(PY)) -c \
-		"import softmax_ce_ext as s; b = s.build_info(); print('clang build:', b); assert not b['openmp'], b"
-	cd $(CLANG_DIR) && PYTHONPATH=$(abspath $(CLANG_DIR)) $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests/test_cpu_paths.py
+	$(CLANG_PY) setup.py -q build_ext --inplace
+	$(CLANG_PY) -c "import softmax_ce_ext as s; b = s.build_info(); print('clang build:', b); assert not b['openmp'], b"
+	$(CLANG_PY) -m pytest -q -p no:cacheprovider tests/test_cpu_paths.py
 
 bench: $(VENV)/.built
 	$(PY) benchmarks/bench.py

@@ -257,11 +257,7 @@ template <class T>
 vf load_lanes(const typename T::raw* p, int n, float fill) {
   if (n == W) return T::load(p);
   using raw = typename T::raw;
-#if SCE_SIMD_BASELINE  // through a zeroed copy: no masked loads
-  raw tmp[W] = {};
-  __builtin_memcpy(tmp, p, n * sizeof(raw));
-  return lanes_below(n) ? T::load(tmp) : splat(fill);
-#elif SCE_SIMD_WIDTH == 16
+#if SCE_SIMD_WIDTH == 16 && !SCE_SIMD_BASELINE
   const __mmask16 k = first_lanes(n);
   if constexpr (sizeof(raw) == 4) {
     return (vf)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), k, p);
@@ -272,24 +268,19 @@ vf load_lanes(const typename T::raw* p, int n, float fill) {
   }
 #else
   const vi lanes = lanes_below(n);
-  if constexpr (sizeof(raw) == 4) {
-    return lanes ? (vf)_mm256_maskload_ps(p, (__m256i)lanes) : splat(fill);
-  } else {  // no 16-bit masked load: through a zeroed copy
-    raw tmp[W] = {};
-    __builtin_memcpy(tmp, p, n * sizeof(raw));
-    return lanes ? T::load(tmp) : splat(fill);
-  }
+#if !SCE_SIMD_BASELINE
+  if constexpr (sizeof(raw) == 4) return lanes ? (vf)_mm256_maskload_ps(p, (__m256i)lanes) : splat(fill);
+#endif
+  raw tmp[W] = {};  // no masked load (AVX2's 16-bit values, the baseline's every dtype): through a zeroed copy
+  __builtin_memcpy(tmp, p, n * sizeof(raw));
+  return lanes ? T::load(tmp) : splat(fill);
 #endif
 }
 template <class T>
 void store_lanes(typename T::raw* p, vf v, int n) {
   if (n == W) return T::store(p, v);
   using raw = typename T::raw;
-#if SCE_SIMD_BASELINE
-  raw tmp[W];
-  T::store(tmp, v);
-  __builtin_memcpy(p, tmp, n * sizeof(tmp[0]));
-#elif SCE_SIMD_WIDTH == 16
+#if SCE_SIMD_WIDTH == 16 && !SCE_SIMD_BASELINE
   const __mmask16 k = first_lanes(n);
   if constexpr (sizeof(raw) == 4) {
     _mm512_mask_storeu_ps(p, k, (__m512)v);
@@ -299,13 +290,12 @@ void store_lanes(typename T::raw* p, vf v, int n) {
     _mm256_mask_storeu_epi16(p, k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp)));
   }
 #else
-  if constexpr (sizeof(raw) == 4) {
-    _mm256_maskstore_ps(p, (__m256i)lanes_below(n), (__m256)v);
-  } else {
-    raw tmp[W];
-    T::store(tmp, v);
-    __builtin_memcpy(p, tmp, n * sizeof(tmp[0]));
-  }
+#if !SCE_SIMD_BASELINE
+  if constexpr (sizeof(raw) == 4) return _mm256_maskstore_ps(p, (__m256i)lanes_below(n), (__m256)v);
+#endif
+  raw tmp[W];  // no masked store: through a copy
+  T::store(tmp, v);
+  __builtin_memcpy(p, tmp, n * sizeof(tmp[0]));
 #endif
 }
 

@@ -65,7 +65,7 @@ struct SimdKernels {
 constexpr int64_t kSmallRowClasses = 128;  // the larger of the two: the blocks' buffers
 inline int64_t small_row_classes(int elem_bytes) { return elem_bytes == 4 ? 96 : kSmallRowClasses; }
 
-// Positions per float64 column block (f64_col_*): 32 doubles, a 256-byte line of each class, 4 or 8 vectors.
+// Positions per float64 column block (f64_col_*): 32 doubles, a 256-byte line of each class, 4, 8 or 16 vectors.
 constexpr int kF64Block = 32;
 
 // Data, not functions: looking them up runs no code built for an instruction set the CPU may lack.
