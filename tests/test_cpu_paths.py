@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from helpers import assert_close, reference, training_against_float64
 from softmax_ce_ext import _C, cross_entropy
 
+CPU_PATHS = ("avx512", "avx2", "baseline", "generic")  # kernel_path names of the CPU (the rest are CUDA's)
+
 
 def test_isa_list_and_choice():
     isas = _C.cpu_isas()
-    assert isas[-2:] == ["baseline", "generic"] and set(isas) <= {"avx512", "avx2", "baseline", "generic"}
+    assert isas[-2:] == ["baseline", "generic"] and set(isas) <= set(CPU_PATHS)
     assert _C.cpu_isa() in isas
     with pytest.raises(ValueError, match="expected one of this CPU's instruction sets"):
         _C.set_cpu_isa("sse9")
@@ -59,7 +61,7 @@ def test_every_16_bit_value_converts_as_torch(kernel_path, dtype, factor):
     """Each of the 65536 bit patterns read, multiplied in float and written back by a path's own conversions (the
     baseline's float16 is integer steps, or ARM's instructions): PyTorch's bits, NaN for NaN.  Through the scaling
     pass, with a tail of 3 past the whole vectors."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     from softmax_ce_ext._ops import ops
 
@@ -146,7 +148,7 @@ SMALL_ROWS = [(1, 10, "one row: a block of 1 lane"), (17, 10, "one full block of
 def test_small_rows_blocks(kernel_path, size, dtype, kw, inplace):
     """Every CPU path against float64: ignored and valid targets mixed within a block, per-row upstream
     gradients ('none'), the gradient written over the logits (in place)."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     n, c, _ = size
     g = torch.Generator().manual_seed(n * 100 + c)
@@ -172,7 +174,7 @@ CHANNELS_LAST = [((3, 21, 9, 7), "whole", "a segmentation's class count: 16-row 
 def test_channels_last_rows(kernel_path, case, dtype, kw, inplace):
     """Every CPU path against float64; ignored targets; per-position upstream gradients ('none'); the gradient
     comes back channels-last, as the logits are, or over them (in place)."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     (n, c, h, w), kind, _ = case
     g = torch.Generator().manual_seed(c * 10 + len(kind))
@@ -202,7 +204,7 @@ TRANSPOSED = [((37, 5), "a few classes; 2 blocks and a partial one (AVX-512)"),
 @pytest.mark.parametrize("inplace", [False, True], ids=["new-grad", "in-place"])
 def test_transposed_rows(kernel_path, size, dtype, kw, inplace):
     """Every CPU path against float64; ignored targets; per-row upstream gradients ('none'); in place."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     n, c = size
     g = torch.Generator().manual_seed(n * 1000 + c)
@@ -218,7 +220,7 @@ def test_transposed_rows(kernel_path, size, dtype, kw, inplace):
 def test_transposed_rows_with_probabilities(kernel_path, kw, targets):
     """Soft labels with transposed logits: targets transposed too (the column blocks), or row-major (the portable
     kernel)."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(23, 35, generator=g) * 3).t()
@@ -278,7 +280,7 @@ KDIM_CLASSES = [(21, "a segmentation's class count: kept"), (256, "the most clas
 def test_kdim_blocks_kept_exponentials(kernel_path, classes, dtype, kw):
     """Every CPU path against float64, mean and 'none' (whose backward recomputes from the saved max and sum); a row with
     -inf and one with NaN among normal ones."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     c, _ = classes
     g = torch.Generator().manual_seed(c)
@@ -305,7 +307,7 @@ KEPT_ROWS = [(300, "a chunk, a short chunk and a tail (AVX-512)"), (512, "whole 
 def test_rows_kept_exponentials(kernel_path, classes, dtype, kw):
     """Every CPU path against float64, mean and 'none': a row whose maximum grows chunk after chunk (every chunk's
     kept values re-based by a different factor), one whose maximum is in its tail, -inf and NaN rows."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     c, _ = classes
     g = torch.Generator().manual_seed(c)
@@ -338,7 +340,7 @@ def test_probability_rows(kernel_path, classes, dtypes, kw):
     """Every CPU path against float64: mean (the fused pass), 'none' (the gradient from the saved stats, which needs
     the targets' sum again) and the no-grad sum; a row whose max grows chunk after chunk, a row of one hot target,
     targets that do not sum to 1, a -inf logit and a NaN row."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     c, _ = classes
     dtype, target_dtype = dtypes
@@ -371,7 +373,7 @@ def test_probability_rows(kernel_path, classes, dtypes, kw):
 def test_probability_kdim_blocks(kernel_path, classes, dtypes, kw):
     """K-dim probability targets (the vectorised blocks of W positions) against float64: 35 positions per image (two
     whole blocks and a partial one), a -inf and a NaN logit, a one-hot position, mean and 'none'."""
-    if kernel_path not in ("avx512", "avx2", "baseline", "generic"):
+    if kernel_path not in CPU_PATHS:
         pytest.skip("a CPU path")
     c, _ = classes
     dtype, target_dtype = dtypes
